@@ -1,0 +1,1616 @@
+#!/usr/bin/env python3
+"""tproxy - transparent proxy redirector, compatible with transproxy 1.x.
+
+Usage:
+  tproxy [options] [-a ACL]... [PROXYHOST PROXYPORT]
+  tproxy (-h | --help)
+  tproxy --version
+
+Without -s, tproxy serves the one connection on standard input (inetd, nowait)
+and exits. With -s PORT it listens, forks one child per connection, and runs
+in the background as USER (-r) unless -d is given.
+
+Modes:
+  HTTP translate (the default): rewrite each request line to absolute form and
+      send the requests to the cache at PROXYHOST PROXYPORT; if the cache cannot
+      be reached, go straight to the original destination (unless -p).
+  Raw relay (with -t): relay bytes to PROXYHOST PROXYPORT, or to the
+      connection's original destination when PROXYHOST PROXYPORT are omitted.
+  CONNECT (with --connect): relay bytes to the original destination through the
+      HTTP proxy at PROXYHOST PROXYPORT, which is asked with CONNECT.
+
+Options:
+  -a ACL                  Serve only clients matching ACL: a host, a classful
+                          network (192.168.1.0) or a CIDR network, IPv4 or IPv6;
+                          repeatable. Other clients are closed and logged.
+  -b ADDR                 Listen on ADDR only (default: all addresses, IPv4 and
+                          IPv6). Needs -s.
+  -d                      Stay in the foreground and log to standard error.
+                          Needs -s.
+  -f URL                  Send every HTTP request to URL instead, except
+                          requests whose Referer begins with URL.
+  -h --help               Show this help and exit.
+  -l FILE                 Append one line per connection to FILE; reopened on
+                          SIGHUP.
+  -p                      Never fall back to the original destination when the
+                          cache cannot be reached.
+  -P PIDFILE              Write the server's pid to PIDFILE; needs -s (default:
+                          /var/run/tproxy.pid in the background, none with -d).
+  -r USER                 After binding, run as USER (a name or #uid) with its
+                          primary group and no supplementary groups. Needs -s.
+  -s PORT                 Standalone: listen on PORT (a number or a service
+                          name).
+  -t                      Raw relay: no HTTP translation.
+  -v                      Log more: every HTTP request and every failure in
+                          detail.
+  --connect               Reach the original destination through the HTTP
+                          proxy PROXYHOST PROXYPORT with CONNECT.
+  --connect-timeout=SECS  Give up connecting to a target after SECS seconds
+                          [default: 10].
+  --idle-timeout=SECS     Close a connection when neither side has sent
+                          anything for SECS seconds [default: 120].
+  --max-conns=N           Serve at most N connections at once; further clients
+                          wait in the listen queue [default: 512].
+  --prefork=N[:MAX]       Serve with a pool of N worker processes (growing up to
+                          MAX) instead of one fork per connection. Needs -s.
+  --proxy-auth-file=FILE  Read "user:password" for Proxy-Authorization (with
+                          --connect) from FILE.
+  --send-proxy=VERSION    Send a PROXY protocol header (v1 or v2) to the target
+                          before the client's bytes.
+  --source=SPEC           Connect to the target from SPEC: "client" (the
+                          client's address), "client-port" (its address and
+                          port) or an address of this host.
+  --version               Show the version and exit.
+"""
+
+__version__ = "1.0.0"
+
+import errno
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+
+# Exit statuses (sysexits.h), documented in tproxy(8).
+EX_OK = 0
+EX_USAGE = 64        # the command line is wrong
+EX_NOUSER = 67       # -r names no such user
+EX_NOHOST = 68       # a host name cannot be resolved
+EX_UNAVAILABLE = 69  # inetd mode: the connection could not be served
+EX_SOFTWARE = 70     # internal error
+EX_OSERR = 71        # the system refused: bind, fork, capabilities
+EX_CANTCREAT = 73    # the pid file or log file cannot be written
+EX_NOPERM = 77       # permission denied (privileged port, switching user)
+
+# Kernel constants that the socket module does not carry.
+SOL_IP = 0
+SOL_IPV6 = 41
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+IP_BIND_ADDRESS_NO_PORT = 24
+SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
+F_SETPIPE_SZ = 1031
+CAP_NET_RAW = 13
+
+DEFAULT_PIDFILE = "/var/run/tproxy.pid"
+MAX_HEAD = 16384        # bytes of one HTTP request head, as most servers allow
+CHUNK = 65536           # bytes moved per read or splice
+PIPE_SIZE = 1 << 20     # splice pipe capacity; larger pipes mean fewer wakeups
+LISTEN_BACKLOG = 1024
+
+
+class Fatal(Exception):
+    """A start-up error: one line for stderr and an exit status."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
+
+class ConnectionFailed(Exception):
+    """A connection could not be served; the message is its logged outcome."""
+
+
+# ---------------------------------------------------------------------------
+# Command line -> Config
+# ---------------------------------------------------------------------------
+
+class Config:
+    """Everything the command line decided, checked and resolved."""
+
+    mode = "http"           # "http", "raw" or "connect"
+    target = None           # (host, port) given as PROXYHOST PROXYPORT, or None
+    target_addrs = ()       # resolved addresses of target, tried in turn
+    force_url = None        # -f, bytes
+    no_fallback = False     # -p
+    port = None             # -s, int; None means inetd mode
+    bind = None             # -b
+    foreground = False      # -d
+    user = None             # (name, uid, gid) for -r
+    acl = ()                # ip_network objects
+    logfile = None          # -l
+    pidfile = None          # -P
+    verbose = False
+    idle_timeout = 120.0
+    connect_timeout = 10.0
+    max_conns = 512
+    prefork = None          # (min, max) workers
+    proxy_auth = None       # bytes "user:password"
+    send_proxy = None       # "v1" or "v2"
+    source = None           # "client", "client-port", or an address string
+
+
+def parse_args(argv):
+    """Parse ARGV (without the program name) into a Config; raise Fatal."""
+    from docopt import docopt, DocoptExit
+    known = _known_options(__doc__)
+    for word in argv:
+        if word == "--":
+            break
+        if word.startswith("-") and word != "-":
+            name = word.split("=", 1)[0]
+            if name.startswith("--"):
+                matches = [o for o in known if o.startswith(name)]
+                if not matches:
+                    raise Fatal("unknown option %s" % name, EX_USAGE)
+            elif name[1:2] and "-" + name[1] not in known:
+                raise Fatal("unknown option -%s" % name[1], EX_USAGE)
+    try:
+        args = docopt(__doc__, argv=argv, version="tproxy " + __version__)
+    except DocoptExit as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if not first or first.startswith("Usage:") or "unmatched" in first:
+            first = "bad arguments: %s" % " ".join(argv)
+        raise Fatal("%s (see tproxy --help)" % first, EX_USAGE) from None
+    return build_config(args)
+
+
+def _known_options(doc):
+    """Return the option names listed in DOC's Options section."""
+    names = set()
+    for line in doc.split("Options:", 1)[1].splitlines():
+        for word in line.strip().split("  ", 1)[0].split():
+            if word.startswith("-"):
+                names.add(word.split("=", 1)[0])
+    return names
+
+
+def build_config(args):
+    """Turn docopt's ARGS into a Config, checking every value; raise Fatal."""
+    cfg = Config()
+    standalone_only = [o for o in ("-b", "-r", "-P", "--prefork") if args[o]]
+    if args["-d"]:
+        standalone_only.append("-d")
+    if args["-s"] is None and standalone_only:
+        raise Fatal("%s needs -s PORT (standalone mode)" % standalone_only[0], EX_USAGE)
+    modes = [m for m, on in (("-t", args["-t"]), ("--connect", args["--connect"])) if on]
+    if len(modes) > 1:
+        raise Fatal("-t and --connect exclude each other", EX_USAGE)
+    if args["-t"] and args["-p"]:
+        raise Fatal("-p applies to HTTP translate mode only, not with -t", EX_USAGE)
+    cfg.mode = "raw" if args["-t"] else "connect" if args["--connect"] else "http"
+    if args["PROXYHOST"] is not None and args["PROXYPORT"] is None:
+        raise Fatal("PROXYHOST %s needs a PROXYPORT after it" % args["PROXYHOST"], EX_USAGE)
+    if args["PROXYHOST"] is not None:
+        cfg.target = (args["PROXYHOST"], parse_port(args["PROXYPORT"], "PROXYPORT"))
+    elif cfg.mode != "raw":
+        raise Fatal("PROXYHOST PROXYPORT are needed unless -t is given", EX_USAGE)
+    if args["-f"]:
+        if cfg.mode != "http":
+            raise Fatal("-f applies to HTTP translate mode only", EX_USAGE)
+        cfg.force_url = args["-f"].encode("latin-1", "replace")
+    cfg.no_fallback = bool(args["-p"])
+    if args["-s"] is not None:
+        cfg.port = parse_port(args["-s"], "-s")
+    cfg.bind = args["-b"]
+    cfg.foreground = bool(args["-d"])
+    cfg.acl = tuple(parse_acl(a) for a in args["-a"])
+    cfg.logfile = args["-l"]
+    cfg.pidfile = args["-P"] or (DEFAULT_PIDFILE if cfg.port and not cfg.foreground else None)
+    cfg.verbose = bool(args["-v"])
+    cfg.idle_timeout = parse_seconds(args["--idle-timeout"], "--idle-timeout")
+    cfg.connect_timeout = parse_seconds(args["--connect-timeout"], "--connect-timeout")
+    cfg.max_conns = parse_count(args["--max-conns"], "--max-conns")
+    if args["--prefork"]:
+        cfg.prefork = parse_prefork(args["--prefork"])
+    if args["--send-proxy"]:
+        if args["--send-proxy"] not in ("v1", "v2"):
+            raise Fatal("--send-proxy takes v1 or v2, not %r" % args["--send-proxy"], EX_USAGE)
+        if cfg.mode == "http":
+            raise Fatal("--send-proxy needs -t or --connect", EX_USAGE)
+        cfg.send_proxy = args["--send-proxy"]
+    if args["--source"]:
+        cfg.source = parse_source(args["--source"])
+    if args["--proxy-auth-file"] or os.environ.get("TPROXY_PROXY_AUTH"):
+        if cfg.mode != "connect":
+            raise Fatal("proxy credentials apply to --connect only", EX_USAGE)
+        cfg.proxy_auth = read_proxy_auth(args["--proxy-auth-file"])
+    if args["-r"]:
+        cfg.user = lookup_user(args["-r"])
+    if cfg.target:
+        cfg.target_addrs = resolve(cfg.target[0], cfg.target[1])
+    return cfg
+
+
+def parse_port(text, what):
+    """Return TEXT as a TCP port number (digits or a service name); raise Fatal."""
+    if text.isdigit():
+        port = int(text)
+        if 1 <= port <= 65535:
+            return port
+        raise Fatal("%s: port %s is out of range (1-65535)" % (what, text), EX_USAGE)
+    try:
+        return socket.getservbyname(text, "tcp")
+    except OSError:
+        raise Fatal("%s: unknown port or service %r" % (what, text), EX_USAGE) from None
+
+
+def parse_seconds(text, what):
+    """Return TEXT as a positive number of seconds; raise Fatal."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400 * 365:
+        raise Fatal("%s: %r is not a number of seconds" % (what, text), EX_USAGE)
+    return value
+
+
+def parse_count(text, what):
+    """Return TEXT as a positive integer; raise Fatal."""
+    if not text.isdigit() or int(text) < 1:
+        raise Fatal("%s: %r is not a positive whole number" % (what, text), EX_USAGE)
+    return int(text)
+
+
+def parse_prefork(text):
+    """Return (min, max) workers from "N" or "N:MAX"; raise Fatal."""
+    low, _, high = text.partition(":")
+    low = parse_count(low, "--prefork")
+    high = parse_count(high, "--prefork") if high else low
+    if high < low:
+        raise Fatal("--prefork: MAX %d is below N %d" % (high, low), EX_USAGE)
+    return low, high
+
+
+def parse_source(text):
+    """Return a --source SPEC: "client", "client-port" or an IP address."""
+    if text in ("client", "client-port"):
+        return text
+    import ipaddress
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise Fatal("--source: %r is not client, client-port or an IP address" % text,
+                    EX_USAGE) from None
+
+
+def parse_acl(text):
+    """Return an ip_network for an -a entry: host, classful network or CIDR."""
+    import ipaddress
+    try:
+        if "/" in text:
+            return ipaddress.ip_network(text, strict=False)
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        addrs = resolve(text, 0)
+        if len(addrs) != 1:
+            raise Fatal("-a: host %s has %d addresses; list them one by one"
+                        % (text, len(addrs)), EX_USAGE) from None
+        addr = ipaddress.ip_address(addrs[0][1][0])
+    if addr.version == 4:
+        # A classful network is written with its host part zero (transproxy's form).
+        first = int(addr) >> 24
+        prefix = 8 if first < 128 else 16 if first < 192 else 24 if first < 224 else 32
+        net = ipaddress.ip_network("%s/%d" % (addr, prefix), strict=False)
+        if net.network_address == addr and prefix < 32:
+            return net
+    return ipaddress.ip_network(addr)
+
+
+def read_proxy_auth(path):
+    """Return b"user:password" from PATH or $TPROXY_PROXY_AUTH; raise Fatal."""
+    if path:
+        try:
+            with open(path, "rb") as f:
+                text = f.read(4096).strip()
+        except OSError as exc:
+            raise Fatal("--proxy-auth-file: %s: %s" % (path, exc.strerror), EX_USAGE) from None
+        where = path
+    else:
+        text = os.environ["TPROXY_PROXY_AUTH"].strip().encode()
+        where = "TPROXY_PROXY_AUTH"
+    if b":" not in text or b"\n" in text:
+        raise Fatal("%s: expected one line user:password" % where, EX_USAGE)
+    return text
+
+
+def lookup_user(text):
+    """Return (name, uid, gid) for -r USER (a name or #uid); raise Fatal."""
+    import pwd
+    try:
+        if text.startswith("#") and text[1:].isdigit():
+            uid = int(text[1:])
+            try:
+                entry = pwd.getpwuid(uid)
+                return entry.pw_name, uid, entry.pw_gid
+            except KeyError:
+                return text, uid, uid   # a bare uid runs with the same-numbered group
+        entry = pwd.getpwnam(text)
+        return entry.pw_name, entry.pw_uid, entry.pw_gid
+    except (KeyError, ValueError):
+        raise Fatal("-r: unknown user %r" % text, EX_NOUSER) from None
+
+
+def resolve(host, port):
+    """Return getaddrinfo results for a TCP HOST PORT; raise Fatal if none."""
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise Fatal("cannot resolve host %s: %s" % (host, getattr(exc, "strerror", exc)),
+                    EX_NOHOST) from None
+
+
+# ---------------------------------------------------------------------------
+# Logging: syslog (daemon facility) or stderr, plus the -l connection log
+# ---------------------------------------------------------------------------
+
+class Log:
+    """Where messages go: stderr until `use_syslog()`, then syslog (daemon facility)."""
+
+    def __init__(self, logfile=None):
+        self.to_stderr = True
+        self.logfile = logfile
+        self.log_fd = None
+        self.reopen()
+
+    def use_syslog(self):
+        """Send messages to syslog from now on (ident tproxy, with the pid)."""
+        import syslog
+        syslog.openlog("tproxy", syslog.LOG_PID, syslog.LOG_DAEMON)
+        self._syslog = syslog
+        self.to_stderr = False
+
+    def reopen(self):
+        """(Re)open the -l file for appending; raise OSError if it cannot be."""
+        if self.logfile is None:
+            return
+        fd = os.open(self.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+        self.log_fd = fd
+
+    def message(self, text, error=False):
+        """Log one operational message."""
+        if self.to_stderr:
+            try:
+                os.write(2, ("tproxy[%d]: %s\n" % (os.getpid(), text)).encode("utf-8", "replace"))
+            except OSError:
+                pass
+        else:
+            prio = self._syslog.LOG_ERR if error else self._syslog.LOG_INFO
+            self._syslog.syslog(prio, text)
+
+    def connection(self, line):
+        """Log one connection summary, to the message log and the -l file."""
+        self.message(line)
+        if self.log_fd is not None:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            try:
+                os.write(self.log_fd, ("%s tproxy[%d]: %s\n" % (stamp, os.getpid(), line)).encode())
+            except OSError:
+                pass
+
+
+def escape(data, limit=200):
+    """Return bytes from the network as printable ASCII, cut at LIMIT."""
+    out = []
+    for byte in data[:limit]:
+        if 0x20 < byte < 0x7F and byte not in (0x22, 0x5C):
+            out.append(chr(byte))
+        else:
+            out.append("\\x%02x" % byte)
+    return "".join(out) + ("..." if len(data) > limit else "")
+
+
+def show_addr(addr):
+    """Return a sockaddr as host:port, IPv6 in brackets, v4-mapped unwrapped."""
+    host, port = addr[0], addr[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+class Record:
+    """What happened to one connection, logged once when it ends."""
+
+    def __init__(self, client, mode):
+        self.started = time.monotonic()
+        self.client = client
+        self.mode = mode
+        self.orig = None
+        self.target = None
+        self.host = None
+        self.up = 0
+        self.down = 0
+        self.outcome = "ok"
+
+    def line(self):
+        """Return the one-line summary of this connection."""
+        parts = ["client=%s" % show_addr(self.client)]
+        if self.orig:
+            parts.append("orig=%s" % show_addr(self.orig))
+        parts.append("target=%s" % (show_addr(self.target) if self.target else "-"))
+        parts.append("mode=%s" % self.mode)
+        if self.host is not None:
+            parts.append('host="%s"' % escape(self.host))
+        parts.append("up=%d down=%d time=%.3f" % (self.up, self.down,
+                                                  time.monotonic() - self.started))
+        parts.append("outcome=%s" % self.outcome)
+        return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# Addresses: access list, original destination, loop guard
+# ---------------------------------------------------------------------------
+
+def plain_ip(host):
+    """Return HOST with an IPv4-mapped IPv6 prefix removed."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def acl_allows(acl, client):
+    """Return True when ACL is empty or the client address is in one of its networks."""
+    if not acl:
+        return True
+    import ipaddress
+    addr = ipaddress.ip_address(plain_ip(client[0]).split("%", 1)[0])
+    return any(addr.version == net.version and addr in net for net in acl)
+
+
+def original_destination(conn):
+    """Return the (host, port) the client meant to reach.
+
+    After REDIRECT or DNAT that is SO_ORIGINAL_DST (conntrack's original
+    tuple); after TPROXY, or with no NAT at all, it is the accepted socket's
+    own address.
+    """
+    local = conn.getsockname()
+    if conn.family == socket.AF_INET6 and not local[0].startswith("::ffff:"):
+        try:
+            raw = conn.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+            port, = struct.unpack_from("!H", raw, 2)
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+        except OSError:
+            return local[0], local[1]
+    try:
+        raw = conn.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
+        port, = struct.unpack_from("!H", raw, 2)
+        return socket.inet_ntoa(raw[4:8]), port
+    except OSError:
+        return plain_ip(local[0]), local[1]
+
+
+def is_local_address(host):
+    """Return True when HOST is an address of this host (it can be bound)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, 0))
+            return True
+        except OSError:
+            return False
+
+
+def is_self(dest, listen_port):
+    """Return True when DEST is this listener itself (a forwarding loop)."""
+    return dest[1] == listen_port and is_local_address(plain_ip(dest[0]))
+
+
+# ---------------------------------------------------------------------------
+# Privileges: switch user, keep one capability
+# ---------------------------------------------------------------------------
+
+def drop_privileges(user, keep_net_raw):
+    """Become USER (name, uid, gid) with no supplementary groups.
+
+    With KEEP_NET_RAW, keep CAP_NET_RAW (and nothing else) in the permitted
+    and effective sets, so transparent sockets still work; all other
+    capabilities leave the bounding set too. Raise Fatal on failure.
+    """
+    name, uid, gid = user
+    try:
+        if keep_net_raw:
+            libc = _libc()
+            for cap in range(0, 64):
+                if cap != CAP_NET_RAW and libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                    if _errno() == errno.EINVAL:
+                        break       # past the last capability this kernel knows
+                    raise OSError(_errno(), os.strerror(_errno()))
+            if libc.prctl(8, 1, 0, 0, 0) != 0:                                  # PR_SET_KEEPCAPS
+                raise OSError(_errno(), os.strerror(_errno()))
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        if keep_net_raw:
+            _capset(1 << CAP_NET_RAW)
+    except OSError as exc:
+        status = EX_NOPERM if exc.errno == errno.EPERM else EX_OSERR
+        raise Fatal("-r %s: cannot switch user: %s" % (name, exc.strerror), status) from None
+
+
+def _libc():
+    import ctypes
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _errno():
+    import ctypes
+    return ctypes.get_errno()
+
+
+def _capset(mask):
+    """Set the permitted and effective capability sets to MASK (inheritable empty)."""
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    header = Header(0x20080522, 0)      # _LINUX_CAPABILITY_VERSION_3
+    data = (Data * 2)()
+    data[0].effective = data[0].permitted = mask & 0xFFFFFFFF
+    data[1].effective = data[1].permitted = mask >> 32
+    if _libc().capset(ctypes.byref(header), data) != 0:
+        raise OSError(_errno(), "capset: " + os.strerror(_errno()))
+
+
+# ---------------------------------------------------------------------------
+# Reaching the target: source address, CONNECT, PROXY protocol
+# ---------------------------------------------------------------------------
+
+def connect(addrs, timeout, source=None, client=None, log=None, verbose=False):
+    """Connect to the first reachable of ADDRS (getaddrinfo tuples); return the socket.
+
+    SOURCE is the --source spec and CLIENT the client's sockaddr. Raise
+    ConnectionFailed naming the last failure.
+    """
+    last = "no address"
+    for family, type_, proto, _, sockaddr in addrs:
+        sock = socket.socket(family, type_, proto)
+        try:
+            transparent = bind_source(sock, family, source, client, log)
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            sock.settimeout(None)
+            return sock
+        except socket.timeout:
+            last = "connect to %s timed out after %gs" % (show_addr(sockaddr), timeout)
+            if transparent:
+                last += " (transparent source: are replies routed back through this host?)"
+        except OSError as exc:
+            last = "connect to %s: %s" % (show_addr(sockaddr), exc.strerror or exc)
+        sock.close()
+        if verbose and log:
+            log.message(last)
+    raise ConnectionFailed(last)
+
+
+def bind_source(sock, family, source, client, log):
+    """Bind SOCK to the --source address; return True if it is transparent."""
+    if source is None:
+        return False
+    if source in ("client", "client-port"):
+        host = plain_ip(client[0])
+        if (":" in host) != (family == socket.AF_INET6):
+            if log:
+                log.message("client %s and target differ in family; connecting from "
+                            "this host's own address" % show_addr(client))
+            return False
+        level, option = (SOL_IPV6, IPV6_TRANSPARENT) if family == socket.AF_INET6 \
+            else (SOL_IP, IP_TRANSPARENT)
+        sock.setsockopt(level, option, 1)
+        port = client[1] if source == "client-port" else 0
+        if port == 0:
+            sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        return True
+    if (":" in source) != (family == socket.AF_INET6):
+        return False
+    sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    sock.bind((source, 0))
+    return False
+
+
+def http_connect(sock, dest, auth, timeout):
+    """Ask the HTTP proxy on SOCK for a tunnel to DEST; return bytes read past its reply.
+
+    Raise ConnectionFailed with the proxy's status line unless it answers 2xx.
+    """
+    authority = ("[%s]:%d" if ":" in dest[0] else "%s:%d") % (dest[0], dest[1])
+    head = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (authority, authority)
+    if auth:
+        import base64
+        head += "Proxy-Authorization: Basic %s\r\n" % base64.b64encode(auth).decode()
+    sock.sendall(head.encode() + b"\r\n")
+    sock.settimeout(timeout)
+    reply = bytearray()
+    try:
+        while b"\r\n\r\n" not in reply:
+            data = sock.recv(CHUNK)
+            if not data:
+                raise ConnectionFailed("proxy closed the connection after CONNECT")
+            reply += data
+            if len(reply) > MAX_HEAD:
+                raise ConnectionFailed("proxy reply to CONNECT too long")
+    except socket.timeout:
+        raise ConnectionFailed("proxy did not answer CONNECT within %gs" % timeout) from None
+    except OSError as exc:
+        raise ConnectionFailed("proxy CONNECT failed: %s" % exc.strerror) from None
+    sock.settimeout(None)
+    head, _, rest = bytes(reply).partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0]
+    words = status_line.split(None, 2)
+    if len(words) < 2 or not words[0].startswith(b"HTTP/") or not words[1].startswith(b"2"):
+        raise ConnectionFailed('proxy refused CONNECT: "%s"' % escape(status_line))
+    return rest
+
+
+def proxy_header(version, client, dest):
+    """Return a PROXY protocol header (v1 text or v2 binary) for CLIENT -> DEST."""
+    src, dst = plain_ip(client[0]), plain_ip(dest[0])
+    six = ":" in src
+    if six != (":" in dst):
+        return b"PROXY UNKNOWN\r\n" if version == "v1" else \
+            b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00]) + struct.pack("!H", 0)
+    if version == "v1":
+        return ("PROXY %s %s %s %d %d\r\n" % ("TCP6" if six else "TCP4", src, dst,
+                                               client[1], dest[1])).encode()
+    family = socket.AF_INET6 if six else socket.AF_INET
+    body = (socket.inet_pton(family, src) + socket.inet_pton(family, dst)
+            + struct.pack("!HH", client[1], dest[1]))
+    return (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x21 if six else 0x11])
+            + struct.pack("!H", len(body)) + body)
+
+
+# ---------------------------------------------------------------------------
+# Relay engine: two directions, non-blocking, both at once
+# ---------------------------------------------------------------------------
+
+class Reset(Exception):
+    """A side reset its connection (or vanished); SIDE is "client" or "server"."""
+
+    def __init__(self, side):
+        super().__init__(side)
+        self.side = side
+
+
+class Pump:
+    """Moves bytes one way, from SRC to DST, without blocking.
+
+    `wanted()` names the (fd, poll event) it waits for, or None once the
+    source's EOF has been passed on; `step()` moves what it can.
+    """
+
+    def __init__(self, src, dst, src_side, dst_side):
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.src_side, self.dst_side = src_side, dst_side
+        self.count = 0
+        self.eof = False
+        self.done = False
+
+    def wanted(self):
+        if self.done:
+            return None
+        if self.pending():
+            return self.dst_fd, select.POLLOUT
+        return self.src_fd, select.POLLIN
+
+    def finish(self):
+        """Pass the source's EOF on as a half-close of the destination."""
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.done = True
+
+
+class CopyPump(Pump):
+    """A pump through a userspace buffer (recv_into and send)."""
+
+    def __init__(self, src, dst, src_side, dst_side, initial=b""):
+        super().__init__(src, dst, src_side, dst_side)
+        self.buf = bytearray(CHUNK)
+        self.view = memoryview(self.buf)
+        self.out = bytearray(initial)
+
+    def pending(self):
+        return len(self.out)
+
+    def step(self):
+        for _ in range(64):
+            if self.out:
+                try:
+                    sent = self.dst.send(self.out)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    raise Reset(self.dst_side) from None
+                del self.out[:sent]
+                self.count += sent
+                continue
+            if self.eof:
+                self.finish()
+                return
+            try:
+                n = self.src.recv_into(self.buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                raise Reset(self.src_side) from None
+            if n == 0:
+                self.eof = True
+            else:
+                self.take(self.view[:n])
+
+    def take(self, data):
+        """Queue DATA read from the source for the destination."""
+        self.out += data
+
+
+class SplicePump(Pump):
+    """A zero-copy pump: socket -> pipe -> socket with os.splice."""
+
+    def __init__(self, src, dst, src_side, dst_side):
+        super().__init__(src, dst, src_side, dst_side)
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            import fcntl
+            fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass    # the default 64 KiB pipe works too, with more wakeups
+        self.in_pipe = 0
+
+    def pending(self):
+        return self.in_pipe
+
+    def step(self):
+        splice, flags = os.splice, os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        for _ in range(64):
+            if self.in_pipe:
+                try:
+                    n = splice(self.pipe_r, self.dst_fd, self.in_pipe, flags=flags)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    raise Reset(self.dst_side) from None
+                self.in_pipe -= n
+                self.count += n
+                continue
+            if self.eof:
+                self.finish()
+                return
+            try:
+                n = splice(self.src_fd, self.pipe_w, PIPE_SIZE, flags=flags)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                raise Reset(self.src_side) from None
+            if n == 0:
+                self.eof = True
+            else:
+                self.in_pipe += n
+
+    def close(self):
+        os.close(self.pipe_r)
+        os.close(self.pipe_w)
+
+
+def raw_pump(src, dst, src_side, dst_side, initial=b""):
+    """Return the best pump for an unparsed direction (splice when possible)."""
+    if hasattr(os, "splice") and not initial:
+        return SplicePump(src, dst, src_side, dst_side)
+    return CopyPump(src, dst, src_side, dst_side, initial)
+
+
+class Idle(Exception):
+    """Neither side sent anything within the idle timeout."""
+
+
+def relay(pumps, idle_timeout):
+    """Run PUMPS until every one is done; raise Reset or Idle."""
+    poller = select.poll()
+    timeout_ms = int(idle_timeout * 1000)
+    for pump in pumps:
+        pump.step()
+    while True:
+        waits = {}
+        for pump in pumps:
+            want = pump.wanted()
+            if want:
+                waits[want[0]] = waits.get(want[0], 0) | want[1]
+        if not waits:
+            return
+        for fd, events in waits.items():
+            poller.register(fd, events)
+        ready = poller.poll(timeout_ms)
+        for fd in waits:
+            poller.unregister(fd)
+        if not ready:
+            raise Idle()
+        fired = {fd for fd, _ in ready}
+        for pump in pumps:
+            want = pump.wanted()
+            if want and want[0] in fired:
+                pump.step()
+
+
+def abort(sock):
+    """Close SOCK with a reset (SO_LINGER 0), passing a peer's reset on."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# HTTP translate: request framing and request-line rewriting
+# ---------------------------------------------------------------------------
+
+class BadRequest(Exception):
+    """A malformed request head: STATUS and REASON go back to the client."""
+
+    def __init__(self, status, reason, detail):
+        super().__init__(detail)
+        self.status, self.reason = status, reason
+
+
+class HttpRequestPump(CopyPump):
+    """Client -> cache pump that frames requests and rewrites each request line.
+
+    Heads are rewritten (origin form -> absolute form, -f) and passed on with
+    every header byte for byte; bodies are passed by Content-Length or chunked
+    framing; after CONNECT, or an HTTP/0.9 request, the rest passes untouched.
+    """
+
+    def __init__(self, src, dst, rewrite, orig, force_url, on_request):
+        super().__init__(src, dst, "client", "server")
+        self.rewrite = rewrite          # False when talking to the origin directly
+        self.orig = orig
+        self.force_url = force_url
+        self.on_request = on_request    # called with (method, target, host) per request
+        self.inbuf = bytearray()
+        self.state = "head"
+        self.remaining = 0              # body or chunk bytes still to pass
+
+    def finish(self):
+        if self.state == "head" and self.inbuf.strip():
+            raise BadRequest(400, "Bad Request", "incomplete request head at EOF")
+        super().finish()
+
+    def take(self, data):
+        if self.state == "tunnel":
+            self.out += data
+            return
+        self.inbuf += data
+        while self.inbuf and self.state != "tunnel":
+            if not self.advance():
+                break
+        if self.state == "tunnel" and self.inbuf:
+            self.out += self.inbuf
+            del self.inbuf[:]
+
+    def advance(self):
+        """Consume one framing unit from inbuf; return False if more bytes are needed."""
+        buf = self.inbuf
+        if self.state == "head":
+            return self.take_head()
+        if self.state == "body":
+            n = min(self.remaining, len(buf))
+            self.out += buf[:n]
+            del buf[:n]
+            self.remaining -= n
+            if self.remaining == 0:
+                self.state = "head"
+            return True
+        if self.state in ("chunk-size", "trailer"):
+            end = buf.find(b"\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise BadRequest(400, "Bad Request", "chunk line too long")
+                return False
+            line = bytes(buf[:end + 1])
+            self.out += line
+            del buf[:end + 1]
+            if self.state == "trailer":
+                if not line.strip():
+                    self.state = "head"
+                return True
+            size = line.split(b";", 1)[0].strip()
+            try:
+                self.remaining = int(size, 16)
+            except ValueError:
+                raise BadRequest(400, "Bad Request",
+                                 'bad chunk size "%s"' % escape(size)) from None
+            if size.startswith((b"-", b"+", b"0x", b"0X")) or self.remaining < 0:
+                raise BadRequest(400, "Bad Request", 'bad chunk size "%s"' % escape(size))
+            self.state = "trailer" if self.remaining == 0 else "chunk-data"
+            return True
+        if self.state == "chunk-data":
+            n = min(self.remaining, len(buf))
+            self.out += buf[:n]
+            del buf[:n]
+            self.remaining -= n
+            if self.remaining == 0:
+                self.state = "chunk-crlf"
+            return True
+        if self.state == "chunk-crlf":
+            end = buf.find(b"\n")
+            if end < 0:
+                return False
+            self.out += buf[:end + 1]
+            del buf[:end + 1]
+            self.state = "chunk-size"
+            return True
+        return False
+
+    def take_head(self):
+        """Parse one request head from inbuf, queue its rewritten form."""
+        buf = self.inbuf
+        while buf[:2] == b"\r\n" or buf[:1] == b"\n":     # blank lines between requests
+            del buf[:2 if buf[:1] == b"\r" else 1]
+        if not buf:
+            return False
+        first_end = buf.find(b"\n")
+        if first_end < 0:
+            if len(buf) > MAX_HEAD:
+                raise BadRequest(414, "URI Too Long", "request line longer than %d bytes" % MAX_HEAD)
+            return False
+        request_line = bytes(buf[:first_end]).rstrip(b"\r")
+        words = request_line.split(b" ")
+        if len(words) == 2 and words[0] == b"GET":          # HTTP/0.9: no headers
+            self.forward_head(words[0], words[1], None, b"", {}, 0)
+            del buf[:first_end + 1]
+            self.state = "tunnel"
+            return True
+        end = buf.find(b"\r\n\r\n")
+        head_len = end + 4 if end >= 0 else -1
+        bare = buf.find(b"\n\n")
+        if bare >= 0 and (head_len < 0 or bare + 2 < head_len):
+            head_len = bare + 2
+        if head_len < 0:
+            if len(buf) > MAX_HEAD:
+                raise BadRequest(431, "Request Header Fields Too Large",
+                                 "request head longer than %d bytes" % MAX_HEAD)
+            return False
+        if head_len > MAX_HEAD:
+            raise BadRequest(431, "Request Header Fields Too Large",
+                             "request head longer than %d bytes" % MAX_HEAD)
+        if len(words) != 3 or not words[2].startswith(b"HTTP/1.") \
+                or not words[0] or not all(c in TOKEN_CHARS for c in words[0]) or not words[1]:
+            raise BadRequest(400, "Bad Request", 'bad request line "%s"' % escape(request_line))
+        headers_raw = bytes(buf[first_end + 1:head_len])
+        headers = parse_headers(headers_raw)
+        del buf[:head_len]
+        method, target, version = words
+        body = request_body(headers)
+        self.forward_head(method, target, version, headers_raw, headers, body)
+        if method == b"CONNECT":
+            self.state = "tunnel"
+        elif body == "chunked":
+            self.state = "chunk-size"
+        elif body:
+            self.state, self.remaining = "body", body
+        return True
+
+    def forward_head(self, method, target, version, headers_raw, headers, body):
+        """Queue the request line (rewritten) and its headers unchanged."""
+        host = headers.get(b"host")
+        self.on_request(method, target, host)
+        if self.force_url and not headers.get(b"referer", b"").startswith(self.force_url):
+            target = self.force_url
+        elif self.rewrite and target.startswith(b"/"):
+            target = b"http://" + authority(host, self.orig) + target
+        line = method + b" " + target + (b" " + version if version else b"")
+        self.out += line + b"\r\n" + headers_raw
+
+
+TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789"
+                        b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                       b"0123456789.-_~:[]%!$&'()*+,;=")
+
+
+def authority(host, orig):
+    """Return the authority for an absolute URL: the Host header, else ORIG."""
+    if host:
+        if not all(c in HOST_CHARS for c in host):
+            raise BadRequest(400, "Bad Request", 'bad Host header "%s"' % escape(host))
+        return host
+    addr = plain_ip(orig[0])
+    text = "[%s]" % addr if ":" in addr else addr
+    return (text if orig[1] == 80 else "%s:%d" % (text, orig[1])).encode()
+
+
+def parse_headers(raw):
+    """Return {lower-case name: value} of a header block; raise BadRequest."""
+    headers = {}
+    for line in raw.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if not line:
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip() or b" " in name:
+            raise BadRequest(400, "Bad Request", 'bad header line "%s"' % escape(line))
+        name = name.lower()
+        value = value.strip()
+        if name == b"content-length" and name in headers and headers[name] != value:
+            raise BadRequest(400, "Bad Request", "conflicting Content-Length headers")
+        if name == b"transfer-encoding" and name in headers:
+            value = headers[name] + b", " + value
+        headers[name] = value
+    return headers
+
+
+def request_body(headers):
+    """Return "chunked", or the body length in bytes (0 for none); raise BadRequest."""
+    coding = headers.get(b"transfer-encoding")
+    if coding is not None:
+        if coding.split(b",")[-1].strip().lower() != b"chunked":
+            raise BadRequest(400, "Bad Request", "Transfer-Encoding without chunked last")
+        return "chunked"
+    length = headers.get(b"content-length")
+    if length is None:
+        return 0
+    if not length.isdigit() or len(length) > 18:
+        raise BadRequest(400, "Bad Request", 'bad Content-Length "%s"' % escape(length))
+    return int(length)
+
+
+def http_error(conn, status, reason):
+    """Send a short HTTP error response to the client, best effort."""
+    body = ("<html><body><h1>%d %s</h1></body></html>\n" % (status, reason)).encode()
+    head = ("HTTP/1.1 %d %s\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
+            "Connection: close\r\n\r\n" % (status, reason, len(body))).encode()
+    try:
+        conn.setblocking(True)
+        conn.settimeout(5)
+        conn.sendall(head + body)
+        conn.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# Serving one connection: decide, connect, relay, log
+# ---------------------------------------------------------------------------
+
+class Server:
+    """What every connection needs from the process that accepted it."""
+
+    def __init__(self, cfg, log, listen_port):
+        self.cfg = cfg
+        self.log = log
+        self.listen_port = listen_port  # a destination on this port of this host is a loop
+        self.rotation = 0               # which target address to try first (round robin)
+
+    def target_addrs(self):
+        """Return the target's cached addresses, starting at the next in turn."""
+        addrs = self.cfg.target_addrs
+        if not addrs:
+            return []
+        start = self.rotation % len(addrs)
+        return list(addrs[start:]) + list(addrs[:start])
+
+
+def serve(conn, server):
+    """Serve one accepted client connection from start to end; return an exit status."""
+    cfg, log = server.cfg, server.log
+    try:
+        client = conn.getpeername()
+    except OSError:
+        return EX_OK            # gone before we looked
+    record = Record(client, cfg.mode)
+    status = EX_OK
+    upstream = None
+    try:
+        if not acl_allows(cfg.acl, client):
+            record.outcome = "denied by access list"
+            return EX_OK
+        record.orig = orig = original_destination(conn)
+        upstream, initial, rewrite = open_upstream(conn, server, record)
+        conn.setblocking(False)
+        upstream.setblocking(False)
+        pumps = make_pumps(conn, upstream, server, record, rewrite, initial)
+        try:
+            relay(pumps, cfg.idle_timeout)
+        finally:
+            record.up, record.down = pumps[0].count, pumps[1].count
+            for pump in pumps:
+                if isinstance(pump, SplicePump):
+                    pump.close()
+    except ConnectionFailed as exc:
+        record.outcome = str(exc)
+        status = EX_UNAVAILABLE
+    except BadRequest as exc:
+        record.outcome = "%d %s: %s" % (exc.status, exc.reason, exc)
+        http_error(conn, exc.status, exc.reason)
+    except Reset as exc:
+        record.outcome = "reset by %s" % exc.side
+        abort(conn if exc.side == "server" else upstream)
+    except Idle:
+        record.outcome = "idle timeout (%gs)" % cfg.idle_timeout
+    finally:
+        for sock in (upstream, conn):
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+        log.connection(record.line())
+    return status
+
+
+def open_upstream(conn, server, record):
+    """Connect where this connection should go; return (socket, bytes for client, rewrite).
+
+    Raise ConnectionFailed when nothing can be reached.
+    """
+    cfg, log = server.cfg, server.log
+    orig, client = record.orig, record.client
+    needs_orig = cfg.mode != "http" and not (cfg.mode == "raw" and cfg.target)
+    if needs_orig and is_self(orig, server.listen_port):
+        raise ConnectionFailed("refused: original destination %s is this proxy itself"
+                               % show_addr(orig))
+    initial = b""
+    rewrite = cfg.mode == "http"
+    if cfg.mode == "raw" and not cfg.target:
+        addrs = resolve_quiet(orig)
+        upstream = connect(addrs, cfg.connect_timeout, cfg.source, client, log, cfg.verbose)
+    else:
+        try:
+            upstream = connect(server.target_addrs(), cfg.connect_timeout,
+                               cfg.source if cfg.mode == "raw" else None, client, log,
+                               cfg.verbose)
+        except ConnectionFailed as exc:
+            if cfg.mode != "http" or cfg.no_fallback:
+                raise
+            if is_self(orig, server.listen_port):
+                raise ConnectionFailed("%s; no fallback: original destination is this proxy"
+                                       % exc) from None
+            log.message("cache unreachable (%s); going direct to %s" % (exc, show_addr(orig)))
+            upstream = connect(resolve_quiet(orig), cfg.connect_timeout, None, client, log)
+            rewrite = False
+        if cfg.mode == "connect":
+            try:
+                initial = http_connect(upstream, orig, cfg.proxy_auth, cfg.connect_timeout)
+            except ConnectionFailed:
+                upstream.close()
+                raise
+    record.target = upstream.getpeername()
+    if cfg.send_proxy:
+        upstream.sendall(proxy_header(cfg.send_proxy, client, orig))
+    return upstream, initial, rewrite
+
+
+def resolve_quiet(dest):
+    """Return getaddrinfo tuples for a numeric DEST address."""
+    host = plain_ip(dest[0])
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return [(family, socket.SOCK_STREAM, 0, "", (host, dest[1]))]
+
+
+def make_pumps(conn, upstream, server, record, rewrite, initial):
+    """Return [client->server pump, server->client pump] for this connection's mode."""
+    cfg = server.cfg
+    if cfg.mode == "http":
+        def on_request(method, target, host):
+            if record.host is None and host is not None:
+                record.host = host
+            if cfg.verbose:
+                server.log.message("%s request %s %s host=%s" % (
+                    show_addr(record.client), escape(method), escape(target),
+                    escape(host or b"-")))
+        up = HttpRequestPump(conn, upstream, rewrite, record.orig, cfg.force_url, on_request)
+    else:
+        up = raw_pump(conn, upstream, "client", "server")
+    down = raw_pump(upstream, conn, "server", "client", initial)
+    return [up, down]
+
+
+# ---------------------------------------------------------------------------
+# inetd mode: the client is standard input
+# ---------------------------------------------------------------------------
+
+def run_inetd(cfg):
+    """Serve the connection on fd 0 and return an exit status."""
+    try:
+        conn = socket.socket(fileno=os.dup(0))
+    except OSError:
+        raise Fatal("standard input is not a socket; use -s PORT for standalone mode",
+                    EX_USAGE) from None
+    if conn.type != socket.SOCK_STREAM:
+        raise Fatal("standard input is not a TCP socket", EX_USAGE)
+    log = open_log(cfg.logfile)
+    log.use_syslog()
+    return serve(conn, Server(cfg, log, conn.getsockname()[1]))
+
+
+def open_log(logfile):
+    """Return a Log writing to stderr and LOGFILE; raise Fatal if it cannot be opened."""
+    try:
+        return Log(logfile)
+    except OSError as exc:
+        raise Fatal("-l %s: %s" % (logfile, exc.strerror), EX_CANTCREAT) from None
+
+
+# ---------------------------------------------------------------------------
+# Standalone mode: listen, switch user, daemonize, fork per connection
+# ---------------------------------------------------------------------------
+
+def open_listeners(cfg):
+    """Bind and listen on -b ADDR (or every address); return the sockets; raise Fatal."""
+    if cfg.bind:
+        try:
+            infos = socket.getaddrinfo(cfg.bind, cfg.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise Fatal("-b: cannot resolve %s: %s" % (cfg.bind, exc.strerror), EX_NOHOST) from None
+        candidates = [(infos[0][0], infos[0][4])]
+    else:
+        candidates = [(socket.AF_INET6, ("::", cfg.port)), (socket.AF_INET, ("0.0.0.0", cfg.port))]
+    last = None
+    for family, sockaddr in candidates:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:          # no IPv6 on this host: fall back to IPv4
+            last = exc
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and not cfg.bind:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            make_transparent(sock, family)
+            sock.bind(sockaddr)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+            return [sock]
+        except OSError as exc:
+            sock.close()
+            last = exc
+            if exc.errno != errno.EAFNOSUPPORT and exc.errno != errno.EADDRNOTAVAIL:
+                break
+    where = "%s port %d" % (cfg.bind or "*", cfg.port)
+    if last.errno in (errno.EACCES, errno.EPERM):
+        raise Fatal("cannot listen on %s: %s" % (where, last.strerror), EX_NOPERM)
+    raise Fatal("cannot listen on %s: %s" % (where, last.strerror), EX_OSERR)
+
+
+def make_transparent(sock, family):
+    """Give SOCK IP_TRANSPARENT when allowed, so TPROXY can deliver to it."""
+    level, option = (SOL_IPV6, IPV6_TRANSPARENT) if family == socket.AF_INET6 \
+        else (SOL_IP, IP_TRANSPARENT)
+    try:
+        sock.setsockopt(level, option, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+    except OSError:
+        pass            # without privilege: REDIRECT still works, TPROXY cannot
+
+
+class PidFile:
+    """The -P file: created and locked before the user switch, removed at exit."""
+
+    def __init__(self, path, user):
+        import fcntl
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise Fatal("-P %s: %s" % (path, exc.strerror), EX_CANTCREAT) from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(self.fd)
+            raise Fatal("-P %s: another tproxy (pid %s) holds it" % (path, other or "?"),
+                        EX_CANTCREAT) from None
+        if user and os.geteuid() == 0:
+            os.fchown(self.fd, user[1], user[2])   # so the daemon can empty it at exit
+
+    def write(self):
+        """Record this process's pid."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, ("%d\n" % os.getpid()).encode(), 0)
+
+    def remove(self):
+        """Remove the file; where the directory forbids it, leave it empty."""
+        try:
+            os.unlink(self.path)
+        except OSError:
+            os.ftruncate(self.fd, 0)
+
+    # python-daemon's pidfile protocol
+    def __enter__(self):
+        self.write()
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_standalone(cfg):
+    """Listen, switch user, go to the background, and serve until SIGTERM."""
+    log = open_log(cfg.logfile)
+    if cfg.mode == "raw" and any(is_self(a[4], cfg.port) for a in cfg.target_addrs):
+        raise Fatal("target %s:%d is this proxy itself" % cfg.target, EX_USAGE)
+    pidfile = PidFile(cfg.pidfile, cfg.user) if cfg.pidfile else None
+    listeners = open_listeners(cfg)
+    if cfg.source in ("client", "client-port"):
+        warn_missing_return_path(log)
+    preload(cfg)
+    if cfg.user:
+        drop_privileges(cfg.user, keep_net_raw=cfg.source is not None and
+                        cfg.source.startswith("client"))
+    if not cfg.foreground:
+        import daemon
+        keep = [s.fileno() for s in listeners]
+        keep += [fd for fd in (log.log_fd, pidfile and pidfile.fd) if fd is not None]
+        context = daemon.DaemonContext(files_preserve=keep, working_directory="/",
+                                       umask=0o022, pidfile=pidfile, signal_map={})
+        context.open()
+        log.use_syslog()    # only now: DaemonContext closed every other descriptor
+    elif pidfile:
+        pidfile.write()
+    server = Server(cfg, log, cfg.port)
+    log.message("listening on %s, %s mode, target %s" % (
+        ", ".join(show_addr(s.getsockname()) for s in listeners), cfg.mode,
+        "%s:%d" % cfg.target if cfg.target else "original destination"))
+    try:
+        if cfg.prefork:
+            return PreforkPool(listeners, server).run()
+        return ForkingServer(listeners, server).run()
+    finally:
+        if pidfile:
+            pidfile.remove()
+
+
+def preload(cfg):
+    """Import now what connections will need, while every file is still readable.
+
+    After the switch to USER the interpreter's library may be out of reach,
+    and modules imported in the parent are shared with every child.
+    """
+    import gc, ipaddress, fcntl, base64, syslog  # noqa: F401
+    if not cfg.foreground:
+        import daemon  # noqa: F401
+    "".encode("idna")   # getaddrinfo's codec, otherwise loaded by each child
+
+
+def warn_missing_return_path(log):
+    """Log the commands to add when replies to spoofed sources cannot come back."""
+    import subprocess
+    missing = []
+    for family, flag in (("IPv4", "-4"), ("IPv6", "-6")):
+        try:
+            rules = subprocess.run(["ip", flag, "rule", "show"], capture_output=True,
+                                   text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return
+        if "fwmark" not in rules:
+            missing.append(family)
+    for family in missing:
+        six = family == "IPv6"
+        log.message(
+            "--source: no fwmark policy rule for %s; replies to the client's address will "
+            "not reach this host. Add: `ip%s rule add fwmark 1 lookup 100; ip%s route add "
+            "local %s dev lo table 100` and mark transparent sockets: `%s -t mangle -A "
+            "PREROUTING -p tcp -m socket --transparent -j MARK --set-mark 1` or `nft add "
+            "rule inet filter prerouting socket transparent 1 meta mark set 1` "
+            "(see tproxy(8), RETURN PATH)" % (
+                family, " -6" if six else "", " -6" if six else "",
+                "::/0" if six else "0.0.0.0/0", "ip6tables" if six else "iptables"),
+            error=True)
+
+
+class ForkingServer:
+    """The accept loop: one child per connection, reaped without blocking."""
+
+    def __init__(self, listeners, server):
+        self.listeners = listeners
+        self.server = server
+        self.children = set()
+        self.stopping = False
+        self.reload = False
+        self.paused_until = 0.0
+
+    def run(self):
+        """Accept until SIGTERM; return the exit status."""
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_r = wake_r
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        import gc
+        gc.collect()
+        if hasattr(gc, "freeze"):
+            gc.freeze()         # children then leave the parent's pages shared
+        poller = select.poll()
+        poller.register(wake_r, select.POLLIN)
+        listening = False
+        by_fd = {s.fileno(): s for s in self.listeners}
+        while not self.stopping:
+            want = len(self.children) < self.server.cfg.max_conns \
+                and time.monotonic() >= self.paused_until
+            if want != listening:
+                for fd in by_fd:
+                    if want:
+                        poller.register(fd, select.POLLIN)
+                    else:
+                        poller.unregister(fd)
+                listening = want
+            timeout = None if listening or self.paused_until == 0 else 100
+            for fd, _ in poller.poll(timeout):
+                if fd == wake_r:
+                    self._drain_wakeups()
+                elif listening and not self.stopping:
+                    self._accept(by_fd[fd])
+            self._reap()
+            if self.reload:
+                self._reopen()
+        for sock in self.listeners:
+            sock.close()
+        self.server.log.message("SIGTERM: stopped accepting; %d connection(s) finish on their own"
+                                % len(self.children))
+        return EX_OK
+
+    def _on_term(self, *_):
+        self.stopping = True
+
+    def _on_hup(self, *_):
+        self.reload = True
+
+    def _drain_wakeups(self):
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _reopen(self):
+        """SIGHUP: reopen the -l file and re-resolve the target."""
+        self.reload = False
+        cfg = self.server.cfg
+        try:
+            self.server.log.reopen()
+        except OSError as exc:
+            self.server.log.message("SIGHUP: cannot reopen %s: %s" % (cfg.logfile, exc.strerror),
+                                    error=True)
+        if cfg.target:
+            try:
+                cfg.target_addrs = resolve(*cfg.target)
+            except Fatal as exc:
+                self.server.log.message("SIGHUP: %s; keeping the old addresses" % exc, error=True)
+        self.server.log.message("SIGHUP: log reopened, target re-resolved")
+
+    def _accept(self, listener):
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Waiting lets children finish and free descriptors; no busy loop.
+                self.server.log.message("accept: %s; pausing 0.5 s" % exc.strerror, error=True)
+                self.paused_until = time.monotonic() + 0.5
+            elif exc.errno not in (errno.EPROTO, errno.EPERM, errno.ECONNRESET):
+                self.server.log.message("accept: %s" % exc.strerror, error=True)
+            return
+        self.server.rotation += 1
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self.server.log.message("fork: %s; connection from %s dropped" % (
+                exc.strerror, show_addr(conn.getpeername())), error=True)
+            conn.close()
+            self.paused_until = time.monotonic() + 0.5
+            return
+        if pid == 0:
+            self._child(conn)
+        self.children.add(pid)
+        conn.close()
+
+    def _child(self, conn):
+        """Serve CONN in the forked child; never returns."""
+        status = EX_SOFTWARE
+        try:
+            import gc
+            gc.disable()
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            for sock in self.listeners:
+                sock.close()
+            os.close(self.wake_r)
+            status = serve(conn, self.server)
+        except BaseException as exc:        # never let a child return into the loop
+            try:
+                self.server.log.message("internal error: %r" % (exc,), error=True)
+            except BaseException:
+                pass
+        finally:
+            os._exit(status)
+
+    def _reap(self):
+        while self.children:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+
+
+class PreforkPool:
+    """A pool of workers that accept in turn; placeholder until its issue lands."""
+
+    def __init__(self, listeners, server):
+        raise Fatal("--prefork is not implemented yet", EX_USAGE)
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+def main(argv=None):
+    """Run tproxy with ARGV (default sys.argv[1:]); return the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_args(argv)
+        if cfg.port is None:
+            return run_inetd(cfg)
+        return run_standalone(cfg)
+    except Fatal as exc:
+        report_error(str(exc))
+        return exc.status
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        return EX_OK
+    except BaseException as exc:        # a traceback helps no administrator
+        report_error("internal error: %s: %s" % (type(exc).__name__, exc))
+        return EX_SOFTWARE
+
+
+def report_error(text):
+    """Print "tproxy: TEXT" on stderr, or to syslog when stderr is inetd's client socket."""
+    import stat
+    try:
+        on_socket = stat.S_ISSOCK(os.fstat(2).st_mode)
+    except OSError:
+        on_socket = True
+    if on_socket:
+        import syslog
+        syslog.openlog("tproxy", syslog.LOG_PID, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_ERR, text)
+    else:
+        sys.stderr.write("tproxy: %s\n" % text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

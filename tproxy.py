@@ -410,7 +410,7 @@ def escape(data, limit=200):
     """Return bytes from the network as printable ASCII, cut at LIMIT."""
     out = []
     for byte in data[:limit]:
-        if 0x20 < byte < 0x7F and byte not in (0x22, 0x5C):
+        if 0x20 <= byte < 0x7F and byte not in (0x22, 0x5C):
             out.append(chr(byte))
         else:
             out.append("\\x%02x" % byte)

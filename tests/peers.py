@@ -11,6 +11,8 @@ Roles:
 Clients (print to stdout, exit 0 on success):
   send ADDR PORT       Sends standard input, half-closes, prints everything
                        received until EOF (30 s at most).
+  ask ADDR PORT        Like send, without the half-close (for peers that
+                       close a tunnel on a half-close, as tinyproxy does).
   bulk ADDR PORT N     Sends "SEND N" and N bytes, half-closes, reads the sink's
                        digest line and N bytes back; prints a JSON report.
 
@@ -170,10 +172,11 @@ def connect(addr, port):
     return sock
 
 
-def send(addr, port):
+def send(addr, port, half_close=True):
     sock = connect(addr, port)
     sock.sendall(sys.stdin.buffer.read())
-    sock.shutdown(socket.SHUT_WR)
+    if half_close:
+        sock.shutdown(socket.SHUT_WR)
     out = bytearray()
     try:
         while True:
@@ -238,6 +241,8 @@ def main(argv):
         sink(int(args[0]), lifetime)
     elif role == "send":
         send(*args)
+    elif role == "ask":
+        send(*args, half_close=False)
     elif role == "bulk":
         bulk(*args)
     else:

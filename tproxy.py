@@ -292,9 +292,12 @@ def parse_source(text):
 def parse_acl(text):
     """Return an ip_network for an -a entry: host, classful network or CIDR."""
     import ipaddress
-    try:
-        if "/" in text:
+    if "/" in text:
+        try:
             return ipaddress.ip_network(text, strict=False)
+        except ValueError as exc:
+            raise Fatal("-a: %s" % exc, EX_USAGE) from None
+    try:
         addr = ipaddress.ip_address(text)
     except ValueError:
         addrs = resolve(text, 0)

@@ -1,0 +1,100 @@
+"""tproxy's command line: bad input gives one line, a documented status, no traceback."""
+import socket
+import subprocess
+
+import pytest
+
+from conftest import tproxy_cmd
+import tproxy
+
+
+def run(*args, stdin=subprocess.DEVNULL):
+    proc = subprocess.run(tproxy_cmd(*args), capture_output=True, text=True, timeout=30,
+                          stdin=stdin)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["-x", "-t"], 64, "tproxy: unknown option -x"),
+    (["--bogus", "-t"], 64, "tproxy: unknown option --bogus"),
+    (["-s", "70000", "-t"], 64, "tproxy: -s: port 70000 is out of range (1-65535)"),
+    (["-s", "0", "-t"], 64, "tproxy: -s: port 0 is out of range (1-65535)"),
+    (["-s", "nosuchservice", "-t"], 64, "tproxy: -s: unknown port or service 'nosuchservice'"),
+    (["-s", "8080", "-r", "nosuchuser", "-t"], 67, "tproxy: -r: unknown user 'nosuchuser'"),
+    (["-s", "8080", "host.invalid", "80"], 68, "tproxy: cannot resolve host host.invalid"),
+    (["-s", "8080"], 64, "tproxy: PROXYHOST PROXYPORT are needed unless -t is given"),
+    (["-s", "8080", "192.0.2.1"], 64, "tproxy: PROXYHOST 192.0.2.1 needs a PROXYPORT after it"),
+    (["-d", "-t"], 64, "tproxy: -d needs -s PORT (standalone mode)"),
+    (["-r", "nobody", "-t"], 64, "tproxy: -r needs -s PORT (standalone mode)"),
+    (["-t", "--connect", "192.0.2.1", "80"], 64, "tproxy: -t and --connect exclude each other"),
+    (["-t", "-p"], 64, "tproxy: -p applies to HTTP translate mode only, not with -t"),
+    (["-t", "-f", "http://x/"], 64, "tproxy: -f applies to HTTP translate mode only"),
+    (["-t", "--idle-timeout=soon"], 64, "tproxy: --idle-timeout: 'soon' is not a number of seconds"),
+    (["-t", "--max-conns=0"], 64, "tproxy: --max-conns: '0' is not a positive whole number"),
+    (["-t", "--send-proxy=v3"], 64, "tproxy: --send-proxy takes v1 or v2, not 'v3'"),
+    (["--send-proxy=v1", "192.0.2.1", "80"], 64, "tproxy: --send-proxy needs -t or --connect"),
+    (["-t", "--source=elsewhere"], 64, "tproxy: --source: 'elsewhere' is not client, client-port or an IP address"),
+    (["-t", "-a", "192.0.2.0/33"], 64, "tproxy: -a: '192.0.2.0/33' does not appear to be an IPv4 or IPv6 network"),
+    (["-t", "-a", "no.such.host.invalid"], 68, "tproxy: cannot resolve host no.such.host.invalid"),
+    (["-t", "-s"], 64, "tproxy: -s requires argument (see tproxy --help)"),
+    (["-t"], 64, "tproxy: standard input is not a socket; use -s PORT for standalone mode"),
+])
+def test_bad_input_is_one_line_and_a_status(args, status, message):
+    code, out, err = run(*args)
+    assert code == status, err
+    assert err.startswith(message), err
+    assert err.count("\n") == 1 and "Traceback" not in err and out == ""
+
+
+def test_address_already_in_use():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        code, _, err = run("-d", "-t", "-s", port, "-b", "127.0.0.1", "192.0.2.1", 80)
+    assert code == 71
+    assert err == "tproxy: cannot listen on 127.0.0.1 port %d: Address already in use\n" % port
+
+
+def test_target_is_itself():
+    code, _, err = run("-d", "-t", "-s", 18999, "-b", "127.0.0.1", "127.0.0.1", 18999)
+    assert code == 64 and "is this proxy itself" in err
+
+
+def test_option_order_does_not_matter():
+    a = tproxy.parse_args(["-t", "-s", "12970", "-r", "nobody", "192.0.2.1", "80"])
+    b = tproxy.parse_args(["192.0.2.1", "80", "-r", "nobody", "-s", "12970", "-t"])
+    assert vars(a) == vars(b) and a.port == 12970 and a.user[0] == "nobody"
+
+
+def test_help_and_version():
+    code, out, _ = run("--help")
+    assert code == 0 and out.startswith("tproxy - transparent proxy redirector")
+    code, out, _ = run("--version")
+    assert code == 0 and out.strip() == "tproxy %s" % tproxy.__version__
+
+
+@pytest.mark.parametrize("text, network", [
+    ("192.168.1.0", "192.168.1.0/24"),        # class C written with its host part zero
+    ("172.16.0.0", "172.16.0.0/16"),          # class B
+    ("10.0.0.0", "10.0.0.0/8"),               # class A
+    ("10.1.0.0", "10.1.0.0/32"),              # host part not zero: a host
+    ("192.0.2.7", "192.0.2.7/32"),
+    ("198.51.100.0/25", "198.51.100.0/25"),
+    ("2001:db8::/32", "2001:db8::/32"),
+    ("2001:db8::1", "2001:db8::1/128"),
+])
+def test_acl_forms(text, network):
+    assert str(tproxy.parse_acl(text)) == network
+
+
+def test_acl_matches_mapped_clients():
+    acl = (tproxy.parse_acl("192.0.2.0"),)
+    assert tproxy.acl_allows(acl, ("::ffff:192.0.2.9", 1, 0, 0))
+    assert not tproxy.acl_allows(acl, ("198.51.100.9", 1))
+    assert tproxy.acl_allows((), ("198.51.100.9", 1))
+
+
+def test_user_by_uid():
+    assert tproxy.lookup_user("#65534")[1:] == (65534, 65534)
+    assert tproxy.lookup_user("#54321") == ("#54321", 54321, 54321)

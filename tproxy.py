@@ -8,7 +8,8 @@ Usage:
 
 Without -s, tproxy serves the one connection on standard input (inetd, nowait)
 and exits. With -s PORT it listens, forks one child per connection, and runs
-in the background as USER (-r) unless -d is given.
+in the background as USER (-r) unless -d is given. Started by systemd with a
+listening socket (LISTEN_FDS), it uses that socket and stays in the foreground.
 
 Modes:
   HTTP translate (the default): rewrite each request line to absolute form and
@@ -53,8 +54,8 @@ Options:
                           wait in the listen queue [default: 512].
   --prefork=N[:MAX]       Serve with a pool of N worker processes (growing up to
                           MAX) instead of one fork per connection. Needs -s.
-  --proxy-auth-file=FILE  Read "user:password" for Proxy-Authorization (with
-                          --connect) from FILE.
+  --proxy-auth-file=FILE  With --connect, read "user:password" for the proxy's
+                          Proxy-Authorization from FILE.
   --send-proxy=VERSION    Send a PROXY protocol header (v1 or v2) to the target
                           before the client's bytes.
   --source=SPEC           Connect to the target from SPEC: "client" (the
@@ -129,7 +130,8 @@ class Config:
     no_fallback = False     # -p
     port = None             # -s, int; None means inetd mode
     bind = None             # -b
-    foreground = False      # -d
+    foreground = False      # -d, or started by systemd: no daemonizing
+    log_to_stderr = False   # -d
     user = None             # (name, uid, gid) for -r
     acl = ()                # ip_network objects
     logfile = None          # -l
@@ -142,6 +144,7 @@ class Config:
     proxy_auth = None       # bytes "user:password"
     send_proxy = None       # "v1" or "v2"
     source = None           # "client", "client-port", or an address string
+    activated = False       # started by systemd with a listening socket (LISTEN_FDS)
 
 
 def parse_args(argv):
@@ -185,13 +188,14 @@ def build_config(args):
     standalone_only = [o for o in ("-b", "-r", "-P", "--prefork") if args[o]]
     if args["-d"]:
         standalone_only.append("-d")
-    if args["-s"] is None and standalone_only:
+    cfg.activated = socket_activated()
+    if args["-s"] is None and standalone_only and not cfg.activated:
         raise Fatal("%s needs -s PORT (standalone mode)" % standalone_only[0], EX_USAGE)
     modes = [m for m, on in (("-t", args["-t"]), ("--connect", args["--connect"])) if on]
     if len(modes) > 1:
         raise Fatal("-t and --connect exclude each other", EX_USAGE)
-    if args["-t"] and args["-p"]:
-        raise Fatal("-p applies to HTTP translate mode only, not with -t", EX_USAGE)
+    if args["-p"] and (args["-t"] or args["--connect"]):
+        raise Fatal("-p applies to HTTP translate mode only", EX_USAGE)
     cfg.mode = "raw" if args["-t"] else "connect" if args["--connect"] else "http"
     if args["PROXYHOST"] is not None and args["PROXYPORT"] is None:
         raise Fatal("PROXYHOST %s needs a PROXYPORT after it" % args["PROXYHOST"], EX_USAGE)
@@ -206,10 +210,15 @@ def build_config(args):
     cfg.no_fallback = bool(args["-p"])
     if args["-s"] is not None:
         cfg.port = parse_port(args["-s"], "-s")
+    elif cfg.activated:
+        cfg.port = 0            # the port of the socket systemd passes
     cfg.bind = args["-b"]
     cfg.foreground = bool(args["-d"])
     cfg.acl = tuple(parse_acl(a) for a in args["-a"])
     cfg.logfile = args["-l"]
+    cfg.log_to_stderr = cfg.foreground
+    if cfg.activated:
+        cfg.foreground = True   # systemd supervises; never fork away from it
     cfg.pidfile = args["-P"] or (DEFAULT_PIDFILE if cfg.port and not cfg.foreground else None)
     cfg.verbose = bool(args["-v"])
     cfg.idle_timeout = parse_seconds(args["--idle-timeout"], "--idle-timeout")
@@ -225,9 +234,9 @@ def build_config(args):
         cfg.send_proxy = args["--send-proxy"]
     if args["--source"]:
         cfg.source = parse_source(args["--source"])
-    if args["--proxy-auth-file"] or os.environ.get("TPROXY_PROXY_AUTH"):
-        if cfg.mode != "connect":
-            raise Fatal("proxy credentials apply to --connect only", EX_USAGE)
+    if args["--proxy-auth-file"] and cfg.mode != "connect":
+        raise Fatal("--proxy-auth-file applies to --connect only", EX_USAGE)
+    if cfg.mode == "connect" and (args["--proxy-auth-file"] or os.environ.get("TPROXY_PROXY_AUTH")):
         cfg.proxy_auth = read_proxy_auth(args["--proxy-auth-file"])
     if args["-r"]:
         cfg.user = lookup_user(args["-r"])
@@ -1107,6 +1116,7 @@ class Server:
         self.log = log
         self.listen_port = listen_port  # a destination on this port of this host is a loop
         self.rotation = 0               # which target address to try first (round robin)
+        self.parent_fds = []            # descriptors children close at once
 
     def target_addrs(self):
         """Return the target's cached addresses, starting at the next in turn."""
@@ -1183,9 +1193,8 @@ def open_upstream(conn, server, record):
         upstream = connect(addrs, cfg.connect_timeout, cfg.source, client, log, cfg.verbose)
     else:
         try:
-            upstream = connect(server.target_addrs(), cfg.connect_timeout,
-                               cfg.source if cfg.mode == "raw" else None, client, log,
-                               cfg.verbose)
+            upstream = connect(server.target_addrs(), cfg.connect_timeout, cfg.source, client,
+                               log, cfg.verbose)
         except ConnectionFailed as exc:
             if cfg.mode != "http" or cfg.no_fallback:
                 raise
@@ -1193,7 +1202,7 @@ def open_upstream(conn, server, record):
                 raise ConnectionFailed("%s; no fallback: original destination is this proxy"
                                        % exc) from None
             log.message("cache unreachable (%s); going direct to %s" % (exc, show_addr(orig)))
-            upstream = connect(resolve_quiet(orig), cfg.connect_timeout, None, client, log)
+            upstream = connect(resolve_quiet(orig), cfg.connect_timeout, cfg.source, client, log)
             rewrite = False
         if cfg.mode == "connect":
             try:
@@ -1356,10 +1365,13 @@ class PidFile:
 def run_standalone(cfg):
     """Listen, switch user, go to the background, and serve until SIGTERM."""
     log = open_log(cfg.logfile)
-    if cfg.mode == "raw" and any(is_self(a[4], cfg.port) for a in cfg.target_addrs):
+    listeners = inherited_listeners() if cfg.activated else None
+    if listeners:
+        cfg.port = listeners[0].getsockname()[1]
+    if any(is_self(a[4], cfg.port) for a in cfg.target_addrs):
         raise Fatal("target %s:%d is this proxy itself" % cfg.target, EX_USAGE)
+    listeners = listeners or open_listeners(cfg)
     pidfile = PidFile(cfg.pidfile, cfg.user) if cfg.pidfile else None
-    listeners = open_listeners(cfg)
     if cfg.source in ("client", "client-port"):
         warn_missing_return_path(log)
     preload(cfg)
@@ -1374,12 +1386,21 @@ def run_standalone(cfg):
                                        umask=0o022, pidfile=pidfile, signal_map={})
         context.open()
         log.use_syslog()    # only now: DaemonContext closed every other descriptor
-    elif pidfile:
-        pidfile.write()
+        global errors_to_syslog
+        errors_to_syslog = True
+    else:
+        if pidfile:
+            pidfile.write()
+        if not cfg.log_to_stderr:
+            log.use_syslog()
     server = Server(cfg, log, cfg.port)
-    log.message("listening on %s, %s mode, target %s" % (
+    if pidfile:
+        server.parent_fds.append(pidfile.fd)    # children must not hold its lock
+    log.message("listening on %s, %s mode, target %s%s" % (
         ", ".join(show_addr(s.getsockname()) for s in listeners), cfg.mode,
-        "%s:%d" % cfg.target if cfg.target else "original destination"))
+        "%s:%d" % cfg.target if cfg.target else "original destination",
+        " (socket from systemd)" if cfg.activated else ""))
+    notify_ready()
     try:
         if cfg.prefork:
             return PreforkPool(listeners, server).run()
@@ -1387,6 +1408,49 @@ def run_standalone(cfg):
     finally:
         if pidfile:
             pidfile.remove()
+
+
+def socket_activated():
+    """Return True when systemd passed this process listening sockets (LISTEN_PID/LISTEN_FDS)."""
+    return os.environ.get("LISTEN_PID") == str(os.getpid()) and \
+        os.environ.get("LISTEN_FDS", "0").isdigit() and int(os.environ["LISTEN_FDS"]) > 0
+
+
+def inherited_listeners():
+    """Return the listening sockets systemd passed from fd 3 on; raise Fatal if unusable."""
+    count = int(os.environ.get("LISTEN_FDS", "0"))
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)      # children must not think the sockets are theirs
+    socks = []
+    for fd in range(3, 3 + count):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise Fatal("socket activation: fd %d: %s" % (fd, exc.strerror), EX_OSERR) from None
+        if sock.type != socket.SOCK_STREAM or \
+                not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise Fatal("socket activation: fd %d is not a listening TCP socket "
+                        "(tproxy.socket needs Accept=no)" % fd, EX_USAGE)
+        os.set_inheritable(fd, False)
+        sock.setblocking(False)
+        make_transparent(sock, sock.family)
+        socks.append(sock)
+    return socks
+
+
+def notify_ready():
+    """Tell systemd (NOTIFY_SOCKET) that tproxy is ready; do nothing without it."""
+    path = os.environ.pop("NOTIFY_SOCKET", None)
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+            sock.sendall(b"READY=1\nMAINPID=%d" % os.getpid())
+    except OSError:
+        pass
 
 
 def preload(cfg):
@@ -1427,35 +1491,112 @@ def warn_missing_return_path(log):
             error=True)
 
 
-class ForkingServer:
-    """The accept loop: one child per connection, reaped without blocking."""
+class Supervisor:
+    """What both server shapes share: signals through a wakeup pipe, SIGHUP reload, forking."""
 
     def __init__(self, listeners, server):
         self.listeners = listeners
         self.server = server
-        self.children = set()
+        self.log = server.log
         self.stopping = False
         self.reload = False
-        self.paused_until = 0.0
 
-    def run(self):
-        """Accept until SIGTERM; return the exit status."""
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.wake_r = wake_r
+    def install_signals(self):
+        """Route SIGTERM, SIGINT, SIGHUP and SIGCHLD into flags and a wakeup pipe."""
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_w = wake_w
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+
+    def _on_term(self, *_):
+        self.stopping = True
+
+    def _on_hup(self, *_):
+        self.reload = True
+
+    def reopen(self):
+        """SIGHUP: reopen the -l file and re-resolve the target."""
+        self.reload = False
+        cfg = self.server.cfg
+        try:
+            self.log.reopen()
+        except OSError as exc:
+            self.log.message("SIGHUP: cannot reopen %s: %s" % (cfg.logfile, exc.strerror),
+                             error=True)
+        if cfg.target:
+            try:
+                cfg.target_addrs = resolve(*cfg.target)
+            except Fatal as exc:
+                self.log.message("SIGHUP: %s; keeping the old addresses" % exc, error=True)
+
+    def freeze_heap(self):
+        """Move the parent's objects out of the GC's reach so children keep pages shared."""
         import gc
         gc.collect()
         if hasattr(gc, "freeze"):
-            gc.freeze()         # children then leave the parent's pages shared
+            gc.freeze()
+
+    def fork(self, work):
+        """Fork a child that runs WORK() and always ends in os._exit; return its pid or None."""
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self.log.message("fork: %s" % exc.strerror, error=True)
+            return None
+        if pid:
+            return pid
+        status = EX_SOFTWARE
+        try:
+            import gc
+            gc.disable()
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            for fd in [self.wake_r, self.wake_w] + self.server.parent_fds:
+                os.close(fd)
+            status = work()
+        except BaseException as exc:        # never let a child return into the parent's loop
+            try:
+                self.log.message("internal error: %r" % (exc,), error=True)
+            except BaseException:
+                pass
+        finally:
+            os._exit(status)
+
+    def reap(self):
+        """Collect every exited child without blocking; return their pids."""
+        gone = []
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return gone
+            if pid == 0:
+                return gone
+            gone.append(pid)
+
+
+class ForkingServer(Supervisor):
+    """The accept loop: one child per connection (the default), at most --max-conns at once."""
+
+    def __init__(self, listeners, server):
+        super().__init__(listeners, server)
+        self.children = set()
+        self.paused_until = 0.0
+
+    def run(self):
+        """Accept until SIGTERM; return the exit status."""
+        self.install_signals()
+        self.freeze_heap()
         poller = select.poll()
-        poller.register(wake_r, select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
         listening = False
         by_fd = {s.fileno(): s for s in self.listeners}
         while not self.stopping:
+            # At the cap, new clients wait in the kernel's listen queue.
             want = len(self.children) < self.server.cfg.max_conns \
                 and time.monotonic() >= self.paused_until
             if want != listening:
@@ -1465,51 +1606,22 @@ class ForkingServer:
                     else:
                         poller.unregister(fd)
                 listening = want
-            timeout = None if listening or self.paused_until == 0 else 100
-            for fd, _ in poller.poll(timeout):
-                if fd == wake_r:
-                    self._drain_wakeups()
+            for fd, _ in poller.poll(None if listening or not self.paused_until else 100):
+                if fd == self.wake_r:
+                    drain(self.wake_r)
                 elif listening and not self.stopping:
-                    self._accept(by_fd[fd])
-            self._reap()
+                    self.accept(by_fd[fd])
+            self.children.difference_update(self.reap())
             if self.reload:
-                self._reopen()
+                self.reopen()
+                self.log.message("SIGHUP: log reopened, target re-resolved")
         for sock in self.listeners:
             sock.close()
-        self.server.log.message("SIGTERM: stopped accepting; %d connection(s) finish on their own"
-                                % len(self.children))
+        self.log.message("SIGTERM: stopped accepting; %d connection(s) finish on their own"
+                         % len(self.children))
         return EX_OK
 
-    def _on_term(self, *_):
-        self.stopping = True
-
-    def _on_hup(self, *_):
-        self.reload = True
-
-    def _drain_wakeups(self):
-        try:
-            while os.read(self.wake_r, 512):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-
-    def _reopen(self):
-        """SIGHUP: reopen the -l file and re-resolve the target."""
-        self.reload = False
-        cfg = self.server.cfg
-        try:
-            self.server.log.reopen()
-        except OSError as exc:
-            self.server.log.message("SIGHUP: cannot reopen %s: %s" % (cfg.logfile, exc.strerror),
-                                    error=True)
-        if cfg.target:
-            try:
-                cfg.target_addrs = resolve(*cfg.target)
-            except Fatal as exc:
-                self.server.log.message("SIGHUP: %s; keeping the old addresses" % exc, error=True)
-        self.server.log.message("SIGHUP: log reopened, target re-resolved")
-
-    def _accept(self, listener):
+    def accept(self, listener):
         try:
             conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -1517,63 +1629,153 @@ class ForkingServer:
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 # Waiting lets children finish and free descriptors; no busy loop.
-                self.server.log.message("accept: %s; pausing 0.5 s" % exc.strerror, error=True)
+                self.log.message("accept: %s; pausing 0.5 s" % exc.strerror, error=True)
                 self.paused_until = time.monotonic() + 0.5
             elif exc.errno not in (errno.EPROTO, errno.EPERM, errno.ECONNRESET):
-                self.server.log.message("accept: %s" % exc.strerror, error=True)
+                self.log.message("accept: %s" % exc.strerror, error=True)
             return
         self.server.rotation += 1
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            self.server.log.message("fork: %s; connection from %s dropped" % (
-                exc.strerror, show_addr(conn.getpeername())), error=True)
-            conn.close()
-            self.paused_until = time.monotonic() + 0.5
-            return
-        if pid == 0:
-            self._child(conn)
-        self.children.add(pid)
+        pid = self.fork(lambda: self.child(conn))
         conn.close()
+        if pid is None:
+            self.paused_until = time.monotonic() + 0.5
+        else:
+            self.children.add(pid)
 
-    def _child(self, conn):
-        """Serve CONN in the forked child; never returns."""
-        status = EX_SOFTWARE
-        try:
-            import gc
-            gc.disable()
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            for sock in self.listeners:
-                sock.close()
-            os.close(self.wake_r)
-            status = serve(conn, self.server)
-        except BaseException as exc:        # never let a child return into the loop
-            try:
-                self.server.log.message("internal error: %r" % (exc,), error=True)
-            except BaseException:
-                pass
-        finally:
-            os._exit(status)
-
-    def _reap(self):
-        while self.children:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.children.clear()
-                return
-            if pid == 0:
-                return
-            self.children.discard(pid)
+    def child(self, conn):
+        for sock in self.listeners:
+            sock.close()
+        return serve(conn, self.server)
 
 
-class PreforkPool:
-    """A pool of workers that accept in turn; placeholder until its issue lands."""
+IDLE, BUSY, EMPTY = 0, 1, 2      # prefork scoreboard states
+
+
+class PreforkPool(Supervisor):
+    """A pool of workers that accept in turn, each serving one connection at a time.
+
+    Like Apache's prefork: at least N workers; when none is idle the pool
+    grows up to MAX; a worker beyond N that stays idle for IDLE_RETIRE
+    seconds leaves. A shared scoreboard (one byte per slot) says who is busy.
+    """
+
+    IDLE_RETIRE = 10.0
 
     def __init__(self, listeners, server):
-        raise Fatal("--prefork is not implemented yet", EX_USAGE)
+        super().__init__(listeners, server)
+        import mmap
+        self.low, self.high = server.cfg.prefork
+        self.board = mmap.mmap(-1, self.high)       # one byte per slot, shared with workers
+        self.board.write(bytes([EMPTY]) * self.high)
+        self.slots = {}                              # pid -> slot (the parent's view)
+
+    def run(self):
+        """Keep the pool staffed until SIGTERM; return the exit status."""
+        self.install_signals()
+        self.busy_r, self.busy_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.freeze_heap()
+        poller = select.poll()
+        poller.register(self.wake_r, select.POLLIN)
+        poller.register(self.busy_r, select.POLLIN)
+        self.staff()
+        while not self.stopping:
+            for fd, _ in poller.poll(1000):
+                drain(fd)
+            for pid in self.reap():
+                slot = self.slots.pop(pid, None)
+                if slot is not None:
+                    self.board[slot] = EMPTY
+            if self.reload:
+                self.reopen()
+                for pid in self.slots:
+                    os.kill(pid, signal.SIGHUP)
+                self.log.message("SIGHUP: log reopened, target re-resolved, workers told")
+            if not self.stopping:
+                self.staff()
+        for sock in self.listeners:
+            sock.close()
+        for pid in self.slots:
+            try:
+                os.kill(pid, signal.SIGTERM)     # idle workers leave, busy ones finish first
+            except ProcessLookupError:
+                pass
+        self.log.message("SIGTERM: stopped accepting; %d worker(s) finish their connection"
+                         % len(self.slots))
+        return EX_OK
+
+    def staff(self):
+        """Start workers until there are N, or one idle one (up to MAX)."""
+        while len(self.slots) < self.high:
+            if len(self.slots) >= self.low and IDLE in self.board[:]:
+                return
+            slot = min(set(range(self.high)) - set(self.slots.values()))
+            self.board[slot] = IDLE
+            pid = self.fork(lambda: self.worker(slot))
+            if pid is None:
+                self.board[slot] = EMPTY
+                return
+            self.slots[pid] = slot
+
+    def worker(self, slot):
+        """Accept and serve connections one at a time until told to stop or retired."""
+        os.close(self.busy_r)
+        state = {"busy": False, "stop": False, "hup": False}
+
+        def on_term(*_):
+            if not state["busy"]:
+                os._exit(EX_OK)
+            state["stop"] = True
+
+        def on_hup(*_):
+            state["hup"] = True
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
+        # One epoll per worker with EPOLLEXCLUSIVE: a new client wakes one idle worker, not all.
+        poller = select.epoll()
+        exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
+        for sock in self.listeners:
+            poller.register(sock.fileno(), select.EPOLLIN | exclusive)
+        by_fd = {s.fileno(): s for s in self.listeners}
+        idle_since = time.monotonic()
+        while not state["stop"]:
+            ready = poller.poll(1.0)
+            if state["hup"]:
+                state["hup"] = False
+                self.reopen()
+            if not ready:
+                if slot >= self.low and time.monotonic() - idle_since > self.IDLE_RETIRE:
+                    return EX_OK
+                continue
+            try:
+                conn, _ = by_fd[ready[0][0]].accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue            # another worker took it
+            except OSError as exc:
+                self.log.message("accept: %s" % exc.strerror, error=True)
+                time.sleep(0.5)
+                continue
+            state["busy"] = True
+            self.board[slot] = BUSY
+            if IDLE not in self.board[:]:
+                try:
+                    os.write(self.busy_w, b"!")     # ask the parent for another worker
+                except BlockingIOError:
+                    pass                            # it has been asked already
+            self.server.rotation += 1
+            serve(conn, self.server)
+            self.board[slot] = IDLE
+            state["busy"] = False
+            idle_since = time.monotonic()
+        return EX_OK
+
+
+def drain(fd):
+    """Read and discard whatever is waiting on the non-blocking FD."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
 
 
 # ---------------------------------------------------------------------------
@@ -1600,14 +1802,17 @@ def main(argv=None):
         return EX_SOFTWARE
 
 
+errors_to_syslog = False       # set once the server has gone to the background
+
+
 def report_error(text):
-    """Print "tproxy: TEXT" on stderr, or to syslog when stderr is inetd's client socket."""
+    """Print "tproxy: TEXT" on stderr; to syslog in the background or when stderr is inetd's socket."""
     import stat
     try:
         on_socket = stat.S_ISSOCK(os.fstat(2).st_mode)
     except OSError:
         on_socket = True
-    if on_socket:
+    if on_socket or errors_to_syslog:
         import syslog
         syslog.openlog("tproxy", syslog.LOG_PID, syslog.LOG_DAEMON)
         syslog.syslog(syslog.LOG_ERR, text)

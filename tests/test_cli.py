@@ -27,7 +27,9 @@ def run(*args, stdin=subprocess.DEVNULL):
     (["-d", "-t"], 64, "tproxy: -d needs -s PORT (standalone mode)"),
     (["-r", "nobody", "-t"], 64, "tproxy: -r needs -s PORT (standalone mode)"),
     (["-t", "--connect", "192.0.2.1", "80"], 64, "tproxy: -t and --connect exclude each other"),
-    (["-t", "-p"], 64, "tproxy: -p applies to HTTP translate mode only, not with -t"),
+    (["-t", "-p"], 64, "tproxy: -p applies to HTTP translate mode only"),
+    (["--connect", "-p", "192.0.2.1", "3128"], 64, "tproxy: -p applies to HTTP translate mode only"),
+    (["-t", "--proxy-auth-file=/dev/null"], 64, "tproxy: --proxy-auth-file applies to --connect only"),
     (["-t", "-f", "http://x/"], 64, "tproxy: -f applies to HTTP translate mode only"),
     (["-t", "--idle-timeout=soon"], 64, "tproxy: --idle-timeout: 'soon' is not a number of seconds"),
     (["-t", "--max-conns=0"], 64, "tproxy: --max-conns: '0' is not a positive whole number"),
@@ -98,3 +100,8 @@ def test_acl_matches_mapped_clients():
 def test_user_by_uid():
     assert tproxy.lookup_user("#65534")[1:] == (65534, 65534)
     assert tproxy.lookup_user("#54321") == ("#54321", 54321, 54321)
+
+
+def test_cache_that_is_this_proxy_is_refused():
+    code, _, err = run("-d", "-s", 18998, "-b", "127.0.0.1", "127.0.0.1", 18998)
+    assert code == 64 and err == "tproxy: target 127.0.0.1:18998 is this proxy itself\n"

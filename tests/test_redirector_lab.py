@@ -268,3 +268,54 @@ def test_background_mode_pidfile_logfile_hup_and_term(book):
     wait_for(lambda: not os.path.exists("/proc/%d" % pid) or
              open("/proc/%d/stat" % pid).read().split()[2] == "Z", what="exit on SIGTERM")
     assert not pidfile.exists()
+
+
+def test_prefork_pool_serves_grows_and_stops(book):
+    cow_log = book.web(book.cow)
+    book.redirect()
+    proc, err = book.tproxy("-t", "--prefork", "2:5", "-r", "nobody", book.COW, 80)
+    server = tproxy_pid(book.router)
+
+    def workers():
+        return book.router.run("pgrep", "-P", server, check=False).stdout.split()
+    wait_for(lambda: len(workers()) == 2, what="two idle workers")
+    for pid in workers():
+        assert process_uid(int(pid)) == 65534
+    # Eight clients hold connections: the pool grows to its maximum of five...
+    holders = [book.client.popen(PYTHON, "-c", "import socket,time; s=socket.create_connection"
+                                 "(('198.51.100.10',80)); time.sleep(20)") for _ in range(8)]
+    wait_for(lambda: len(workers()) == 5, what="the pool at its maximum")
+    time.sleep(0.5)
+    assert len(workers()) == 5
+    # ...and the three waiting clients are served once the first ones leave.
+    for holder in holders:
+        holder.kill()
+    for _ in range(3):
+        assert book.send(book.MOOSE, 80, GET).startswith(b"HTTP/1.1 200")
+    assert len(requests_seen(cow_log)) == 3
+    proc.terminate()
+    assert proc.wait(10) == 0
+    wait_for(lambda: not workers(), what="workers gone after SIGTERM")
+
+
+def test_restart_while_old_connections_still_run(book):
+    """Children do not hold the pid file's lock: a restart after SIGTERM works at once."""
+    book.moose.popen(PYTHON, "-c", "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',80)); "
+                     "s.listen(5); c,_=s.accept(); time.sleep(30)")
+    book.moose.wait_listening(80)
+    book.redirect()
+    pidfile = book.tmp / "tproxy.pid"           # root-owned directory: emptied, not removed
+    book.router.run(*tproxy_cmd("-s", 12970, "-r", "nobody", "-P", pidfile, "-t"))
+    first = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="pid"))
+    book.client.popen(PYTHON, "-c", "import socket,time; s=socket.create_connection"
+                      "(('198.51.100.10',80)); time.sleep(30)")
+    wait_for(lambda: book.router.run("pgrep", "-P", first, check=False).stdout.strip(),
+             what="a child holding a connection")
+    os.kill(first, 15)
+    wait_for(lambda: not os.path.exists("/proc/%d" % first), what="the old server gone")
+    again = book.router.run(*tproxy_cmd("-s", 12971, "-r", "nobody", "-P", pidfile, "-t"),
+                            check=False)
+    assert again.returncode == 0, again.stderr
+    second = int(wait_for(lambda: pidfile.read_text().strip(), what="new pid"))
+    assert second != first
+    os.kill(second, 15)

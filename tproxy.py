@@ -149,37 +149,107 @@ class Config:
 
 def parse_args(argv):
     """Parse ARGV (without the program name) into a Config; raise Fatal."""
+    args = quick_parse(argv)
+    if args is None:
+        args = docopt_parse(argv)
+    return build_config(args)
+
+
+def docopt_parse(argv):
+    """Return docopt's dictionary for ARGV, or raise Fatal with a one-line reason."""
     from docopt import docopt, DocoptExit
-    known = _known_options(__doc__)
+    known = option_table(__doc__)
     for word in argv:
         if word == "--":
             break
         if word.startswith("-") and word != "-":
             name = word.split("=", 1)[0]
             if name.startswith("--"):
-                matches = [o for o in known if o.startswith(name)]
-                if not matches:
+                if not any(o.startswith(name) for o in known):
                     raise Fatal("unknown option %s" % name, EX_USAGE)
             elif name[1:2] and "-" + name[1] not in known:
                 raise Fatal("unknown option -%s" % name[1], EX_USAGE)
     try:
-        args = docopt(__doc__, argv=argv, version="tproxy " + __version__)
+        return docopt(__doc__, argv=argv, version="tproxy " + __version__)
     except DocoptExit as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if not first or first.startswith("Usage:") or "unmatched" in first:
             first = "bad arguments: %s" % " ".join(argv)
         raise Fatal("%s (see tproxy --help)" % first, EX_USAGE) from None
-    return build_config(args)
 
 
-def _known_options(doc):
-    """Return the option names listed in DOC's Options section."""
-    names = set()
+def option_table(doc):
+    """Return {option: (takes a value, default, key)} from DOC's Options section.
+
+    KEY is the name docopt files the option under: the long one of synonyms.
+    """
+    entries = []                # [spec, description] per option, continuation lines joined
     for line in doc.split("Options:", 1)[1].splitlines():
-        for word in line.strip().split("  ", 1)[0].split():
-            if word.startswith("-"):
-                names.add(word.split("=", 1)[0])
-    return names
+        line = line.strip()
+        if line.startswith("-"):
+            spec, _, description = line.partition("  ")
+            entries.append([spec, description])
+        elif entries:
+            entries[-1][1] += " " + line
+    table = {}
+    for spec, description in entries:
+        words = spec.replace("=", " ").split()
+        takes = any(not w.startswith("-") for w in words)
+        default = None
+        if "[default: " in description:
+            default = description.split("[default: ", 1)[1].split("]", 1)[0]
+        names = [w for w in words if w.startswith("-")]
+        for name in names:
+            table[name] = (takes, default, names[-1])
+    return table
+
+
+def quick_parse(argv):
+    """Return docopt's dictionary for a plain, well-formed ARGV without importing docopt.
+
+    inetd starts one tproxy per connection, and docopt costs more to import
+    and run than the rest of the start-up. Anything unusual (help, version,
+    abbreviations, bundled flags, repeats, errors) returns None, so that
+    docopt decides and words the error; tests/test_cli.py checks that both
+    agree.
+    """
+    table = option_table(__doc__)
+    args = {key: (default if takes else False) for takes, default, key in table.values()}
+    args["-a"] = []
+    positional = []
+    seen = set()
+    words = iter(argv)
+    for word in words:
+        if not word.startswith("-") or word == "-":
+            positional.append(word)
+            continue
+        if word.startswith("--"):
+            name, eq, value = word.partition("=")
+        else:                   # -sPORT: a short option's value may be attached
+            name, value = word[:2], word[2:]
+            eq = value
+        if name not in table or name in ("-h", "--help", "--version") or \
+                (name in seen and name != "-a"):
+            return None
+        seen.add(name)
+        takes, _, key = table[name]
+        if not takes:
+            if eq:
+                return None
+            args[key] = True
+            continue
+        if not eq:
+            value = next(words, None)
+            if value is None:
+                return None
+        if name == "-a":
+            args["-a"].append(value)
+        else:
+            args[key] = value
+    if len(positional) not in (0, 2):
+        return None
+    args["PROXYHOST"], args["PROXYPORT"] = positional if positional else (None, None)
+    return args
 
 
 def build_config(args):
@@ -1426,11 +1496,12 @@ def inherited_listeners():
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:
-            raise Fatal("socket activation: fd %d: %s" % (fd, exc.strerror), EX_OSERR) from None
-        if sock.type != socket.SOCK_STREAM or \
+            raise Fatal("socket activation: fd %d: %s" % (fd, exc.strerror), EX_USAGE) from None
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) or \
+                sock.type != socket.SOCK_STREAM or \
                 not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise Fatal("socket activation: fd %d is not a listening TCP socket "
-                        "(tproxy.socket needs Accept=no)" % fd, EX_USAGE)
+                        "(tproxy.socket needs ListenStream=PORT and Accept=no)" % fd, EX_USAGE)
         os.set_inheritable(fd, False)
         sock.setblocking(False)
         make_transparent(sock, sock.family)

@@ -105,3 +105,33 @@ def test_user_by_uid():
 def test_cache_that_is_this_proxy_is_refused():
     code, _, err = run("-d", "-s", 18998, "-b", "127.0.0.1", "127.0.0.1", 18998)
     assert code == 64 and err == "tproxy: target 127.0.0.1:18998 is this proxy itself\n"
+
+
+QUICK_CASES = [
+    ["-t", "192.0.2.1", "80"],
+    ["-s", "12970", "-r", "nobody", "cow.example", "80"],
+    ["-s12970", "-t", "-d", "-b", "127.0.0.1"],
+    ["192.0.2.1", "80", "-a", "192.0.2.0", "-a", "10.0.0.0/8", "-s", "80"],
+    ["--idle-timeout=5", "--connect-timeout", "3", "-t"],
+    ["--connect", "--send-proxy=v2", "--source", "client", "192.0.2.1", "3128"],
+    ["-p", "-f", "http://portal/", "-l", "/tmp/x.log", "-v", "192.0.2.1", "3128"],
+    ["--prefork", "2:8", "-s", "80", "-t", "--max-conns=9", "-P", "/run/t.pid"],
+    # Not plain: docopt decides (the quick parser must step aside).
+    ["--help"], ["--version"], ["-t", "-t"], ["--idle", "5", "-t"], ["-td"], ["192.0.2.1"],
+    ["-x"], ["-s"], ["--", "-t"], ["-t", "--connect=yes"], ["-t", "-s=80"],
+]
+
+
+@pytest.mark.parametrize("argv", QUICK_CASES, ids=" ".join)
+def test_quick_parse_agrees_with_docopt(argv):
+    """The docopt-free fast path (inetd start-up) gives docopt's answer or stands aside."""
+    quick = tproxy.quick_parse(argv)
+    try:
+        reference = tproxy.docopt_parse(argv)
+    except tproxy.Fatal:
+        reference = None
+    except SystemExit:      # --help and --version print and exit inside docopt
+        reference = None
+    if quick is not None:
+        assert quick == dict(reference)
+    assert quick is not None or argv in QUICK_CASES[8:]

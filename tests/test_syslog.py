@@ -1,0 +1,37 @@
+"""syslog: facility daemon, ident tproxy with the pid; under inetd nothing reaches the client."""
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO, TPROXY, have
+
+PROBE = os.path.join(REPO, "tests", "syslog_inetd_probe.py")
+
+# A private mount namespace with its own /dev (a tmpfs plus the few devices
+# Python needs), so /dev/log can be a test socket without touching the host.
+PRIVATE_DEV = """
+set -e
+mount --make-rprivate /
+old=$(mktemp -d)
+mount --bind /dev "$old"
+mount -t tmpfs tmpfs /dev
+for d in null zero urandom random; do touch /dev/$d; mount --bind "$old/$d" /dev/$d; done
+exec "$@"
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not have("unshare"), reason="needs root and unshare(1)")
+def test_inetd_mode_logs_to_syslog_daemon_facility():
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", PRIVATE_DEV, "sh",
+                           PYTHON, PROBE, PYTHON, TPROXY], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    summary, connection, error = proc.stdout.splitlines()[:3]
+    assert summary == "client got b'back', tproxy status 0, error status 64, leaked b''"
+    # <30> = facility daemon (3) * 8 + priority info (6); <27> = daemon + err.
+    assert re.match(r"<30>\w{3} [ \d]\d \d\d:\d\d:\d\d tproxy\[\d+\]: client=127\.0\.0\.1:\d+ "
+                    r"orig=127\.0\.0\.1:\d+ target=127\.0\.0\.1:\d+ mode=raw up=14 down=4 "
+                    r"time=[\d.]+ outcome=ok$", connection), connection
+    assert re.match(r"<27>.* tproxy\[\d+\]: unknown option --bogus$", error), error

@@ -20,23 +20,17 @@ def process_uid(pid):
     raise AssertionError("no Uid line for pid %d" % pid)
 
 
-def tproxy_pid(router):
-    """Return the pid of the tproxy server process in ROUTER (the oldest one)."""
-    out = router.run("pgrep", "-o", "-f", "tproxy.py").stdout.split()
-    return int(out[0])
-
-
 def test_http_translate_sends_absolute_requests_to_cache(book):
     cow_log = book.web(book.cow)
     book.redirect()
-    _, err = book.tproxy("-r", "nobody", book.COW, 80)
+    proc, err = book.tproxy("-r", "nobody", book.COW, 80)
     reply = book.send(book.MOOSE, 80, GET)
     assert reply.startswith(b"HTTP/1.1 200"), reply
     seen = requests_seen(cow_log)
     assert [r["request_line"] for r in seen] == ["GET http://moose.mancill.com/index.html HTTP/1.1"]
     assert seen[0]["head"].split("\r\n")[1:] == GET.decode().split("\r\n")[1:]
     assert seen[0]["peer"] == "203.0.113.1"         # not transparent: the router's address
-    assert process_uid(tproxy_pid(book.router)) == 65534
+    assert process_uid(proc.pid) == 65534       # ip netns exec execs: the Popen is tproxy
     log = open(err).read()
     assert "client=192.0.2.10:" in log and "orig=198.51.100.10:80" in log
     assert 'host="moose.mancill.com"' in log and "outcome=ok" in log
@@ -214,7 +208,7 @@ def test_no_zombies_after_many_connections(book):
             "    while s.recv(4096): pass\n"
             "    s.close()\n")
     book.client.run(PYTHON, "-c", load, timeout=120)
-    server = tproxy_pid(book.router)
+    server = proc.pid
 
     def children():
         out = book.router.run("ps", "-o", "pid=,stat=", "--ppid", server, check=False).stdout
@@ -274,7 +268,7 @@ def test_prefork_pool_serves_grows_and_stops(book):
     cow_log = book.web(book.cow)
     book.redirect()
     proc, err = book.tproxy("-t", "--prefork", "2:5", "-r", "nobody", book.COW, 80)
-    server = tproxy_pid(book.router)
+    server = proc.pid
 
     def workers():
         return book.router.run("pgrep", "-P", server, check=False).stdout.split()

@@ -65,7 +65,7 @@ def test_child_keeps_only_cap_net_raw_as_nobody(book):
     book.moose.wait_listening(80)
     proc, _ = book.tproxy("-t", "--source=client", "-r", "nobody")
     client = book.client.popen(PYTHON, "-c", "import socket,time; s=socket.create_connection(('198.51.100.10',80)); time.sleep(30)")
-    server = int(book.router.run("pgrep", "-o", "-f", "tproxy.py").stdout.split()[0])
+    server = proc.pid
     child = wait_for(lambda: book.router.run("pgrep", "-P", server, check=False).stdout.split(),
                      what="a child serving the connection")
     wanted = 1 << 13
@@ -80,9 +80,8 @@ def test_child_keeps_only_cap_net_raw_as_nobody(book):
 def test_without_source_option_nothing_is_kept(book):
     book.web(book.cow)
     book.redirect()
-    book.tproxy("-t", "-r", "nobody", book.COW, 80)
-    server = int(book.router.run("pgrep", "-o", "-f", "tproxy.py").stdout.split()[0])
-    status = caps(server)
+    proc, _ = book.tproxy("-t", "-r", "nobody", book.COW, 80)
+    status = caps(proc.pid)
     assert status["Uid"] == "65534" and status["CapPrm"] == 0 and status["CapEff"] == 0
 
 
@@ -129,8 +128,8 @@ def test_reverse_proxy_server_sees_client(reverse, route_by):
     target = "198.51.100.11" if route_by == "dedicated-address" else "198.51.100.10"
     err = str(tmp / "tproxy.err")
     with open(err, "wb") as f:
-        proxy.popen(*tproxy_cmd("-d", "-s", 80, "-t", "--source=client", "-r", "nobody",
-                                "--connect-timeout", 2, target, 80), stdout=f, stderr=f)
+        relay = proxy.popen(*tproxy_cmd("-d", "-s", 80, "-t", "--source=client", "-r", "nobody",
+                                        "--connect-timeout", 2, target, 80), stdout=f, stderr=f)
     proxy.wait_listening(80)
     # Before the server routes replies back, a transparent connection cannot complete,
     # and the log says why.
@@ -144,8 +143,7 @@ def test_reverse_proxy_server_sees_client(reverse, route_by):
         recipe(server, "server-return-route", "add", "--via", "198.51.100.1", "--sport", 80, *nft)
     peers = run_parallel_clients(client, "192.0.2.1", 80, total=400, parallel=32)
     assert len(peers) == 400 and set(peers) == {"192.0.2.10"}, set(peers)
-    server_pid = int(proxy.run("pgrep", "-o", "-f", "tproxy.py").stdout.split()[0])
-    wait_for(lambda: not proxy.run("pgrep", "-P", server_pid, check=False).stdout.strip(),
+    wait_for(lambda: not proxy.run("pgrep", "-P", relay.pid, check=False).stdout.strip(),
              what="no children left")
 
 
@@ -277,8 +275,7 @@ def test_client_connecting_to_proxy_port_directly_is_refused(book):
         assert book.send(book.ROUTER_IN, 12970, b"GET / HTTP/1.0\r\n\r\n") == b""
     log = open(err).read()
     assert log.count("is this proxy itself") == 5
-    server = int(book.router.run("pgrep", "-o", "-f", "tproxy.py").stdout.split()[0])
-    wait_for(lambda: not book.router.run("pgrep", "-P", server, check=False).stdout.strip(),
+    wait_for(lambda: not book.router.run("pgrep", "-P", proc.pid, check=False).stdout.strip(),
              what="no children left")
     assert proc.poll() is None
 

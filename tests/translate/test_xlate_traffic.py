@@ -1,0 +1,169 @@
+"""Translated firewalls loaded into a router namespace, probed with real traffic.
+
+inside (192.0.2.10) -- router (192.0.2.1 | 198.51.100.1) -- outside (198.51.100.20)
+
+The gateway case (cases/gateway.ipchains) is translated to each format and
+loaded into the router; every probe states what the ipchains firewall did.
+The book's REDIR rule is loaded in both --redirect modes and must send the
+client's web traffic for moose (203.0.113.80) to a local proxy on port 12970.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from xlate_helpers import CASES, FORMATS, ROOT, run_tool
+
+PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "netpeer.py")
+PY = sys.executable
+DROP_WAIT = 1.5        # seconds a dropped connection is given
+
+
+def load(router, fmt, text):
+    """Load translated TEXT of format FMT into ROUTER."""
+    fd, path = tempfile.mkstemp(prefix="xlate", suffix=".rules")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    try:
+        if fmt == "nft":
+            router.run("nft", "-f", path)
+        elif fmt == "iptables-restore":
+            router.sh("iptables-restore < %s" % path)
+        else:
+            router.run("sh", "-e", path)
+    finally:
+        os.unlink(path)
+
+
+def serve(host, port, tag, transparent=False):
+    """Start a netpeer server on HOST and wait until it listens."""
+    argv = [PY, PEER, "serve", port, tag] + (["transparent"] if transparent else [])
+    host.popen(*argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    host.wait_listening(port)
+
+
+def connect(host, addr, port, timeout=DROP_WAIT):
+    """Return netpeer's verdict for a TCP connection from HOST to ADDR:PORT."""
+    return host.run(PY, PEER, "connect", addr, port, timeout, timeout=30).stdout.strip()
+
+
+def ping(host, addr):
+    return host.run(PY, PEER, "ping", addr, DROP_WAIT, timeout=30).stdout.strip()
+
+
+def gateway_lab(lab):
+    """Build inside -- router -- outside; return (inside, router, outside, intif, extif)."""
+    inside = lab.host("inside")
+    router = lab.host("router", forwarding=True)
+    outside = lab.host("outside")
+    intif, _ = lab.link(router, inside, ["192.0.2.1/24"], ["192.0.2.10/24"])
+    extif, _ = lab.link(router, outside, ["198.51.100.1/24"], ["198.51.100.20/24"])
+    inside.run("ip", "route", "add", "default", "via", "192.0.2.1")
+    # A route back, so that a refused inbound connection proves the firewall.
+    outside.run("ip", "route", "add", "192.0.2.0/24", "via", "198.51.100.1")
+    return inside, router, outside, intif, extif
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gateway_script_with_real_traffic(lab, fmt):
+    inside, router, outside, intif, extif = gateway_lab(lab)
+    status, text, err = run_tool(["--to=" + fmt, "-D", "INTIF=" + intif, "-D", "EXTIF=" + extif,
+                                  "--masq-source", "198.51.100.1",
+                                  os.path.join(CASES, "gateway.ipchains")])
+    assert status == 0, err
+    load(router, fmt, text)
+    serve(outside, 8080, "server")
+    serve(outside, 80, "server80")
+    serve(router, 3128, "proxy")
+    serve(router, 22, "ssh")
+    serve(router, 23, "telnet")
+    serve(router, 113, "ident")
+    serve(inside, 8080, "inside")
+
+    # Inside to the world: forwarded and masqueraded (the server sees the router).
+    assert connect(inside, "198.51.100.20", 8080) == "ok server 198.51.100.1 198.51.100.20:8080"
+    # Inside web traffic: redirected to the local proxy, original destination kept.
+    assert connect(inside, "198.51.100.20", 80) == "ok proxy 192.0.2.10 198.51.100.20:80"
+    # The inside network is trusted by the router itself.
+    assert connect(inside, "192.0.2.1", 23).startswith("ok telnet")
+    # Services chain: 22 accepted, 113 rejected; anything else denied (dropped).
+    assert connect(outside, "198.51.100.1", 22).startswith("ok ssh 198.51.100.20")
+    assert connect(outside, "198.51.100.1", 113) == "refused"
+    assert connect(outside, "198.51.100.1", 23) == "timeout"
+    # Nobody outside reaches the inside directly (forward policy DENY, SYN refused at input).
+    assert connect(outside, "192.0.2.10", 8080) == "timeout"
+    # The router's own connections get their replies back (the '! -y' rule).
+    assert connect(router, "198.51.100.20", 8080) == "ok server 198.51.100.1 198.51.100.20:8080"
+    # ICMP echo requests are accepted from anywhere.
+    assert ping(outside, "198.51.100.1") == "ok"
+    assert ping(inside, "192.0.2.1") == "ok"
+
+
+def tproxy_usable():
+    """True when tproxy.py runs (it may not be there yet, or lack its imports)."""
+    path = os.path.join(ROOT, "tproxy.py")
+    if not os.path.exists(path):
+        return False
+    proc = subprocess.run([PY, path, "--help"], capture_output=True, timeout=30)
+    return proc.returncode == 0
+
+
+def book_lab(lab):
+    """client -- router -- moose (203.0.113.80); the router does not forward."""
+    client = lab.host("client")
+    router = lab.host("router")
+    moose = lab.host("moose")
+    lab.link(router, client, ["192.0.2.1/24"], ["192.0.2.10/24"])
+    lab.link(router, moose, ["203.0.113.1/24"], ["203.0.113.80/24"])
+    client.run("ip", "route", "add", "default", "via", "192.0.2.1")
+    moose.run("ip", "route", "add", "192.0.2.0/24", "via", "203.0.113.1")
+    return client, router, moose
+
+
+def needed_commands(text):
+    """Return the commands a flat translation says are needed as well."""
+    marker = "# needed as well: "
+    return [line[len(marker):] for line in text.split("\n") if line.startswith(marker)]
+
+
+@pytest.mark.parametrize("proxy", ["tproxy.py", "listener"])
+@pytest.mark.parametrize("mode", ["nat", "tproxy"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_book_rule_sends_web_traffic_to_local_proxy(lab, fmt, mode, proxy):
+    if proxy == "tproxy.py" and not tproxy_usable():
+        pytest.skip("tproxy.py --help does not run yet; the listener variant proves the redirect")
+    client, router, moose = book_lab(lab)
+    status, text, err = run_tool(["--to=" + fmt, "--redirect=" + mode,
+                                  "--host", "moose.mancill.com=203.0.113.80",
+                                  os.path.join(CASES, "book.ipchains")])
+    assert status == 0, err
+    if fmt == "iptables":
+        # iptables resolves host names itself when the script runs; no DNS here.
+        text = text.replace("moose.mancill.com/32", "203.0.113.80/32")
+    load(router, fmt, text)
+    if mode == "tproxy" and fmt != "iptables":
+        commands = needed_commands(text)
+        assert commands, "the tproxy translation must name its policy routing"
+        for command in commands:
+            router.run(*command.split())
+    serve(moose, 80, "moose")
+    serve(moose, 8080, "moose8080")
+    if proxy == "tproxy.py":
+        router.popen(PY, os.path.join(ROOT, "tproxy.py"), "-d", "-t", "-s", 12970,
+                     "203.0.113.80", 80, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        router.wait_listening(12970)
+        # The relay connects from the router to moose, which sees the router
+        # (or the client, when tproxy spoofs the source: both prove the relay,
+        # since the router does not forward).
+        answer = connect(client, "203.0.113.80", 80, timeout=5)
+        assert answer.split()[:2] == ["ok", "moose"], answer
+        assert answer.split()[2] in ("203.0.113.1", "192.0.2.10"), answer
+    else:
+        serve(router, 12970, "proxy", transparent=(mode == "tproxy"))
+        answer = connect(client, "203.0.113.80", 80, timeout=5)
+        assert answer == "ok proxy 192.0.2.10 203.0.113.80:80"
+    # Control: other traffic to moose is not redirected and the router does
+    # not forward, so it goes nowhere.
+    assert connect(client, "203.0.113.80", 8080) == "timeout"

@@ -106,10 +106,15 @@ class BookLab:
                 raise AssertionError("tproxy did not start: %s" % open(err).read())
         return proc, err
 
-    def send(self, addr, port, data, host=None, timeout=40):
-        """Send DATA from the client (or HOST) to ADDR:PORT, half-close, return the reply."""
+    def send(self, addr, port, data, host=None, timeout=40, half_close=True):
+        """Send DATA from the client (or HOST) to ADDR:PORT, half-close, return the reply.
+
+        Without HALF_CLOSE the client keeps sending open (tinyproxy ends a CONNECT
+        tunnel as soon as the client half-closes).
+        """
         host = host or self.client
-        proc = subprocess.run(host.cmd(PYTHON, PEERS, "send", addr, port), input=data,
+        role = "send" if half_close else "ask"
+        proc = subprocess.run(host.cmd(PYTHON, PEERS, role, addr, port), input=data,
                               capture_output=True, timeout=timeout)
         return proc.stdout
 

@@ -135,7 +135,7 @@ def test_connect_through_a_real_tinyproxy_cache(book):
     book.redirect()
     book.tproxy("-r", "nobody", book.COW, 3128)
     reply = book.send(book.MOOSE, 80, b"CONNECT 198.51.100.10:443 HTTP/1.1\r\n"
-                                      b"Host: 198.51.100.10:443\r\n\r\n")
+                                      b"Host: 198.51.100.10:443\r\n\r\n", half_close=False)
     head, _, tunnel = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], reply
     # The tunnel reached moose's port 443 from the cache.

@@ -21,8 +21,12 @@ def recipe(host, name, *args):
 
 
 def who(host, addr, port, timeout=20):
-    """Connect from HOST to ADDR:PORT; return the `who` peer's words (peer ip, port, local ip, port)."""
-    proc = subprocess.run(host.cmd(PYTHON, PEERS, "send", addr, port), input=b"",
+    """Connect from HOST to ADDR:PORT; return the `who` peer's words (peer ip, port, local ip, port).
+
+    The client never half-closes: the peer closes first, and tinyproxy would end
+    a CONNECT tunnel on a half-close before the answer came back.
+    """
+    proc = subprocess.run(host.cmd(PYTHON, PEERS, "ask", addr, port), input=b"",
                           capture_output=True, timeout=timeout)
     return proc.stdout.decode().split()
 

@@ -434,3 +434,13 @@ def test_output_source_tests_of_masqueraded_packets_noted_without_masq_source():
     assert "ip saddr 192.0.2.0/24 drop" in om_chain(result.text)
     notes = [d for d in result.diags if "--masq-source" in d.message]
     assert len(notes) == 3 and result.status == 0
+
+
+def test_bytes_that_are_not_utf8_pass_through(tmp_path):
+    script = tmp_path / "latin1.sh"
+    script.write_bytes(b"# caf\xe9\nipchains -A input -s \xff -j DENY\nipchains -A input -j DENY\n")
+    proc = subprocess.run(["python3", "-m", "translate", "--to=iptables", str(script)],
+                          cwd=ROOT, capture_output=True, timeout=60,
+                          env=dict(os.environ, PYTHONIOENCODING="ascii", LC_ALL="C"))
+    assert proc.returncode == 1 and b"internal error" not in proc.stderr
+    assert b"# caf\xe9\n" in proc.stdout and b"bad address" in proc.stderr

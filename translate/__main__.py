@@ -1,0 +1,6 @@
+"""Allow ``python3 -m translate``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,532 @@
+"""Read -> understand -> emit, for whole inputs; pure (no files, no exit codes).
+
+``translate(sources, opts, defines, names)`` takes (name, text) pairs and
+returns a Result: the output text and the diagnostics, in input order.
+The flat formats simulate every command and emit the final state; the shell
+format replaces every ipchains command of the script in place.
+"""
+import gc
+from dataclasses import dataclass, field
+from typing import List
+
+from . import emit_iptables, emit_nft, semantics
+from .chains import ChainError, Chains
+from .ipchains import BUILTIN, VERDICTS, Names, ParseError, parse
+from .ir import Command, Diag, PortForward, Untranslated
+from .shell import MODERN_MODULES, Reader, Remark, ShellError
+from .shell import parse as parse_shell
+
+VERSION = "1.0"
+TIMEOUT_SYSCTLS = ("net.netfilter.nf_conntrack_tcp_timeout_established",
+                   "net.netfilter.nf_conntrack_tcp_timeout_fin_wait",
+                   "net.netfilter.nf_conntrack_udp_timeout")
+NOOPS = {"L": "-L lists the chains: nothing to translate",
+         "C": "-C tests a packet against the chains: nothing to translate",
+         "M-L": "-M -L lists masqueraded connections: nothing to translate "
+                "(see conntrack -L)",
+         "h": "-h prints help: nothing to translate",
+         "V": "-V prints the version: nothing to translate"}
+
+
+class InputError(Exception):
+    """An input cannot be read at all (exit status 2)."""
+
+
+@dataclass
+class Result:
+    """The translation: output text and diagnostics."""
+
+    text: str
+    diags: List[Diag] = field(default_factory=list)
+
+    @property
+    def status(self):
+        """0 when everything was translated, 1 when something was not."""
+        return 1 if any(d.fails for d in self.diags) else 0
+
+
+# ---------------------------------------------------------------- reading
+
+
+def save_to_script(text):
+    """Return ipchains-save TEXT as a script of ipchains commands (same lines)."""
+    out = []
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if stripped.startswith(":"):
+            fields = stripped[1:].split()
+            if len(fields) >= 2 and fields[0] in BUILTIN:
+                out.append("ipchains -P %s %s" % (fields[0], fields[1]))
+            elif fields:
+                out.append("ipchains -N %s" % fields[0])
+            else:
+                out.append(line)
+        elif stripped.startswith("-"):
+            out.append("ipchains " + stripped)
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def is_save_file(text):
+    """True when TEXT looks like ipchains-save output (':chain POLICY' or '-A')."""
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        return stripped.startswith(":") or stripped.startswith("-A ")
+    return False
+
+
+def rule_script(rule):
+    """Return an -e RULE as a one-line script ('ipchains' may be left out)."""
+    first = rule.split(None, 1)[0] if rule.split() else ""
+    if first.rsplit("/", 1)[-1] in ("ipchains", "ipmasqadm") or first.startswith("$"):
+        return rule
+    return "ipchains " + rule
+
+
+def read_items(name, text, defines, flat):
+    """Return (Reader, tree, items) of one input; InputError if it cannot be read."""
+    original = text
+    if is_save_file(text):
+        text = save_to_script(text)
+    try:
+        tree = parse_shell(text)
+    except ShellError as exc:
+        raise InputError("%s: %s" % (name, exc))
+    reader = Reader(text, name, defines)
+    reader.lines = original.split("\n")
+    items = reader.flatten(tree) if flat else reader.in_place(tree)
+    return reader, tree, items
+
+
+# ---------------------------------------------------------------- understanding
+
+
+@dataclass
+class Parsed:
+    """One item of the input, understood: a Command/PortForward, a Remark, or an error."""
+
+    item: object
+    command: object = None
+    error: str = ""
+
+
+def understand(items, names):
+    """Parse every Invocation of ITEMS; return Parsed values and diagnostics."""
+    out, diags = [], []
+    for item in items:
+        if isinstance(item, Remark):
+            diags.append(Diag(item.level, item.src, item.message))
+            out.append(Parsed(item))
+            continue
+        if item.error:
+            diags.append(Diag("error", item.src, item.error))
+            out.append(Parsed(item, error=item.error))
+            continue
+        try:
+            command = parse(item.argv, item.src, names)
+        except ParseError as exc:
+            diags.append(Diag("error", item.src, str(exc)))
+            out.append(Parsed(item, error=str(exc)))
+            continue
+        for note in getattr(command, "notes", ()):
+            diags.append(Diag("note", item.src, note))
+        out.append(Parsed(item, command))
+    return out, diags
+
+
+def static_view(parsed):
+    """Return (chains ever created, union jump graph, Features) over all commands."""
+    known, graph = set(), {}
+    redirect = masq = portfw = False
+    for p in parsed:
+        cmd = p.command
+        if isinstance(cmd, PortForward):
+            portfw = True
+        if not isinstance(cmd, Command):
+            continue
+        if cmd.op == "N":
+            known.add(cmd.chain)
+        if cmd.op == "P" and cmd.policy == "MASQ":
+            masq = True
+        for rule in cmd.rules:
+            redirect = redirect or rule.target == "REDIRECT"
+            masq = masq or rule.target == "MASQ"
+            if rule.target and rule.target not in VERDICTS and cmd.op != "D":
+                graph.setdefault(cmd.chain, [])
+                if rule.target not in graph[cmd.chain]:
+                    graph[cmd.chain].append(rule.target)
+    return known, graph, semantics.Features(redirect, masq, portfw)
+
+
+def command_notes(cmd, flat):
+    """Return (notes, untranslated?) for commands that only need a note."""
+    if cmd.op in NOOPS:
+        return [NOOPS[cmd.op]]
+    if cmd.op == "Z" and flat:
+        return ["-Z zeroes counters: a freshly loaded ruleset starts at zero"]
+    if cmd.op == "M-S":
+        settings = ["%s=%d" % (k, v) for k, v in zip(TIMEOUT_SYSCTLS, cmd.values) if v]
+        if not settings:
+            return ["-M -S 0 0 0 changes nothing"]
+        if flat:
+            return ["masquerading timeouts are conntrack sysctls now: sysctl -w %s"
+                    % " ".join(settings)]
+    return []
+
+
+# ---------------------------------------------------------------- flat formats
+
+
+def translate_flat(sources, opts, defines, names):
+    """Return the Result for the flat formats (iptables-restore, nft)."""
+    diags, parsed = [], []
+    for name, text in sources:
+        _, _, items = read_items(name, text, defines, flat=True)
+        more, more_diags = understand(items, names)
+        parsed.extend(more)
+        diags.extend(more_diags)
+    known, _, _ = static_view(parsed)
+    chains = Chains(known)
+    untranslated, header_notes = [], []
+    for p in parsed:
+        if p.error:
+            untranslated.append(Untranslated(p.item.src, p.error))
+            continue
+        cmd = p.command
+        if cmd is None:
+            continue
+        try:
+            if isinstance(cmd, PortForward):
+                chains.portforward(cmd)
+                continue
+            chains.apply(cmd)
+        except ChainError as exc:
+            diags.append(Diag("error", cmd.src, str(exc)))
+            untranslated.append(Untranslated(cmd.src, str(exc)))
+            continue
+        for note in command_notes(cmd, flat=True):
+            diags.append(Diag("note", cmd.src, note))
+            if cmd.op == "M-S":
+                header_notes.append("%s: %s" % (cmd.src, note))
+    plan, plan_diags = semantics.plan_ruleset(chains, opts)
+    plan.untranslated = untranslated
+    plan.notes = header_notes + plan.notes
+    diags.extend(plan_diags)
+    plan.accounted = leftover_commands(parsed, plan, diags)
+    header = ["Translated from ipchains by ipchains-translate %s: %s"
+              % (VERSION, ", ".join(n for n, _ in sources)),
+              "ipchains input/forward/output run once per context; see ipchains-translate(8)."]
+    if opts.fmt == "nft":
+        text = emit_nft.render(plan, opts.table, header)
+    else:
+        text = emit_iptables.render_restore(plan, header)
+    return Result(text, sort_diags(diags))
+
+
+LEFT_NO_RULE = {"A": "its rules were removed later or are never reached",
+                "I": "its rules were removed later or are never reached",
+                "R": "its rule was removed later or is never reached",
+                "D": "deleted a rule", "N": "created a chain", "X": "deleted chains",
+                "F": "flushed chains", "P": "its policy was changed later",
+                "Z": "zeroed counters", "M-S": "see the note above"}
+
+
+def leftover_commands(parsed, plan, diags):
+    """Return (src, why) for commands that left no rule and no diagnostic.
+
+    Every ipchains command is accounted for: by an emitted rule's origin, a
+    diagnostic, or this list, which goes into the output as comments.
+    """
+    seen = {str(d.src) for d in diags if d.src is not None}
+    for chains in plan.tables.values():
+        for chain in chains.values():
+            for entry in chain.entries:
+                seen.add(getattr(entry, "origin", None) or str(entry.src))
+    out = []
+    for p in parsed:
+        cmd = p.command
+        if cmd is None or str(cmd.src) in seen:
+            continue
+        op = cmd.op if isinstance(cmd, Command) else "portfw"
+        out.append((cmd.src, LEFT_NO_RULE.get(op, "port forward removed later or flushed")))
+    return out
+
+
+def sort_diags(diags):
+    """Return DIAGS in input order (file order kept, then line), stable."""
+    files = []
+    for d in diags:
+        if d.src is not None and d.src.file not in files:
+            files.append(d.src.file)
+    def key(d):
+        if d.src is None:
+            return (len(files), 0)
+        return (files.index(d.src.file), d.src.line)
+    return sorted(diags, key=key)
+
+
+# ---------------------------------------------------------------- shell format
+
+
+class ShellTranslator:
+    """Replaces every ipchains command of scripts in place by iptables commands."""
+
+    def __init__(self, opts, known, graph, features):
+        self.opts = opts
+        self.features = features
+        self.chains = Chains(known)
+        self.contexts = semantics.chain_contexts(graph, features, opts)
+        self.diags = []
+        self._seen = set()
+
+    def diag(self, level, src, message):
+        key = (src, message)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.diags.append(Diag(level, src, message))
+
+    def skeleton(self):
+        """Return the commands that build the dispatch chains, before the script."""
+        plan = semantics.Plan()
+        policies = {name: ("ACCEPT", None) for name in BUILTIN}
+        semantics.skeleton(plan, self.features, policies, self.opts)
+        lines = emit_iptables.skeleton_commands(plan)
+        if self.opts.redirect == "tproxy" and self.features.redirect:
+            mark = "0x%x/0x%x" % (self.opts.tproxy_mark, self.opts.tproxy_mark)
+            table = self.opts.route_table
+            lines += ["ip rule del fwmark %s lookup %d 2>/dev/null || true" % (mark, table),
+                      "ip rule add fwmark %s lookup %d" % (mark, table),
+                      "ip route replace local 0.0.0.0/0 dev lo table %d" % table]
+        return lines
+
+    def ctx_chains(self, chain):
+        """Return [(ctx, table, netfilter chain)] of ipchains CHAIN."""
+        return [(ctx, semantics.table_of(ctx, self.opts), semantics.chain_name(ctx, chain))
+                for ctx in self.contexts.get(chain, ())]
+
+    def rule_lines(self, rule, chain, ctx, table, nf_chain, op="-A", first=None):
+        """Return the commands adding (or deleting) RULE in one context."""
+        tr = semantics.translate_rule(rule, chain, ctx, self.opts)
+        for d in tr.diags:
+            self.diag(d.level, d.src, d.message)
+        if tr.untranslated is not None:
+            return emit_iptables.untranslated_comment(tr.untranslated), 0
+        lines, count = [], 0
+        for nf in tr.rules:
+            for args in emit_iptables.rule_args(nf):
+                pos = [str(first + count)] if first is not None else []
+                lines.append(emit_iptables.command(table, [op, nf_chain] + pos + args))
+                count += 1
+        if op == "-A":
+            for table_x, chain_x, nf in tr.extras:
+                lines.extend(emit_iptables.append_commands(table_x, chain_x, nf))
+        return lines, count
+
+    def command_lines(self, cmd, certain):
+        """Return the replacement lines of one ipchains Command (ChainError if refused)."""
+        if isinstance(cmd, PortForward):
+            return self.portfw_lines(cmd)
+        effect = self.chains.apply(cmd, certain)
+        for note in command_notes(cmd, flat=False):
+            self.diag("note", cmd.src, note)
+        handler = getattr(self, "do_" + effect.kind.replace("-", "_"))
+        return handler(cmd, effect)
+
+    def do_append(self, cmd, effect):
+        lines = []
+        for ctx, table, nf_chain in self.ctx_chains(cmd.chain):
+            for rule in effect.rules:
+                lines.extend(self.rule_lines(rule, cmd.chain, ctx, table, nf_chain)[0])
+        return lines
+
+    def do_insert(self, cmd, effect):
+        lines = []
+        for ctx, table, nf_chain in self.ctx_chains(cmd.chain):
+            pos = 1
+            for rule in effect.rules:
+                more, count = self.rule_lines(rule, cmd.chain, ctx, table, nf_chain, "-I", pos)
+                lines.extend(more)
+                pos += count
+        return lines
+
+    def do_rewrite(self, cmd, effect):
+        chain = self.chains.chains.get(cmd.chain)
+        if chain is None or not chain.certain:
+            raise ChainError("rule numbers of '%s' are unknown here: the chain was "
+                             "changed inside shell logic" % cmd.chain)
+        lines = []
+        for ctx, table, nf_chain in self.ctx_chains(cmd.chain):
+            lines.append(emit_iptables.command(table, ["-F", nf_chain]))
+            for rule in chain.rules:
+                lines.extend(self.rule_lines(rule, cmd.chain, ctx, table, nf_chain)[0])
+        return lines
+
+    def do_delete_spec(self, cmd, effect):
+        lines = []
+        for ctx, table, nf_chain in self.ctx_chains(cmd.chain):
+            for rule in effect.rules:
+                lines.extend(self.rule_lines(rule, cmd.chain, ctx, table, nf_chain, "-D")[0])
+        return lines
+
+    def do_policy(self, cmd, effect):
+        lines = []
+        ctxs = {"input": ("in", "fi"), "forward": ("fw",), "output": ("out",)}[cmd.chain]
+        for ctx in ctxs:
+            pol = semantics.POLICY_CHAIN[ctx]
+            nf = semantics.policy_rule(ctx, cmd.policy, cmd.src, self.opts)
+            lines.append(emit_iptables.command("filter", ["-F", pol]))
+            lines.extend(emit_iptables.append_commands("filter", pol, nf))
+        return lines
+
+    def do_new(self, cmd, effect):
+        return [emit_iptables.command(table, ["-N", nf_chain])
+                for _, table, nf_chain in self.ctx_chains(cmd.chain)]
+
+    def do_delete(self, cmd, effect):
+        return [emit_iptables.command(table, ["-X", nf_chain])
+                for name in effect.chains for _, table, nf_chain in self.ctx_chains(name)]
+
+    def do_flush(self, cmd, effect):
+        return [emit_iptables.command(table, ["-F", nf_chain])
+                for name in effect.chains for _, table, nf_chain in self.ctx_chains(name)]
+
+    def do_zero(self, cmd, effect):
+        return [emit_iptables.command(table, ["-Z", nf_chain])
+                for name in effect.chains for _, table, nf_chain in self.ctx_chains(name)]
+
+    def do_none(self, cmd, effect):
+        if cmd.op == "M-S":
+            return ["sysctl -w %s=%d" % (k, v)
+                    for k, v in zip(TIMEOUT_SYSCTLS, cmd.values) if v]
+        return [": # %s" % (NOOPS.get(cmd.op, "nothing to translate"))]
+
+    def portfw_lines(self, pf):
+        effect = self.chains.portforward(pf)
+        if effect.kind == "portfw-flush":
+            return [emit_iptables.command("nat", ["-F", "portfw"])]
+        op = "-A" if effect.kind == "portfw-add" else "-D"
+        return emit_iptables.append_commands("nat", "portfw", semantics.portfw_rule(pf), op)
+
+
+def translate_shell(sources, opts, defines, names):
+    """Return the Result for the shell-script format (iptables commands in place)."""
+    diags, inputs = [], []
+    for name, text in sources:
+        reader, _, items = read_items(name, text, defines, flat=False)
+        parsed, more = understand(items, names)
+        diags.extend(more)
+        inputs.append((reader, parsed))
+    known, graph, features = static_view([p for _, ps in inputs for p in ps])
+    tr = ShellTranslator(opts, known, graph, features)
+    outputs = []
+    for index, (reader, parsed) in enumerate(inputs):
+        replacements = {}
+        for p in parsed:
+            cmd = p.item.cmd
+            indent = _indent(reader.lines[cmd.line - 1]) if cmd is not None else ""
+            if isinstance(p.item, Remark):
+                replacements[cmd.line] = (cmd.end_line, module_lines(p.item, indent),
+                                          not cmd.alone)
+                continue
+            if p.error:
+                lines = emit_iptables.untranslated_comment(Untranslated(p.item.src, p.error))
+                if not cmd.alone:
+                    replacements[cmd.line] = (cmd.line - 1, lines, True)
+                    continue
+                replacements[cmd.line] = (cmd.end_line, [":"] + lines, False)
+                continue
+            try:
+                lines = tr.command_lines(p.command, p.item.certain)
+            except ChainError as exc:
+                tr.diag("error", p.item.src, str(exc))
+                lines = [":"] + emit_iptables.untranslated_comment(
+                    Untranslated(p.item.src, str(exc)))
+            if not lines:
+                lines = [": # %s: %s" % (p.item.src, nothing_reason(p.command, tr))]
+            replacements[cmd.line] = (cmd.end_line, [indent + line for line in lines], False)
+        prologue = []
+        if index == 0:
+            prologue = (["# Translated from ipchains by ipchains-translate %s: %s"
+                         % (VERSION, ", ".join(n for n, _ in sources)),
+                         "# Dispatch chains: see ipchains-translate(8)."] + tr.skeleton())
+        outputs.append(splice(reader.lines, replacements, prologue))
+    diags.extend(tr.diags)
+    return Result("".join(outputs), sort_diags(diags))
+
+
+def nothing_reason(cmd, tr):
+    """Say why an ipchains command needs no iptables command here."""
+    chain = getattr(cmd, "chain", None)
+    if chain is not None and chain not in tr.contexts:
+        return "chain '%s' is never jumped to: nothing to emit" % chain
+    return "nothing to do"
+
+
+def module_lines(remark, indent):
+    """Return the lines replacing 'modprobe ip_masq_*': the modern module, noted."""
+    words = remark.src.text.split()
+    modern = [MODERN_MODULES.get(w, w) for w in words]
+    lines = ["%s# ipchains-translate: %s" % (indent, remark.message),
+             "%s# was: %s" % (indent, " ".join(words))]
+    if None not in modern:
+        lines.append(indent + " ".join(modern))
+    return lines
+
+
+def _indent(line):
+    return line[:len(line) - len(line.lstrip())]
+
+
+def splice(lines, replacements, prologue):
+    """Return LINES with line ranges replaced; PROLOGUE goes after a '#!' line.
+
+    REPLACEMENTS maps a first line to (last line, new lines, keep): with keep
+    the original lines stay and the new ones are put before them.
+    """
+    out = []
+    start = 0
+    if prologue:
+        if lines and lines[0].startswith("#!"):
+            out.append(lines[0])
+            start = 1
+        out.extend(prologue)
+    i = start
+    for _ in range(len(lines) + 1):
+        if i >= len(lines):
+            break
+        lineno = i + 1
+        if lineno in replacements:
+            last, new, keep = replacements[lineno]
+            out.extend(new)
+            if keep:
+                last = max(last, lineno)
+                out.extend(lines[i:last])
+            i = max(last, lineno)
+            continue
+        out.append(lines[i])
+        i += 1
+    text = "\n".join(out)
+    return text if text.endswith("\n") else text + "\n"
+
+
+# ---------------------------------------------------------------- entry
+
+
+def translate(sources, opts, defines=None, hosts=None):
+    """Translate SOURCES ((name, text) pairs); return a Result (InputError: unreadable)."""
+    names = Names(hosts, keep_hosts=opts.fmt == "iptables")
+    # The IR is a large acyclic set of small objects: the cyclic garbage
+    # collector would rescan it again and again as it grows, which makes big
+    # scripts superlinear.  Nothing here makes cycles worth collecting.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        if opts.fmt == "iptables":
+            return translate_shell(sources, opts, defines or {}, names)
+        return translate_flat(sources, opts, defines or {}, names)
+    finally:
+        if was_enabled:
+            gc.enable()

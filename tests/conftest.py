@@ -25,6 +25,18 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def proc_status(pid):
+    """Return {field: first word} of /proc/PID/status (Uid is the real uid, Cap* in hex)."""
+    with open("/proc/%d/status" % pid) as f:
+        return {key: value.split()[0] for key, _, value in
+                (line.partition(":") for line in f) if value.split()}
+
+
+def process_uid(pid):
+    """Return the real uid of PID."""
+    return int(proc_status(pid)["Uid"])
+
+
 def tproxy_cmd(*args):
     """Return the argv that runs the working tree's tproxy with ARGS."""
     return [PYTHON, TPROXY] + [str(a) for a in args]

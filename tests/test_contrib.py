@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import PEERS, PYTHON, REPO, requests_seen, wait_for
+from conftest import PEERS, PYTHON, REPO, process_uid, requests_seen, wait_for
 from lab import LabError, have
 
 CONTRIB = os.path.join(REPO, "contrib")
@@ -112,15 +112,6 @@ def notify(open_tmp):
     sock = NotifySocket(open_tmp / "notify")
     yield sock
     sock.close()
-
-
-def process_uid(pid):
-    """Return the real uid of PID from /proc."""
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("Uid:"):
-                return int(line.split()[1])
-    raise AssertionError("no Uid line for pid %d" % pid)
 
 
 def cow_lines(log):

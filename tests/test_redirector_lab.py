@@ -6,18 +6,9 @@ import time
 
 import pytest
 
-from conftest import PEERS, PYTHON, requests_seen, tproxy_cmd, wait_for
+from conftest import PEERS, PYTHON, process_uid, requests_seen, tproxy_cmd, wait_for
 
 GET = b"GET /index.html HTTP/1.1\r\nHost: moose.mancill.com\r\nConnection: close\r\n\r\n"
-
-
-def process_uid(pid):
-    """Return the real uid of PID from /proc."""
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("Uid:"):
-                return int(line.split()[1])
-    raise AssertionError("no Uid line for pid %d" % pid)
 
 
 def test_http_translate_sends_absolute_requests_to_cache(book):

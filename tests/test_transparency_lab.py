@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import PEERS, PYTHON, REPO, requests_seen, tproxy_cmd, wait_for
+from conftest import PEERS, PYTHON, REPO, proc_status, requests_seen, tproxy_cmd, wait_for
 
 RECIPES = os.path.join(REPO, "contrib", "firewall")
 
@@ -32,14 +32,9 @@ def who(host, addr, port, timeout=20):
 
 
 def caps(pid):
-    """Return {field: value} of the Uid and Cap* lines of /proc/PID/status."""
-    out = {}
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key == "Uid" or key.startswith("Cap"):
-                out[key] = value.split()[0] if key == "Uid" else int(value, 16)
-    return out
+    """Return the Uid and the Cap* sets (as numbers) of PID."""
+    status = proc_status(pid)
+    return dict({k: int(v, 16) for k, v in status.items() if k.startswith("Cap")}, Uid=status["Uid"])
 
 
 @pytest.mark.parametrize("backend", ["iptables", "nft"])

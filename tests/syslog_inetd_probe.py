@@ -27,7 +27,12 @@ def main(python, tproxy):
                             stdin=conn, stdout=conn, stderr=conn)
     conn.close()
     served, _ = target.accept()
-    client.sendall(b'hello "world"\n')
+    sent = b'hello "world"\n'
+    client.sendall(sent)
+    received = b""
+    served.settimeout(10)
+    while len(received) < len(sent):    # closing with unread bytes would send a reset
+        received += served.recv(100)
     served.sendall(b"back")
     served.close()
     client.shutdown(socket.SHUT_WR)

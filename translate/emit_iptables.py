@@ -156,21 +156,9 @@ def restore_word(word, _cache={}):
     return quoted
 
 
-def untranslated_comment(u, prefix="# "):
-    """Return comment lines keeping an untranslated command's text."""
-    text = " ".join(u.src.text.split()) if u.src else ""
-    return ["%s%s: untranslated (%s): %s" % (prefix, u.src, u.why, text)]
-
-
 def render_restore(plan, header=()):
     """Return PLAN as iptables-restore input (loadable more than once)."""
-    lines = ["# %s" % h for h in header]
-    for u in plan.untranslated:
-        lines.extend(untranslated_comment(u))
-    for note in plan.notes:
-        lines.append("# needed as well: %s" % note)
-    for src, why in plan.accounted:
-        lines.append("# %s: no rule of its own (%s): %s" % (src, why, " ".join(src.text.split())))
+    lines = ["# %s" % h for h in header] + plan.header_comments()
     for table in TABLE_ORDER:
         chains = plan.tables.get(table)
         if not chains:
@@ -182,7 +170,7 @@ def render_restore(plan, header=()):
         for chain in chains.values():
             for entry in chain.entries:
                 if isinstance(entry, Untranslated):
-                    lines.extend(untranslated_comment(entry))
+                    lines.append(entry.comment())
                     continue
                 for args in rule_args(entry):
                     lines.append(" ".join(["-A", chain.name] + [restore_word(w) for w in args]))

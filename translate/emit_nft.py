@@ -161,13 +161,7 @@ def chain_name(table, name):
 
 def render(plan, table_name="ipchains", header=()):
     """Return PLAN as an nft -f file (loadable twice: the table is replaced)."""
-    lines = ["#!/usr/sbin/nft -f"] + ["# %s" % h for h in header]
-    for u in plan.untranslated:
-        lines.append(untranslated_comment(u))
-    for note in plan.notes:
-        lines.append("# needed as well: %s" % note)
-    for src, why in plan.accounted:
-        lines.append("# %s: no rule of its own (%s): %s" % (src, why, " ".join(src.text.split())))
+    lines = ["#!/usr/sbin/nft -f"] + ["# %s" % h for h in header] + plan.header_comments()
     lines += ["table ip %s" % table_name, "delete table ip %s" % table_name,
               "table ip %s {" % table_name]
     first = True
@@ -184,15 +178,9 @@ def render(plan, table_name="ipchains", header=()):
                              % (kind, hook, prio, policy))
             for entry in chain.entries:
                 if isinstance(entry, Untranslated):
-                    lines.append("\t\t" + untranslated_comment(entry))
+                    lines.append("\t\t" + entry.comment())
                 else:
                     lines.append("\t\t" + rule_text(entry))
             lines.append("\t}")
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-def untranslated_comment(u):
-    """Return a comment line keeping an untranslated command's text."""
-    text = " ".join(u.src.text.split()) if u.src else ""
-    return "# %s: untranslated (%s): %s" % (u.src, u.why, text)

@@ -275,3 +275,8 @@ class Untranslated:
 
     src: SourceRef
     why: str
+
+    def comment(self):
+        """Return the comment line that keeps the command's text ('#' in every format)."""
+        text = " ".join(self.src.text.split()) if self.src else ""
+        return "# %s: untranslated (%s): %s" % (self.src, self.why, text)

@@ -313,7 +313,7 @@ class ShellTranslator:
         for d in tr.diags:
             self.diag(d.level, d.src, d.message)
         if tr.untranslated is not None:
-            return emit_iptables.untranslated_comment(tr.untranslated), 0
+            return [tr.untranslated.comment()], 0
         lines, count = [], 0
         for nf in tr.rules:
             for args in emit_iptables.rule_args(nf):
@@ -432,7 +432,7 @@ def translate_shell(sources, opts, defines, names):
                                           not cmd.alone)
                 continue
             if p.error:
-                lines = emit_iptables.untranslated_comment(Untranslated(p.item.src, p.error))
+                lines = [Untranslated(p.item.src, p.error).comment()]
                 if not cmd.alone:
                     replacements[cmd.line] = (cmd.line - 1, lines, True)
                     continue
@@ -442,8 +442,7 @@ def translate_shell(sources, opts, defines, names):
                 lines = tr.command_lines(p.command, p.item.certain)
             except ChainError as exc:
                 tr.diag("error", p.item.src, str(exc))
-                lines = [":"] + emit_iptables.untranslated_comment(
-                    Untranslated(p.item.src, str(exc)))
+                lines = [":", Untranslated(p.item.src, str(exc)).comment()]
             if not lines:
                 lines = [": # %s: %s" % (p.item.src, nothing_reason(p.command, tr))]
             replacements[cmd.line] = (cmd.end_line, [indent + line for line in lines], False)

@@ -83,6 +83,15 @@ class Plan:
     untranslated: List[Untranslated] = field(default_factory=list)
     accounted: List = field(default_factory=list)    # (SourceRef, why): no rule left
 
+    def header_comments(self):
+        """Return the '#' lines a flat format starts with: what is untranslated,
+        what else is needed, and which commands left no rule of their own."""
+        lines = [u.comment() for u in self.untranslated]
+        lines += ["# needed as well: %s" % note for note in self.notes]
+        lines += ["# %s: no rule of its own (%s): %s" % (src, why, " ".join(src.text.split()))
+                  for src, why in self.accounted]
+        return lines
+
     def chain(self, table, name, base=None):
         """Return chain NAME of TABLE, creating it (and the table) if needed."""
         chains = self.tables.setdefault(table, {})

@@ -1211,7 +1211,7 @@ def serve(conn, server):
         if not acl_allows(cfg.acl, client):
             record.outcome = "denied by access list"
             return EX_OK
-        record.orig = orig = original_destination(conn)
+        record.orig = original_destination(conn)
         upstream, initial, rewrite = open_upstream(conn, server, record)
         conn.setblocking(False)
         upstream.setblocking(False)
@@ -1779,7 +1779,7 @@ class PreforkPool(Supervisor):
         while len(self.slots) < self.high:
             if len(self.slots) >= self.low and IDLE in self.board[:]:
                 return
-            slot = min(set(range(self.high)) - set(self.slots.values()))
+            slot = self.board.find(bytes([EMPTY]))     # there is one: fewer than MAX live
             self.board[slot] = IDLE
             pid = self.fork(lambda: self.worker(slot))
             if pid is None:

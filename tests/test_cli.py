@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import tproxy_cmd
+from support import tproxy_cmd
 import tproxy
 
 

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import PEERS, PYTHON, REPO, process_uid, requests_seen, wait_for
+from support import PEERS, PYTHON, REPO, process_uid, requests_seen, wait_for
 from lab import LabError, have
 
 CONTRIB = os.path.join(REPO, "contrib")

@@ -1,9 +1,5 @@
 """Memory stays bounded with 1,000 held connections, and is given back when they close."""
-import os
-
-import pytest
-
-from conftest import PEERS, PYTHON, tproxy_cmd, wait_for
+from support import PEERS, PYTHON, tproxy_cmd, wait_for
 
 HELD = 1000
 
@@ -47,7 +43,7 @@ def test_thousand_held_connections_bounded_and_released(lab, open_tmp):
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
     lab.processes.append(holder)
     assert holder.stdout.readline().strip() == "held %d" % HELD
-    children = wait_for(lambda: len(open("/proc/%d/task/%d/children" % (tproxy_pid, tproxy_pid))
+    wait_for(lambda: len(open("/proc/%d/task/%d/children" % (tproxy_pid, tproxy_pid))
                                      .read().split()) == HELD, timeout=60, what="one child each")
     loaded = tree_pss_kib(tproxy_pid)
     per_conn = (loaded - idle) / HELD

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import PEERS, PYTHON, process_uid, requests_seen, tproxy_cmd, wait_for
+from support import PEERS, PYTHON, process_uid, requests_seen, tproxy_cmd, wait_for
 
 GET = b"GET /index.html HTTP/1.1\r\nHost: moose.mancill.com\r\nConnection: close\r\n\r\n"
 

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, REPO, TPROXY, have
+from support import PYTHON, REPO, TPROXY, have
 
 PROBE = os.path.join(REPO, "tests", "syslog_inetd_probe.py")
 

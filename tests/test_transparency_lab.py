@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import PEERS, PYTHON, REPO, proc_status, requests_seen, tproxy_cmd, wait_for
+from support import PEERS, PYTHON, REPO, proc_status, requests_seen, tproxy_cmd, wait_for
 
 RECIPES = os.path.join(REPO, "contrib", "firewall")
 
@@ -225,7 +225,7 @@ def test_connect_with_credentials_and_refusal_logged(gateway):
                  stdout=f, stderr=f)
     gw.wait_listening(12970)
     gw.wait_listening(12971)
-    assert who(client, "198.51.100.10", 443)[2:] == ["198.51.100.10", "443"], open(err).read()
+    assert who(client, "198.51.100.10", 443)[2:] == ["198.51.100.10", "443"], open(err_ok).read()
     gw.run("iptables", "-t", "nat", "-I", "PREROUTING", "-p", "tcp", "--dport", 443,
            "-j", "REDIRECT", "--to-ports", 12971)
     assert who(client, "198.51.100.10", 443) == []

@@ -1,0 +1,126 @@
+"""Helpers shared by the test modules: the programs under test, waiting, the book's lab.
+
+Test modules import from here, never from conftest: tests/ and tests/translate/
+each have a conftest.py, and both are registered as the module "conftest".
+"""
+import os
+import subprocess
+import sys
+import time
+
+from lab import LabError, have  # noqa: F401  (have is re-exported for test modules)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TPROXY = os.path.join(REPO, "tproxy.py")
+PEERS = os.path.join(REPO, "tests", "peers.py")
+PYTHON = sys.executable
+
+sys.path.insert(0, REPO)
+
+
+def proc_status(pid):
+    """Return {field: first word} of /proc/PID/status (Uid is the real uid, Cap* in hex)."""
+    with open("/proc/%d/status" % pid) as f:
+        return {key: value.split()[0] for key, _, value in
+                (line.partition(":") for line in f) if value.split()}
+
+
+def process_uid(pid):
+    """Return the real uid of PID."""
+    return int(proc_status(pid)["Uid"])
+
+
+def tproxy_cmd(*args):
+    """Return the argv that runs the working tree's tproxy with ARGS."""
+    return [PYTHON, TPROXY] + [str(a) for a in args]
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
+    """Poll PREDICATE until it returns a true value (returned); fail after TIMEOUT."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 2):
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            break
+        time.sleep(interval)
+    raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
+
+
+class BookLab:
+    """Mancill's scenario on documentation addresses.
+
+    client 192.0.2.10 -- router 192.0.2.1 | 198.51.100.1 -- moose 198.51.100.10 (origin)
+                                          | 203.0.113.1  -- cow   203.0.113.20 (cache)
+    """
+
+    CLIENT, ROUTER_IN = "192.0.2.10", "192.0.2.1"
+    MOOSE, COW = "198.51.100.10", "203.0.113.20"
+    CLIENT6, ROUTER_IN6, MOOSE6, COW6 = "2001:db8:1::10", "2001:db8:1::1", "2001:db8:2::10", "2001:db8:3::20"
+
+    def __init__(self, lab, tmp_path):
+        self.lab, self.tmp = lab, tmp_path
+        os.chmod(str(tmp_path), 0o777)      # tproxy runs as nobody and may write here
+        self.client = lab.host("client")
+        self.router = lab.host("router", forwarding=True)
+        self.moose = lab.host("moose")
+        self.cow = lab.host("cow")
+        self.router_if, _ = lab.link(self.router, self.client,
+                                     ["192.0.2.1/24", "2001:db8:1::1/64"],
+                                     ["192.0.2.10/24", "2001:db8:1::10/64"])
+        lab.link(self.router, self.moose, ["198.51.100.1/24", "2001:db8:2::1/64"],
+                 ["198.51.100.10/24", "2001:db8:2::10/64"])
+        lab.link(self.router, self.cow, ["203.0.113.1/24", "2001:db8:3::1/64"],
+                 ["203.0.113.20/24", "2001:db8:3::20/64"])
+        self.client.run("ip", "route", "add", "default", "via", "192.0.2.1")
+        self.client.run("ip", "-6", "route", "add", "default", "via", "2001:db8:1::1")
+        for host, gw, gw6 in ((self.moose, "198.51.100.1", "2001:db8:2::1"),
+                              (self.cow, "203.0.113.1", "2001:db8:3::1")):
+            host.run("ip", "route", "add", "default", "via", gw)
+            host.run("ip", "-6", "route", "add", "default", "via", gw6)
+
+    def web(self, host, port=80, name=None):
+        """Start a recording web server on HOST; return the path of its request log."""
+        log = str(self.tmp / ("%s-%d.jsonl" % (name or host.name, port)))
+        host.popen(PYTHON, PEERS, "web", port, log, "--lifetime", 300)
+        host.wait_listening(port)
+        return log
+
+    def redirect(self, port=80, to=12970):
+        """REDIRECT the client's TCP PORT on the router to local port TO (iptables)."""
+        self.router.run("iptables", "-t", "nat", "-A", "PREROUTING", "-i", self.router_if,
+                        "-p", "tcp", "--dport", port, "-j", "REDIRECT", "--to-ports", to)
+
+    def tproxy(self, *args, port=12970, wait=True):
+        """Start tproxy in the foreground (-d) on the router; return (Popen, stderr path)."""
+        err = str(self.tmp / ("tproxy-%d.err" % len(self.lab.processes)))
+        with open(err, "wb") as f:
+            proc = self.router.popen(*tproxy_cmd("-d", "-s", port, *args), stdout=f, stderr=f)
+        if wait:
+            try:
+                self.router.wait_listening(port)
+            except LabError:
+                raise AssertionError("tproxy did not start: %s" % open(err).read())
+        return proc, err
+
+    def send(self, addr, port, data, host=None, timeout=40, half_close=True):
+        """Send DATA from the client (or HOST) to ADDR:PORT, half-close, return the reply.
+
+        Without HALF_CLOSE the client keeps sending open (tinyproxy ends a CONNECT
+        tunnel as soon as the client half-closes).
+        """
+        host = host or self.client
+        role = "send" if half_close else "ask"
+        proc = subprocess.run(host.cmd(PYTHON, PEERS, role, addr, port), input=data,
+                              capture_output=True, timeout=timeout)
+        return proc.stdout
+
+
+def requests_seen(log_path):
+    """Return the JSON records a `peers.py web` server wrote."""
+    import json
+    if not os.path.exists(log_path):
+        return []
+    with open(log_path) as f:
+        return [json.loads(line) for line in f if line.strip()]

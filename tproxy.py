@@ -1737,7 +1737,7 @@ class PreforkPool(Supervisor):
         import mmap
         self.low, self.high = server.cfg.prefork
         self.board = mmap.mmap(-1, self.high)       # one byte per slot, shared with workers
-        self.board.write(bytes([EMPTY]) * self.high)
+        self.board[:] = bytes([EMPTY]) * self.high
         self.slots = {}                              # pid -> slot (the parent's view)
 
     def run(self):
@@ -1779,7 +1779,7 @@ class PreforkPool(Supervisor):
         while len(self.slots) < self.high:
             if len(self.slots) >= self.low and IDLE in self.board[:]:
                 return
-            slot = self.board.find(bytes([EMPTY]))     # there is one: fewer than MAX live
+            slot = self.board.find(bytes([EMPTY]), 0)  # there is one: fewer than MAX live
             self.board[slot] = IDLE
             pid = self.fork(lambda: self.worker(slot))
             if pid is None:

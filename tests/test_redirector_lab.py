@@ -266,6 +266,11 @@ def test_prefork_pool_serves_grows_and_stops(book):
     wait_for(lambda: len(workers()) == 2, what="two idle workers")
     for pid in workers():
         assert process_uid(int(pid)) == 65534
+    # One client at a time is served by the idle workers: the pool does not grow.
+    for _ in range(10):
+        assert book.send(book.MOOSE, 80, GET).startswith(b"HTTP/1.1 200")
+    time.sleep(0.3)
+    assert len(workers()) == 2
     # Eight clients hold connections: the pool grows to its maximum of five...
     holders = [book.client.popen(PYTHON, "-c", "import socket,time; s=socket.create_connection"
                                  "(('198.51.100.10',80)); time.sleep(20)") for _ in range(8)]
@@ -277,7 +282,7 @@ def test_prefork_pool_serves_grows_and_stops(book):
         holder.kill()
     for _ in range(3):
         assert book.send(book.MOOSE, 80, GET).startswith(b"HTTP/1.1 200")
-    assert len(requests_seen(cow_log)) == 3
+    assert len(requests_seen(cow_log)) == 13
     proc.terminate()
     assert proc.wait(10) == 0
     wait_for(lambda: not workers(), what="workers gone after SIGTERM")

@@ -41,15 +41,31 @@ def installed_copy(tmp):
     return lib
 
 
+def installed_command(tmp, lib):
+    """Return the shell words that run tproxy as installed: the console script pip writes.
+
+    The development venv is not used to run tproxy: its editable-install hook
+    makes every start import pathlib and re, which an installed tproxy does
+    not. The venv's site-packages stays on the path (without its .pth hooks)
+    for docopt and python-daemon.
+    """
+    script = os.path.join(tmp, "tproxy")
+    with open(script, "w") as f:
+        f.write("import sys\nfrom tproxy import main\nif __name__ == '__main__':\n"
+                "    sys.exit(main())\n")
+    import sysconfig
+    path = os.pathsep.join([lib, sysconfig.get_paths()["purelib"]])
+    return "env PYTHONPATH=%s %s %s" % (path, SYSTEM_PYTHON, script)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_relaybench(path, quick, out):
-    """Run relaybench with tproxy's modes added; return its Markdown report path."""
-    tp = "%s %s" % (sys.executable, os.path.join(REPO, "tproxy.py"))
+def run_relaybench(path, quick, out, tp):
+    """Run relaybench with tproxy's modes (TP runs tproxy) added; return its report path."""
     relays = {
         # Limits above relaybench's 1,000 held idle connections, so all of them are served.
         "tproxy-fork": tp + " -d -t --max-conns 1100 -s {listen_port} -b 127.0.0.1 "
@@ -103,7 +119,7 @@ def inetd_start(lib, rounds):
     return statistics.median(tproxy_times), statistics.median(bare_times)
 
 
-def http_rate(tmp, seconds, rounds):
+def http_rate(tmp, tp, seconds, rounds):
     """Return {mode: median conn/s} for one short request per connection, c=1."""
     if not shutil.which("haproxy"):
         return {}
@@ -117,7 +133,7 @@ def http_rate(tmp, seconds, rounds):
     procs = [subprocess.Popen(["haproxy", "-db", "-f", cfg], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)]
     ports = {"http-translate": free_port(), "raw": free_port()}
-    tp = [sys.executable, os.path.join(REPO, "tproxy.py"), "-d", "-b", "127.0.0.1"]
+    tp = tp.split() + ["-d", "-b", "127.0.0.1"]
     procs.append(subprocess.Popen(tp + ["-s", str(ports["http-translate"]), "127.0.0.1", str(origin)],
                                   stderr=subprocess.DEVNULL))
     procs.append(subprocess.Popen(tp + ["-t", "-s", str(ports["raw"]), "127.0.0.1", str(origin)],
@@ -165,28 +181,29 @@ def main():
                                                 sys.version.split()[0]), ""]
     with tempfile.TemporaryDirectory() as tmp:
         lib = installed_copy(tmp)
+        tp = installed_command(tmp, lib)
         started, bare = inetd_start(lib, 15 if args.quick else 60)
         lines += ["## inetd start (exec to first byte relayed, median)", "",
                   "| tproxy inetd | python3 -c pass | ratio |", "|---:|---:|---:|",
                   "| %.1f ms | %.1f ms | %.2f× |" % (started * 1000, bare * 1000, started / bare), ""]
-        rates = http_rate(tmp, 1.0 if args.quick else 3.0, 2 if args.quick else 5)
+        rates = http_rate(tmp, tp, 1.0 if args.quick else 3.0, 2 if args.quick else 5)
         if rates:
             lines += ["## HTTP translate, one short request per connection (c=1, median conn/s)", "",
                       "| http translate | raw -t | ratio |", "|---:|---:|---:|",
                       "| %.0f | %.0f | %.2f× |" % (rates["http-translate"], rates["raw"],
                                                   rates["http-translate"] / rates["raw"]), ""]
+        if not args.skip_relaybench:
+            if os.path.exists(args.relaybench):
+                md = run_relaybench(args.relaybench, args.quick, out, tp)
+                lines += ["## relaybench (same run)", "", open(md).read()]
+            else:
+                lines += ["relaybench not found at %s: pass --relaybench PATH" % args.relaybench]
     translate = os.path.join(HERE, "translate_bench.py")
     if os.path.exists(translate):
         proc = subprocess.run([sys.executable, translate] + (["10000"] if args.quick else []),
                               capture_output=True, text=True, timeout=600, cwd=REPO)
         lines += ["## ipchains-translate", "", "```", proc.stdout.strip() or proc.stderr.strip(),
                   "```", ""]
-    if not args.skip_relaybench:
-        if os.path.exists(args.relaybench):
-            md = run_relaybench(args.relaybench, args.quick, out)
-            lines += ["## relaybench (same run)", "", open(md).read()]
-        else:
-            lines += ["relaybench not found at %s: pass --relaybench PATH" % args.relaybench]
     report = "\n".join(lines)
     with open(os.path.join(out, "bench.md"), "w") as f:
         f.write(report)

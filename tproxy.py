@@ -99,8 +99,10 @@ CAP_NET_RAW = 13
 
 DEFAULT_PIDFILE = "/var/run/tproxy.pid"
 MAX_HEAD = 16384        # bytes of one HTTP request head, as most servers allow
-CHUNK = 65536           # bytes moved per read or splice
+CHUNK = 65536           # bytes per read; a read this full switches a raw pump to splice
 PIPE_SIZE = 1 << 20     # splice pipe capacity; larger pipes mean fewer wakeups
+# Non-blocking zero-copy moves; 0 where os.splice is missing (Python < 3.10): pumps copy.
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
 LISTEN_BACKLOG = 1024
 
 
@@ -806,6 +808,9 @@ class Pump:
             pass
         self.done = True
 
+    def close(self):
+        """Release what the pump holds besides the two sockets."""
+
 
 class CopyPump(Pump):
     """A pump through a userspace buffer (recv_into and send)."""
@@ -850,59 +855,81 @@ class CopyPump(Pump):
         self.out += data
 
 
-class SplicePump(Pump):
-    """A zero-copy pump: socket -> pipe -> socket with os.splice."""
+class RawPump(Pump):
+    """An unparsed pump: copies through userspace, then splices once a read fills CHUNK.
 
-    def __init__(self, src, dst, src_side, dst_side):
+    Short exchanges never pay for a pipe pair (two pipes, their resizing and
+    four closes per connection); bulk transfers go zero-copy, socket -> pipe
+    -> socket with os.splice, where the kernel has it.
+    """
+
+    def __init__(self, src, dst, src_side, dst_side, initial=b""):
         super().__init__(src, dst, src_side, dst_side)
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            import fcntl
-            fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass    # the default 64 KiB pipe works too, with more wakeups
+        self.out = bytes(initial)   # read, not yet sent (copy phase)
+        self.pipe = None            # (read end, write end) once splicing
         self.in_pipe = 0
 
     def pending(self):
-        return self.in_pipe
+        return self.in_pipe or len(self.out)
 
     def step(self):
-        splice, flags = os.splice, os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
         for _ in range(64):
-            if self.in_pipe:
+            if self.out:
                 try:
-                    n = splice(self.pipe_r, self.dst_fd, self.in_pipe, flags=flags)
+                    sent = self.dst.send(self.out)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    raise Reset(self.dst_side) from None
+                self.out = self.out[sent:]
+                self.count += sent
+            elif self.in_pipe:
+                try:
+                    n = os.splice(self.pipe[0], self.dst_fd, self.in_pipe, flags=SPLICE_FLAGS)
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError:
                     raise Reset(self.dst_side) from None
                 self.in_pipe -= n
                 self.count += n
-                continue
-            if self.eof:
+            elif self.eof:
                 self.finish()
                 return
-            try:
-                n = splice(self.src_fd, self.pipe_w, PIPE_SIZE, flags=flags)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                raise Reset(self.src_side) from None
-            if n == 0:
-                self.eof = True
+            elif self.pipe:
+                try:
+                    n = os.splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    raise Reset(self.src_side) from None
+                self.eof = n == 0
+                self.in_pipe = n
             else:
-                self.in_pipe += n
+                try:
+                    self.out = self.src.recv(CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    raise Reset(self.src_side) from None
+                self.eof = not self.out
+                if len(self.out) == CHUNK and SPLICE_FLAGS:
+                    self.pipe = open_pipe()
 
     def close(self):
-        os.close(self.pipe_r)
-        os.close(self.pipe_w)
+        if self.pipe:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
 
 
-def raw_pump(src, dst, src_side, dst_side, initial=b""):
-    """Return the best pump for an unparsed direction (splice when possible)."""
-    if hasattr(os, "splice") and not initial:
-        return SplicePump(src, dst, src_side, dst_side)
-    return CopyPump(src, dst, src_side, dst_side, initial)
+def open_pipe():
+    """Return a non-blocking pipe (read end, write end) sized PIPE_SIZE where allowed."""
+    pipe = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        import fcntl
+        fcntl.fcntl(pipe[1], F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass    # the default 64 KiB pipe works too, with more wakeups
+    return pipe
 
 
 class Idle(Exception):
@@ -1221,8 +1248,7 @@ def serve(conn, server):
         finally:
             record.up, record.down = pumps[0].count, pumps[1].count
             for pump in pumps:
-                if isinstance(pump, SplicePump):
-                    pump.close()
+                pump.close()
     except ConnectionFailed as exc:
         record.outcome = str(exc)
         status = EX_UNAVAILABLE
@@ -1306,8 +1332,8 @@ def make_pumps(conn, upstream, server, record, rewrite, initial):
                     escape(host or b"-")))
         up = HttpRequestPump(conn, upstream, rewrite, record.orig, cfg.force_url, on_request)
     else:
-        up = raw_pump(conn, upstream, "client", "server")
-    down = raw_pump(upstream, conn, "server", "client", initial)
+        up = RawPump(conn, upstream, "client", "server")
+    down = RawPump(upstream, conn, "server", "client", initial)
     return [up, down]
 
 
@@ -1725,20 +1751,28 @@ IDLE, BUSY, EMPTY = 0, 1, 2      # prefork scoreboard states
 class PreforkPool(Supervisor):
     """A pool of workers that accept in turn, each serving one connection at a time.
 
-    Like Apache's prefork: at least N workers; when none is idle the pool
-    grows up to MAX; a worker beyond N that stays idle for IDLE_RETIRE
-    seconds leaves. A shared scoreboard (one byte per slot) says who is busy.
+    Like Apache's prefork: N workers to start with. The pool grows (1, 2, 4
+    ... workers at a time, up to MAX) only while a client waits in the
+    listen queue longer than GROW_AFTER, not merely when every worker is
+    busy: a few busy workers drain a queue faster than many that wake each
+    other, so a saturated machine keeps a small pool. A worker beyond N that
+    stays idle for IDLE_RETIRE seconds leaves. A shared scoreboard says, per
+    slot, whether the worker is busy and how many connections it took.
     """
 
-    IDLE_RETIRE = 10.0
+    IDLE_RETIRE = 5.0
+    GROW_AFTER = 0.02
+    GROW_MAX_STEP = 32
 
     def __init__(self, listeners, server):
         super().__init__(listeners, server)
         import mmap
         self.low, self.high = server.cfg.prefork
-        self.board = mmap.mmap(-1, self.high)       # one byte per slot, shared with workers
-        self.board[:] = bytes([EMPTY]) * self.high
+        # Slot i: state byte at i, accept counter (mod 256) at MAX + i; shared with workers.
+        self.board = mmap.mmap(-1, 2 * self.high)
+        self.board[:] = bytes([EMPTY]) * self.high + bytes(self.high)
         self.slots = {}                              # pid -> slot (the parent's view)
+        self.grow_step, self.short_at = 1, 0.0     # next growth; when a client last waited
 
     def run(self):
         """Keep the pool staffed until SIGTERM; return the exit status."""
@@ -1748,9 +1782,10 @@ class PreforkPool(Supervisor):
         poller = select.poll()
         poller.register(self.wake_r, select.POLLIN)
         poller.register(self.busy_r, select.POLLIN)
-        self.staff()
+        self.staff(self.low)
+        waiting = None          # the listen queue as last seen while no worker was idle
         while not self.stopping:
-            for fd, _ in poller.poll(1000):
+            for fd, _ in poller.poll(1000 if waiting is None else self.GROW_AFTER * 1000):
                 drain(fd)
             for pid in self.reap():
                 slot = self.slots.pop(pid, None)
@@ -1762,7 +1797,14 @@ class PreforkPool(Supervisor):
                     os.kill(pid, signal.SIGHUP)
                 self.log.message("SIGHUP: log reopened, target re-resolved, workers told")
             if not self.stopping:
-                self.staff()
+                self.staff(self.low)
+                watched, waiting = waiting, self.grow(waiting)
+                # While the queue is watched on a timer, workers' requests need not wake us.
+                if watched is None and waiting is not None:
+                    poller.unregister(self.busy_r)
+                elif watched is not None and waiting is None:
+                    drain(self.busy_r)
+                    poller.register(self.busy_r, select.POLLIN)
         for sock in self.listeners:
             sock.close()
         for pid in self.slots:
@@ -1774,18 +1816,46 @@ class PreforkPool(Supervisor):
                          % len(self.slots))
         return EX_OK
 
-    def staff(self):
-        """Start workers until there are N, or one idle one (up to MAX)."""
-        while len(self.slots) < self.high:
-            if len(self.slots) >= self.low and IDLE in self.board[:]:
-                return
-            slot = self.board.find(bytes([EMPTY]), 0)  # there is one: fewer than MAX live
+    def staff(self, count):
+        """Start workers until COUNT are alive (never more than MAX)."""
+        while len(self.slots) < min(count, self.high):
+            slot = self.board.find(bytes([EMPTY]), 0, self.high)     # fewer than MAX live
             self.board[slot] = IDLE
             pid = self.fork(lambda: self.worker(slot))
             if pid is None:
                 self.board[slot] = EMPTY
                 return
             self.slots[pid] = slot
+
+    def grow(self, last):
+        """Add workers if a client has waited GROW_AFTER in the listen queue; return what was seen.
+
+        LAST is (time, queued, counters) from the previous look, or None. A
+        client has waited that long when, since a look GROW_AFTER ago that
+        saw Q queued, workers accepted fewer than Q connections. Each growth
+        doubles the next (up to GROW_MAX_STEP) until a second passes with no
+        client waiting.
+        """
+        if IDLE in self.board[:self.high] or len(self.slots) >= self.high:
+            return None
+        # Looking goes on while every worker is busy, even with nobody queued:
+        # no worker would notice a client arriving now.
+        queued = sum(listen_queue(sock) for sock in self.listeners)
+        now, counters = time.monotonic(), self.board[self.high:]
+        if queued:
+            if now - self.short_at > 1.0:
+                self.grow_step = 1
+            self.short_at = now
+        if last is None:
+            return now, queued, counters
+        then, queued_then, counters_then = last
+        if now - then < self.GROW_AFTER:
+            return last
+        accepted = sum((a - b) % 256 for a, b in zip(counters, counters_then))
+        if accepted < queued_then:
+            self.staff(len(self.slots) + self.grow_step)
+            self.grow_step = min(2 * self.grow_step, self.GROW_MAX_STEP)
+        return now, queued, counters
 
     def worker(self, slot):
         """Accept and serve connections one at a time until told to stop or retired."""
@@ -1827,9 +1897,11 @@ class PreforkPool(Supervisor):
                 continue
             state["busy"] = True
             self.board[slot] = BUSY
-            if IDLE not in self.board[:]:
+            counter = self.high + slot
+            self.board[counter] = (self.board[counter] + 1) % 256
+            if IDLE not in self.board[:self.high]:
                 try:
-                    os.write(self.busy_w, b"!")     # ask the parent for another worker
+                    os.write(self.busy_w, b"!")     # ask the parent to watch the queue
                 except BlockingIOError:
                     pass                            # it has been asked already
             self.server.rotation += 1
@@ -1838,6 +1910,15 @@ class PreforkPool(Supervisor):
             state["busy"] = False
             idle_since = time.monotonic()
         return EX_OK
+
+
+def listen_queue(sock):
+    """Return how many connections wait in listening SOCK's accept queue (0 if unknown)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    except OSError:
+        return 0
+    return struct.unpack_from("I", info, 24)[0]    # tcpi_unacked: the queue, on a listener
 
 
 def drain(fd):

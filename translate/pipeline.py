@@ -137,6 +137,17 @@ def understand(items, names):
     return out, diags
 
 
+def read_inputs(sources, defines, names, flat):
+    """Read and understand every (name, text) of SOURCES; return ([(Reader, [Parsed])], diags)."""
+    inputs, diags = [], []
+    for name, text in sources:
+        reader, _, items = read_items(name, text, defines, flat)
+        parsed, more = understand(items, names)
+        inputs.append((reader, parsed))
+        diags.extend(more)
+    return inputs, diags
+
+
 def static_view(parsed):
     """Return (chains ever created, union jump graph, Features) over all commands."""
     known, graph = set(), {}
@@ -182,12 +193,8 @@ def command_notes(cmd, flat):
 
 def translate_flat(sources, opts, defines, names):
     """Return the Result for the flat formats (iptables-restore, nft)."""
-    diags, parsed = [], []
-    for name, text in sources:
-        _, _, items = read_items(name, text, defines, flat=True)
-        more, more_diags = understand(items, names)
-        parsed.extend(more)
-        diags.extend(more_diags)
+    inputs, diags = read_inputs(sources, defines, names, flat=True)
+    parsed = [p for _, ps in inputs for p in ps]
     known, _, _ = static_view(parsed)
     chains = Chains(known)
     untranslated, header_notes = [], []
@@ -413,12 +420,7 @@ class ShellTranslator:
 
 def translate_shell(sources, opts, defines, names):
     """Return the Result for the shell-script format (iptables commands in place)."""
-    diags, inputs = [], []
-    for name, text in sources:
-        reader, _, items = read_items(name, text, defines, flat=False)
-        parsed, more = understand(items, names)
-        diags.extend(more)
-        inputs.append((reader, parsed))
+    inputs, diags = read_inputs(sources, defines, names, flat=False)
     known, graph, features = static_view([p for _, ps in inputs for p in ps])
     tr = ShellTranslator(opts, known, graph, features)
     outputs = []

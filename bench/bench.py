@@ -19,11 +19,13 @@ time, and every process started here is stopped by pid.
 """
 import argparse
 import os
+import shlex
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 
@@ -42,7 +44,7 @@ def installed_copy(tmp):
 
 
 def installed_command(tmp, lib):
-    """Return the shell words that run tproxy as installed: the console script pip writes.
+    """Return the words (argv) that run tproxy as installed: the console script pip writes.
 
     The development venv is not used to run tproxy: its editable-install hook
     makes every start import pathlib and re, which an installed tproxy does
@@ -53,9 +55,8 @@ def installed_command(tmp, lib):
     with open(script, "w") as f:
         f.write("import sys\nfrom tproxy import main\nif __name__ == '__main__':\n"
                 "    sys.exit(main())\n")
-    import sysconfig
     path = os.pathsep.join([lib, sysconfig.get_paths()["purelib"]])
-    return "env PYTHONPATH=%s %s %s" % (path, SYSTEM_PYTHON, script)
+    return ["env", "PYTHONPATH=" + path, SYSTEM_PYTHON, script]
 
 
 def free_port():
@@ -65,7 +66,8 @@ def free_port():
 
 
 def run_relaybench(path, quick, out, tp):
-    """Run relaybench with tproxy's modes (TP runs tproxy) added; return its report path."""
+    """Run relaybench with tproxy's modes (argv TP runs tproxy) added; return its report path."""
+    tp = shlex.join(tp)
     relays = {
         # Limits above relaybench's 1,000 held idle connections, so all of them are served.
         "tproxy-fork": tp + " -d -t --max-conns 1100 -s {listen_port} -b 127.0.0.1 "
@@ -134,7 +136,7 @@ def http_rate(tmp, tp, seconds, rounds):
     procs = [subprocess.Popen(["haproxy", "-db", "-f", cfg], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)]
     ports = {"http-translate": free_port(), "raw": free_port()}
-    tp = tp.split() + ["-d", "-b", "127.0.0.1"]
+    tp = tp + ["-d", "-b", "127.0.0.1"]
     procs.append(subprocess.Popen(tp + ["-s", str(ports["http-translate"]), "127.0.0.1", str(origin)],
                                   stderr=subprocess.DEVNULL))
     procs.append(subprocess.Popen(tp + ["-t", "-s", str(ports["raw"]), "127.0.0.1", str(origin)],

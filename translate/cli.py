@@ -12,7 +12,7 @@ import sys
 import tempfile
 
 from .ipchains import parse_ipv4
-from .pipeline import VERSION, InputError, rule_script, translate
+from .pipeline import VERSION, InputError, refuse_partial, rule_script, translate
 from .semantics import Options
 
 PROG = "ipchains-translate"
@@ -52,6 +52,9 @@ def build_parser():
                    help="the address masquerading uses: decides output rules' source "
                         "tests for masqueraded packets (default: none, tested as is)")
     p.add_argument("-o", "--output", metavar="FILE", help="write here, not to stdout")
+    p.add_argument("--partial", action="store_true",
+                   help="print a translation that left commands out in a loadable form "
+                        "(default: it refuses to load and names the first gap)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print notes")
     p.add_argument("--redirect", choices=("nat", "tproxy"), default="nat",
                    help="REDIRECT as nat REDIRECT or as TPROXY (default nat)")
@@ -177,7 +180,7 @@ def run(argv):
         if diag.level == "note" and args.quiet:
             continue
         print(diag.format(PROG), file=sys.stderr)
-    write_output(args.output, result.text)
+    write_output(args.output, result.text if args.partial else refuse_partial(result, args.to))
     status = result.status
     if args.check:
         text = result.text

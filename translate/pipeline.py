@@ -15,6 +15,7 @@ from .ipchains import BUILTIN, VERDICTS, Names, ParseError, parse
 from .ir import Command, Diag, PortForward, Untranslated
 from .shell import MODERN_MODULES, Reader, Remark, ShellError
 from .shell import parse as parse_shell
+from .sniff import not_ipchains
 
 VERSION = "1.0"
 TIMEOUT_SYSCTLS = ("net.netfilter.nf_conntrack_tcp_timeout_established",
@@ -516,8 +517,45 @@ def splice(lines, replacements, prologue):
 # ---------------------------------------------------------------- entry
 
 
+def refuse_non_ipchains(sources):
+    """Raise InputError when no source holds an ipchains command, or one is binary."""
+    reasons = [not_ipchains(name, text, is_save_file(text)) for name, text in sources]
+    for reason in reasons:
+        if reason is not None and "binary data" in reason:
+            raise InputError(reason)
+    if reasons and all(reasons):
+        raise InputError(reasons[0])
+
+
+REFUSALS = {
+    # How each format refuses to load: a first line its loader rejects.
+    "nft": "ipchains-translate: incomplete translation, refusing to load: %s",
+    "iptables-restore": "ipchains-translate: incomplete translation, refusing to load: %s",
+    "iptables": "echo 'ipchains-translate: incomplete translation, refusing to run: %s' >&2; exit 1",
+}
+
+
+def refuse_partial(result, fmt):
+    """Return RESULT's text made unloadable when a command was left out (names the first gap).
+
+    nft and iptables-restore fail on a line that is not a comment or a
+    command; the shell script exits 1 before its first command.
+    """
+    gap = next((d for d in result.diags if d.fails), None)
+    if gap is None:
+        return result.text
+    what = " ".join(gap.format().replace("'", "").split())[:300] + \
+        " (give --partial to load the rest anyway)"
+    line = REFUSALS[fmt] % what
+    lines = result.text.split("\n")
+    if lines and lines[0].startswith("#!"):
+        return "\n".join(lines[:1] + [line] + lines[1:])
+    return line + "\n" + result.text
+
+
 def translate(sources, opts, defines=None, hosts=None):
     """Translate SOURCES ((name, text) pairs); return a Result (InputError: unreadable)."""
+    refuse_non_ipchains(sources)
     names = Names(hosts, keep_hosts=opts.fmt == "iptables")
     # The IR is a large acyclic set of small objects: the cyclic garbage
     # collector would rescan it again and again as it grows, which makes big

@@ -13,6 +13,9 @@ from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto, MSyn
                  NfRule, Raw, SCopy, SLog, SMark, STos, Untranslated)
 
 TABLE_ORDER = ("filter", "nat", "mangle")
+BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+OWN_PREFIX = "ipchains-"
+SETUP = "ipchains_translate_setup"
 PLAIN_WORD = re.compile(r"[\w\-./:,!+*=@%]+")
 
 
@@ -156,24 +159,42 @@ def restore_word(word, _cache={}):
     return quoted
 
 
+def owned(chain):
+    """Return the chain of ours standing for netfilter CHAIN: built-ins get a
+    chain of their own (hooked from the built-in), so nothing else is touched."""
+    return OWN_PREFIX + chain if chain in BUILTIN_CHAINS else chain
+
+
+def hook_args(chain):
+    """Return the arguments of the one rule hooking our chain into built-in CHAIN."""
+    return [chain, "-m", "comment", "--comment", "ipchains-translate", "-j", owned(chain)]
+
+
 def render_restore(plan, header=()):
-    """Return PLAN as iptables-restore input (loadable more than once)."""
-    lines = ["# %s" % h for h in header] + plan.header_comments()
+    """Return PLAN as input for 'iptables-restore --noflush': it declares (so
+    replaces) only its own chains and adds one hook rule per built-in chain."""
+    lines = ["# %s" % h for h in header] + [
+        "# Load with: iptables-restore --noflush < FILE (without --noflush",
+        "# iptables-restore would flush every rule of these tables, not only ours)."
+    ] + plan.header_comments()
     for table in TABLE_ORDER:
         chains = plan.tables.get(table)
         if not chains:
             continue
         lines.append("*%s" % table)
         for chain in chains.values():
-            policy = chain.base[1] if chain.base else "-"
-            lines.append(":%s %s [0:0]" % (chain.name, policy))
+            lines.append(":%s - [0:0]" % owned(chain.name))
         for chain in chains.values():
             for entry in chain.entries:
                 if isinstance(entry, Untranslated):
                     lines.append(entry.comment())
                     continue
                 for args in rule_args(entry):
-                    lines.append(" ".join(["-A", chain.name] + [restore_word(w) for w in args]))
+                    lines.append(" ".join(["-A", owned(chain.name)] +
+                                          [restore_word(w) for w in args]))
+        for chain in chains.values():
+            if chain.name in BUILTIN_CHAINS:
+                lines.append(" ".join(["-A"] + hook_args(chain.name)))
         lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -199,26 +220,40 @@ def append_commands(table, chain, nf, op="-A", num=None):
     out = []
     for args in rule_args(nf):
         pos = [str(num)] if num is not None else []
-        out.append(command(table, [op, chain] + pos + args))
+        out.append(command(table, [op, owned(chain)] + pos + args))
     return out
 
 
 def skeleton_commands(plan):
-    """Return the commands that reset the tables and build PLAN's chains and rules."""
+    """Return the commands that (re)build PLAN's own chains and hook them in.
+
+    Our chains are created, or flushed when they exist (a second run
+    replaces them); built-in chains get one hook rule, added only if missing.
+    Nothing we did not create is flushed, deleted or given a policy.
+    """
     out = []
     for table in TABLE_ORDER:
-        chains = plan.tables.get(table)
-        if not chains:
-            continue
-        out.append(command(table, ["-F"]))
-        out.append(command(table, ["-X"]))
-        for chain in chains.values():
-            if chain.base:
-                out.append(command(table, ["-P", chain.name, chain.base[1]]))
-            else:
-                out.append(command(table, ["-N", chain.name]))
-        for chain in chains.values():
+        for chain in plan.tables.get(table, {}).values():
+            name = owned(chain.name)
+            out.append("%s 2>/dev/null || %s" % (command(table, ["-N", name]),
+                                                 command(table, ["-F", name])))
+    for table in TABLE_ORDER:
+        for chain in plan.tables.get(table, {}).values():
             for entry in chain.entries:
                 if isinstance(entry, NfRule):
                     out.extend(append_commands(table, chain.name, entry))
+    for table in TABLE_ORDER:
+        for chain in plan.tables.get(table, {}).values():
+            if chain.name in BUILTIN_CHAINS:
+                out.append("%s 2>/dev/null || %s" % (
+                    command(table, ["-C"] + hook_args(chain.name)),
+                    command(table, ["-A"] + hook_args(chain.name))))
     return out
+
+
+def setup_function(lines):
+    """Return the shell function that runs LINES once, when first called."""
+    return (["%s() {" % SETUP,
+             "	[ -z \"$ipchains_translate_ready\" ] || return 0",
+             "	ipchains_translate_ready=1"] +
+            ["	" + line for line in lines] + ["}"])

@@ -177,6 +177,13 @@ def command_notes(cmd, flat):
     """Return (notes, untranslated?) for commands that only need a note."""
     if cmd.op in NOOPS:
         return [NOOPS[cmd.op]]
+    if cmd.op == "P" and cmd.chain in BUILTIN:
+        return ["the %s policy is kept in this translation's own chains; "
+                "built-in chain policies and rules loaded by others are left alone"
+                % cmd.chain]
+    if cmd.op in ("F", "X") and cmd.chain is None:
+        return ["-%s acts on this translation's own chains only; rules loaded by "
+                "others are left alone" % cmd.op]
     if cmd.op == "Z" and flat:
         return ["-Z zeroes counters: a freshly loaded ruleset starts at zero"]
     if cmd.op == "M-S":
@@ -289,6 +296,7 @@ class ShellTranslator:
         self.contexts = semantics.chain_contexts(graph, features, opts)
         self.diags = []
         self._seen = set()
+        self.uses_tos = False
 
     def diag(self, level, src, message):
         key = (src, message)
@@ -301,6 +309,11 @@ class ShellTranslator:
         plan = semantics.Plan()
         policies = {name: ("ACCEPT", None) for name in BUILTIN}
         semantics.skeleton(plan, self.features, policies, self.opts)
+        if self.uses_tos:
+            # -t becomes mangle rules (semantics.tos_extras): their chains
+            # are ours too, built and hooked with the others.
+            for hook in ("INPUT", "FORWARD", "OUTPUT"):
+                plan.chain("mangle", hook, (hook.lower(), "ACCEPT"))
         lines = emit_iptables.skeleton_commands(plan)
         if self.opts.redirect == "tproxy" and self.features.redirect:
             mark = "0x%x/0x%x" % (self.opts.tproxy_mark, self.opts.tproxy_mark)
@@ -424,6 +437,8 @@ def translate_shell(sources, opts, defines, names):
     inputs, diags = read_inputs(sources, defines, names, flat=False)
     known, graph, features = static_view([p for _, ps in inputs for p in ps])
     tr = ShellTranslator(opts, known, graph, features)
+    tr.uses_tos = any(rule.tos is not None for _, ps in inputs for p in ps
+                      if isinstance(p.command, Command) for rule in p.command.rules)
     outputs = []
     for index, (reader, parsed) in enumerate(inputs):
         replacements = {}
@@ -448,12 +463,19 @@ def translate_shell(sources, opts, defines, names):
                 lines = [":", Untranslated(p.item.src, str(exc)).comment()]
             if not lines:
                 lines = [": # %s: %s" % (p.item.src, nothing_reason(p.command, tr))]
+            elif not all(line.startswith(": ") for line in lines):
+                # Our chains are built when the script's first ipchains
+                # command runs, not before its own guards have run.
+                lines = [emit_iptables.SETUP] + lines
             replacements[cmd.line] = (cmd.end_line, [indent + line for line in lines], False)
         prologue = []
         if index == 0:
             prologue = (["# Translated from ipchains by ipchains-translate %s: %s"
                          % (VERSION, ", ".join(n for n, _ in sources)),
-                         "# Dispatch chains: see ipchains-translate(8)."] + tr.skeleton())
+                         "# Dispatch chains: see ipchains-translate(8). They are built by "
+                         "%s, run once by the" % emit_iptables.SETUP,
+                         "# first translated command; other rules and policies are left alone."]
+                        + emit_iptables.setup_function(tr.skeleton()))
         outputs.append(splice(reader.lines, replacements, prologue))
     diags.extend(tr.diags)
     return Result("".join(outputs), sort_diags(diags))

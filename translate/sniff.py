@@ -23,8 +23,11 @@ LOOKS = (
 
 
 def is_binary(text):
-    """True for text holding NUL or bytes that are not UTF-8 (read with surrogateescape)."""
-    return "\0" in text or any("\udc80" <= c <= "\udcff" for c in text[:65536])
+    """True for text holding NUL, or mostly control characters and bytes that are
+    not UTF-8 (a Latin-1 comment in an old script is not binary)."""
+    head = text[:4096]
+    odd = sum(1 for c in head if (c < " " and c not in "\t\n\r\f") or "\udc80" <= c <= "\udcff")
+    return "\0" in text[:65536] or odd * 10 > len(head)
 
 
 def has_ipchains(text):

@@ -40,7 +40,8 @@ def build_parser():
     p.add_argument("-D", "--define", action="append", default=[], metavar="NAME=VALUE",
                    help="set a shell variable of the script (wins over its assignments)")
     p.add_argument("-e", "--rule", action="append", default=[], metavar="RULE",
-                   help="translate this ipchains command (may be repeated)")
+                   help="translate this ipchains command (may be repeated); without "
+                        "FILEs print its rules alone, for a translation loaded before")
     p.add_argument("--host", action="append", default=[], metavar="NAME=ADDRESS",
                    help="resolve host NAME to ADDRESS (may be repeated)")
     p.add_argument("--hosts", action="append", default=[], metavar="FILE",
@@ -175,12 +176,15 @@ def run(argv):
     defines = parse_defines(args.define, "-D")
     hosts = read_hosts(args.hosts, args.host)
     sources = read_sources(args.files, args.rule)
-    result = translate(sources, opts, defines, hosts)
+    snippet = bool(args.rule) and not args.files
+    result = translate(sources, opts, defines, hosts, snippet)
     for diag in result.diags:
         if diag.level == "note" and args.quiet:
             continue
         print(diag.format(PROG), file=sys.stderr)
-    write_output(args.output, result.text if args.partial else refuse_partial(result, args.to))
+    # A snippet in the iptables and nft formats is shell commands.
+    refusal = "iptables" if snippet and args.to != "iptables-restore" else args.to
+    write_output(args.output, result.text if args.partial else refuse_partial(result, refusal))
     status = result.status
     if args.check:
         text = result.text

@@ -16,6 +16,7 @@ from .ir import Command, Diag, PortForward, Untranslated
 from .shell import MODERN_MODULES, Reader, Remark, ShellError
 from .shell import parse as parse_shell
 from .sniff import not_ipchains
+from .snippet import translate_snippet
 
 VERSION = "1.0"
 TIMEOUT_SYSCTLS = ("net.netfilter.nf_conntrack_tcp_timeout_established",
@@ -575,8 +576,21 @@ def refuse_partial(result, fmt):
     return line + "\n" + result.text
 
 
-def translate(sources, opts, defines=None, hosts=None):
-    """Translate SOURCES ((name, text) pairs); return a Result (InputError: unreadable)."""
+def translate_rules(sources, opts, defines, names):
+    """Return the Result for -e snippets: the rules alone (see snippet.py)."""
+    inputs, diags = read_inputs(sources, defines, names, flat=True)
+    parsed = [p for _, ps in inputs for p in ps]
+    _, graph, features = static_view(parsed)
+    contexts = semantics.chain_contexts(graph, features, opts)
+    text, more = translate_snippet(parsed, opts, contexts)
+    return Result(text, sort_diags(diags + more))
+
+
+def translate(sources, opts, defines=None, hosts=None, snippet=False):
+    """Translate SOURCES ((name, text) pairs); return a Result (InputError: unreadable).
+
+    SNIPPET: the sources are -e commands, printed as rules alone.
+    """
     refuse_non_ipchains(sources)
     names = Names(hosts, keep_hosts=opts.fmt == "iptables")
     # The IR is a large acyclic set of small objects: the cyclic garbage
@@ -585,6 +599,8 @@ def translate(sources, opts, defines=None, hosts=None):
     was_enabled = gc.isenabled()
     gc.disable()
     try:
+        if snippet:
+            return translate_rules(sources, opts, defines or {}, names)
         if opts.fmt == "iptables":
             return translate_shell(sources, opts, defines or {}, names)
         return translate_flat(sources, opts, defines or {}, names)

@@ -145,7 +145,8 @@ def check(text, fmt):
     if fmt == "nft":
         script = 'nft -c -f "$1" && nft -f "$1" && nft -f "$1"'
     else:
-        script = 'iptables-restore --test < "$1" && iptables-restore < "$1"'
+        script = ('iptables-restore --noflush --test < "$1" && '
+                  'iptables-restore --noflush < "$1"')
     with tempfile.NamedTemporaryFile("w", suffix=".rules") as f:
         f.write(text)
         f.flush()
@@ -188,11 +189,15 @@ def run(argv):
     status = result.status
     if args.check:
         text = result.text
-        if args.to == "iptables":
-            checked = translate(sources, Options(fmt="iptables-restore", redirect=args.redirect,
+        if args.to == "iptables" or snippet:
+            # The script and snippet formats are checked as the whole
+            # ruleset they make (a snippet: with the skeleton it needs).
+            fmt = "nft" if args.to == "nft" else "iptables-restore"
+            checked = translate(sources, Options(fmt=fmt, redirect=args.redirect,
                                                  masq_mark=opts.masq_mark,
                                                  masq_source=opts.masq_source,
-                                                 tproxy_mark=opts.tproxy_mark), defines, hosts)
+                                                 tproxy_mark=opts.tproxy_mark,
+                                                 table=opts.table), defines, hosts)
             text = checked.text
         ok, message = check(text, "nft" if args.to == "nft" else "iptables-restore")
         print("%s: check: %s" % (PROG, message), file=sys.stderr)

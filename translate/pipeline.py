@@ -6,14 +6,18 @@ The flat formats simulate every command and emit the final state; the shell
 format replaces every ipchains command of the script in place.
 """
 import gc
+import os
+import shlex
 from dataclasses import dataclass, field
 from typing import List
 
 from . import emit_iptables, emit_nft, semantics
 from .chains import ChainError, Chains
 from .ipchains import BUILTIN, VERDICTS, Names, ParseError, parse
-from .ir import Command, Diag, PortForward, Untranslated
-from .shell import MODERN_MODULES, Reader, Remark, ShellError
+from . import sandbox
+from .ir import Command, Diag, PortForward, SourceRef, Untranslated
+from .shell import (MODERN_MODULES, Cmd, Invocation, Reader, Remark, ShellError, Word,
+                    module_remark)
 from .shell import parse as parse_shell
 from .sniff import not_ipchains
 from .snippet import translate_snippet
@@ -139,10 +143,75 @@ def understand(items, names):
     return out, diags
 
 
+def run_items(name, text, defines):
+    """Return the items of script TEXT as bash runs it in the sandbox (sandbox.py).
+
+    InputError when the sandbox cannot run, or when bash ran no ipchains
+    command with these values (an empty translation would open the firewall).
+    """
+    positional, forced = sandbox.split_positional(defines)
+    try:
+        ran = sandbox.run(name, text, positional, forced)
+    except sandbox.SandboxError as exc:
+        raise InputError(str(exc))
+    origins = sandbox.Origins({name: text})
+    items = []
+    for rec in ran.records:
+        line, cited = origins.span(rec.file, rec.line)
+        src = SourceRef(rec.file, line, cited)
+        if rec.kind in ("ipchains", "ipmasqadm"):
+            items.append(Invocation([rec.kind] + rec.argv, src, None))
+        elif rec.kind == "restore":
+            items.extend(restore_items(rec, src))
+        else:
+            words = [Word(w, None, line) for w in [rec.kind] + rec.argv]
+            remark = module_remark(Cmd(words, [], line, line), {}, src)
+            if remark is not None:
+                items.append(remark)
+    if not any(isinstance(item, Invocation) for item in items):
+        given = "positional parameters %s" % " ".join(positional) if positional else \
+            "no positional parameters (give them as -D 1=start ...)"
+        raise InputError("%s: bash ran no ipchains command with %s (the script exited "
+                         "%d); nothing to translate" % (name, given, ran.status))
+    return items
+
+
+def restore_items(rec, src):
+    """Return the Invocations of the ipchains-save text an ipchains-restore read."""
+    items = []
+    original = rec.data.split("\n")
+    for number, line in enumerate(save_to_script(rec.data).split("\n"), 1):
+        try:
+            argv = shlex.split(line, comments=True)
+        except ValueError:
+            argv = line.split()
+        if not argv or argv[0] != "ipchains":
+            continue
+        at = SourceRef(shown_path(rec.data_file), number, original[number - 1].strip()) \
+            if rec.data_file else src
+        items.append(Invocation(argv, at, None))
+    return items
+
+
+def shown_path(path):
+    """Return PATH relative to the working directory when it lies below it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 def read_inputs(sources, defines, names, flat):
-    """Read and understand every (name, text) of SOURCES; return ([(Reader, [Parsed])], diags)."""
+    """Read and understand every (name, text) of SOURCES; return ([(Reader, [Parsed])], diags).
+
+    Flat formats run scripts in the sandbox; -e rules and ipchains-save
+    files hold no shell logic and are read as they are.
+    """
     inputs, diags = [], []
     for name, text in sources:
+        if flat and name != "-e" and not is_save_file(text):
+            parsed, more = understand(run_items(name, text, defines), names)
+            inputs.append((None, parsed))
+            diags.extend(more)
+            continue
         reader, _, items = read_items(name, text, defines, flat)
         parsed, more = understand(items, names)
         inputs.append((reader, parsed))

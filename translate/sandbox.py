@@ -142,13 +142,14 @@ def bwrap_argv(tmp, timeout):
             "--", "timeout", "-k", "2", str(timeout), "/bin/bash"]
 
 
-def run(name, text, positional=(), forced=None, timeout=TIMEOUT):
+def run(name, text, positional=(), forced=None, timeout=None):
     """Run script TEXT (called NAME) in the sandbox; return the Run (SandboxError if it cannot).
 
     A NAME that is a file runs from where it is (its directory is visible,
     read-only, so it can source its neighbours and read its $0); any other
     (stdin) runs from a private copy.
     """
+    timeout = timeout or TIMEOUT
     with tempfile.TemporaryDirectory(prefix="ipchains-translate.") as tmp:
         os.mkdir(os.path.join(tmp, "in"))
         os.mkdir(os.path.join(tmp, "out"))

@@ -9,7 +9,7 @@ expansions) are written as they are in the shell format.
 import re
 import shlex
 
-from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto, MSyn,
+from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto, MSocket, MSyn,
                  NfRule, Raw, SCopy, SLog, SMark, STos, Untranslated)
 
 TABLE_ORDER = ("filter", "nat", "mangle")
@@ -73,8 +73,13 @@ def m_mark(m):
     return ["-m", "mark", "--mark", "0x%x/0x%x" % (m.value, m.value)]
 
 
+def m_socket(m):
+    return ["-m", "socket"] + (["--transparent"] if m.transparent else [])
+
+
 MATCHES = {MIface: m_iface, MProto: m_proto, MAddr: m_addr, MPorts: m_ports,
-           MIcmp: m_icmp, MSyn: m_syn, MFrag: m_frag, MConn: m_conn, MMark: m_mark}
+           MIcmp: m_icmp, MSyn: m_syn, MFrag: m_frag, MConn: m_conn, MMark: m_mark,
+           MSocket: m_socket}
 
 
 def s_log(s):

@@ -6,7 +6,7 @@ Netfilter's tables become base chains of one ``ip`` table: filter chains
 keep their names (INPUT, FORWARD, OUTPUT), the others are prefixed with their
 table (nat-PREROUTING, mangle-INPUT, ...).
 """
-from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto, MSyn,
+from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto, MSocket, MSyn,
                  SCopy, SLog, SMark, STos, Untranslated)
 
 HOOKS = {
@@ -91,8 +91,13 @@ def m_mark(m):
     return "meta mark & 0x%08x == 0x%08x" % (m.value, m.value)
 
 
+def m_socket(m):
+    return "socket transparent %d" % (1 if m.transparent else 0)
+
+
 MATCHES = {MIface: m_iface, MProto: m_proto, MAddr: m_addr, MPorts: m_ports,
-           MIcmp: m_icmp, MSyn: m_syn, MFrag: m_frag, MConn: m_conn, MMark: m_mark}
+           MIcmp: m_icmp, MSyn: m_syn, MFrag: m_frag, MConn: m_conn, MMark: m_mark,
+           MSocket: m_socket}
 
 
 def s_log(s):

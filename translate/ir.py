@@ -209,6 +209,13 @@ class MConn:
 
 
 @dataclass(frozen=True)
+class MSocket:
+    """Match packets for a local transparent socket (the TPROXY recipe's first rule)."""
+
+    transparent: bool = True
+
+
+@dataclass(frozen=True)
 class MMark:
     """Match packets whose mark has all bits of VALUE set."""
 

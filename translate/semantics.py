@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 
 from .ipchains import BUILTIN, VERDICTS, Names, ParseError, parse_addresses, parse_ipv4
 from .ir import (Diag, MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto,
-                 MSyn, NfRule, Ports, Raw, SCopy, SLog, SMark, STos, Untranslated, Verdict)
+                 MSocket, MSyn, NfRule, Ports, Raw, SCopy, SLog, SMark, STos, Untranslated, Verdict)
 
 CONTEXT_INFO = {
     # ctx: (built-in chain, interface direction, description)
@@ -494,6 +494,14 @@ def nat_hooks(plan, features, opts):
     if features.redirect:
         table = table_of("pre", opts)
         pre = plan.chain(table, "PREROUTING", ("prerouting", "ACCEPT"))
+        if opts.redirect == "tproxy":
+            # The kernel's TPROXY recipe (Documentation/networking/tproxy):
+            # packets of connections a transparent socket already holds
+            # (the servers' replies to a proxy connecting from the client's
+            # address) are marked for the local route and kept from TPROXY.
+            pre.entries.append(NfRule((MProto("tcp"), MSocket()),
+                                      (SMark("|", opts.tproxy_mark),), Verdict("accept"),
+                                      note("TPROXY: packets for transparent sockets")))
         pre.entries.append(NfRule((), (), Verdict("jump", "pre-input"),
                                   note("input rules deciding REDIRECT")))
         if opts.redirect == "tproxy":

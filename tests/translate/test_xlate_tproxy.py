@@ -1,0 +1,54 @@
+"""--redirect=tproxy is the kernel's whole TPROXY recipe: with tproxy -t
+--source=client behind it and nothing added by hand, a client's connection
+reaches the server from the client's own address (the servers' replies come
+back to the proxy through the socket-match rule, not forwarded past it).
+
+Lab (tests/support.py BookLab): client 192.0.2.10 -- router -- moose 198.51.100.10.
+"""
+import os
+import subprocess
+
+import pytest
+
+from support import PEERS, PYTHON
+from xlate_helpers import FORMATS, run_tool
+
+SCRIPT = "ipchains -A input -p tcp -s 192.0.2.0/24 -d 198.51.100.10 80 -j REDIRECT 12970\n"
+
+
+def needed_commands(text):
+    marker = "# needed as well: "
+    return [line[len(marker):] for line in text.split("\n") if line.startswith(marker)]
+
+
+def load(host, fmt, path, text):
+    if fmt == "nft":
+        host.run("nft", "-f", path)
+    elif fmt == "iptables-restore":
+        host.sh("iptables-restore --noflush < %s" % path)
+    else:
+        host.run("sh", "-e", path)
+    if fmt != "iptables":
+        # nft and iptables-restore cannot hold policy routing: the translation
+        # names it, and those are the only commands run besides loading it.
+        for command in needed_commands(text):
+            host.run(*command.split())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tproxy_redirect_works_on_its_own(book, tmp_path, fmt):
+    src = tmp_path / "fw"
+    src.write_text(SCRIPT)
+    status, text, err = run_tool(["--to=" + fmt, "--redirect=tproxy", str(src)])
+    assert status == 0, err
+    path = tmp_path / "out"
+    path.write_text(text)
+    load(book.router, fmt, str(path), text)
+    book.moose.popen(PYTHON, PEERS, "who", 80, "--lifetime", 60)
+    book.moose.wait_listening(80)
+    _, log = book.tproxy("-t", "--source=client", "-r", "nobody")
+    proc = subprocess.run(book.client.cmd(PYTHON, PEERS, "ask", book.MOOSE, 80), input=b"",
+                          capture_output=True, timeout=30)
+    words = proc.stdout.decode().split()
+    assert words[:1] == [book.CLIENT] and words[2:4] == [book.MOOSE, "80"], \
+        (words, open(log).read())

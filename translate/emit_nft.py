@@ -69,7 +69,7 @@ def m_ports(m):
 
 
 def m_icmp(m):
-    text = "icmp type %s%s" % (_op(m.neg), m.type)
+    text = "icmp type %s%s" % (_op(m.neg), str(m.type).replace(":", "-"))
     if m.code is not None:
         text += " icmp code %s" % m.code
     return text

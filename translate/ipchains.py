@@ -206,6 +206,11 @@ def parse_icmp(text, what):
     lo, colon, hi = text.partition(":")
     if colon and lo.isdigit() and lo == hi:
         text = lo              # ipchains-save writes one type as '8:8'
+    elif colon and what == "type":
+        lo, hi = lo or "0", hi or "255"
+        if lo.isdigit() and hi.isdigit() and int(lo) < int(hi) <= 255:
+            return "%s:%s" % (lo, hi), None     # a range: nft only
+        raise ParseError("bad ICMP type range '%s'" % text)
     elif colon:
         raise ParseError("ICMP %s ranges cannot be translated: '%s'" % (what, text))
     if text.isdigit() and int(text) <= 255:
@@ -228,6 +233,19 @@ def parse_protocol(text):
         return str(socket.getprotobyname(low))
     except OSError:
         raise ParseError("unknown protocol '%s'" % text)
+
+
+def glued_option(before):
+    """Return a message when a word of BEFORE runs into an option ('1024:-j'), else ''."""
+    for word in reversed(before):
+        if isinstance(word, Raw) or word.startswith("-"):
+            continue
+        head, dash, option = word.partition(":-")
+        if dash and option and option[0].isalpha():
+            return ("'%s' runs into the option '-%s': a space is missing before it"
+                    % (word, option))
+        return ""
+    return ""
 
 
 class _Words:
@@ -372,9 +390,11 @@ class _Parser:
         elif op == "D" and is_number(self.w.peek()):
             self.num = self.positive(self.w.take(word))
         elif op == "P":
-            policy = _literal(self.w.take("-P"), "the policy").upper()
+            # ipchains compared policies with strcmp (parse_policy): case matters.
+            policy = _literal(self.w.take("-P"), "the policy")
             if policy not in POLICIES:
-                raise ParseError("bad policy '%s' (ACCEPT, DENY, REJECT or MASQ)" % policy)
+                raise ParseError("bad policy '%s' (ACCEPT, DENY, REJECT or MASQ, in "
+                                 "capitals as ipchains wanted them)" % policy)
             self.policy = policy
         return None
 
@@ -404,6 +424,9 @@ class _Parser:
     def rule_option(self, word, neg=False):
         handler = RULE_OPTIONS.get(word)
         if handler is None:
+            glued = glued_option(self.w.words[:self.w.i - 1])
+            if glued:
+                raise ParseError(glued)
             raise ParseError("unknown option '%s'" % word)
         self.rule_given = True
         handler(self, word, neg)
@@ -462,12 +485,14 @@ class _Parser:
 
     def opt_jump(self, word, _neg):
         target = _literal(self.w.take(word), "the target")
-        upper = target.upper()
-        if upper == "REDIR":
+        # ipchains passed the target to the kernel as written, and the kernel
+        # compared it with strcmp: 'deny' names a user chain, not DENY.
+        if target == "REDIR":
             self.notes.append("REDIR is a spelling of REDIRECT; read as REDIRECT")
-            upper = target = "REDIRECT"
-        if upper in VERDICTS:
-            target = upper
+            target = "REDIRECT"
+        elif target != target.upper() and target.upper() in VERDICTS + ("REDIR",):
+            self.notes.append("ipchains targets are case-sensitive: '%s' names a user "
+                              "chain, not %s" % (target, target.upper()))
         port = None
         if target == "REDIRECT":
             port = self.w.optional_value()

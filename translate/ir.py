@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 
+def one_line(text):
+    """Return a command's source TEXT on one line (continuations joined, no '\\')."""
+    return " ".join(text.replace("\\\n", " ").split())
+
+
 @dataclass(frozen=True)
 class SourceRef:
     """Where a command came from: file name, first line, original text."""
@@ -49,8 +54,7 @@ class Diag:
         """Return the HAProxy-style line ``FILE:LINE: level: message: 'text'``."""
         if self.src is None:
             return "%s: %s: %s" % (prog, self.level, self.message)
-        text = " ".join(self.src.text.split())
-        return "%s: %s: %s: '%s'" % (self.src, self.level, self.message, text)
+        return "%s: %s: %s: '%s'" % (self.src, self.level, self.message, one_line(self.src.text))
 
     @property
     def fails(self):
@@ -285,5 +289,5 @@ class Untranslated:
 
     def comment(self):
         """Return the comment line that keeps the command's text ('#' in every format)."""
-        text = " ".join(self.src.text.split()) if self.src else ""
+        text = one_line(self.src.text) if self.src else ""
         return "# %s: untranslated (%s): %s" % (self.src, self.why, text)

@@ -535,8 +535,12 @@ def translate_shell(sources, opts, defines, names):
                 lines = [": # %s: %s" % (p.item.src, nothing_reason(p.command, tr))]
             elif not all(line.startswith(": ") for line in lines):
                 # Our chains are built when the script's first ipchains
-                # command runs, not before its own guards have run.
-                lines = [emit_iptables.SETUP] + lines
+                # command runs, not before its own guards have run.  Lines
+                # that cannot carry a rule comment (-F, -N, -X, sysctl) say
+                # where they come from in a shell comment.
+                lines = [emit_iptables.SETUP] + [
+                    line if "--comment" in line else "%s  # %s" % (line, p.item.src)
+                    for line in lines]
             replacements[cmd.line] = (cmd.end_line, [indent + line for line in lines], False)
         prologue = []
         if index == 0:
@@ -563,6 +567,8 @@ def module_lines(remark, indent):
     """Return the lines replacing 'modprobe ip_masq_*': the modern module, noted."""
     words = remark.src.text.split()
     modern = [MODERN_MODULES.get(w, w) for w in words]
+    if modern and modern[0].rsplit("/", 1)[-1] == "insmod":
+        modern[0] = "modprobe"      # insmod wants a file name; modprobe a module
     lines = ["%s# ipchains-translate: %s" % (indent, remark.message),
              "%s# was: %s" % (indent, " ".join(words))]
     if None not in modern:

@@ -363,6 +363,9 @@ def translate_rule(rule, chain, ctx, opts, cache=None):
     if origin is None:
         origin = cache["origin"] = str(rule.src) if rule.src else ""
     try:
+        if rule.icmp_type is not None and ":" in rule.icmp_type and opts.fmt != "nft":
+            raise Untranslatable("iptables' icmp match takes one type, not the range "
+                                 "'%s' (nft takes it: --to=nft)" % rule.icmp_type)
         verdict, extra = verdict_of(rule, chain, ctx, opts)
         if ctx == "pre":
             stmts = ()
@@ -593,7 +596,9 @@ def rule_notes(rule, ctx, opts):
         yield Diag("note", rule.src, "-t: bit 1 of the TOS byte is ECN now and is "
                    "left alone")
     if ctx == "om" and rule.saddr is not None and masq_source_test(rule.saddr, opts) is None:
-        yield Diag("note", rule.src, "2.2 masqueraded before the output chain, so this source "
+        # Fail closed: without the address, masqueraded packets meet a test
+        # 2.2 never gave them (and a DENY/REJECT would now stop them all).
+        yield Diag("warning", rule.src, "2.2 masqueraded before the output chain, so this source "
                    "test saw the masquerading address; give --masq-source ADDRESS to decide "
                    "it for masqueraded packets (now it sees the inside address)")
     if rule.copy is not None and ctx in ("in", "fi", "fw", "out"):

@@ -30,12 +30,27 @@ def is_binary(text):
     return "\0" in text[:65536] or odd * 10 > len(head)
 
 
+CANDIDATE = re.compile(r"ipchains|ipmasqadm|IPCHAINS|MASQADM", re.I)
+
+
 def has_ipchains(text):
-    """True when shell TEXT runs ipchains, ipchains-restore or ipmasqadm somewhere."""
+    """True when shell TEXT runs ipchains, ipchains-restore or ipmasqadm somewhere.
+
+    Only lines naming one are read as shell (one at a time, so a big
+    firewall costs no more than its first command).
+    """
+    for line in text.split("\n"):
+        if CANDIDATE.search(line) and line_has_ipchains(line):
+            return True
+    return False
+
+
+def line_has_ipchains(line):
+    """True when the shell LINE holds an ipchains command (an unreadable line counts)."""
     try:
-        tree = parse(text)
+        tree = parse(line.rstrip("\\"))
     except ShellError:
-        return bool(re.search(r"\b(ipchains|ipmasqadm)\b", text))
+        return True
     for cmd in _walk_cmds(tree):
         words = list(cmd.words)
         while words and assignment(words[0]):

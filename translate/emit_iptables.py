@@ -175,13 +175,11 @@ def hook_args(chain):
     return [chain, "-m", "comment", "--comment", "ipchains-translate", "-j", owned(chain)]
 
 
-def render_restore(plan, header=()):
-    """Return PLAN as input for 'iptables-restore --noflush': it declares (so
-    replaces) only its own chains and adds one hook rule per built-in chain."""
-    lines = ["# %s" % h for h in header] + [
-        "# Load with: iptables-restore --noflush < FILE (without --noflush",
-        "# iptables-restore would flush every rule of these tables, not only ours)."
-    ] + plan.header_comments()
+def restore_tables(plan, hooks=True):
+    """Return the iptables-restore lines of PLAN: our chains declared (so created,
+    or flushed when they exist, under --noflush), their rules, and with HOOKS
+    one rule per built-in chain jumping to ours."""
+    lines = []
     for table in TABLE_ORDER:
         chains = plan.tables.get(table)
         if not chains:
@@ -198,10 +196,20 @@ def render_restore(plan, header=()):
                     lines.append(" ".join(["-A", owned(chain.name)] +
                                           [restore_word(w) for w in args]))
         for chain in chains.values():
-            if chain.name in BUILTIN_CHAINS:
+            if hooks and chain.name in BUILTIN_CHAINS:
                 lines.append(" ".join(["-A"] + hook_args(chain.name)))
         lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def render_restore(plan, header=()):
+    """Return PLAN as input for 'iptables-restore --noflush': it declares (so
+    replaces) only its own chains and adds one hook rule per built-in chain."""
+    lines = ["# %s" % h for h in header] + [
+        "# Load with: iptables-restore --noflush < FILE (without --noflush",
+        "# iptables-restore would flush every rule of these tables, not only ours)."
+    ] + plan.header_comments()
+    return "\n".join(lines + restore_tables(plan)) + "\n"
 
 
 # ---------------------------------------------------------------- shell commands
@@ -214,10 +222,64 @@ def shell_word(word):
     return shlex.quote(word)
 
 
+class CommandLine(str):
+    """One iptables command as shell text, keeping its table and arguments so
+    that runs of them can be batched into one iptables-restore call."""
+
+    def __new__(cls, text, table, args):
+        obj = super().__new__(cls, text)
+        obj.table = table
+        obj.args = args
+        obj.origin = None        # FILE:LINE for commands that carry no rule comment
+        return obj
+
+    def shell(self):
+        """Return the command as a shell line (origin as a trailing comment)."""
+        return "%s  # %s" % (self, self.origin) if self.origin else str(self)
+
+
 def command(table, args, prog="iptables"):
-    """Return one iptables command line for TABLE with ARGS."""
+    """Return one iptables command line for TABLE with ARGS (a CommandLine)."""
     words = [prog] + (["-t", table] if table != "filter" else []) + list(args)
-    return " ".join(shell_word(w) for w in words)
+    return CommandLine(" ".join(shell_word(w) for w in words), table, list(args))
+
+
+HEREDOC = "IPCHAINS_TRANSLATE"
+
+
+def heredoc_word(word):
+    """Quote WORD for an iptables-restore line in an unquoted here-document:
+    Raw words (expansions) stay as written so the shell expands them."""
+    if isinstance(word, Raw):
+        return str(word)
+    text = restore_word(word)
+    return text.replace("\\", "\\\\").replace("$", "\\$").replace("`", "\\`")
+
+
+def batch(commands):
+    """Return shell lines loading CommandLines COMMANDS with one iptables-restore
+    --noflush (iptables-nft reads the whole ruleset for every command, so one
+    call per rule grows with the square of the rules)."""
+    out, table = ["iptables-restore --noflush <<%s" % HEREDOC], None
+    # Tables never refer to each other, so each table's commands go in one
+    # section, in their order: one commit per table, not one per switch.
+    order = {t: i for i, t in enumerate(TABLE_ORDER)}
+    for cmd in sorted(commands, key=lambda c: order.get(c.table, len(order))):
+        if cmd.table != table:
+            if table is not None:
+                out.append("COMMIT")
+            out.append("*%s" % cmd.table)
+            table = cmd.table
+        if cmd.origin:
+            out.append("# %s" % cmd.origin)
+        if cmd.args[0] == "-N":
+            # Declared, it is created or (left from an earlier run) flushed:
+            # one existing chain must not fail the whole batch.
+            out.append(":%s - [0:0]" % heredoc_word(cmd.args[1]))
+            continue
+        out.append(" ".join(heredoc_word(w) for w in cmd.args))
+    out += ["COMMIT", HEREDOC]
+    return out
 
 
 def append_commands(table, chain, nf, op="-A", num=None):
@@ -229,36 +291,25 @@ def append_commands(table, chain, nf, op="-A", num=None):
     return out
 
 
-def skeleton_commands(plan):
-    """Return the commands that (re)build PLAN's own chains and hook them in.
+def setup_function(plan, extra=()):
+    """Return the shell function that (re)builds PLAN's own chains once, when
+    first called, hooks them into the built-ins, then runs EXTRA commands.
 
-    Our chains are created, or flushed when they exist (a second run
-    replaces them); built-in chains get one hook rule, added only if missing.
-    Nothing we did not create is flushed, deleted or given a policy.
+    Our chains are declared to iptables-restore --noflush (created, or
+    flushed when they exist: a second run replaces them); each built-in
+    chain gets one hook rule, added only if missing.  Nothing we did not
+    create is flushed, deleted or given a policy.
     """
-    out = []
-    for table in TABLE_ORDER:
-        for chain in plan.tables.get(table, {}).values():
-            name = owned(chain.name)
-            out.append("%s 2>/dev/null || %s" % (command(table, ["-N", name]),
-                                                 command(table, ["-F", name])))
-    for table in TABLE_ORDER:
-        for chain in plan.tables.get(table, {}).values():
-            for entry in chain.entries:
-                if isinstance(entry, NfRule):
-                    out.extend(append_commands(table, chain.name, entry))
+    hooks = []
     for table in TABLE_ORDER:
         for chain in plan.tables.get(table, {}).values():
             if chain.name in BUILTIN_CHAINS:
-                out.append("%s 2>/dev/null || %s" % (
+                hooks.append("%s 2>/dev/null || %s" % (
                     command(table, ["-C"] + hook_args(chain.name)),
                     command(table, ["-A"] + hook_args(chain.name))))
-    return out
-
-
-def setup_function(lines):
-    """Return the shell function that runs LINES once, when first called."""
     return (["%s() {" % SETUP,
-             "	[ -z \"$ipchains_translate_ready\" ] || return 0",
-             "	ipchains_translate_ready=1"] +
-            ["	" + line for line in lines] + ["}"])
+             "\t[ -z \"$ipchains_translate_ready\" ] || return 0",
+             "\tipchains_translate_ready=1",
+             "\tiptables-restore --noflush <<'%s'" % HEREDOC] +
+            restore_tables(plan, hooks=False) + [HEREDOC] +
+            ["\t" + line for line in hooks + list(extra)] + ["}"])

@@ -375,7 +375,7 @@ class ShellTranslator:
             self.diags.append(Diag(level, src, message))
 
     def skeleton(self):
-        """Return the commands that build the dispatch chains, before the script."""
+        """Return the shell function that builds the dispatch chains (run once)."""
         plan = semantics.Plan()
         policies = {name: ("ACCEPT", None) for name in BUILTIN}
         semantics.skeleton(plan, self.features, policies, self.opts)
@@ -384,14 +384,14 @@ class ShellTranslator:
             # are ours too, built and hooked with the others.
             for hook in ("INPUT", "FORWARD", "OUTPUT"):
                 plan.chain("mangle", hook, (hook.lower(), "ACCEPT"))
-        lines = emit_iptables.skeleton_commands(plan)
+        lines = []
         if self.opts.redirect == "tproxy" and self.features.redirect:
             mark = "0x%x/0x%x" % (self.opts.tproxy_mark, self.opts.tproxy_mark)
             table = self.opts.route_table
             lines += ["ip rule del fwmark %s lookup %d 2>/dev/null || true" % (mark, table),
                       "ip rule add fwmark %s lookup %d" % (mark, table),
                       "ip route replace local 0.0.0.0/0 dev lo table %d" % table]
-        return lines
+        return emit_iptables.setup_function(plan, lines)
 
     def ctx_chains(self, chain):
         """Return [(ctx, table, netfilter chain)] of ipchains CHAIN."""
@@ -511,7 +511,7 @@ def translate_shell(sources, opts, defines, names):
                       if isinstance(p.command, Command) for rule in p.command.rules)
     outputs = []
     for index, (reader, parsed) in enumerate(inputs):
-        replacements = {}
+        replacements, runs = {}, []
         for p in parsed:
             cmd = p.item.cmd
             indent = _indent(reader.lines[cmd.line - 1]) if cmd is not None else ""
@@ -534,14 +534,20 @@ def translate_shell(sources, opts, defines, names):
             if not lines:
                 lines = [": # %s: %s" % (p.item.src, nothing_reason(p.command, tr))]
             elif not all(line.startswith(": ") for line in lines):
-                # Our chains are built when the script's first ipchains
-                # command runs, not before its own guards have run.  Lines
-                # that cannot carry a rule comment (-F, -N, -X, sysctl) say
-                # where they come from in a shell comment.
-                lines = [emit_iptables.SETUP] + [
-                    line if "--comment" in line else "%s  # %s" % (line, p.item.src)
-                    for line in lines]
+                # Lines that cannot carry a rule comment (-F, -N, -X,
+                # sysctl) say where they come from in a shell comment.
+                for i, line in enumerate(lines):
+                    if "--comment" in line:
+                        continue
+                    if isinstance(line, emit_iptables.CommandLine):
+                        line.origin = p.item.src
+                    else:
+                        lines[i] = "%s  # %s" % (line, p.item.src)
+                runs.append((cmd, indent, lines))
+                continue
             replacements[cmd.line] = (cmd.end_line, [indent + line for line in lines], False)
+        for first, commands in batch_runs(runs, reader.lines):
+            replacements.update(commands)
         prologue = []
         if index == 0:
             prologue = (["# Translated from ipchains by ipchains-translate %s: %s"
@@ -549,10 +555,57 @@ def translate_shell(sources, opts, defines, names):
                          "# Dispatch chains: see ipchains-translate(8). They are built by "
                          "%s, run once by the" % emit_iptables.SETUP,
                          "# first translated command; other rules and policies are left alone."]
-                        + emit_iptables.setup_function(tr.skeleton()))
+                        + tr.skeleton())
         outputs.append(splice(reader.lines, replacements, prologue))
     diags.extend(tr.diags)
     return Result("".join(outputs), sort_diags(diags))
+
+
+def batch_runs(runs, source):
+    """Yield (first line, {line: replacement}) for the translated commands RUNS
+    ((Cmd, indent, lines) in script order), in runs the shell runs one after
+    the other: same indentation, nothing but blank and comment lines between.
+
+    Our chains are built (SETUP) when the script's first ipchains command
+    runs, not before its own guards.  A run of several commands becomes one
+    iptables-restore --noflush call where the first command stood (the
+    others' lines are left empty); a lone command stays iptables commands.
+    """
+    group = []
+    for item in runs + [None]:
+        if item is not None and group and _follows(group[-1], item, source) and \
+                all(isinstance(line, emit_iptables.CommandLine) for line in item[2]):
+            group.append(item)
+            continue
+        if group:
+            yield group[0][0].line, _run_replacements(group)
+        group = [item] if item is not None else []
+
+
+def _follows(prev, item, source):
+    """True when command ITEM runs right after PREV (see batch_runs)."""
+    (pcmd, pindent, plines), (cmd, indent, _) = prev, item
+    if indent != pindent or cmd.line <= pcmd.end_line or \
+            not all(isinstance(line, emit_iptables.CommandLine) for line in plines):
+        return False
+    between = source[pcmd.end_line:cmd.line - 1]
+    return all(not line.strip() or line.lstrip().startswith("#") for line in between)
+
+
+def _run_replacements(group):
+    """Return {line: (last line, new lines, False)} for one run of commands."""
+    indent = group[0][1]
+    if len(group) == 1:
+        cmd, _, lines = group[0]
+        new = [emit_iptables.SETUP] + [getattr(line, "shell", lambda: line)() for line in lines]
+        return {cmd.line: (cmd.end_line, [indent + line for line in new], False)}
+    commands = [line for _, _, lines in group for line in lines]
+    body = emit_iptables.batch(commands)
+    out = {}
+    for k, (cmd, _, _) in enumerate(group):
+        new = [indent + emit_iptables.SETUP, indent + body[0]] + body[1:] if k == 0 else []
+        out[cmd.line] = (cmd.end_line, new, False)
+    return out
 
 
 def nothing_reason(cmd, tr):

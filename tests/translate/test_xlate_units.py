@@ -429,11 +429,14 @@ def test_output_source_tests_of_masqueraded_packets_use_masq_source():
     assert "ip saddr 192.0.2.0/24 drop" in result.text.split("chain out-output {")[1]
 
 
-def test_output_source_tests_of_masqueraded_packets_noted_without_masq_source():
+def test_output_source_tests_of_masqueraded_packets_warned_without_masq_source():
+    # Fail closed (issue 11): without --masq-source the translation differs
+    # from 2.2 for masqueraded packets, so it is a warning and exit 1.
     result = nft(MASQ_SCRIPT)
     assert "ip saddr 192.0.2.0/24 drop" in om_chain(result.text)
-    notes = [d for d in result.diags if "--masq-source" in d.message]
-    assert len(notes) == 3 and result.status == 0
+    warnings = [d for d in result.diags if "--masq-source" in d.message]
+    assert len(warnings) == 3 and result.status == 1
+    assert all(d.level == "warning" for d in warnings)
 
 
 def test_bytes_that_are_not_utf8_pass_through(tmp_path):

@@ -46,7 +46,7 @@ HOSTS_FILE = ("127.0.0.1\tlocalhost\n"
 BOOK_RULE = "ipchains -A input -p tcp -j REDIR 12970 -s 192.0.2.0/24 -d moose.mancill.com/32 80"
 BOOK_TPROXY = ["tproxy", "-s", "12970", "-r", "nobody", "cow.mancill.com", "80"]
 PORT = 12970
-ORIGIN = "-e:1"                          # the translator's comment on rules made from -e rule 1
+ORIGIN = "<stdin>:1"                     # the translator's comment on rules made from line 1 of stdin
 VERDICT = re.compile(r" (redirect|accept|reject|drop|jump|goto) ")
 
 
@@ -212,9 +212,12 @@ def step_translate(demo):
     """Translate the book's rule on the router, load it, and add counters to its rules."""
     heading("Step 1: translate the book's ipchains rule and load it on the router")
     say("Linux 2.2, Linux Routers: %s" % BOOK_RULE)
-    words = ["ipchains-translate", "--to=nft", "--redirect=nat", "--hosts", "/etc/hosts", "-e", BOOK_RULE]
-    show_cmd("router", words, "> redir.nft")
-    proc = demo.router.run(os.path.join(BIN, words[0]), *words[1:], check=False)
+    # The rule is a whole (one-line) firewall here: -e alone would print a
+    # snippet for a translation loaded before.
+    words = ["ipchains-translate", "--to=nft", "--redirect=nat", "--hosts", "/etc/hosts"]
+    show_cmd("router", ["echo", BOOK_RULE], "| %s > redir.nft" % " ".join(words))
+    proc = demo.router.run(os.path.join(BIN, words[0]), *words[1:], check=False,
+                           input=BOOK_RULE + "\n")
     if proc.returncode != 0:
         raise DemoError("ipchains-translate exited %d: %s" % (proc.returncode, proc.stderr.strip()))
     with open(demo.path("redir.nft"), "w") as f:

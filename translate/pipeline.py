@@ -134,8 +134,9 @@ def understand(items, names):
         try:
             command = parse(item.argv, item.src, names)
         except ParseError as exc:
-            diags.append(Diag("error", item.src, str(exc)))
-            out.append(Parsed(item, error=str(exc)))
+            message = str(exc) + expanded_hint(item)
+            diags.append(Diag("error", item.src, message))
+            out.append(Parsed(item, error=message))
             continue
         for note in getattr(command, "notes", ()):
             diags.append(Diag("note", item.src, note))
@@ -197,6 +198,15 @@ def shown_path(path):
     """Return PATH relative to the working directory when it lies below it."""
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel
+
+
+def expanded_hint(item):
+    """Return how bash expanded a command with expansions that failed to parse
+    (an empty or placeholder value is the usual cause), or ''."""
+    if item.cmd is not None or not any(c in item.src.text for c in "$`"):
+        return ""
+    ran = " ".join(shlex.quote(w) if w else "''" for w in item.argv)
+    return " (bash ran: %s; give the script's values with -D NAME=VALUE)" % ran
 
 
 def read_inputs(sources, defines, names, flat):

@@ -215,11 +215,16 @@ def render_restore(plan, header=()):
 # ---------------------------------------------------------------- shell commands
 
 
-def shell_word(word):
+def shell_word(word, _cache={}):
     """Quote WORD for sh; Raw words (expansions) are kept as written."""
     if isinstance(word, Raw):
         return str(word)
-    return shlex.quote(word)
+    quoted = _cache.get(word)
+    if quoted is None:
+        quoted = shlex.quote(word)
+        if len(_cache) < 100000:
+            _cache[word] = quoted
+    return quoted
 
 
 class CommandLine(str):
@@ -253,7 +258,9 @@ def heredoc_word(word):
     if isinstance(word, Raw):
         return str(word)
     text = restore_word(word)
-    return text.replace("\\", "\\\\").replace("$", "\\$").replace("`", "\\`")
+    if "\\" in text or "$" in text or "`" in text:
+        text = text.replace("\\", "\\\\").replace("$", "\\$").replace("`", "\\`")
+    return text
 
 
 def batch(commands):

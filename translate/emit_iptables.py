@@ -252,14 +252,18 @@ def command(table, args, prog="iptables"):
 HEREDOC = "IPCHAINS_TRANSLATE"
 
 
-def heredoc_word(word):
+def heredoc_word(word, _cache={}):
     """Quote WORD for an iptables-restore line in an unquoted here-document:
     Raw words (expansions) stay as written so the shell expands them."""
     if isinstance(word, Raw):
         return str(word)
-    text = restore_word(word)
-    if "\\" in text or "$" in text or "`" in text:
-        text = text.replace("\\", "\\\\").replace("$", "\\$").replace("`", "\\`")
+    text = _cache.get(word)
+    if text is None:
+        text = restore_word(word)
+        if "\\" in text or "$" in text or "`" in text:
+            text = text.replace("\\", "\\\\").replace("$", "\\$").replace("`", "\\`")
+        if len(_cache) < 100000:
+            _cache[word] = text
     return text
 
 

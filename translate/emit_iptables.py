@@ -10,7 +10,7 @@ import re
 import shlex
 
 from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto, MSocket, MSyn,
-                 NfRule, Raw, SCopy, SLog, SMark, STos, Untranslated)
+                 Raw, SCopy, SLog, SMark, STos, Untranslated)
 
 TABLE_ORDER = ("filter", "nat", "mangle")
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")

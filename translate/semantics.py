@@ -502,9 +502,16 @@ def nat_hooks(plan, features, opts):
             # packets of connections a transparent socket already holds
             # (the servers' replies to a proxy connecting from the client's
             # address) are marked for the local route and kept from TPROXY.
-            pre.entries.append(NfRule((MProto("tcp"), MSocket()),
-                                      (SMark("|", opts.tproxy_mark),), Verdict("accept"),
-                                      note("TPROXY: packets for transparent sockets")))
+            socket = (MProto("tcp"), MSocket())
+            divert = NfRule((), (SMark("|", opts.tproxy_mark),), Verdict("accept"),
+                            note("TPROXY: packets for transparent sockets"))
+            if opts.fmt == "nft":
+                pre.entries.append(NfRule(socket, divert.stmts, divert.verdict, divert.origin))
+            else:
+                # iptables has one target per rule: the recipe's DIVERT chain.
+                plan.add(table, "tproxy-divert", divert)
+                pre.entries.append(NfRule(socket, (), Verdict("jump", "tproxy-divert"),
+                                          divert.origin))
         pre.entries.append(NfRule((), (), Verdict("jump", "pre-input"),
                                   note("input rules deciding REDIRECT")))
         if opts.redirect == "tproxy":

@@ -1,8 +1,6 @@
 """Fail closed: input that is not ipchains is refused (exit 2, located), and a
 translation that left something out does not load unless --partial is given.
 """
-import os
-
 import pytest
 
 from xlate_helpers import run_tool

@@ -3,7 +3,6 @@ touches the host (files, network, links), runs under a time limit, and a
 script that runs no ipchains command with the values given is refused.
 """
 import os
-import subprocess
 import sys
 
 import pytest

@@ -5,7 +5,6 @@ back to the proxy through the socket-match rule, not forwarded past it).
 
 Lab (tests/support.py BookLab): client 192.0.2.10 -- router -- moose 198.51.100.10.
 """
-import os
 import subprocess
 
 import pytest

@@ -1,8 +1,10 @@
 """ipchains-translate: the command line (the only module touching files and exit codes).
 
 Exit status: 0 everything translated (notes allowed), 1 some commands could
-not be translated (each reported on stderr) or --check was refused by the
-kernel, 2 unreadable input or bad usage.
+not be translated (each reported on stderr; the output refuses to load
+unless --partial) or --check was refused by the kernel, 2 unreadable input,
+input without an ipchains command (or, flat formats, a script that ran
+none, or could not run in the sandbox) or bad usage.
 """
 import argparse
 import os
@@ -38,7 +40,8 @@ def build_parser():
                    help="load the result in a private network namespace and report "
                         "the kernel's verdict")
     p.add_argument("-D", "--define", action="append", default=[], metavar="NAME=VALUE",
-                   help="set a shell variable of the script (wins over its assignments)")
+                   help="set a shell variable of the script (wins over its assignments); "
+                        "a NAME of digits is a positional parameter: -D 1=start")
     p.add_argument("-e", "--rule", action="append", default=[], metavar="RULE",
                    help="translate this ipchains command (may be repeated); without "
                         "FILEs print its rules alone, for a translation loaded before")

@@ -2,8 +2,10 @@
 
 ``translate(sources, opts, defines, names)`` takes (name, text) pairs and
 returns a Result: the output text and the diagnostics, in input order.
-The flat formats simulate every command and emit the final state; the shell
-format replaces every ipchains command of the script in place.
+The flat formats run each script in bash in a sandbox (sandbox.py: the one
+impure step here), simulate every ipchains command it ran and emit the
+final state; the shell format replaces every ipchains command of the script
+in place, reading it statically.
 """
 import gc
 import os

@@ -77,7 +77,9 @@ def standins(text):
         for prog in RECORDED + SILENT:
             paths.add("%s/%s" % (d, prog))
     lines = [
-        "exec {__xl_fd}>>%s/out/records" % INSIDE,
+        # Records go to bash's standard output (a pipe to the translator);
+        # the script's own output goes nowhere.  No host path is writable.
+        "exec {__xl_fd}>&1 >/dev/null",
         # FUNCNAME: [__xl_rec, stand-in, caller...]: the caller's file and line.
         "__xl_rec() { local kind=$1; shift; printf '%s\\0%s\\0%s\\0%s\\0' \"$kind\" "
         "\"${BASH_SOURCE[2]}\" \"${BASH_LINENO[1]}\" \"$#\" >&$__xl_fd; "
@@ -136,7 +138,6 @@ def bwrap_argv(tmp, timeout):
     return [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
             "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", "/var/tmp",
             "--ro-bind", os.path.join(tmp, "in"), INSIDE + "/in",
-            "--bind", os.path.join(tmp, "out"), INSIDE + "/out",
             "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--chdir", os.getcwd(), "--clearenv",
             "--setenv", "PATH", "/usr/sbin:/usr/bin:/sbin:/bin",
@@ -155,13 +156,11 @@ def run(name, text, positional=(), forced=None, timeout=None):
     timeout = timeout or TIMEOUT
     with tempfile.TemporaryDirectory(prefix="ipchains-translate.") as tmp:
         os.mkdir(os.path.join(tmp, "in"))
-        os.mkdir(os.path.join(tmp, "out"))
         script = os.path.join(tmp, "in", "script")
         with open(script, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(text)
         with open(os.path.join(tmp, "in", "standins"), "w") as f:
             f.write(standins(text) + forcing(forced or {}))
-        open(os.path.join(tmp, "out", "records"), "wb").close()
         path, names = INSIDE + "/in/script", {INSIDE + "/in/script": name}
         # The working directory (relative paths in the script) is seen read-only.
         binds = ["--ro-bind", os.getcwd(), os.getcwd()]
@@ -173,7 +172,7 @@ def run(name, text, positional=(), forced=None, timeout=None):
         cut = base.index("--unshare-all")
         argv = base[:cut] + binds + base[cut:] + [path] + list(positional)
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, timeout=timeout + 10)
         except subprocess.TimeoutExpired:
             raise SandboxError("%s: the script ran longer than %d s in the sandbox"
@@ -186,9 +185,7 @@ def run(name, text, positional=(), forced=None, timeout=None):
                                % (name, timeout))
         if stderr.startswith("bwrap:"):
             raise SandboxError("cannot run the sandbox: %s" % stderr.strip().split("\n")[0])
-        with open(os.path.join(tmp, "out", "records"), "rb") as f:
-            data = f.read()
-    records = parse_records(data, names)
+    records = parse_records(proc.stdout, names)
     return Run(records, proc.returncode, stderr[-2000:])
 
 
@@ -200,6 +197,9 @@ def parse_records(data, names):
         if i + 4 > len(fields) - 1:
             break
         kind, file, line, argc = fields[i:i + 4]
+        if not argc.isdigit() or (line and not line.isdigit()):
+            raise SandboxError("%s: the script wrote into the stand-ins' record stream; "
+                               "nothing translated" % ", ".join(names.values()))
         n = int(argc)
         args = fields[i + 4:i + 4 + n]
         i += 4 + n

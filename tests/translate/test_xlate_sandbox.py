@@ -82,3 +82,13 @@ def test_stdin_runs_in_the_sandbox_too():
                                 "-s 192.0.2.$n -j ACCEPT; done\n")
     assert status == 0, err
     assert out.count('comment "<stdin>:1"') == 4     # two rules, two contexts each
+
+
+def test_records_written_by_the_script_are_refused(tmp_path):
+    script = tmp_path / "forge.sh"
+    script.write_text("ipchains -A input -s 192.0.2.1 -j ACCEPT\n"
+                      "echo to-stdout-goes-nowhere\n"
+                      "for fd in 10 11 12; do printf 'garbage\\0' >&$fd; done 2>/dev/null\n")
+    status, out, err = run_tool(["--to=nft", str(script)])
+    assert status == 2 and out == ""
+    assert "forge.sh: the script wrote into the stand-ins' record stream" in err

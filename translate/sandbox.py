@@ -193,11 +193,13 @@ def parse_records(data, names):
     """Return the Records of the NUL-separated DATA; file names mapped by NAMES."""
     fields = data.decode("utf-8", "surrogateescape").split("\0")
     out, i = [], 0
+    last = len(fields) - 1          # the data ends with NUL: fields[last] == ''
     for _ in range(len(fields)):
-        if i + 4 > len(fields) - 1:
+        if i >= last:
             break
-        kind, file, line, argc = fields[i:i + 4]
-        if not argc.isdigit() or (line and not line.isdigit()):
+        kind, file, line, argc = (fields[i:i + 4] + ["", "", "", ""])[:4]
+        if i + 4 > last or not argc.isdigit() or (line and not line.isdigit()) or \
+                i + 4 + int(argc) > last:
             raise SandboxError("%s: the script wrote into the stand-ins' record stream; "
                                "nothing translated" % ", ".join(names.values()))
         n = int(argc)

@@ -44,24 +44,31 @@ def run_lines(directory, script, args):
     input lines, and modprobe ip_masq_*) bash runs for SCRIPT in DIRECTORY."""
     positional, named = split_args(args)
     with tempfile.TemporaryDirectory() as tmp:
-        upper, work = os.path.join(tmp, "upper"), os.path.join(tmp, "work")
-        os.mkdir(upper)
-        os.mkdir(work)
+        standins = os.path.join(tmp, "standins")
+        os.mkdir(standins)
         for name, body in STANDINS.items():
-            path = os.path.join(upper, name)
+            path = os.path.join(standins, name)
             with open(path, "w") as f:
                 f.write("#!/bin/sh\n%s\n" % body)
             os.chmod(path, 0o755)
+        # The overlay's upper layer lives on a tmpfs of the private mount
+        # namespace (an upper layer on overlayfs, as in containers, is refused).
+        layer = os.path.join(tmp, "layer")
+        os.mkdir(layer)
+        upper, work = os.path.join(layer, "upper"), os.path.join(layer, "work")
         pre = "".join("readonly %s=%s; " % (k, shlex.quote(v)) for k, v in named.items())
-        inner = ("mount -t overlay overlay -o lowerdir=/usr/sbin,upperdir=%s,workdir=%s "
+        inner = ("mount -t tmpfs tmpfs %s && mkdir %s %s && cp -p %s/* %s && "
+                 "mount -t overlay overlay -o lowerdir=/usr/sbin,upperdir=%s,workdir=%s "
                  "/usr/sbin && cd %s && exec bash -c %s %s %s 2>&1 >/dev/null </dev/null"
-                 % (upper, work, shlex.quote(directory),
+                 % (layer, upper, work, standins, upper, upper, work, shlex.quote(directory),
                     # bash run as root ignores PS4 from the environment.
                     shlex.quote("PS4='+${BASH_SOURCE}:${LINENO}: '; " + pre +
                                 'set -x; . "$0" "$@"'), shlex.quote(script),
                     " ".join(shlex.quote(p) for p in positional)))
         proc = subprocess.run(["unshare", "--mount", "--net", "--fork", "sh", "-c", inner],
                               capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0 and not TRACE.search(proc.stdout):
+        raise RuntimeError("bashtrace could not run %s: %s" % (script, proc.stdout[-500:]))
     texts, out = {}, set()
     for m in TRACE.finditer(proc.stdout):
         file, cmd = m.group("file"), m.group("cmd")

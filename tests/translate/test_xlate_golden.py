@@ -64,6 +64,8 @@ def test_every_command_is_accounted_for(name, fmt):
     assert numbers
     if "shell logic" in open(os.path.join(CASES, name + ".ipchains")).read(400).lower():
         # The flat formats follow the shell: only the lines bash runs count.
+        if os.geteuid() != 0:
+            pytest.skip("bashtrace needs root (a mount namespace with an overlay)")
         ran = bashtrace.run_lines(CASES, name + ".ipchains", case_args(name))
         numbers = [n for n in numbers if "%s.ipchains:%d" % (name, n) in ran]
     for number in numbers:

@@ -36,14 +36,15 @@ def m_proto(m):
 
 
 def m_addr(m):
-    if m.orig:
-        return ["-m", "conntrack"] + _neg(m.neg, ["--ctorig%s" % ("src" if m.dir == "s" else "dst"), m.net])
+    if m.orig or m.reply:
+        opt = "--ct%s%s" % ("repl" if m.reply else "orig", "src" if m.dir == "s" else "dst")
+        return ["-m", "conntrack"] + _neg(m.neg, [opt, m.net])
     return _neg(m.neg, ["-s" if m.dir == "s" else "-d", m.net])
 
 
 def m_ports(m):
-    if m.orig:
-        opt = "--ctorig%sport" % ("src" if m.dir == "s" else "dst")
+    if m.orig or m.reply:
+        opt = "--ct%s%sport" % ("repl" if m.reply else "orig", "src" if m.dir == "s" else "dst")
         return ["-m", "conntrack"] + _neg(m.ports.neg, [opt, ports_text(m.ports)])
     opt = "--sport" if m.dir == "s" else "--dport"
     return _neg(m.ports.neg, [opt, ports_text(m.ports)])
@@ -93,7 +94,8 @@ def s_copy(s):
 
 STATEMENTS = {SLog: s_log, SMark: s_mark, STos: s_tos, SCopy: s_copy}
 
-REJECT_WITH = {"port-unreach": "icmp-port-unreachable", "tcp-reset": "tcp-reset"}
+REJECT_WITH = {"port-unreach": "icmp-port-unreachable", "host-unreach": "icmp-host-unreachable",
+               "tcp-reset": "tcp-reset"}
 
 
 def verdict_words(v):
@@ -115,7 +117,7 @@ def verdict_words(v):
         return ["-j", "TPROXY", "--on-port", str(v.arg or 0),
                 "--tproxy-mark", "0x%x/0x%x" % (v.mark, v.mark)]
     if kind == "masquerade":
-        return ["-j", "MASQUERADE"]
+        return ["-j", "MASQUERADE"] + (["--to-ports", v.arg] if v.arg else [])
     if kind == "dnat":
         return ["-j", "DNAT", "--to-destination", v.arg]
     raise ValueError("unknown verdict %r" % kind)

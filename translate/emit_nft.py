@@ -49,8 +49,9 @@ def addr_text(net):
 
 def m_addr(m):
     field = "saddr" if m.dir == "s" else "daddr"
-    if m.orig:
-        return "ct original ip %s %s%s" % (field, _op(m.neg), addr_text(m.net))
+    if m.orig or m.reply:
+        return "ct %s ip %s %s%s" % ("reply" if m.reply else "original", field, _op(m.neg),
+                                     addr_text(m.net))
     return "ip %s %s%s" % (field, _op(m.neg), addr_text(m.net))
 
 
@@ -60,9 +61,10 @@ def ports_text(ports):
 
 
 def m_ports(m):
-    if m.orig:
+    if m.orig or m.reply:
         key = "proto-src" if m.dir == "s" else "proto-dst"
-        return "ct original %s %s%s" % (key, _op(m.ports.neg), ports_text(m.ports))
+        return "ct %s %s %s%s" % ("reply" if m.reply else "original", key, _op(m.ports.neg),
+                                  ports_text(m.ports))
     proto = m.proto if m.proto in ("tcp", "udp") else "th"
     return "%s %s %s%s" % (proto, "sport" if m.dir == "s" else "dport",
                            _op(m.ports.neg), ports_text(m.ports))
@@ -115,6 +117,10 @@ def s_copy(s):
 
 STATEMENTS = {SLog: s_log, SMark: s_mark, STos: s_tos, SCopy: s_copy}
 
+REJECT_WITH = {"port-unreach": "reject with icmp type port-unreachable",
+               "host-unreach": "reject with icmp type host-unreachable",
+               "tcp-reset": "reject with tcp reset"}
+
 
 def verdict_text(v):
     """Return the verdict of Verdict V ('' for count-only rules)."""
@@ -122,8 +128,7 @@ def verdict_text(v):
     if kind in ("accept", "drop", "return"):
         return kind
     if kind == "reject":
-        return "reject with tcp reset" if v.arg == "tcp-reset" else \
-            "reject with icmp type port-unreachable"
+        return REJECT_WITH[v.arg]
     if kind in ("jump", "goto"):
         return "%s %s" % (kind, v.arg)
     if kind == "redirect":
@@ -132,7 +137,7 @@ def verdict_text(v):
         # nft tproxy is not terminal: mark for the policy routing, then accept.
         return "tproxy to :%d meta mark set meta mark | 0x%08x accept" % (v.arg or 0, v.mark)
     if kind == "masquerade":
-        return "masquerade"
+        return "masquerade to :%s" % v.arg if v.arg else "masquerade"
     if kind == "dnat":
         return "dnat to %s" % v.arg
     return ""

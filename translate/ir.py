@@ -150,12 +150,13 @@ class MProto:
 
 @dataclass(frozen=True)
 class MAddr:
-    """Match source ('s') or destination ('d'); orig: the conntrack original tuple."""
+    """Match source ('s') or destination ('d'); orig/reply: that conntrack tuple's."""
 
     dir: str
     net: str
     neg: bool = False
     orig: bool = False
+    reply: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ class MPorts:
     ports: Ports
     proto: str = "tcp"
     orig: bool = False
+    reply: bool = False
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,8 @@ class Verdict:
 
     kind: accept drop reject return jump goto redirect tproxy masquerade dnat,
     or None (count only).  arg: the chain, the port, the reject type
-    ('port-unreach', 'tcp-reset') or the DNAT 'addr:port'.
+    ('port-unreach', 'host-unreach', 'tcp-reset'), the DNAT 'addr:port' or
+    the masquerade port range 'lo-hi' (None: any port).
     """
 
     kind: Optional[str] = None

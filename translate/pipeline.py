@@ -415,7 +415,8 @@ class ShellTranslator:
         if effect.kind == "portfw-flush":
             return [emit_iptables.command("nat", ["-F", "portfw"])]
         op = "-A" if effect.kind == "portfw-add" else "-D"
-        return emit_iptables.append_commands("nat", "portfw", semantics.portfw_rule(pf), op)
+        return [line for removed in effect.rules for line in
+                emit_iptables.append_commands("nat", "portfw", semantics.portfw_rule(removed), op)]
 
 
 def translate_shell(sources, opts, defines, names):

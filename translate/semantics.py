@@ -10,9 +10,13 @@ OUTPUT see only local traffic.  So every ipchains chain is emitted once per
   in-   input, for packets to this host             (filter INPUT)
   rd-   input, for packets REDIRECTed to this host, judged by their
         original destination from conntrack        (filter INPUT, nat mode)
+  mr-   input, for replies of masqueraded connections, judged by their
+        addresses before de-masquerading (conntrack's reply tuple)
+                                                    (filter FORWARD)
   fi-   input, as the first stage of a forwarded packet    (filter FORWARD)
   fw-   forward, the second stage                           (filter FORWARD)
-  out-  output, for local packets and as the third stage of forwarded ones
+  out-  output, for local packets                           (filter OUTPUT)
+  fo-   output, as the third stage of forwarded packets     (filter FORWARD)
   om-   output, as the third stage of masqueraded packets: 2.2 masqueraded
         before its output chain, so a source address test there is decided
         for the masquerading address (--masq-source), not the inside one
@@ -22,11 +26,16 @@ In the forward stages ACCEPT means "go on to the next stage" (a goto into
 ``stage-fw`` / ``stage-out``, which run the next ipchains chain and then its
 policy), so verdicts and order are kept.  Every stage ends in its chain's
 policy (``pol-*`` chains), so nothing falls through.  MASQ marks the packet
-and goes on to the output stage; nat POSTROUTING masquerades marked packets;
-replies of masqueraded connections skip the input and forward stages, as 2.2
-let them in on its own.  REDIRECT is decided in PREROUTING by a copy of the
-input chain whose side effects are dropped, then accepted in INPUT at the
-rule's own position.
+and goes on to the output stage; nat POSTROUTING masquerades marked packets
+to 2.2's ports; replies of masqueraded connections meet the input chain by
+the addresses and ports they arrived with, skip forward and meet output, as
+on 2.2 (ip_rcv ran input, ip_local_deliver de-masqueraded, ip_forward skipped
+forward for IPSKB_MASQUERADED packets).  REDIRECT is decided in PREROUTING by
+a copy of the input chain whose side effects are dropped, then accepted in
+INPUT at the rule's own position.  REJECT answers as 2.2 did in each place:
+port unreachable from input, host unreachable from forward and from output
+for forwarded packets, and no ICMP for local packets (2.2's output chain
+made the send fail: a drop).
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -39,17 +48,32 @@ CONTEXT_INFO = {
     # ctx: (built-in chain, interface direction, description)
     "in": ("input", "in", "input, packets to this host"),
     "rd": ("input", "in", "input, redirected packets (original destination)"),
+    "mr": ("input", "in", "input, replies of masqueraded connections"),
     "fi": ("input", "in", "input, as the first stage of forwarded packets"),
     "fw": ("forward", "out", "forward, the second stage of forwarded packets"),
-    "out": ("output", "out", "output, local packets and forwarded ones"),
+    "out": ("output", "out", "output, local packets"),
+    "fo": ("output", "out", "output, the third stage of forwarded packets"),
     "om": ("output", "out", "output, the third stage of masqueraded packets"),
     "pre": ("input", "in", "input, deciding REDIRECT before routing"),
 }
-CONTEXT_ORDER = ("in", "rd", "fi", "fw", "out", "om", "pre")
-POLICY_CHAIN = {"in": "pol-input", "rd": "pol-input", "fi": "pol-fi-input",
-                "fw": "pol-forward", "out": "pol-output", "om": "pol-output"}
+CONTEXT_ORDER = ("in", "rd", "mr", "fi", "fw", "out", "fo", "om", "pre")
+POLICY_CHAIN = {"in": "pol-input", "rd": "pol-input", "mr": "pol-mr-input",
+                "fi": "pol-fi-input", "fw": "pol-forward", "out": "pol-output",
+                "fo": "pol-fo-output", "om": "pol-fo-output"}
 MANGLE_HOOKS = {"in": ("INPUT",), "fi": ("FORWARD",), "fw": ("FORWARD",),
-                "out": ("OUTPUT", "FORWARD")}
+                "out": ("OUTPUT",), "fo": ("FORWARD",)}
+# What REJECT sent in each context on 2.2: ip_input.c ip_rcv sent port
+# unreachable for the input chain (every arriving packet, forwarded or not);
+# ip_forward.c sent host unreachable for the forward chain and for the output
+# chain of forwarded packets; ip_output.c only dropped a local packet (or
+# failed the send with EPERM), so locally REJECT is a drop.
+REJECT_WITH = {"in": "port-unreach", "rd": "port-unreach", "mr": "port-unreach",
+               "fi": "port-unreach", "fw": "host-unreach", "fo": "host-unreach",
+               "om": "host-unreach", "out": None}
+# 2.2 gave masqueraded connections ports PORT_MASQ_BEGIN..PORT_MASQ_END-1
+# (include/net/ip_masq.h, ip_masq.c get_next_mport); input rules meant for
+# the replies test them.
+MASQ_PORTS = (61000, 65095)
 
 
 @dataclass
@@ -139,7 +163,9 @@ def builtin_contexts(features, opts):
     if features.redirect:
         inputs = (["in", "rd", "fi", "pre"] if opts.redirect == "nat"
                   else ["in", "fi", "pre"])
-    outputs = ["out", "om"] if features.masq else ["out"]
+    if features.masq:
+        inputs.insert(inputs.index("fi"), "mr")
+    outputs = ["out", "fo", "om"] if features.masq else ["out", "fo"]
     return {"input": inputs, "forward": ["fw"], "output": outputs}
 
 
@@ -200,6 +226,7 @@ def rule_matches(rule, ctx, opts=None):
     """
     iface_dir = CONTEXT_INFO[ctx][1]
     orig = ctx == "rd"
+    reply = ctx == "mr"
     saddr = rule.saddr
     if ctx == "om" and saddr is not None and opts is not None:
         decided = masq_source_test(saddr, opts)
@@ -215,12 +242,12 @@ def rule_matches(rule, ctx, opts=None):
     if saddr is not None:
         out.append(MAddr("s", saddr.net, saddr.neg))
     if rule.daddr is not None:
-        out.append(MAddr("d", rule.daddr.net, rule.daddr.neg, orig))
+        out.append(MAddr("d", rule.daddr.net, rule.daddr.neg, orig, reply))
     proto = rule.proto
     if rule.sport is not None:
         out.append(MPorts("s", rule.sport, proto))
     if rule.dport is not None:
-        out.append(MPorts("d", rule.dport, proto, orig))
+        out.append(MPorts("d", rule.dport, proto, orig, reply))
     if rule.icmp_type is not None:
         out.append(MIcmp(rule.icmp_type, rule.icmp_code, rule.icmp_type_neg))
     if rule.syn is not None:
@@ -289,7 +316,7 @@ def verdict_of(rule, chain, ctx, opts):
 
 
 def _accept(rule, chain, ctx, opts):
-    if ctx in ("fi", "fw"):
+    if ctx in ("fi", "fw", "mr"):
         return stage_goto(ctx), ()
     return Verdict("accept"), ()
 
@@ -300,10 +327,16 @@ def _deny(rule, chain, ctx, opts):
     return Verdict("drop"), ()
 
 
+def reject_verdict(ctx):
+    """Return the Verdict of REJECT in context CTX, answering as 2.2 did there."""
+    code = REJECT_WITH[ctx]
+    return Verdict("reject", code) if code else Verdict("drop")
+
+
 def _reject(rule, chain, ctx, opts):
     if ctx == "pre":
         return Verdict("accept"), ()
-    return Verdict("reject", "port-unreach"), ()
+    return reject_verdict(ctx), ()
 
 
 def _return(rule, chain, ctx, opts):
@@ -320,7 +353,7 @@ def _masq(rule, chain, ctx, opts):
 
 
 def _redirect(rule, chain, ctx, opts):
-    if ctx in ("fw", "out", "om"):
+    if ctx in ("fw", "out", "fo", "om"):
         raise Invalid("REDIRECT is only valid in input, but chain '%s' is reached "
                       "from %s" % (chain, CONTEXT_INFO[ctx][0]))
     if ctx == "pre":
@@ -331,6 +364,10 @@ def _redirect(rule, chain, ctx, opts):
         # Only reached when the redirect did not happen (no listener in tproxy
         # mode); 2.2 would have answered from the local stack: refuse.
         return Verdict("reject", "tcp-reset" if rule.proto == "tcp" else "port-unreach"), ()
+    if ctx == "mr":
+        # 2.2 delivered the reply locally, where ip_local_deliver de-masqueraded
+        # it first and forwarded it: the redirect changed nothing.
+        return stage_goto(ctx), ()
     return Verdict("accept"), ()
 
 
@@ -379,7 +416,7 @@ def translate_rule(rule, chain, ctx, opts, cache=None):
         return result
     if ctx == "pre" and verdict.kind is None:
         return result           # counting only: nothing to decide before routing
-    key = (CONTEXT_INFO[ctx][1], ctx == "rd", ctx == "om")
+    key = (CONTEXT_INFO[ctx][1], ctx if ctx in ("rd", "mr", "om") else "")
     if key not in cache:
         try:
             cache[key] = rule_matches(rule, ctx, opts)
@@ -412,11 +449,11 @@ def policy_rule(ctx, policy, src, opts):
     if policy in ("ACCEPT", "MASQ"):
         if policy == "MASQ":
             return NfRule((), (SMark("|", opts.masq_mark),), Verdict("goto", "stage-om"), origin)
-        if ctx in ("fi", "fw"):
+        if ctx in ("fi", "fw", "mr"):
             return NfRule((), (), stage_goto(ctx), origin)
         return NfRule((), (), Verdict("accept"), origin)
     if policy == "REJECT":
-        return NfRule((), (), Verdict("reject", "port-unreach"), origin)
+        return NfRule((), (), reject_verdict(ctx), origin)
     return NfRule((), (), Verdict("drop"), origin)
 
 
@@ -450,8 +487,12 @@ def skeleton(plan, features, policies, opts):
     inp.entries.append(NfRule((), (), Verdict("jump", "in-input"), note("input")))
     inp.entries.append(NfRule((), (), Verdict("jump", "pol-input"), note("input policy")))
     if features.masq:
-        fwd.entries.append(NfRule((MConn("SNAT", "REPLY"),), (), Verdict("jump", "stage-out"),
-                                  note("replies of masqueraded connections")))
+        replies = (MConn("SNAT", "REPLY"),)
+        fwd.entries.append(NfRule(replies, (), Verdict("jump", "mr-input"),
+                                  note("replies of masqueraded connections: input stage, "
+                                       "by their addresses before de-masquerading")))
+        fwd.entries.append(NfRule(replies, (), Verdict("jump", "pol-mr-input"),
+                                  note("replies of masqueraded connections: input policy")))
     fwd.entries.append(NfRule((), (), Verdict("jump", "fi-input"),
                               note("forwarded: input stage")))
     fwd.entries.append(NfRule((), (), Verdict("jump", "pol-fi-input"),
@@ -464,18 +505,19 @@ def skeleton(plan, features, policies, opts):
     stage_fw.entries.append(NfRule((), (), Verdict("jump", "pol-forward"),
                                    note("forwarded: forward policy")))
     stage_out = plan.chain("filter", "stage-out")
-    stage_out.entries.append(NfRule((), (), Verdict("jump", "out-output"),
+    stage_out.entries.append(NfRule((), (), Verdict("jump", "fo-output"),
                                     note("forwarded: output stage")))
-    stage_out.entries.append(NfRule((), (), Verdict("jump", "pol-output"),
+    stage_out.entries.append(NfRule((), (), Verdict("jump", "pol-fo-output"),
                                     note("forwarded: output policy")))
     if features.masq:
         stage_om = plan.chain("filter", "stage-om")
         stage_om.entries.append(NfRule((), (), Verdict("jump", "om-output"),
                                        note("masqueraded: output stage")))
-        stage_om.entries.append(NfRule((), (), Verdict("jump", "pol-output"),
+        stage_om.entries.append(NfRule((), (), Verdict("jump", "pol-fo-output"),
                                        note("masqueraded: output policy")))
-    for ctx, builtin in (("in", "input"), ("fi", "input"), ("fw", "forward"),
-                         ("out", "output")):
+    policy_ctxs = (("in", "input"),) + ((("mr", "input"),) if features.masq else ()) + (
+        ("fi", "input"), ("fw", "forward"), ("out", "output"), ("fo", "output"))
+    for ctx, builtin in policy_ctxs:
         policy, src = policies[builtin]
         plan.add("filter", POLICY_CHAIN[ctx], policy_rule(ctx, policy, src, opts))
     for builtin, names in ctxs.items():
@@ -500,8 +542,12 @@ def nat_hooks(plan, features, opts):
             plan.notes.extend(tproxy_notes(opts))
     if features.masq:
         post = plan.chain("nat", "POSTROUTING", ("postrouting", "ACCEPT"))
-        post.entries.append(NfRule((MMark(opts.masq_mark),), (), Verdict("masquerade"),
-                                   note("MASQ")))
+        marked = MMark(opts.masq_mark)
+        ports = "%d-%d" % MASQ_PORTS
+        for proto in ("tcp", "udp"):
+            post.entries.append(NfRule((MProto(proto), marked), (), Verdict("masquerade", ports),
+                                       note("MASQ, to 2.2's ports")))
+        post.entries.append(NfRule((marked,), (), Verdict("masquerade"), note("MASQ")))
 
 
 def tproxy_notes(opts):

@@ -244,7 +244,7 @@ def test_tokenizer_keeps_raw_text():
 def test_user_chain_gets_the_contexts_of_its_callers():
     graph = {"input": ["u"], "output": ["u"], "u": ["v"]}
     ctxs = chain_contexts(graph, Features(), Options())
-    assert ctxs["v"] == ["in", "fi", "out"]
+    assert ctxs["v"] == ["in", "fi", "out", "fo"]
     assert "u" not in chain_contexts({}, Features(), Options())
 
 

@@ -546,7 +546,7 @@ def nat_hooks(plan, features, opts):
         ports = "%d-%d" % MASQ_PORTS
         for proto in ("tcp", "udp"):
             post.entries.append(NfRule((MProto(proto), marked), (), Verdict("masquerade", ports),
-                                       note("MASQ, to 2.2's ports")))
+                                       note("MASQ, from the ports 2.2 used")))
         post.entries.append(NfRule((marked,), (), Verdict("masquerade"), note("MASQ")))
 
 

@@ -615,7 +615,25 @@ def plan_ruleset(chains, opts):
                         diags.append(diag)
     for pf in chains.portfw.values():
         plan.add("nat", "portfw", portfw_rule(pf))
+    diags.extend(portfw_notes(chains.portfw.values()))
     return plan, diags
+
+
+def portfw_notes(forwards):
+    """Yield a note for each port forward that 2.2 would have shared connections with.
+
+    ip_masq_portfw.c (portfw_in_create) rotated the forwards of one local
+    address and port by their -p preference; a DNAT rule list takes the first.
+    """
+    first = {}
+    for pf in forwards:
+        key = (pf.proto, pf.laddr, pf.lport)
+        if key in first:
+            yield Diag("note", pf.src, "2.2 shared the connections to %s %s:%d among its "
+                       "forwards; netfilter sends them all to the first (%s)"
+                       % (pf.proto, pf.laddr, pf.lport, first[key].src))
+        else:
+            first[key] = pf
 
 
 def rule_notes(rule, ctx, opts):

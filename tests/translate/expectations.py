@@ -252,6 +252,13 @@ PORTFW = [
                             "-a -P tcp -L 198.51.100.1 81 -R 192.0.2.80 81"],
                   [("tcp", "198.51.100.1", 81, "192.0.2.80", 81)], 0,
                   _PORTFW + ":105-123 (ip_portfw_flush)"),
+    PortfwExample("add a second forward of one local end (2.2 shared the connections; "
+                  "a note says netfilter takes the first)",
+                  ["-a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080",
+                   "-a -P tcp -L 198.51.100.1 80 -R 192.0.2.81 8080"],
+                  [("tcp", "198.51.100.1", 80, "192.0.2.80", 8080),
+                   ("tcp", "198.51.100.1", 80, "192.0.2.81", 8080)], 0,
+                  _PORTFW + ":400-455 (portfw_in_create rotates forwards by pref_cnt)"),
     PortfwExample("adding the same forward twice keeps one",
                   ["-a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080",
                    "-a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080"],

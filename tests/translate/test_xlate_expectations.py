@@ -130,6 +130,16 @@ def test_portfw(tmp_path, example):
     assert sorted(portfw_tuples(nft)) == sorted(example.remaining), example.cite
 
 
+def test_forwards_sharing_a_local_end_are_noted(tmp_path):
+    script = tmp_path / "pf.sh"
+    script.write_text("ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080\n"
+                      "ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.81 8080\n")
+    status, out, err = run_in(tmp_path, ["--to=nft", "pf.sh"])
+    assert status == 0
+    assert err.startswith("pf.sh:2: note: 2.2 shared the connections to tcp 198.51.100.1:80 "
+                          "among its forwards; netfilter sends them all to the first (pf.sh:1)")
+
+
 def test_table_covers_every_target_and_context():
     """Every target and every context the translator emits has a row."""
     targets = {r.target for r in ex.TARGETS}

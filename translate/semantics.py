@@ -13,6 +13,8 @@ OUTPUT see only local traffic.  So every ipchains chain is emitted once per
   mr-   input, for replies of masqueraded connections, judged by their
         addresses before de-masquerading (conntrack's reply tuple)
                                                     (filter FORWARD)
+  pf-   input, for port-forwarded packets (ipmasqadm portfw), judged by the
+        address they arrived for (conntrack's original tuple) (filter FORWARD)
   fi-   input, as the first stage of a forwarded packet    (filter FORWARD)
   fw-   forward, the second stage                           (filter FORWARD)
   out-  output, for local packets                           (filter OUTPUT)
@@ -30,7 +32,7 @@ and goes on to the output stage; nat POSTROUTING masquerades marked packets
 to 2.2's ports; replies of masqueraded connections meet the input chain by
 the addresses and ports they arrived with, skip forward and meet output, as
 on 2.2 (ip_rcv ran input, ip_local_deliver de-masqueraded, ip_forward skipped
-forward for IPSKB_MASQUERADED packets).  REDIRECT is decided in PREROUTING by
+forward for IPSKB_MASQUERADED packets); port-forwarded packets likewise.  REDIRECT is decided in PREROUTING by
 a copy of the input chain whose side effects are dropped, then accepted in
 INPUT at the rule's own position.  REJECT answers as 2.2 did in each place:
 port unreachable from input, host unreachable from forward and from output
@@ -49,6 +51,7 @@ CONTEXT_INFO = {
     "in": ("input", "in", "input, packets to this host"),
     "rd": ("input", "in", "input, redirected packets (original destination)"),
     "mr": ("input", "in", "input, replies of masqueraded connections"),
+    "pf": ("input", "in", "input, port-forwarded packets"),
     "fi": ("input", "in", "input, as the first stage of forwarded packets"),
     "fw": ("forward", "out", "forward, the second stage of forwarded packets"),
     "out": ("output", "out", "output, local packets"),
@@ -56,8 +59,9 @@ CONTEXT_INFO = {
     "om": ("output", "out", "output, the third stage of masqueraded packets"),
     "pre": ("input", "in", "input, deciding REDIRECT before routing"),
 }
-CONTEXT_ORDER = ("in", "rd", "mr", "fi", "fw", "out", "fo", "om", "pre")
+CONTEXT_ORDER = ("in", "rd", "mr", "pf", "fi", "fw", "out", "fo", "om", "pre")
 POLICY_CHAIN = {"in": "pol-input", "rd": "pol-input", "mr": "pol-mr-input",
+                "pf": "pol-pf-input",
                 "fi": "pol-fi-input", "fw": "pol-forward", "out": "pol-output",
                 "fo": "pol-fo-output", "om": "pol-fo-output"}
 MANGLE_HOOKS = {"in": ("INPUT",), "fi": ("FORWARD",), "fw": ("FORWARD",),
@@ -68,6 +72,7 @@ MANGLE_HOOKS = {"in": ("INPUT",), "fi": ("FORWARD",), "fw": ("FORWARD",),
 # chain of forwarded packets; ip_output.c only dropped a local packet (or
 # failed the send with EPERM), so locally REJECT is a drop.
 REJECT_WITH = {"in": "port-unreach", "rd": "port-unreach", "mr": "port-unreach",
+               "pf": "port-unreach",
                "fi": "port-unreach", "fw": "host-unreach", "fo": "host-unreach",
                "om": "host-unreach", "out": None}
 # 2.2 gave masqueraded connections ports PORT_MASQ_BEGIN..PORT_MASQ_END-1
@@ -165,6 +170,8 @@ def builtin_contexts(features, opts):
                   else ["in", "fi", "pre"])
     if features.masq:
         inputs.insert(inputs.index("fi"), "mr")
+    if features.portfw:
+        inputs.insert(inputs.index("fi"), "pf")
     outputs = ["out", "fo", "om"] if features.masq else ["out", "fo"]
     return {"input": inputs, "forward": ["fw"], "output": outputs}
 
@@ -225,7 +232,7 @@ def rule_matches(rule, ctx, opts=None):
     2.2: with --masq-source the test is decided here (NeverMatches if false).
     """
     iface_dir = CONTEXT_INFO[ctx][1]
-    orig = ctx == "rd"
+    orig = ctx in ("rd", "pf")
     reply = ctx == "mr"
     saddr = rule.saddr
     if ctx == "om" and saddr is not None and opts is not None:
@@ -316,7 +323,7 @@ def verdict_of(rule, chain, ctx, opts):
 
 
 def _accept(rule, chain, ctx, opts):
-    if ctx in ("fi", "fw", "mr"):
+    if ctx in ("fi", "fw", "mr", "pf"):
         return stage_goto(ctx), ()
     return Verdict("accept"), ()
 
@@ -364,8 +371,8 @@ def _redirect(rule, chain, ctx, opts):
         # Only reached when the redirect did not happen (no listener in tproxy
         # mode); 2.2 would have answered from the local stack: refuse.
         return Verdict("reject", "tcp-reset" if rule.proto == "tcp" else "port-unreach"), ()
-    if ctx == "mr":
-        # 2.2 delivered the reply locally, where ip_local_deliver de-masqueraded
+    if ctx in ("mr", "pf"):
+        # 2.2 delivered the packet locally, where ip_local_deliver de-masqueraded
         # it first and forwarded it: the redirect changed nothing.
         return stage_goto(ctx), ()
     return Verdict("accept"), ()
@@ -416,7 +423,7 @@ def translate_rule(rule, chain, ctx, opts, cache=None):
         return result
     if ctx == "pre" and verdict.kind is None:
         return result           # counting only: nothing to decide before routing
-    key = (CONTEXT_INFO[ctx][1], ctx if ctx in ("rd", "mr", "om") else "")
+    key = (CONTEXT_INFO[ctx][1], ctx if ctx in ("rd", "mr", "pf", "om") else "")
     if key not in cache:
         try:
             cache[key] = rule_matches(rule, ctx, opts)
@@ -449,7 +456,7 @@ def policy_rule(ctx, policy, src, opts):
     if policy in ("ACCEPT", "MASQ"):
         if policy == "MASQ":
             return NfRule((), (SMark("|", opts.masq_mark),), Verdict("goto", "stage-om"), origin)
-        if ctx in ("fi", "fw", "mr"):
+        if ctx in ("fi", "fw", "mr", "pf"):
             return NfRule((), (), stage_goto(ctx), origin)
         return NfRule((), (), Verdict("accept"), origin)
     if policy == "REJECT":
@@ -493,6 +500,13 @@ def skeleton(plan, features, policies, opts):
                                        "by their addresses before de-masquerading")))
         fwd.entries.append(NfRule(replies, (), Verdict("jump", "pol-mr-input"),
                                   note("replies of masqueraded connections: input policy")))
+    if features.portfw:
+        forwarded = (MConn("DNAT", "ORIGINAL"),)
+        fwd.entries.append(NfRule(forwarded, (), Verdict("jump", "pf-input"),
+                                  note("port-forwarded: input stage, by the address they "
+                                       "arrived for")))
+        fwd.entries.append(NfRule(forwarded, (), Verdict("jump", "pol-pf-input"),
+                                  note("port-forwarded: input policy")))
     fwd.entries.append(NfRule((), (), Verdict("jump", "fi-input"),
                               note("forwarded: input stage")))
     fwd.entries.append(NfRule((), (), Verdict("jump", "pol-fi-input"),
@@ -516,6 +530,7 @@ def skeleton(plan, features, policies, opts):
         stage_om.entries.append(NfRule((), (), Verdict("jump", "pol-fo-output"),
                                        note("masqueraded: output policy")))
     policy_ctxs = (("in", "input"),) + ((("mr", "input"),) if features.masq else ()) + (
+        (("pf", "input"),) if features.portfw else ()) + (
         ("fi", "input"), ("fw", "forward"), ("out", "output"), ("fo", "output"))
     for ctx, builtin in policy_ctxs:
         policy, src = policies[builtin]

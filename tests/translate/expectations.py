@@ -21,6 +21,11 @@ as contexts (the prefix of the netfilter chain holding that copy of a chain):
        (ip_input.c:256-271), marked it IPSKB_MASQUERADED and forwarded it;
        ip_forward skipped the forward chain for such packets
        (ip_forward.c:164-208) and ran the output chain (ip_forward.c:246).
+  pf   a port-forwarded packet (ipmasqadm portfw): ip_rcv ran the input chain
+       on it as it arrived, addressed to the forward's local address and
+       port (ip_input.c:510); ip_local_deliver de-masqueraded it, which
+       created the connection (ip_masq_portfw.c:400-455 portfw_in_create),
+       and forwarded it past the forward chain to the output chain, as for mr.
   fi   a forwarded packet at its first stage: the input chain (ip_input.c:510).
   fw   a forwarded packet at its second stage: the forward chain
        (ip_forward.c:198).
@@ -75,6 +80,8 @@ TARGETS = [
     Expect("ACCEPT", "in", "delivered locally", *ACCEPT, cite=_DELIVER),
     Expect("ACCEPT", "rd", "delivered locally", *ACCEPT, cite=_DELIVER),
     Expect("ACCEPT", "mr", "on to the output chain (forward skipped)", *ON_TO_OUTPUT, cite=_DEMASQ),
+    Expect("ACCEPT", "pf", "on to the output chain (forward skipped)", *ON_TO_OUTPUT,
+           cite=_DEMASQ + "; " + SRC + "net/ipv4/ip_masq_portfw.c:400-455"),
     Expect("ACCEPT", "fi", "on to the forward chain", *ON_TO_FORWARD,
            cite=SRC + "net/ipv4/ip_input.c:535 (skb->dst->input is ip_forward)"),
     Expect("ACCEPT", "fw", "on to the output chain", *ON_TO_OUTPUT, cite=_FORWARD),
@@ -85,6 +92,7 @@ TARGETS = [
     Expect("DENY", "in", "dropped", *DROP, cite=_INPUT),
     Expect("DENY", "rd", "dropped", *DROP, cite=_INPUT),
     Expect("DENY", "mr", "dropped", *DROP, cite=_INPUT),
+    Expect("DENY", "pf", "dropped", *DROP, cite=_INPUT),
     Expect("DENY", "fi", "dropped", *DROP, cite=_INPUT),
     Expect("DENY", "fw", "dropped", *DROP, cite=_FORWARD),
     Expect("DENY", "fo", "dropped", *DROP, cite=_FWD_OUT),
@@ -94,6 +102,7 @@ TARGETS = [
     Expect("REJECT", "in", "ICMP port unreachable", *PORT_UNREACH, cite=_INPUT),
     Expect("REJECT", "rd", "ICMP port unreachable", *PORT_UNREACH, cite=_INPUT),
     Expect("REJECT", "mr", "ICMP port unreachable", *PORT_UNREACH, cite=_INPUT),
+    Expect("REJECT", "pf", "ICMP port unreachable", *PORT_UNREACH, cite=_INPUT),
     Expect("REJECT", "fi", "ICMP port unreachable", *PORT_UNREACH, cite=_INPUT),
     Expect("REJECT", "fw", "ICMP host unreachable", *HOST_UNREACH, cite=_FORWARD),
     Expect("REJECT", "fo", "ICMP host unreachable", *HOST_UNREACH, cite=_FWD_OUT),
@@ -124,6 +133,7 @@ TARGETS = [
 # ret = chain->policy), so it gives the verdicts above; it lives in the
 # context's one-rule policy chain.
 POLICY_CHAINS = {"in": "pol-input", "rd": "pol-input", "mr": "pol-mr-input",
+                 "pf": "pol-pf-input",
                  "fi": "pol-fi-input", "fw": "pol-forward", "out": "pol-output",
                  "fo": "pol-fo-output", "om": "pol-fo-output"}
 POLICY_CITE = SRC + "net/ipv4/ip_fw.c:756-766 (falling off a built-in chain: ret = chain->policy)"
@@ -197,6 +207,12 @@ EXAMPLES = [
     Example("masqueraded replies skip forward", ["-P forward MASQ"], "FORWARD",
             "ct status snat ct direction reply jump pol-mr-input",
             "input policy, then output; never the forward chain", _DEMASQ),
+    Example("port-forwarded packets meet input by the address they arrived for",
+            ["ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080",
+             "-A input -p tcp -d 198.51.100.1 80 -j ACCEPT"], "pf-input",
+            "meta l4proto tcp ct original ip daddr 198.51.100.1 ct original proto-dst 80 "
+            "goto stage-out", "on to the output chain (forward skipped)",
+            _INPUT + "; " + _DEMASQ + "; " + SRC + "net/ipv4/ip_masq_portfw.c:400-455"),
     Example("REDIRECT decided before routing", ["-A input -p tcp -d 203.0.113.80 80 -j REDIRECT 3128"],
             "pre-input",
             "meta l4proto tcp ip daddr 203.0.113.80 tcp dport 80 redirect to :3128",

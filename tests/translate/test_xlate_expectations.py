@@ -21,6 +21,7 @@ REACH = {
     "out": ("output", []), "fo": ("output", []),
     "mr": ("input", ["-P forward MASQ"]), "om": ("output", ["-P forward MASQ"]),
     "rd": ("input", ["-A input -p tcp -d 203.0.113.80 80 -j REDIRECT 3128"]),
+    "pf": ("input", ["ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080"]),
 }
 BUILTIN_TARGETS = ("ACCEPT", "DENY", "REJECT", "MASQ", "REDIRECT", "RETURN")
 POLICY_CONTEXTS = {chain: [c for c, p in ex.POLICY_CHAINS.items() if p == chain]
@@ -28,9 +29,10 @@ POLICY_CONTEXTS = {chain: [c for c, p in ex.POLICY_CHAINS.items() if p == chain]
 
 
 def translate_lines(tmp_path, lines, fmt):
-    """Translate ipchains LINES (without the command name) as file expect.sh."""
+    """Translate LINES as file expect.sh: ipchains arguments, or whole ipmasqadm commands."""
     script = tmp_path / "expect.sh"
-    script.write_text("".join("ipchains %s\n" % line for line in lines))
+    script.write_text("".join("%s\n" % line if line.startswith("ipmasqadm ")
+                              else "ipchains %s\n" % line for line in lines))
     return run_in(tmp_path, ["--to=" + fmt, "expect.sh"])
 
 

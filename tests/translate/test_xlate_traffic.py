@@ -168,6 +168,32 @@ def test_masqueraded_replies_meet_the_input_chain(lab, fmt, tmp_path):
     assert connect(inside, "198.51.100.20", 8081) == "timeout"
 
 
+PORTFW_SCRIPT = """\
+ipchains -P input DENY
+ipchains -A input -i {intif} -j ACCEPT
+ipchains -A input -i {extif} -p tcp -d 198.51.100.1 80 -j ACCEPT
+ipchains -P forward DENY
+ipchains -A forward -s 192.0.2.0/24 -j MASQ
+ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.10 8080
+"""
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_port_forward_meets_input_by_the_address_it_arrived_for(lab, fmt, tmp_path):
+    """2.2 ran input on a port-forwarded packet by its public address and port,
+    then forwarded it past the forward chain (expectations.py, context pf)."""
+    inside, router, outside, intif, extif = gateway_lab(lab)
+    script = tmp_path / "portfw.sh"
+    script.write_text(PORTFW_SCRIPT.format(intif=intif, extif=extif))
+    status, text, err = run_tool(["--to=" + fmt, str(script)])
+    assert status == 0, err
+    load(router, fmt, text)
+    serve(inside, 8080, "inside")
+    assert connect(outside, "198.51.100.1", 80) == "ok inside 198.51.100.20 192.0.2.10:8080"
+    # Control: the inside port itself is not open from outside (input DENY).
+    assert connect(outside, "192.0.2.10", 8080) == "timeout"
+
+
 def tproxy_runs():
     """Check that tproxy.py starts (make test installs what it needs: a failure otherwise)."""
     proc = subprocess.run([PY, os.path.join(ROOT, "tproxy.py"), "--help"],

@@ -248,7 +248,9 @@ class Chains:
             return Effect("portfw-flush")
         key = portfw_key(pf)
         if pf.op == "a":
-            self.portfw.setdefault(key, pf)
+            if key in self.portfw:
+                return Effect("portfw-add")         # no second copy to delete later
+            self.portfw[key] = pf
             return Effect("portfw-add", rules=(pf,))
         gone = [k for k in self.portfw if portfw_deletes(pf, self.portfw[k])]
         if not gone:

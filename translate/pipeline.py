@@ -415,8 +415,9 @@ class ShellTranslator:
         if effect.kind == "portfw-flush":
             return [emit_iptables.command("nat", ["-F", "portfw"])]
         op = "-A" if effect.kind == "portfw-add" else "-D"
-        return [line for removed in effect.rules for line in
-                emit_iptables.append_commands("nat", "portfw", semantics.portfw_rule(removed), op)]
+        return [line for changed in effect.rules for line in
+                emit_iptables.append_commands("nat", "portfw", semantics.portfw_rule(changed), op)
+                ] or [": # the port forward is there already"]
 
 
 def translate_shell(sources, opts, defines, names):

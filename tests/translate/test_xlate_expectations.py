@@ -132,6 +132,21 @@ def test_portfw(tmp_path, example):
     assert sorted(portfw_tuples(nft)) == sorted(example.remaining), example.cite
 
 
+def test_portfw_delete_in_place_removes_what_was_added(tmp_path):
+    """In the script format, a delete becomes one iptables -D per forward it
+    removes, each the very rule its -a added (so iptables finds it)."""
+    script = tmp_path / "pf.sh"
+    script.write_text("ipmasqadm portfw -a -P udp -L 198.51.100.1 53 -R 192.0.2.53 53\n"
+                      "ipmasqadm portfw -a -P udp -L 198.51.100.1 53 -R 192.0.2.53 53\n"
+                      "ipmasqadm portfw -a -P udp -L 198.51.100.1 53 -R 192.0.2.54 53\n"
+                      "ipmasqadm portfw -d -P udp -L 198.51.100.1 53\n")
+    status, out, err = run_in(tmp_path, ["--to=iptables", "pf.sh"])
+    assert status == 0, err
+    added = [line.split(" -A portfw ", 1)[1] for line in out.split("\n") if " -A portfw " in line]
+    deleted = [line.split(" -D portfw ", 1)[1] for line in out.split("\n") if " -D portfw " in line]
+    assert len(added) == 2 and sorted(deleted) == sorted(added)
+
+
 def test_forwards_sharing_a_local_end_are_noted(tmp_path):
     script = tmp_path / "pf.sh"
     script.write_text("ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080\n"

@@ -76,7 +76,7 @@ _ONLY_FORWARD = HOWTO + "4.1.5.1 (MASQ is only valid for packets traversing the 
 _ONLY_INPUT = HOWTO + "4.1.5.1 (REDIRECT is only valid for packets traversing the input chain)"
 
 TARGETS = [
-    # ACCEPT: the packet goes on (ip_fw.c:749-752 returns the target's verdict).
+    # ACCEPT: the packet goes on (ip_fw.c:750-753 returns the target's verdict).
     Expect("ACCEPT", "in", "delivered locally", *ACCEPT, cite=_DELIVER),
     Expect("ACCEPT", "rd", "delivered locally", *ACCEPT, cite=_DELIVER),
     Expect("ACCEPT", "mr", "on to the output chain (forward skipped)", *ON_TO_OUTPUT, cite=_DEMASQ),
@@ -226,11 +226,11 @@ EXAMPLES = [
             "delivered locally", _REDIR),
     Example("user chain: jump", ["-N svc", "-A svc -p tcp --dport 22 -j ACCEPT", "-A input -j svc"],
             "in-input", "jump in-svc", "the user chain, then the rest of input",
-            SRC + "net/ipv4/ip_fw.c:720-740 (f->branch: prevchain/prevrule kept)"),
+            SRC + "net/ipv4/ip_fw.c:716-741 (f->branch: prevchain/prevrule kept)"),
     Example("user chain gets its caller's context",
             ["-N svc", "-A svc -p tcp --dport 22 -j ACCEPT", "-A input -j svc"],
             "fi-svc", "meta l4proto tcp tcp dport 22 goto stage-fw", "on to the forward chain",
-            SRC + "net/ipv4/ip_fw.c:720-740 (the called chain runs in the caller's check)"),
+            SRC + "net/ipv4/ip_fw.c:716-741 (the called chain runs in the caller's check)"),
     Example("RETURN from a user chain", ["-N u", "-A u -s 192.0.2.9 -j RETURN", "-A u -j DENY",
                                          "-A input -j u"], "in-u", "ip saddr 192.0.2.9 return",
             "back to the caller", SRC + "net/ipv4/ip_fw.c:746-762"),
@@ -263,7 +263,7 @@ PORTFW = [
                   ["-a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080",
                    "-d -P tcp -L 198.51.100.1 80 -R 192.0.2.81 8080"],
                   [("tcp", "198.51.100.1", 80, "192.0.2.80", 8080)], 1,
-                  _PORTFW + ":97 (ESRCH when nothing was removed)"),
+                  _PORTFW + ":98 (ESRCH when nothing was removed)"),
     PortfwExample("flush", ["-a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080", "-f",
                             "-a -P tcp -L 198.51.100.1 81 -R 192.0.2.80 81"],
                   [("tcp", "198.51.100.1", 81, "192.0.2.80", 81)], 0,
@@ -279,7 +279,7 @@ PORTFW = [
                   ["-a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080",
                    "-a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080"],
                   [("tcp", "198.51.100.1", 80, "192.0.2.80", 8080)], 0,
-                  _PORTFW + ":162-211 (ip_portfw_edit finds it: no new entry)"),
+                  _PORTFW + ":162-191,205-210 (ip_portfw_edit finds it: no new entry)"),
 ]
 
 

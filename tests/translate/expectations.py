@@ -1,7 +1,7 @@
 """What Linux 2.2 did with each ipchains target in each place a packet meets it.
 
-Hand-written from the Linux 2.2.1 sources and the ipchains/ipmasqadm
-documentation, never from the translator's output; the tests check the
+Hand-written from the Linux 2.2.1 sources (and, for portfw -d without -R,
+the scripts that relied on it), never from the translator's output; the tests check the
 translator (test_xlate_expectations.py) and every golden file against it.
 Line numbers are those of linux-2.2.1 (the tree in github:linas/i370-linux-2.2.1,
 commit fde10a93613d44f41a00f3764cdf8e85af5b355c, whose net/ and include/ are
@@ -41,7 +41,6 @@ as contexts (the prefix of the netfilter chain holding that copy of a chain):
 from collections import namedtuple
 
 SRC = "linux-2.2.1 "
-HOWTO = "IPCHAINS-HOWTO v1.0.8 "
 
 # What a target does in a context: the verdict 2.2 gave, the nft and the
 # iptables form of it, and where that comes from.  The netfilter forms
@@ -72,8 +71,15 @@ _MASQ = (SRC + "net/ipv4/ip_forward.c:198-236 (FW_MASQUERADE: ip_fw_masquerade, 
 _REDIR = (SRC + "net/ipv4/ip_input.c:517-518 (FW_REDIRECT: ip_local_deliver) and "
           "net/ipv4/ip_fw.c:784-793 (port 0 keeps the destination port)")
 _DELIVER = SRC + "net/ipv4/ip_input.c:510,535 (input chain passes: skb->dst->input delivers)"
-_ONLY_FORWARD = HOWTO + "4.1.5.1 (MASQ is only valid for packets traversing the forward chain)"
-_ONLY_INPUT = HOWTO + "4.1.5.1 (REDIRECT is only valid for packets traversing the input chain)"
+# MASQ and REDIRECT outside the chains they belong to: the 2.2 kernel did not
+# refuse them, it gave them a verdict that is not what the rule says, so the
+# translator refuses them with a located error (fail closed).
+_MASQ_ELSEWHERE = (SRC + "include/linux/firewall.h:12,15 (FW_MASQUERADE 4 >= FW_ACCEPT 2) and "
+                   "net/ipv4/ip_input.c:510, ip_output.c:135 (only < FW_ACCEPT stops a "
+                   "packet): let through, not masqueraded; ip_forward.c:220 alone masquerades")
+_REDIRECT_ELSEWHERE = (SRC + "net/ipv4/ip_forward.c:198-208 (FW_REDIRECT falls to default: "
+                       "dropped) and net/ipv4/ip_output.c:135 (FW_REDIRECT 3 >= FW_ACCEPT: "
+                       "sent on); only ip_input.c:517 redirects")
 
 TARGETS = [
     # ACCEPT: the packet goes on (ip_fw.c:750-753 returns the target's verdict).
@@ -110,16 +116,21 @@ TARGETS = [
     Expect("REJECT", "out", "dropped, no ICMP (the send fails)", *DROP, cite=_LOCAL_OUT),
     # MASQ: forward only; masqueraded, then the output chain.
     Expect("MASQ", "fw", "masqueraded, on to the output chain", *ON_TO_MASQ_OUTPUT, cite=_MASQ),
-    Expect("MASQ", "in", "refused", None, None, cite=_ONLY_FORWARD),
-    Expect("MASQ", "fi", "refused", None, None, cite=_ONLY_FORWARD),
-    Expect("MASQ", "out", "refused", None, None, cite=_ONLY_FORWARD),
+    Expect("MASQ", "in", "let through, not masqueraded: refused", None, None,
+           cite=_MASQ_ELSEWHERE),
+    Expect("MASQ", "fi", "let through, not masqueraded: refused", None, None,
+           cite=_MASQ_ELSEWHERE),
+    Expect("MASQ", "out", "let through, not masqueraded: refused", None, None,
+           cite=_MASQ_ELSEWHERE),
     # REDIRECT: input only; delivered locally to the port (0: the same port).
     Expect("REDIRECT", "in", "delivered locally", *ACCEPT, cite=_REDIR),
     Expect("REDIRECT", "rd", "delivered locally", *ACCEPT, cite=_REDIR),
     Expect("REDIRECT", "mr", "on to the output chain (de-masqueraded before any socket)",
            *ON_TO_OUTPUT, cite=_REDIR + "; " + _DEMASQ),
-    Expect("REDIRECT", "fw", "refused", None, None, cite=_ONLY_INPUT),
-    Expect("REDIRECT", "out", "refused", None, None, cite=_ONLY_INPUT),
+    Expect("REDIRECT", "fw", "dropped, not redirected: refused", None, None,
+           cite=_REDIRECT_ELSEWHERE),
+    Expect("REDIRECT", "out", "sent on, not redirected: refused", None, None,
+           cite=_REDIRECT_ELSEWHERE),
     # RETURN: back to the caller; from a built-in chain, its policy.
     Expect("RETURN", "in", "back to the caller, or the policy", "return", "-j RETURN",
            cite=SRC + "net/ipv4/ip_fw.c:484-487,746-766 (RETURN is FW_SKIP+1: fall_off_chain)"),

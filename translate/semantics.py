@@ -32,9 +32,9 @@ and goes on to the output stage; nat POSTROUTING masquerades marked packets
 to 2.2's ports; replies of masqueraded connections meet the input chain by
 the addresses and ports they arrived with, skip forward and meet output, as
 on 2.2 (ip_rcv ran input, ip_local_deliver de-masqueraded, ip_forward skipped
-forward for IPSKB_MASQUERADED packets); port-forwarded packets likewise.  REDIRECT is decided in PREROUTING by
-a copy of the input chain whose side effects are dropped, then accepted in
-INPUT at the rule's own position.  REJECT answers as 2.2 did in each place:
+forward for IPSKB_MASQUERADED packets); port-forwarded packets likewise.
+REDIRECT is decided in PREROUTING by a copy of the input chain whose side
+effects are dropped, then accepted in INPUT at the rule's own position.  REJECT answers as 2.2 did in each place:
 port unreachable from input, host unreachable from forward and from output
 for forwarded packets, and no ICMP for local packets (2.2's output chain
 made the send fail: a drop).

@@ -64,7 +64,7 @@ Options:
   --version               Show the version and exit.
 """
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 import errno
 import os
@@ -168,9 +168,9 @@ def docopt_parse(argv):
             name = word.split("=", 1)[0]
             if name.startswith("--"):
                 if not any(o.startswith(name) for o in known):
-                    raise Fatal("unknown option %s" % name, EX_USAGE)
+                    raise Fatal("unknown option %s (see tproxy --help)" % name, EX_USAGE)
             elif name[1:2] and "-" + name[1] not in known:
-                raise Fatal("unknown option -%s" % name[1], EX_USAGE)
+                raise Fatal("unknown option -%s (see tproxy --help)" % name[1], EX_USAGE)
     try:
         return docopt(__doc__, argv=argv, version="tproxy " + __version__)
     except DocoptExit as exc:

@@ -34,4 +34,4 @@ def test_inetd_mode_logs_to_syslog_daemon_facility():
     assert re.match(r"<30>\w{3} [ \d]\d \d\d:\d\d:\d\d tproxy\[\d+\]: client=127\.0\.0\.1:\d+ "
                     r"orig=127\.0\.0\.1:\d+ target=127\.0\.0\.1:\d+ mode=raw up=14 down=4 "
                     r"time=[\d.]+ outcome=ok$", connection), connection
-    assert re.match(r"<27>.* tproxy\[\d+\]: unknown option --bogus$", error), error
+    assert re.match(r"<27>.* tproxy\[\d+\]: unknown option --bogus \(see tproxy --help\)$", error), error

@@ -16,7 +16,7 @@ from .ir import Command, Diag, PortForward, Untranslated
 from .shell import MODERN_MODULES, Reader, Remark, ShellError
 from .shell import parse as parse_shell
 
-VERSION = "1.0"
+VERSION = "1.1.0"
 TIMEOUT_SYSCTLS = ("net.netfilter.nf_conntrack_tcp_timeout_established",
                    "net.netfilter.nf_conntrack_tcp_timeout_fin_wait",
                    "net.netfilter.nf_conntrack_udp_timeout")

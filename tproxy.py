@@ -4,7 +4,7 @@
 Usage:
   tproxy [options] [-a ACL]... [PROXYHOST PROXYPORT]
   tproxy (-h | --help)
-  tproxy --version
+  tproxy (-V | --version)
 
 Without -s, tproxy serves the one connection on standard input (inetd, nowait)
 and exits. With -s PORT it listens, forks one child per connection, and runs
@@ -44,6 +44,7 @@ Options:
   -t                      Raw relay: no HTTP translation.
   -v                      Log more: every HTTP request and every failure in
                           detail.
+  -V --version            Show the version and exit.
   --connect               Reach the original destination through the HTTP
                           proxy PROXYHOST PROXYPORT with CONNECT.
   --connect-timeout=SECS  Give up connecting to a target after SECS seconds
@@ -61,7 +62,6 @@ Options:
   --source=SPEC           Connect to the target from SPEC: "client" (the
                           client's address), "client-port" (its address and
                           port) or an address of this host.
-  --version               Show the version and exit.
 """
 
 __version__ = "1.1.0"
@@ -138,6 +138,7 @@ class Config:
     acl = ()                # ip_network objects
     logfile = None          # -l
     pidfile = None          # -P
+    pidfile_given = False   # -P named it (else it is the default)
     verbose = False
     idle_timeout = 120.0
     connect_timeout = 10.0
@@ -230,7 +231,7 @@ def quick_parse(argv):
         else:                   # -sPORT: a short option's value may be attached
             name, value = word[:2], word[2:]
             eq = value
-        if name not in table or name in ("-h", "--help", "--version") or \
+        if name not in table or name in ("-h", "--help", "-V", "--version") or \
                 (name in seen and name != "-a"):
             return None
         seen.add(name)
@@ -292,6 +293,7 @@ def build_config(args):
     if cfg.activated:
         cfg.foreground = True   # systemd supervises; never fork away from it
     cfg.pidfile = args["-P"] or (DEFAULT_PIDFILE if cfg.port and not cfg.foreground else None)
+    cfg.pidfile_given = bool(args["-P"])
     cfg.verbose = bool(args["-v"])
     cfg.idle_timeout = parse_seconds(args["--idle-timeout"], "--idle-timeout")
     cfg.connect_timeout = parse_seconds(args["--connect-timeout"], "--connect-timeout")
@@ -1417,22 +1419,28 @@ def make_transparent(sock, family):
         pass            # without privilege: REDIRECT still works, TPROXY cannot
 
 
+def pidfile_name(path, given):
+    """Name the pid file in a message: as the -P option given, or as the default."""
+    return ("-P %s" if given else "the default pid file %s") % path
+
+
 class PidFile:
     """The -P file: created and locked before the user switch, removed at exit."""
 
-    def __init__(self, path, user):
+    def __init__(self, path, user, given=True):
         import fcntl
         self.path = path
+        name = pidfile_name(path, given)
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise Fatal("-P %s: %s" % (path, exc.strerror), EX_CANTCREAT) from None
+            raise Fatal("%s: %s" % (name, exc.strerror), EX_CANTCREAT) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             other = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip()
             os.close(self.fd)
-            raise Fatal("-P %s: another tproxy (pid %s) holds it" % (path, other or "?"),
+            raise Fatal("%s: another tproxy (pid %s) holds it" % (name, other or "?"),
                         EX_CANTCREAT) from None
         if user and os.geteuid() == 0:
             os.fchown(self.fd, user[1], user[2])   # so the daemon can empty it at exit
@@ -1467,7 +1475,7 @@ def run_standalone(cfg):
     if any(is_self(a[4], cfg.port) for a in cfg.target_addrs):
         raise Fatal("target %s:%d is this proxy itself" % cfg.target, EX_USAGE)
     listeners = listeners or open_listeners(cfg)
-    pidfile = PidFile(cfg.pidfile, cfg.user) if cfg.pidfile else None
+    pidfile = PidFile(cfg.pidfile, cfg.user, cfg.pidfile_given) if cfg.pidfile else None
     if cfg.source in ("client", "client-port"):
         warn_missing_return_path(log)
     preload(cfg)
@@ -1494,7 +1502,7 @@ def run_standalone(cfg):
         server.parent_fds.append(pidfile.fd)    # children must not hold its lock
     log.message("listening on %s, %s mode, target %s%s" % (
         ", ".join(show_addr(s.getsockname()) for s in listeners), cfg.mode,
-        "%s:%d" % cfg.target if cfg.target else "original destination",
+        show_addr(cfg.target) if cfg.target else "original destination",
         " (socket from systemd)" if cfg.activated else ""))
     notify_ready()
     try:

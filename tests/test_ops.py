@@ -1,0 +1,93 @@
+"""What an administrator meets day to day: versions, hints, start-up lines, pid file errors.
+
+Real processes on loopback or in a private mount/network namespace; nothing on
+the host is changed.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from support import PYTHON, REPO, TPROXY, tproxy_cmd, wait_for
+from lab import free_port, have, stop
+import tproxy
+from translate import pipeline
+
+UNSHARE_NEEDS = pytest.mark.skipif(os.geteuid() != 0 or not have("unshare"),
+                                   reason="needs root and unshare(1)")
+
+
+def run(*args, **kw):
+    return subprocess.run(tproxy_cmd(*args), capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL, **kw)
+
+
+def test_dash_capital_v_prints_the_version_like_long_option():
+    """tproxy -V is --version: one line, status 0, as ipchains-translate -V does."""
+    short, long = run("-V"), run("--version")
+    assert (short.returncode, short.stdout, short.stderr) == (0, "tproxy 1.1.0\n", "")
+    assert (long.returncode, long.stdout, long.stderr) == (0, short.stdout, "")
+
+
+def test_one_version_for_both_tools_the_package_and_the_man_pages():
+    """tproxy, ipchains-translate, debian/changelog and both .TH lines name one version."""
+    with open(os.path.join(REPO, "debian", "changelog")) as f:
+        package_version = re.match(r"tproxy \(([^)]+)\)", f.readline()).group(1)
+    assert tproxy.__version__ == pipeline.VERSION == package_version
+    for page in ("tproxy.8", "ipchains-translate.8"):
+        with open(os.path.join(REPO, "man", page)) as f:
+            th = next(line for line in f if line.startswith(".TH"))
+        assert '"tproxy %s"' % package_version in th, th
+
+
+def test_man_pages_are_quiet_under_mandoc_lint():
+    """mandoc -Tlint has nothing to say at warning level (the .TH date included)."""
+    if not have("mandoc"):
+        pytest.skip("mandoc is not installed (tools/install-deps installs it)")
+    pages = [os.path.join(REPO, "man", p) for p in ("tproxy.8", "ipchains-translate.8")]
+    ran = subprocess.run(["mandoc", "-Tlint", "-Wwarning"] + pages, capture_output=True, text=True)
+    assert (ran.returncode, ran.stdout + ran.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("target, shown", [
+    (("2001:db8::10", "80"), "target [2001:db8::10]:80"),
+    (("192.0.2.10", "80"), "target 192.0.2.10:80"),
+])
+def test_start_up_line_brackets_an_ipv6_target(target, shown):
+    """The first line names the target as host:port, an IPv6 host in brackets."""
+    port = free_port()
+    proc = subprocess.Popen(tproxy_cmd("-d", "-t", "-s", port, "-b", "127.0.0.1", *target),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stderr.readline()
+    finally:
+        stop(proc)
+        proc.stderr.close()
+    assert line == "tproxy[%d]: listening on 127.0.0.1:%d, raw mode, %s\n" % (proc.pid, port, shown)
+
+
+PIDFILE_SCRIPT = r"""
+ip link set lo up
+mount -t tmpfs tproxy-run /run
+mkdir /run/tproxy.pid /run/held
+exec "$@"
+"""
+
+
+@UNSHARE_NEEDS
+@pytest.mark.parametrize("option, named", [
+    ((), "the default pid file /var/run/tproxy.pid"),
+    (("-P", "/run/held"), "-P /run/held"),
+])
+def test_pid_file_error_names_minus_p_only_when_given(option, named):
+    """An unwritable pid file is named as the -P given, or as the default one."""
+    if not os.path.islink("/var/run") or os.readlink("/var/run") not in ("/run", "../run"):
+        pytest.skip("/var/run is not a link to /run here")
+    ran = subprocess.run(["unshare", "--mount", "--net", "sh", "-ec", PIDFILE_SCRIPT, "sh",
+                          PYTHON, TPROXY, "-t", "-s", "12970", "-b", "127.0.0.1", *option,
+                          "192.0.2.10", "80"],
+                         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert (ran.returncode, ran.stderr) == (73, "tproxy: %s: Is a directory\n" % named)

@@ -445,21 +445,50 @@ def resolve(host, port):
 # Logging: syslog (daemon facility) or stderr, plus the -l connection log
 # ---------------------------------------------------------------------------
 
+def syslog_unreachable(path="/dev/log"):
+    """Return why no syslog daemon listens at PATH ("/dev/log: No such file..."), or None.
+
+    Tries a datagram then a stream connection, as the C library's syslog() does.
+    """
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(path)
+                return None
+            except OSError as exc:
+                reason = "%s: %s" % (path, exc.strerror)
+    return reason
+
+
 class Log:
     """Where messages go: stderr until `use_syslog()`, then syslog (daemon facility)."""
 
     def __init__(self, logfile=None):
         self.to_stderr = True
+        self._syslog = None
         self.logfile = logfile
         self.log_fd = None
         self.reopen()
 
-    def use_syslog(self):
-        """Send messages to syslog from now on (ident tproxy, with the pid)."""
+    def use_syslog(self, stderr_is_client=False):
+        """Send messages to syslog from now on (ident tproxy, with the pid); return True if so.
+
+        Without a syslog daemon (no /dev/log: containers, minimal hosts) say so once
+        on stderr and keep logging there, or, where stderr is the client (inetd),
+        write messages to the -l file only.
+        """
+        missing = syslog_unreachable()
+        if missing and stderr_is_client:
+            self.to_stderr = False
+            return False
+        if missing:
+            self.message("no syslog (%s); logging to standard error" % missing)
+            return False
         import syslog
         syslog.openlog("tproxy", syslog.LOG_PID, syslog.LOG_DAEMON)
         self._syslog = syslog
         self.to_stderr = False
+        return True
 
     def reopen(self):
         """(Re)open the -l file for appending; raise OSError if it cannot be."""
@@ -477,13 +506,20 @@ class Log:
                 os.write(2, ("tproxy[%d]: %s\n" % (os.getpid(), text)).encode("utf-8", "replace"))
             except OSError:
                 pass
-        else:
+        elif self._syslog:
             prio = self._syslog.LOG_ERR if error else self._syslog.LOG_INFO
             self._syslog.syslog(prio, text)
+        else:
+            self.to_file(text)          # inetd without syslog: the -l file is all there is
 
     def connection(self, line):
         """Log one connection summary, to the message log and the -l file."""
         self.message(line)
+        if self.to_stderr or self._syslog:
+            self.to_file(line)
+
+    def to_file(self, line):
+        """Append LINE, stamped, to the -l file if there is one."""
         if self.log_fd is not None:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             try:
@@ -1353,7 +1389,7 @@ def run_inetd(cfg):
     if conn.type != socket.SOCK_STREAM:
         raise Fatal("standard input is not a TCP socket", EX_USAGE)
     log = open_log(cfg.logfile)
-    log.use_syslog()
+    log.use_syslog(stderr_is_client=True)
     return serve(conn, Server(cfg, log, conn.getsockname()[1]))
 
 
@@ -1486,12 +1522,14 @@ def run_standalone(cfg):
         import daemon
         keep = [s.fileno() for s in listeners]
         keep += [fd for fd in (log.log_fd, pidfile and pidfile.fd) if fd is not None]
+        # Without syslog, stderr stays where it was: the only place left to log to.
+        kept_stderr = sys.stderr if syslog_unreachable() else None
         context = daemon.DaemonContext(files_preserve=keep, working_directory="/",
-                                       umask=0o022, pidfile=pidfile, signal_map={})
+                                       umask=0o022, pidfile=pidfile, signal_map={},
+                                       stderr=kept_stderr)
         context.open()
-        log.use_syslog()    # only now: DaemonContext closed every other descriptor
         global errors_to_syslog
-        errors_to_syslog = True
+        errors_to_syslog = log.use_syslog()  # only now: DaemonContext closed every other descriptor
     else:
         if pidfile:
             pidfile.write()

@@ -5,12 +5,13 @@ the host is changed.
 """
 import os
 import re
-import shutil
+import signal
+import socket
 import subprocess
 
 import pytest
 
-from support import PYTHON, REPO, TPROXY, tproxy_cmd, wait_for
+from support import PRIVATE_DEV, PYTHON, REPO, TPROXY, tproxy_cmd, wait_for
 from lab import free_port, have, stop
 import tproxy
 from translate import pipeline
@@ -91,3 +92,60 @@ def test_pid_file_error_names_minus_p_only_when_given(option, named):
                           "192.0.2.10", "80"],
                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert (ran.returncode, ran.stderr) == (73, "tproxy: %s: Is a directory\n" % named)
+
+
+def stop_daemon(pid):
+    """SIGTERM the daemon PID (not our child) and wait until it is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+
+    def gone():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    wait_for(gone, what="tproxy (pid %d) to exit" % pid)
+
+
+def relay_one(port, target):
+    """Send one exchange through tproxy at PORT to the listener TARGET."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        served, _ = target.accept()
+        with served:
+            client.sendall(b"ping")
+            assert served.recv(4) == b"ping"
+            served.sendall(b"pong")
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(4) == b"pong"
+
+
+@UNSHARE_NEEDS
+def test_without_syslog_the_background_server_says_so_and_logs_to_stderr(tmp_path):
+    """No /dev/log: one line says so at start; start-up and connection lines stay on stderr."""
+    errors, pidfile = tmp_path / "stderr", tmp_path / "tproxy.pid"
+    port = free_port()
+    with socket.create_server(("127.0.0.1", 0)) as target, open(errors, "w") as err:
+        started = subprocess.run(["unshare", "-m", "sh", "-c", PRIVATE_DEV, "sh", PYTHON, TPROXY,
+                                  "-t", "-s", str(port), "-b", "127.0.0.1", "-P", str(pidfile),
+                                  "127.0.0.1", str(target.getsockname()[1])],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                 timeout=30)
+        assert started.returncode == 0, errors.read_text()
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(),
+                           what="the pid file"))
+        try:
+            relay_one(port, target)
+            wait_for(lambda: "outcome=" in errors.read_text(), what="the connection's line on stderr")
+        finally:
+            stop_daemon(pid)
+    lines = errors.read_text().splitlines()
+    said = [line for line in lines if "no syslog" in line]
+    assert said == ["tproxy[%d]: no syslog (/dev/log: No such file or directory); "
+                    "logging to standard error" % pid], lines
+    assert any(re.match(r"tproxy\[%d\]: listening on 127\.0\.0\.1:%d, raw mode" % (pid, port), line)
+               for line in lines), lines
+    assert any(re.match(r"tproxy\[\d+\]: client=127\.0\.0\.1:\d+ .* outcome=ok$", line)
+               for line in lines), lines

@@ -5,21 +5,9 @@ import subprocess
 
 import pytest
 
-from support import PYTHON, REPO, TPROXY, have
+from support import PRIVATE_DEV, PYTHON, REPO, TPROXY, have
 
 PROBE = os.path.join(REPO, "tests", "syslog_inetd_probe.py")
-
-# A private mount namespace with its own /dev (a tmpfs plus the few devices
-# Python needs), so /dev/log can be a test socket without touching the host.
-PRIVATE_DEV = """
-set -e
-mount --make-rprivate /
-old=$(mktemp -d)
-mount --bind /dev "$old"
-mount -t tmpfs tmpfs /dev
-for d in null zero urandom random; do touch /dev/$d; mount --bind "$old/$d" /dev/$d; done
-exec "$@"
-"""
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not have("unshare"), reason="needs root and unshare(1)")

@@ -1252,6 +1252,7 @@ class Server:
         self.listen_port = listen_port  # a destination on this port of this host is a loop
         self.rotation = 0               # which target address to try first (round robin)
         self.parent_fds = []            # descriptors children close at once
+        self.on_record = lambda record: None    # status counters (SIGUSR1), set by the server shape
 
     def target_addrs(self):
         """Return the target's cached addresses, starting at the next in turn."""
@@ -1306,6 +1307,7 @@ def serve(conn, server):
                 except OSError:
                     pass
         log.connection(record.line())
+        server.on_record(record)
     return status
 
 
@@ -1634,6 +1636,112 @@ def warn_missing_return_path(log):
             error=True)
 
 
+# ---------------------------------------------------------------------------
+# Status (SIGUSR1) and process titles
+# ---------------------------------------------------------------------------
+
+OUTCOME_KINDS = ("served", "refused", "failed")
+REPORT = struct.Struct("=BQQ")  # one ended connection: outcome kind, bytes up, bytes down
+PR_SET_NAME = 15
+
+
+def outcome_kind(record):
+    """Return the status counter RECORD's outcome adds to: served (ok), refused (-a), failed."""
+    if record.outcome == "ok":
+        return "served"
+    if record.outcome == "denied by access list":
+        return "refused"
+    return "failed"
+
+
+class Stats:
+    """Connections and bytes since start, per outcome kind, for the SIGUSR1 status line."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.totals = {kind: [0, 0, 0] for kind in OUTCOME_KINDS}     # connections, up, down
+
+    def add(self, kind, up, down):
+        total = self.totals[kind]
+        total[0] += 1
+        total[1] += up
+        total[2] += down
+
+    def add_record(self, record):
+        self.add(outcome_kind(record), record.up, record.down)
+
+    def line(self, who, active):
+        """Return "status: WHO active=N served=N refused=N failed=N up=B down=B ..." (one line)."""
+        parts = ["status: %s active=%d" % (who, active)]
+        parts += ["%s=%d" % (kind, self.totals[kind][0]) for kind in OUTCOME_KINDS]
+        parts.append("up=%d down=%d" % (sum(t[1] for t in self.totals.values()),
+                                        sum(t[2] for t in self.totals.values())))
+        parts += ["%s_up=%d %s_down=%d" % (kind, self.totals[kind][1], kind, self.totals[kind][2])
+                  for kind in OUTCOME_KINDS]
+        parts.append("uptime=%d" % (time.monotonic() - self.started))
+        return " ".join(parts)
+
+
+class Reports:
+    """Fork mode: each child writes its connection's outcome to a pipe; the parent adds them up.
+
+    A report (17 bytes) is below PIPE_BUF, so children's writes never interleave.
+    """
+
+    def __init__(self):
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def send(self, record):
+        """In a child: report RECORD; a full pipe loses the report rather than block."""
+        try:
+            os.write(self.write_fd, REPORT.pack(OUTCOME_KINDS.index(outcome_kind(record)),
+                                                record.up, record.down))
+        except OSError:
+            pass
+
+    def collect(self, stats):
+        """In the parent: add every waiting report to STATS."""
+        while True:
+            try:
+                data = os.read(self.read_fd, REPORT.size * 1024)   # whole reports only
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                return
+            for kind, up, down in REPORT.iter_unpack(data):
+                stats.add(OUTCOME_KINDS[kind], up, down)
+
+
+def title_setter():
+    """Return set_title(SHORT, LONG): LONG as the ps title and SHORT (15 bytes) as the comm name.
+
+    setproctitle (optional) rewrites what ps shows for the command line; without
+    it only the comm name (ps -e, top) changes, through PR_SET_NAME.
+    """
+    try:
+        from setproctitle import setproctitle, setthreadtitle
+    except ImportError:
+        libc = _libc()
+        return lambda short, long: libc.prctl(PR_SET_NAME, short.encode()[:15], 0, 0, 0)
+
+    def set_title(short, long):
+        setproctitle(long)
+        setthreadtitle(short)       # the main thread's name is the process's comm
+    return set_title
+
+
+def connection_title(conn):
+    """Return "CLIENT -> ORIGINAL DESTINATION" for an accepted CONN (what its client reached for)."""
+    try:
+        client = show_addr(conn.getpeername())
+    except OSError:
+        return "?"
+    try:
+        return "%s -> %s" % (client, show_addr(original_destination(conn)))
+    except (OSError, ValueError, struct.error):
+        return client
+
+
 class Supervisor:
     """What both server shapes share: signals through a wakeup pipe, SIGHUP reload, forking."""
 
@@ -1643,6 +1751,8 @@ class Supervisor:
         self.log = server.log
         self.stopping = False
         self.reload = False
+        self.status = False             # SIGUSR1: log a status line
+        self.set_title = title_setter()
 
     def install_signals(self):
         """Route SIGTERM, SIGINT, SIGHUP and SIGCHLD into flags and a wakeup pipe."""
@@ -1653,6 +1763,14 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+
+    def _on_usr1(self, *_):
+        self.status = True
+
+    def listening_on(self):
+        """Return the listening addresses, for titles."""
+        return ", ".join(show_addr(s.getsockname()) for s in self.listeners)
 
     def _on_term(self, *_):
         self.stopping = True
@@ -1729,10 +1847,16 @@ class ForkingServer(Supervisor):
         super().__init__(listeners, server)
         self.children = set()
         self.paused_until = 0.0
+        self.stats = Stats()
+        self.reports = Reports()
+        server.on_record = self.reports.send        # called in the children
+        server.parent_fds.append(self.reports.read_fd)
 
     def run(self):
         """Accept until SIGTERM; return the exit status."""
         self.install_signals()
+        self.set_title("tproxy parent", "tproxy: parent, fork per connection, %s"
+                       % self.listening_on())
         self.freeze_heap()
         poller = select.poll()
         poller.register(self.wake_r, select.POLLIN)
@@ -1755,6 +1879,10 @@ class ForkingServer(Supervisor):
                 elif listening and not self.stopping:
                     self.accept(by_fd[fd])
             self.children.difference_update(self.reap())
+            self.reports.collect(self.stats)
+            if self.status:
+                self.status = False
+                self.log.message(self.stats.line("parent", len(self.children)))
             if self.reload:
                 self.reopen()
                 self.log.message("SIGHUP: log reopened, target re-resolved")
@@ -1788,6 +1916,7 @@ class ForkingServer(Supervisor):
     def child(self, conn):
         for sock in self.listeners:
             sock.close()
+        self.set_title("tproxy child", "tproxy: " + connection_title(conn))
         return serve(conn, self.server)
 
 
@@ -1823,6 +1952,7 @@ class PreforkPool(Supervisor):
     def run(self):
         """Keep the pool staffed until SIGTERM; return the exit status."""
         self.install_signals()
+        self.set_title("tproxy parent", "tproxy: parent, prefork pool, %s" % self.listening_on())
         self.busy_r, self.busy_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.freeze_heap()
         poller = select.poll()
@@ -1842,6 +1972,9 @@ class PreforkPool(Supervisor):
                 for pid in self.slots:
                     os.kill(pid, signal.SIGHUP)
                 self.log.message("SIGHUP: log reopened, target re-resolved, workers told")
+            if self.status:
+                self.status = False
+                self.tell_workers_status()
             if not self.stopping:
                 self.staff(self.low)
                 watched, waiting = waiting, self.grow(waiting)
@@ -1861,6 +1994,16 @@ class PreforkPool(Supervisor):
         self.log.message("SIGTERM: stopped accepting; %d worker(s) finish their connection"
                          % len(self.slots))
         return EX_OK
+
+    def tell_workers_status(self):
+        """SIGUSR1: log the pool's line and have each worker log its own."""
+        busy = self.board[:self.high].count(BUSY)
+        self.log.message("status: parent workers=%d busy=%d" % (len(self.slots), busy))
+        for pid in self.slots:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
 
     def staff(self, count):
         """Start workers until COUNT are alive (never more than MAX)."""
@@ -1915,8 +2058,16 @@ class PreforkPool(Supervisor):
 
         def on_hup(*_):
             state["hup"] = True
+        stats = Stats()
+        self.server.on_record = stats.add_record
+
+        def on_usr1(*_):            # a busy worker answers too: handlers run between bytecodes
+            self.log.message(stats.line("worker %d" % slot, int(state["busy"])))
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGHUP, on_hup)
+        signal.signal(signal.SIGUSR1, on_usr1)
+        idle_title = ("tproxy worker", "tproxy: worker %d, idle" % slot)
+        self.set_title(*idle_title)
         # One epoll per worker with EPOLLEXCLUSIVE: a new client wakes one idle worker, not all.
         poller = select.epoll()
         exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
@@ -1951,7 +2102,9 @@ class PreforkPool(Supervisor):
                 except BlockingIOError:
                     pass                            # it has been asked already
             self.server.rotation += 1
+            self.set_title("tproxy worker", "tproxy: worker %d, %s" % (slot, connection_title(conn)))
             serve(conn, self.server)
+            self.set_title(*idle_title)
             self.board[slot] = IDLE
             state["busy"] = False
             idle_since = time.monotonic()

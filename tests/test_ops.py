@@ -149,3 +149,145 @@ def test_without_syslog_the_background_server_says_so_and_logs_to_stderr(tmp_pat
                for line in lines), lines
     assert any(re.match(r"tproxy\[\d+\]: client=127\.0\.0\.1:\d+ .* outcome=ok$", line)
                for line in lines), lines
+
+
+# ---------------------------------------------------------------------------
+# SIGUSR1 status lines and process titles
+# ---------------------------------------------------------------------------
+
+def read_proc(pid, name):
+    """Return /proc/PID/NAME as text, NULs as spaces, stripped."""
+    with open("/proc/%d/%s" % (pid, name), "rb") as f:
+        return f.read().replace(b"\0", b" ").decode().strip()
+
+
+def children_of(pid):
+    """Return the pids of PID's children."""
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+        return [int(p) for p in f.read().split()]
+
+
+def has_setproctitle():
+    return subprocess.run([PYTHON, "-c", "import setproctitle"], capture_output=True).returncode == 0
+
+
+class Running:
+    """A foreground tproxy on loopback with its stderr in a file; stopped by pid."""
+
+    def __init__(self, tmp_path, *args):
+        self.errors = tmp_path / "stderr"
+        self.port = free_port()
+        with open(self.errors, "w") as err:
+            self.proc = subprocess.Popen(tproxy_cmd("-d", "-t", "-s", self.port, "-b", "127.0.0.1",
+                                                    *args),
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=err, start_new_session=True)
+        self.wait_line("listening on")
+
+    def lines(self, word):
+        return [line for line in self.errors.read_text().splitlines() if word in line]
+
+    def wait_line(self, word, count=1):
+        return wait_for(lambda: len(self.lines(word)) >= count and self.lines(word),
+                        what="%d line(s) with %r from tproxy" % (count, word))
+
+    def client(self, source="127.0.0.1"):
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10,
+                                        source_address=(source, 0))
+        return sock
+
+    def exchange(self, target, source="127.0.0.1"):
+        """One relayed exchange of 4 bytes each way (or a refused client)."""
+        with self.client(source) as client:
+            served, _ = target.accept()
+            with served:
+                client.sendall(b"ping")
+                assert served.recv(4) == b"ping"
+                served.sendall(b"pong")
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(4) == b"pong"
+
+    def stop(self):
+        stop(self.proc)
+
+
+STATUS_LINE = re.compile(r"tproxy\[(\d+)\]: status: (parent|worker \d+) active=(\d+) "
+                         r"served=(\d+) refused=(\d+) failed=(\d+) up=(\d+) down=(\d+) "
+                         r"served_up=(\d+) served_down=(\d+) refused_up=(\d+) refused_down=(\d+) "
+                         r"failed_up=(\d+) failed_down=(\d+) uptime=\d+$")
+
+
+def test_sigusr1_fork_mode_parent_sums_its_children(tmp_path):
+    """Fork mode: the parent's one line counts what its (exited) children served, refused, failed."""
+    target = socket.create_server(("127.0.0.1", 0))
+    tport = target.getsockname()[1]
+    server = Running(tmp_path, "-a", "127.0.0.1/32", "127.0.0.1", tport)
+    try:
+        server.exchange(target)
+        server.exchange(target)
+        with server.client(source="127.0.0.2") as refused:      # not in -a
+            assert refused.recv(10) == b""
+        target.close()
+        with server.client() as failed:                           # nothing listens any more
+            assert failed.recv(10) == b""
+        server.wait_line("outcome=", 4)
+        wait_for(lambda: not children_of(server.proc.pid), what="the children to exit")
+        os.kill(server.proc.pid, signal.SIGUSR1)
+        [line] = server.wait_line("status:")
+    finally:
+        server.stop()
+        target.close()
+    fields = STATUS_LINE.match(line)
+    assert fields, line
+    assert fields.group(1, 2) == (str(server.proc.pid), "parent")
+    assert [int(v) for v in fields.groups()[2:]] == [0, 2, 1, 1, 8, 8, 8, 8, 0, 0, 0, 0], line
+    assert server.proc.returncode == 0
+
+
+def test_fork_mode_titles_tell_parent_from_child(tmp_path):
+    """ps names the parent and each child; with setproctitle the child shows its connection."""
+    target = socket.create_server(("127.0.0.1", 0))
+    server = Running(tmp_path, "127.0.0.1", target.getsockname()[1])
+    try:
+        with server.client() as client:
+            served, _ = target.accept()
+            [child] = wait_for(lambda: children_of(server.proc.pid), what="the child")
+            comm = {pid: read_proc(pid, "comm") for pid in (server.proc.pid, child)}
+            cmdline = {pid: read_proc(pid, "cmdline") for pid in (server.proc.pid, child)}
+            client_addr = "%s:%d" % client.getsockname()
+            served.close()
+        os.kill(server.proc.pid, signal.SIGUSR1)
+        [line] = server.wait_line("status:")            # a child's SIGUSR1 neither kills nor logs
+    finally:
+        server.stop()
+        target.close()
+    assert comm == {server.proc.pid: "tproxy parent", child: "tproxy child"}
+    if has_setproctitle():
+        assert cmdline[child] == "tproxy: %s -> 127.0.0.1:%d" % (client_addr, server.port)
+        assert cmdline[server.proc.pid] == \
+            "tproxy: parent, fork per connection, 127.0.0.1:%d" % server.port
+
+
+def test_sigusr1_prefork_each_worker_logs_its_own_line(tmp_path):
+    """--prefork=2: the parent logs the pool, each worker its own counters; they add up."""
+    target = socket.create_server(("127.0.0.1", 0))
+    server = Running(tmp_path, "--prefork=2", "127.0.0.1", target.getsockname()[1])
+    try:
+        workers = wait_for(lambda: len(children_of(server.proc.pid)) == 2 and
+                           children_of(server.proc.pid), what="two workers")
+        for _ in range(3):
+            server.exchange(target)
+        server.wait_line("outcome=", 3)
+        comms = sorted(read_proc(pid, "comm") for pid in workers)
+        os.kill(server.proc.pid, signal.SIGUSR1)
+        lines = server.wait_line("status:", 3)
+    finally:
+        server.stop()
+        target.close()
+    assert comms == ["tproxy worker", "tproxy worker"]
+    assert lines[0].endswith("status: parent workers=2 busy=0"), lines
+    worker_lines = [STATUS_LINE.match(line) for line in lines[1:]]
+    assert all(worker_lines), lines
+    assert sorted(int(m.group(1)) for m in worker_lines) == sorted(workers)
+    assert sum(int(m.group(4)) for m in worker_lines) == 3          # served
+    assert sum(int(m.group(7)) for m in worker_lines) == 12         # up: 3 x 4 bytes

@@ -460,6 +460,22 @@ def syslog_unreachable(path="/dev/log"):
     return reason
 
 
+def stderr_outlives_start():
+    """Return True if a daemon may keep fd 2: a terminal, a file, a device or systemd's journal.
+
+    Not a pipe or another socket: whoever reads it (a shell's $(...), ssh)
+    would wait for the daemon to exit.
+    """
+    import stat
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    if stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode):
+        return True
+    return os.environ.get("JOURNAL_STREAM") == "%d:%d" % (st.st_dev, st.st_ino)
+
+
 class Log:
     """Where messages go: stderr until `use_syslog()`, then syslog (daemon facility)."""
 
@@ -470,15 +486,15 @@ class Log:
         self.log_fd = None
         self.reopen()
 
-    def use_syslog(self, stderr_is_client=False):
+    def use_syslog(self, stderr_usable=True):
         """Send messages to syslog from now on (ident tproxy, with the pid); return True if so.
 
         Without a syslog daemon (no /dev/log: containers, minimal hosts) say so once
-        on stderr and keep logging there, or, where stderr is the client (inetd),
-        write messages to the -l file only.
+        on stderr and keep logging there, or, where stderr is not STDERR_USABLE
+        (inetd: it is the client), write messages to the -l file only.
         """
         missing = syslog_unreachable()
-        if missing and stderr_is_client:
+        if missing and not stderr_usable:
             self.to_stderr = False
             return False
         if missing:
@@ -1391,7 +1407,7 @@ def run_inetd(cfg):
     if conn.type != socket.SOCK_STREAM:
         raise Fatal("standard input is not a TCP socket", EX_USAGE)
     log = open_log(cfg.logfile)
-    log.use_syslog(stderr_is_client=True)
+    log.use_syslog(stderr_usable=False)
     return serve(conn, Server(cfg, log, conn.getsockname()[1]))
 
 
@@ -1524,14 +1540,19 @@ def run_standalone(cfg):
         import daemon
         keep = [s.fileno() for s in listeners]
         keep += [fd for fd in (log.log_fd, pidfile and pidfile.fd) if fd is not None]
-        # Without syslog, stderr stays where it was: the only place left to log to.
-        kept_stderr = sys.stderr if syslog_unreachable() else None
+        # Without syslog, stderr is the only place left to log to: kept if it can be.
+        no_syslog = syslog_unreachable()
+        keep_stderr = bool(no_syslog) and stderr_outlives_start()
+        if no_syslog and not keep_stderr:
+            log.message("no syslog (%s); in the background, messages go to the -l file only"
+                        % no_syslog)
         context = daemon.DaemonContext(files_preserve=keep, working_directory="/",
                                        umask=0o022, pidfile=pidfile, signal_map={},
-                                       stderr=kept_stderr)
+                                       stderr=sys.stderr if keep_stderr else None)
         context.open()
         global errors_to_syslog
-        errors_to_syslog = log.use_syslog()  # only now: DaemonContext closed every other descriptor
+        # only now: DaemonContext closed every other descriptor
+        errors_to_syslog = log.use_syslog(stderr_usable=keep_stderr)
     else:
         if pidfile:
             pidfile.write()

@@ -151,6 +151,32 @@ def test_without_syslog_the_background_server_says_so_and_logs_to_stderr(tmp_pat
                for line in lines), lines
 
 
+
+@UNSHARE_NEEDS
+def test_without_syslog_a_pipe_is_let_go_and_messages_go_to_the_l_file(tmp_path):
+    """No /dev/log, stderr a pipe: one line says where messages go; the starter is not held."""
+    logfile, pidfile = tmp_path / "conn.log", tmp_path / "tproxy.pid"
+    port = free_port()
+    with socket.create_server(("127.0.0.1", 0)) as target:
+        started = subprocess.run(["unshare", "-m", "sh", "-c", PRIVATE_DEV, "sh", PYTHON, TPROXY,
+                                  "-t", "-s", str(port), "-b", "127.0.0.1", "-P", str(pidfile),
+                                  "-l", str(logfile), "127.0.0.1", str(target.getsockname()[1])],
+                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=30)       # returns only once the pipe is closed
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(),
+                           what="the pid file"))
+        try:
+            relay_one(port, target)
+            wait_for(lambda: "outcome=ok" in logfile.read_text(), what="the connection's line")
+        finally:
+            stop_daemon(pid)
+    assert started.returncode == 0 and started.stdout == ""
+    assert re.fullmatch(r"tproxy\[\d+\]: no syslog \(/dev/log: No such file or directory\); "
+                        r"in the background, messages go to the -l file only\n", started.stderr)
+    logged = logfile.read_text()
+    assert re.search(r"tproxy\[%d\]: listening on 127\.0\.0\.1:%d, raw mode" % (pid, port), logged)
+    assert re.search(r"tproxy\[%d\]: SIGTERM: stopped accepting" % pid, logged), logged
+
 # ---------------------------------------------------------------------------
 # SIGUSR1 status lines and process titles
 # ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from xlate_helpers import CASES, ROOT, run_tool
+from xlate_helpers import ROOT, run_tool
 from translate.report import Progress
 
 RULES = ["-A input -p tcp -s 192.0.2.0/24 -d 198.51.100.10/32 80 -j REDIR 12970",

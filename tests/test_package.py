@@ -74,6 +74,8 @@ def unpacked(package):
 
 def in_package_namespace(usr, script):
     """Run SCRIPT (sh) in a private mount namespace whose /usr has the package overlaid."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private mount namespace (unshare --mount)")
     if not os.path.islink("/lib"):
         pytest.skip("this host's /lib is not merged into /usr: the overlay would miss the units")
     mount = "mount -t overlay tproxy-pkg -o lowerdir=%s:/usr /usr" % usr
@@ -135,13 +137,14 @@ def test_package_lintian_is_quiet(package):
 
 
 def test_package_programs_run_as_installed(unpacked):
-    """/usr/bin/tproxy and ipchains-translate print one version; man finds the page."""
+    """/usr/bin/tproxy (--version and -V) and ipchains-translate print one version; man finds the pages."""
     ran = in_package_namespace(unpacked, "/usr/bin/tproxy --version\n"
+                                         "/usr/bin/tproxy -V\n"
                                          "/usr/bin/ipchains-translate --version\n"
                                          "man -w tproxy\nman -w ipchains-translate\n")
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.splitlines() == [
-        "tproxy " + VERSION, "ipchains-translate " + VERSION,
+        "tproxy " + VERSION, "tproxy " + VERSION, "ipchains-translate " + VERSION,
         "/usr/share/man/man8/tproxy.8.gz", "/usr/share/man/man8/ipchains-translate.8.gz"]
 
 

@@ -1776,7 +1776,7 @@ class Supervisor:
         self.set_title = title_setter()
 
     def install_signals(self):
-        """Route SIGTERM, SIGINT, SIGHUP and SIGCHLD into flags and a wakeup pipe."""
+        """Route SIGTERM, SIGINT, SIGHUP, SIGCHLD and SIGUSR1 into flags and a wakeup pipe."""
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_w = wake_w
         signal.set_wakeup_fd(wake_w)

@@ -177,6 +177,30 @@ def test_without_syslog_a_pipe_is_let_go_and_messages_go_to_the_l_file(tmp_path)
     assert re.search(r"tproxy\[%d\]: listening on 127\.0\.0\.1:%d, raw mode" % (pid, port), logged)
     assert re.search(r"tproxy\[%d\]: SIGTERM: stopped accepting" % pid, logged), logged
 
+
+@UNSHARE_NEEDS
+def test_without_syslog_inetd_mode_writes_messages_to_the_l_file_not_the_client(tmp_path):
+    """inetd, no /dev/log: -v's failed attempt reaches the -l file; the client gets nothing."""
+    logfile = tmp_path / "conn.log"
+    with socket.create_server(("127.0.0.1", 0)) as front, \
+            socket.create_server(("127.0.0.1", 0)) as closed:
+        dead = closed.getsockname()[1]
+        closed.close()                              # nothing listens there any more
+        client = socket.create_connection(front.getsockname(), timeout=10)
+        conn, _ = front.accept()
+        with client, conn:
+            ran = subprocess.run(["unshare", "-m", "sh", "-c", PRIVATE_DEV, "sh", PYTHON, TPROXY,
+                                  "-v", "-t", "-l", str(logfile), "127.0.0.1", str(dead)],
+                                 stdin=conn, stdout=conn, stderr=conn, timeout=30)
+            conn.close()
+            assert client.recv(100) == b""
+    lines = logfile.read_text().splitlines()
+    refused = "connect to 127.0.0.1:%d: Connection refused" % dead
+    assert ran.returncode == 69
+    assert [bool(re.search(r"tproxy\[\d+\]: %s$" % refused, line)) for line in lines] == \
+        [True, False], lines
+    assert lines[1].endswith("outcome=" + refused), lines
+
 # ---------------------------------------------------------------------------
 # SIGUSR1 status lines and process titles
 # ---------------------------------------------------------------------------

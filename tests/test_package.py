@@ -181,3 +181,40 @@ def test_package_systemd_units_verify_against_installed_paths(unpacked):
                                          "systemd-analyze verify tproxy.socket tproxy.service\n"
                                          "systemd-analyze verify tproxy@12970.service\n")
     assert (ran.returncode, ran.stdout + ran.stderr) == (0, "")
+
+
+# ---------------------------------------------------------------------------
+# The README's other route: pip into a venv under /opt, readable by nobody
+# ---------------------------------------------------------------------------
+
+VENV_ROUTE = """
+mount -t tmpfs tproxy-opt /opt
+cd /
+umask 022
+/usr/bin/python3 -m venv /opt/tproxy
+/opt/tproxy/bin/pip install -q --disable-pip-version-check "$1" >/tmp/pip.log 2>&1 || {
+    cat /tmp/pip.log >&2; exit 3; }
+for p in tproxy ipchains-translate; do
+    setpriv --reuid=nobody --regid=nogroup --clear-groups /opt/tproxy/bin/$p --version
+done
+setpriv --reuid=nobody --regid=nogroup --clear-groups /opt/tproxy/bin/python -c \
+    'import ipchains_translate.cli, tproxy; print(tproxy.__file__)'
+"""
+NO_INDEX = ("NewConnectionError", "No matching distribution", "Could not find a version",
+            "Temporary failure in name resolution")
+
+
+def test_venv_under_opt_is_usable_by_nobody(tmp_path):
+    """The README's pip route: both programs run as nobody from /opt/tproxy (a private /opt)."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"):
+        pytest.skip("needs root, unshare(1) and setpriv(1)")
+    src = tmp_path / "tproxy"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*LOCAL_STATE))
+    ran = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-ec", VENV_ROUTE,
+                          "sh", str(src)], capture_output=True, text=True, timeout=300,
+                         env=dict(CLEAN_ENV, HOME=str(tmp_path)))
+    if ran.returncode == 3 and any(word in ran.stderr for word in NO_INDEX):
+        pytest.skip("pip cannot reach the package index: %s" % ran.stderr.strip()[-300:])
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == ["tproxy " + VERSION, "ipchains-translate " + VERSION,
+                                       "/opt/tproxy/lib/python3.11/site-packages/tproxy.py"]

@@ -23,7 +23,7 @@ FETCH_XINETD = os.path.join(REPO, "tools", "fetch-xinetd")
 TPROXY_SCRIPT = os.path.join(os.path.dirname(PYTHON), "tproxy")
 
 # What the shipped files name that this machine does not have.
-SHIPPED_PROGRAM = "/usr/local/bin/tproxy"
+SHIPPED_PROGRAM = "/usr/bin/tproxy"
 SHIPPED_HOSTS = ("cow.mancill.com", "cache.mancill.com")
 
 GET = b"GET /index.html HTTP/1.1\r\nHost: moose.mancill.com\r\nConnection: close\r\n\r\n"

@@ -16,7 +16,7 @@ from .ir import Command, Diag, PortForward, Untranslated
 from .shell import MODERN_MODULES, Reader, Remark, ShellError
 from .shell import parse as parse_shell
 
-VERSION = "1.0"
+VERSION = "1.1.0"
 TIMEOUT_SYSCTLS = ("net.netfilter.nf_conntrack_tcp_timeout_established",
                    "net.netfilter.nf_conntrack_tcp_timeout_fin_wait",
                    "net.netfilter.nf_conntrack_udp_timeout")
@@ -38,6 +38,7 @@ class Result:
 
     text: str
     diags: List[Diag] = field(default_factory=list)
+    commands: int = 0           # ipchains/ipmasqadm commands read (for the summary line)
 
     @property
     def status(self):
@@ -148,6 +149,11 @@ def read_inputs(sources, defines, names, flat):
     return inputs, diags
 
 
+def count_commands(inputs):
+    """Return how many commands (not remarks) the INPUTS of read_inputs() hold."""
+    return sum(1 for _, parsed in inputs for p in parsed if not isinstance(p.item, Remark))
+
+
 def static_view(parsed):
     """Return (chains ever created, union jump graph, Features) over all commands."""
     known, graph = set(), {}
@@ -230,7 +236,7 @@ def translate_flat(sources, opts, defines, names):
         text = emit_nft.render(plan, opts.table, header)
     else:
         text = emit_iptables.render_restore(plan, header)
-    return Result(text, sort_diags(diags))
+    return Result(text, sort_diags(diags), count_commands(inputs))
 
 
 LEFT_NO_RULE = {"A": "its rules were removed later or are never reached",
@@ -457,7 +463,7 @@ def translate_shell(sources, opts, defines, names):
                          "# Dispatch chains: see ipchains-translate(8)."] + tr.skeleton())
         outputs.append(splice(reader.lines, replacements, prologue))
     diags.extend(tr.diags)
-    return Result("".join(outputs), sort_diags(diags))
+    return Result("".join(outputs), sort_diags(diags), count_commands(inputs))
 
 
 def nothing_reason(cmd, tr):

@@ -1,0 +1,143 @@
+"""ipchains-translate's own stderr lines: the summary, the progress line, what --check loads."""
+import io
+import os
+import pty
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from xlate_helpers import ROOT, run_tool
+from translate.report import Progress
+
+RULES = ["-A input -p tcp -s 192.0.2.0/24 -d 198.51.100.10/32 80 -j REDIR 12970",
+         "-A input -p udp -j DENY", "-P forward DENY", "-A forward -j BOGUS"]
+SUMMARY = re.compile(r"ipchains-translate: (\d+) commands read, (\d+) rules written, (\d+) notes, "
+                     r"(\d+) warnings, (\d+) errors, \d+\.\d\d s$")
+
+
+def rule_args():
+    return [w for rule in RULES for w in ("-e", rule)]
+
+
+def summary_of(err):
+    """Return the summary line's numbers from stderr ERR (it must be the last line)."""
+    found = SUMMARY.match(err.splitlines()[-1])
+    assert found, err
+    return [int(n) for n in found.groups()]
+
+
+def test_verbose_ends_with_one_summary_line_counting_what_was_printed():
+    """-v: the last stderr line counts the commands given and the diagnostics printed above it."""
+    status, out, err = run_tool(["-v", "--to=nft"] + rule_args())
+    commands, rules, notes, warnings, errors = summary_of(err)
+    above = err.splitlines()[:-1]
+    assert status == 1 and commands == len(RULES) and rules > 0
+    assert [notes, warnings, errors] == [sum(": %s: " % level in line for line in above)
+                                         for level in ("note", "warning", "error")]
+    assert errors == 1 and notes >= 1
+
+
+def test_rules_written_agree_across_the_flat_emitters():
+    """The nft and iptables-restore outputs hold the same number of rules.
+
+    (The iptables script counts its -A/-I commands, which a later -F or -D in
+    the script may take back.)
+    """
+    counts = {fmt: summary_of(run_tool(["-v", "--to=" + fmt] + rule_args())[2])[1]
+              for fmt in ("nft", "iptables-restore")}
+    assert len(set(counts.values())) == 1, counts
+
+
+def test_rules_written_is_what_the_kernel_holds():
+    """The count equals the rules iptables-save lists after loading the output in a namespace."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("iptables-save"):
+        pytest.skip("needs root, unshare(1) and iptables")
+    status, out, err = run_tool(["-v", "--to=iptables-restore"] + rule_args()[:-2])
+    assert status == 0, err
+    loaded = subprocess.run(["unshare", "--net", "sh", "-ec", "iptables-restore; iptables-save"],
+                            input=out, capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    in_kernel = sum(line.startswith("-A ") for line in loaded.stdout.splitlines())
+    assert summary_of(err)[1] == in_kernel
+
+
+def test_quiet_drops_the_summary_and_plain_runs_off_a_terminal_have_none():
+    """-q wins over -v; without -v, stderr that is no terminal gets no summary (golden files)."""
+    for argv in (["-q", "-v"], []):
+        _, _, err = run_tool(argv + ["--to=nft", "-e", RULES[0]])
+        assert "commands read" not in err, (argv, err)
+
+
+def run_on_terminal(argv):
+    """Run ipchains-translate ARGV with stderr on a pseudo-terminal; return what it showed."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "translate"] + argv, cwd=ROOT,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave,
+                              timeout=60)
+        os.close(slave)
+        shown = drain_terminal(master)
+    finally:
+        os.close(master)
+    return proc.returncode, shown.replace("\r\n", "\n")
+
+
+def drain_terminal(master):
+    """Return all a pseudo-terminal's closed other side wrote, read from MASTER."""
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:             # EIO: the other side is closed and all is read
+            break
+        if not chunk:
+            break
+        shown += chunk
+    return shown.decode()
+
+
+def test_a_terminal_gets_the_summary_without_minus_v():
+    status, shown = run_on_terminal(["--to=nft", "-e", RULES[0]])
+    assert status == 0
+    assert summary_of(shown)[:1] == [1]
+
+
+def test_progress_line_is_drawn_after_a_second_and_erased():
+    """On a terminal, a stage still running after DELAY is shown with its time, then erased."""
+    master, slave = pty.openpty()
+    stream = io.TextIOWrapper(os.fdopen(slave, "wb", buffering=0), write_through=True)
+    progress = Progress(stream)
+    progress.stage("translating 1 input(s)")
+    for _ in range(100):            # bounded: at most 10 s on a loaded machine
+        if progress.shown:
+            break
+        progress.done.wait(0.1)
+    progress.close()
+    stream.close()
+    shown = drain_terminal(master)
+    os.close(master)
+    assert progress.shown
+    assert re.match(r"\ripchains-translate: translating 1 input\(s\)\.\.\. \d+ s\x1b\[K", shown), shown
+    assert shown.endswith("\r\x1b[K")
+
+
+def test_progress_stays_silent_off_a_terminal():
+    stream = io.StringIO()
+    progress = Progress(stream)
+    progress.close()
+    assert progress.thread is None and stream.getvalue() == ""
+
+
+@pytest.mark.parametrize("fmt, tool", [("nft", "nft -c -f, then nft -f twice"),
+                                       ("iptables-restore", "iptables-restore --test")])
+def test_check_says_what_it_loads_where(fmt, tool):
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("--check needs root and unshare(1)")
+    status, _, err = run_tool(["-v", "--to=" + fmt, "--check", "-e", RULES[0]])
+    assert status == 0, err
+    rules = summary_of(err)[1]
+    assert ("ipchains-translate: check: loading %d rules with %s" % (rules, tool)) in err
+    assert "in a private network namespace (unshare --net); nothing outside it changes" in err

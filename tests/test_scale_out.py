@@ -1,0 +1,61 @@
+"""Scale out: three tproxy nodes behind a router that learns them over BGP (bird2).
+
+The lab (tests/scale_lab.py) is built from contrib/scale-out and
+contrib/firewall as shipped. Real BGP sessions, the kernel's ECMP with
+layer-4 hashing on the router, --source=client with disjoint --source-ports
+on the nodes, --dport return routes on the server.
+"""
+import collections
+
+import pytest
+
+from lab import have
+from scale_lab import CLIENT, NODES, ScaleOutLab, node_of_port
+
+pytestmark = pytest.mark.skipif(not (have("bird") and have("birdc")),
+                                reason="bird2 is needed (tools/install-deps installs it)")
+
+TOTAL, PARALLEL, LONG = 300, 24, 30
+
+
+def served_by(seen):
+    """Return {node name: connections} for what the server SEEN, checking each came from the client."""
+    assert None not in seen, "%d of %d connections failed" % (seen.count(None), len(seen))
+    assert {addr for addr, _ in seen} == {CLIENT}
+    nodes = [node_of_port(port) for _, port in seen]
+    assert None not in nodes, sorted(port for _, port in seen)
+    return collections.Counter(nodes)
+
+
+def test_nodes_share_the_load_and_one_leaves_cleanly(lab, open_tmp):
+    scale = ScaleOutLab(lab, open_tmp)
+    scale.start()
+    fronts = {name: front for name, front, _, _, _ in NODES}
+    scale.wait_next_hops(fronts.values())
+
+    # Hundreds of connections: all served, by every node in a fair share, the server
+    # seeing the client's own address on each.
+    share = served_by(scale.connect_many(TOTAL, PARALLEL))
+    assert set(share) == set(fronts), share
+    assert min(share.values()) >= TOTAL // 3 // 2, share
+
+    # Long connections through every node, then node2's tproxy stops.
+    held = scale.hold(LONG)
+    on = [node_of_port(port) for port in held.ports]
+    assert set(on) == set(fronts), on
+    assert all(held.check())
+    leaving = scale.nodes[1]
+    scale.stop_tproxy(leaving)
+    # Its announcement goes, and with it the router's next hop.
+    scale.wait_next_hops([f for n, f in fronts.items() if n != leaving.name], timeout=15)
+
+    # New connections all reach the other two.
+    share = served_by(scale.connect_many(TOTAL // 2, PARALLEL))
+    assert set(share) == set(fronts) - {leaving.name}, share
+    # The long connections held through the other nodes keep working: node2 was the
+    # middle of the router's three next hops, and the kernel's hash-threshold ECMP
+    # keeps the flows of the nodes on either side where they were.
+    alive = held.check()
+    kept = [ok for ok, node in zip(alive, on) if node != leaving.name]
+    assert kept and all(kept), list(zip(on, alive))
+    assert not any(ok for ok, node in zip(alive, on) if node == leaving.name)

@@ -136,8 +136,8 @@ class ScaleOutLab:
         stop(node.tproxy)
 
     def next_hops(self):
-        """Return the sorted gateways of the router's route to the service address."""
-        out = self.router.run("ip", "-4", "route", "show", SERVICE + "/32").stdout
+        """Return the sorted gateways of the route bird installed for the service address."""
+        out = self.router.run("ip", "-4", "route", "show", SERVICE + "/32", "proto", "bird").stdout
         return sorted(re.findall(r"via ([0-9.]+)", out))
 
     def wait_next_hops(self, wanted, timeout=30.0):

@@ -225,6 +225,18 @@ def test_systemd_units_verify_cleanly(units):
     assert (ran.returncode, ran.stdout + ran.stderr) == (0, "")
 
 
+def test_announce_unit_verifies_next_to_the_tproxy_template(units):
+    """contrib/scale-out's tproxy-announce@.service, bound to tproxy@.service, verifies cleanly."""
+    with open(os.path.join(CONTRIB, "scale-out", "tproxy-announce@.service")) as f:
+        text = f.read()
+    program = "/usr/local/sbin/tproxy-announce"
+    assert program in text
+    (units / "tproxy-announce@.service").write_text(
+        text.replace(program, os.path.join(CONTRIB, "scale-out", "tproxy-announce")))
+    ran = analyze("verify", "--man=no", units / "tproxy-announce@80.service")
+    assert (ran.returncode, ran.stdout + ran.stderr) == (0, "")
+
+
 @pytest.mark.parametrize("unit", ["tproxy.service", "tproxy@.service"])
 def test_systemd_services_are_hardened(units, unit):
     """Each service keeps systemd's offline exposure score at 3.0 or lower ("OK")."""

@@ -6,11 +6,13 @@ layer-4 hashing on the router, --source=client with disjoint --source-ports
 on the nodes, --dport return routes on the server.
 """
 import collections
+import os
+import signal
 
 import pytest
 
-from lab import have
-from scale_lab import CLIENT, NODES, ScaleOutLab, node_of_port
+from lab import have, stop
+from scale_lab import CLIENT, NODES, SCALE_OUT, ScaleOutLab, node_of_port
 
 pytestmark = pytest.mark.skipif(not (have("bird") and have("birdc")),
                                 reason="bird2 is needed (tools/install-deps installs it)")
@@ -59,3 +61,14 @@ def test_nodes_share_the_load_and_one_leaves_cleanly(lab, open_tmp):
     kept = [ok for ok, node in zip(alive, on) if node != leaving.name]
     assert kept and all(kept), list(zip(on, alive))
     assert not any(ok for ok, node in zip(alive, on) if node == leaving.name)
+
+    # The check loop stopped (TERM) withdraws its node on the way out; killed, it cannot,
+    # and the withdraw command (the unit's ExecStopPost) does.
+    first, last = scale.nodes[0], scale.nodes[2]
+    stop(first.announce)
+    scale.wait_next_hops([last.front], timeout=15)
+    os.killpg(last.announce.pid, signal.SIGKILL)
+    last.announce.wait(10)
+    last.host.run("sh", os.path.join(SCALE_OUT, "tproxy-announce"), "withdraw",
+                  "--socket", scale.path(last.name, "ctl"))
+    scale.wait_next_hops([], timeout=15)

@@ -35,6 +35,9 @@ NODES = (("node1", "198.51.100.11", "203.0.113.131", (20000, 20999), 201),
          ("node2", "198.51.100.12", "203.0.113.132", (40000, 40999), 202),
          ("node3", "198.51.100.13", "203.0.113.133", (41000, 41999), 203))
 
+# The route bird installs, and ecmp-resilient's mirror of it (via a resilient nexthop group).
+BIRD_ROUTE, MIRROR = ("proto", "bird"), ("metric", "1")
+
 
 def node_of_port(port):
     """Return the name of the node whose --source-ports hold PORT, or None."""
@@ -135,17 +138,24 @@ class ScaleOutLab:
         """Stop NODE's tproxy (by pid) and everything it forked."""
         stop(node.tproxy)
 
-    def next_hops(self):
-        """Return the sorted gateways of the route bird installed for the service address."""
-        out = self.router.run("ip", "-4", "route", "show", SERVICE + "/32", "proto", "bird").stdout
+    def start_resilient(self):
+        """Run contrib/scale-out/ecmp-resilient on the router for the service address."""
+        self.router.popen("sh", os.path.join(SCALE_OUT, "ecmp-resilient"), "watch",
+                          "--prefix", SERVICE + "/32", "--interval", "0.2",
+                          stdout=subprocess.DEVNULL,
+                          stderr=open(self.path("router", "resilient"), "wb"))
+
+    def next_hops(self, route=BIRD_ROUTE):
+        """Return the sorted gateways of the router's ROUTE to the service (BIRD_ROUTE or MIRROR)."""
+        out = self.router.run("ip", "-4", "route", "show", SERVICE + "/32", *route).stdout
         return sorted(re.findall(r"via ([0-9.]+)", out))
 
-    def wait_next_hops(self, wanted, timeout=30.0):
-        """Wait until the router's route to the service goes via exactly WANTED."""
+    def wait_next_hops(self, wanted, timeout=30.0, route=BIRD_ROUTE):
+        """Wait until the router's ROUTE to the service goes via exactly WANTED."""
         wanted = sorted(wanted)
-        wait_for(lambda: self.next_hops() == wanted, timeout=timeout, interval=0.1,
+        wait_for(lambda: self.next_hops(route) == wanted, timeout=timeout, interval=0.1,
                  what="router's next hops %s (have %s; bird: %s)" % (
-                     wanted, self.next_hops(), self.bird_protocols()))
+                     wanted, self.next_hops(route), self.bird_protocols()))
 
     def bird_protocols(self):
         """Return the router's `birdc show protocols` (for failure messages)."""

@@ -12,7 +12,7 @@ import signal
 import pytest
 
 from lab import have, stop
-from scale_lab import CLIENT, NODES, SCALE_OUT, ScaleOutLab, node_of_port
+from scale_lab import BIRD_ROUTE, CLIENT, MIRROR, NODES, SCALE_OUT, ScaleOutLab, node_of_port
 
 pytestmark = pytest.mark.skipif(not (have("bird") and have("birdc")),
                                 reason="bird2 is needed (tools/install-deps installs it)")
@@ -29,11 +29,25 @@ def served_by(seen):
     return collections.Counter(nodes)
 
 
-def test_nodes_share_the_load_and_one_leaves_cleanly(lab, open_tmp):
+@pytest.mark.parametrize("routing, leaving", [("bird", 1), ("resilient", 2)])
+def test_nodes_share_the_load_and_one_leaves_cleanly(lab, open_tmp, routing, leaving):
+    """The load is shared; a node whose tproxy stops is withdrawn; the others' connections live.
+
+    With bird's own multipath route (the kernel's hash-threshold ECMP) the
+    middle one of the three next hops leaves: the nodes on either side keep
+    their flows (an end one leaving would move half of its neighbour's:
+    bench/results/2026-11-29-ecmp-failover.md). With contrib/scale-out's
+    ecmp-resilient mirroring bird's route into a resilient nexthop group, an
+    end one leaves, and still no other connection moves.
+    """
     scale = ScaleOutLab(lab, open_tmp)
     scale.start()
+    if routing == "resilient":
+        scale.start_resilient()
     fronts = {name: front for name, front, _, _, _ in NODES}
-    scale.wait_next_hops(fronts.values())
+    routes = [BIRD_ROUTE] + ([MIRROR] if routing == "resilient" else [])
+    for route in routes:
+        scale.wait_next_hops(fronts.values(), route=route)
 
     # Hundreds of connections: all served, by every node in a fair share, the server
     # seeing the client's own address on each.
@@ -41,22 +55,22 @@ def test_nodes_share_the_load_and_one_leaves_cleanly(lab, open_tmp):
     assert set(share) == set(fronts), share
     assert min(share.values()) >= TOTAL // 3 // 2, share
 
-    # Long connections through every node, then node2's tproxy stops.
+    # Long connections through every node, then one node's tproxy stops.
     held = scale.hold(LONG)
     on = [node_of_port(port) for port in held.ports]
     assert set(on) == set(fronts), on
     assert all(held.check())
-    leaving = scale.nodes[1]
+    leaving = scale.nodes[leaving]
     scale.stop_tproxy(leaving)
     # Its announcement goes, and with it the router's next hop.
-    scale.wait_next_hops([f for n, f in fronts.items() if n != leaving.name], timeout=15)
+    for route in routes:
+        scale.wait_next_hops([f for n, f in fronts.items() if n != leaving.name], timeout=15,
+                             route=route)
 
-    # New connections all reach the other two.
+    # New connections all reach the others.
     share = served_by(scale.connect_many(TOTAL // 2, PARALLEL))
     assert set(share) == set(fronts) - {leaving.name}, share
-    # The long connections held through the other nodes keep working: node2 was the
-    # middle of the router's three next hops, and the kernel's hash-threshold ECMP
-    # keeps the flows of the nodes on either side where they were.
+    # The long connections held through the other nodes keep working.
     alive = held.check()
     kept = [ok for ok, node in zip(alive, on) if node != leaving.name]
     assert kept and all(kept), list(zip(on, alive))
@@ -64,11 +78,12 @@ def test_nodes_share_the_load_and_one_leaves_cleanly(lab, open_tmp):
 
     # The check loop stopped (TERM) withdraws its node on the way out; killed, it cannot,
     # and the withdraw command (the unit's ExecStopPost) does.
-    first, last = scale.nodes[0], scale.nodes[2]
+    first, last = [n for n in scale.nodes if n is not leaving]
     stop(first.announce)
     scale.wait_next_hops([last.front], timeout=15)
     os.killpg(last.announce.pid, signal.SIGKILL)
     last.announce.wait(10)
     last.host.run("sh", os.path.join(SCALE_OUT, "tproxy-announce"), "withdraw",
                   "--socket", scale.path(last.name, "ctl"))
-    scale.wait_next_hops([], timeout=15)
+    for route in routes:
+        scale.wait_next_hops([], timeout=15, route=route)

@@ -6,18 +6,19 @@ BGP, ECMP router with layer-4 hashing), holds LONG connections spread over
 the nodes, stops one node's tproxy (its route is withdrawn), and counts, per
 surviving node, the held connections that no longer echo; then starts it
 again and counts, among connections opened while it was away, those its
-return breaks. Routing on the router, one of:
+return breaks, and how many new connections it then gets. Routing on the router, one of:
 
   bird      the multipath route bird2 installs (RTA_MULTIPATH: hash-threshold)
   resilient the same next hops in a kernel resilient nexthop group
             (ip nexthop ... type resilient), kept in step with bird's route by
-            this script, as a routing daemon with nexthop-object support would
+            contrib/scale-out/ecmp-resilient
 
 Run as root: python3 bench/ecmp_failover.py [--long N] [--leaving node1|node2|node3]...
 Prints one Markdown table row per run.
 """
 import argparse
 import os
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -26,22 +27,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from lab import Lab  # noqa: E402
-from scale_lab import NODES, SERVICE, ScaleOutLab, node_of_port  # noqa: E402
+from scale_lab import BIRD_ROUTE, MIRROR, NODES, ScaleOutLab, node_of_port  # noqa: E402
 
 FRONTS = {name: front for name, front, _, _, _ in NODES}
-GROUP, BUCKETS = 100, 128
-
-
-def resilient(scale, members):
-    """Point the service at a resilient group of MEMBERS (node names), ahead of bird's route."""
-    router = scale.router
-    for i, (name, front) in enumerate(sorted(FRONTS.items()), 1):
-        router.run("ip", "nexthop", "replace", "id", i, "via", front, "dev", "front")
-    ids = "/".join(str(i) for i, name in enumerate(sorted(FRONTS), 1) if name in members)
-    router.run("ip", "nexthop", "replace", "id", GROUP, "group", ids, "type", "resilient",
-               "buckets", BUCKETS)
-    # bird's route has metric 32; this one wins while it exists.
-    router.run("ip", "route", "replace", SERVICE + "/32", "nhid", GROUP, "metric", 1)
+NEW = 90        # new connections made once the node is back
 
 
 def broken(held, alive, leaving=None):
@@ -60,29 +49,32 @@ def run(mode, leaving, count):
     tmp = tempfile.mkdtemp(prefix="ecmp-failover-")
     try:
         with Lab("ecmp") as lab:
-            scale = ScaleOutLab(lab, __import__("pathlib").Path(tmp))
+            scale = ScaleOutLab(lab, pathlib.Path(tmp))
             scale.start()
-            scale.wait_next_hops(FRONTS.values())
-            route = scale.router.run("ip", "-d", "route", "show", SERVICE + "/32").stdout
+            routes = [BIRD_ROUTE]
             if mode == "resilient":
-                resilient(scale, FRONTS)
+                scale.start_resilient()
+                routes.append(MIRROR)
+
+            def wait(hops):
+                for r in routes:
+                    scale.wait_next_hops(hops, timeout=15, route=r)
+            wait(FRONTS.values())
+            route = scale.router.run("ip", "-d", "route", "show", "table", "main").stdout
             held = scale.hold(count)
             assert all(held.check())
             node = next(n for n in scale.nodes if n.name == leaving)
             scale.stop_tproxy(node)
-            scale.wait_next_hops([f for n, f in FRONTS.items() if n != leaving], timeout=15)
-            if mode == "resilient":
-                resilient(scale, set(FRONTS) - {leaving})
+            wait([f for n, f in FRONTS.items() if n != leaving])
             after_leave = broken(held, held.check(), leaving)
             # Connections made while it is away; its return may move them.
             meanwhile = scale.hold(count)
             assert all(meanwhile.check())
             scale.start_tproxy(node)
-            scale.wait_next_hops(FRONTS.values(), timeout=15)
-            if mode == "resilient":
-                resilient(scale, FRONTS)
+            wait(FRONTS.values())
             after_return = broken(meanwhile, meanwhile.check(), leaving)
-            return route, after_leave, after_return
+            fresh = [node_of_port(port) for _, port in scale.connect_many(NEW, 16)]
+            return route, after_leave, after_return, fresh.count(leaving)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -94,15 +86,16 @@ def main():
     parser.add_argument("--leaving", action="append", choices=sorted(FRONTS))
     args = parser.parse_args()
     print("| routing | leaving | the others' connections broken by its leaving | "
-          "connections made while it was away, broken by its return |")
-    print("|---|---|---|---|")
+          "connections made while it was away, broken by its return | "
+          "of %d new connections then, to it |" % NEW)
+    print("|---|---|---|---|---|")
     for mode in args.mode or ["bird", "resilient"]:
         for leaving in args.leaving or sorted(FRONTS):
-            route, leave, back = run(mode, leaving, args.long)
-            print("| %s | %s | %s | %s |" % (
+            route, leave, back, fresh = run(mode, leaving, args.long)
+            print("| %s | %s | %s | %s | %d |" % (
                 mode, leaving, ", ".join("%s %s" % kv for kv in leave.items()),
-                ", ".join("%s %s" % kv for kv in back.items())), flush=True)
-    print("\nbird's route: " + " ".join(route.split()))
+                ", ".join("%s %s" % kv for kv in back.items()), fresh), flush=True)
+    print("\nthe router's routes (last run):\n" + route)
 
 
 if __name__ == "__main__":

@@ -158,3 +158,26 @@ def test_start_up_reports_how_the_range_is_honoured(proxy_lab, open_tmp):
     assert "--source-ports 20000-20009: outside net.ipv4.ip_local_port_range 32768-60999" in small
     assert "--source-ports 20000-20009 holds 10 ports, fewer than --max-conns 512" in small
     assert "--source-ports" not in large, large
+
+
+def test_a_port_outside_the_range_fails_the_connection_with_a_reset():
+    """The check after connect(): a port the kernel gave outside the range is never used."""
+    import socket
+    from tproxy import ConnectionFailed, check_source_port
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        sock = socket.create_connection(listener.getsockname())
+        port = sock.getsockname()[1]
+        accepted, _ = listener.accept()
+        check_source_port(sock, (port, port))          # inside: nothing happens
+        outside = (1, 1) if port != 1 else (2, 2)
+        with pytest.raises(ConnectionFailed) as failed:
+            check_source_port(sock, outside)
+        assert str(failed.value) == (
+            "connect to 127.0.0.1:%d: the kernel gave local port %d, outside --source-ports "
+            "%d-%d; closed" % (listener.getsockname()[1], port, outside[0], outside[1]))
+        assert sock.fileno() == -1
+        with pytest.raises(ConnectionResetError):
+            accepted.recv(1)
+        accepted.close()

@@ -15,6 +15,8 @@ from support import PEERS, PYTHON, REPO, tproxy_cmd, wait_for
 
 RECIPES = os.path.join(REPO, "contrib", "firewall")
 KERNEL_RANGE = (32768, 60999)       # the stock net.ipv4.ip_local_port_range, set in the lab
+CLIENT4, CLIENT6 = "192.0.2.10", "2001:db8:1::10"
+OWN4, OWN6 = "198.51.100.1", "2001:db8:2::1"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -44,22 +46,30 @@ def test_good_source_ports_parse():
 
 @pytest.fixture
 def proxy_lab(lab):
-    """proxy 198.51.100.1 / 2001:db8:2::1 -- server 198.51.100.10 / 2001:db8:2::10 (`who` on 80).
+    """client -- proxy -- server, replies routed back to the proxy by destination port only.
 
-    The server's default route is the proxy, which delivers replies to
-    transparent sockets locally (contrib/firewall/proxy-return-path); the
-    client's address 192.0.2.10 / 2001:db8:1::10 is on no host at all.
+    client 192.0.2.10 / 2001:db8:1::10 -- proxy 192.0.2.1 / 2001:db8:1::1;
+    proxy 198.51.100.1 / 2001:db8:2::1 -- server 198.51.100.10 / 2001:db8:2::10,
+    which runs `who` on port 80 and has no default route: only replies to
+    ports 20000-20999 and 40000-40999 go back, via the proxy
+    (contrib/firewall/server-return-route --dport). The proxy delivers them
+    to its transparent sockets (contrib/firewall/proxy-return-path).
     """
-    proxy, server = lab.host("proxy"), lab.host("server")
-    lab.link(proxy, server, ["198.51.100.1/24", "2001:db8:2::1/64"],
+    client, proxy, server = lab.host("client"), lab.host("proxy"), lab.host("server")
+    lab.link(proxy, client, ["192.0.2.1/24", "2001:db8:1::1/64"], [CLIENT4 + "/24", CLIENT6 + "/64"])
+    lab.link(proxy, server, [OWN4 + "/24", OWN6 + "/64"],
              ["198.51.100.10/24", "2001:db8:2::10/64"])
-    server.run("ip", "route", "add", "default", "via", "198.51.100.1")
-    server.run("ip", "-6", "route", "add", "default", "via", "2001:db8:2::1")
+    client.run("ip", "route", "add", "default", "via", "192.0.2.1")
+    client.run("ip", "-6", "route", "add", "default", "via", "2001:db8:1::1")
+    for via in (OWN4, OWN6):
+        for table, ports in ((201, "20000-20999"), (202, "40000-40999")):
+            server.run("sh", os.path.join(RECIPES, "server-return-route"), "add", "--via", via,
+                       "--dport", ports, "--table", table)
     proxy.sysctl("net.ipv4.ip_local_port_range", "%d %d" % KERNEL_RANGE)
     proxy.run("sh", os.path.join(RECIPES, "proxy-return-path"), "add")
     server.popen(PYTHON, PEERS, "who", 80, "--lifetime", 120)
     server.wait_listening(80)
-    return proxy, server
+    return proxy, server, client
 
 
 # Runs inside the proxy namespace: HOLD connections at once through tproxy.connect,
@@ -90,10 +100,6 @@ for family, server, client, source, low, high, hold in cases:
 print(json.dumps(results))
 """
 
-CLIENT4, CLIENT6 = "192.0.2.10", "2001:db8:1::10"
-OWN4, OWN6 = "198.51.100.1", "2001:db8:2::1"
-
-
 def source_cases():
     """Yield (id, family, server, client, source, expected peer address or None, base port)."""
     base = 0
@@ -112,7 +118,7 @@ def source_cases():
 
 def test_source_ports_are_honoured(proxy_lab):
     """Ten connections held at once take ten distinct ports of a ten-port range; an 11th fails."""
-    proxy, _ = proxy_lab
+    proxy, _, _ = proxy_lab
     cases = list(source_cases())
     argv = [[family, server, client, source, low, low + 9, 10]
             for _, family, server, client, source, _, low in cases]
@@ -131,7 +137,7 @@ def test_source_ports_are_honoured(proxy_lab):
 
 def test_kernel_alone_ignores_a_range_outside_its_own(proxy_lab):
     """Why tproxy binds itself outside ip_local_port_range: the kernel silently clamps the option."""
-    proxy, _ = proxy_lab
+    proxy, _, _ = proxy_lab
     code = ("import socket, struct\n"
             "s = socket.socket()\n"
             "s.setsockopt(0, 51, struct.pack('=I', 20009 << 16 | 20000))\n"
@@ -143,7 +149,7 @@ def test_kernel_alone_ignores_a_range_outside_its_own(proxy_lab):
 
 def test_start_up_reports_how_the_range_is_honoured(proxy_lab, open_tmp):
     """Outside the namespace's range: said once; fewer ports than --max-conns: warned."""
-    proxy, _ = proxy_lab
+    proxy, _, _ = proxy_lab
     logs = []
     for port, ports in ((81, "20000-20009"), (82, "40000-49999")):
         err = str(open_tmp / ("tproxy-%d.err" % port))
@@ -181,3 +187,22 @@ def test_a_port_outside_the_range_fails_the_connection_with_a_reset():
         with pytest.raises(ConnectionResetError):
             accepted.recv(1)
         accepted.close()
+
+
+@pytest.mark.parametrize("ports", ["20000-20999", "40000-40999"])
+def test_tproxy_with_source_ports_behind_dport_return_routes(proxy_lab, open_tmp, ports):
+    """A real tproxy -t --source=client --source-ports: the server sees the client, IPv4 and IPv6."""
+    proxy, _, client = proxy_lab
+    low, high = map(int, ports.split("-"))
+    for port, target in ((81, "198.51.100.10"), (82, "2001:db8:2::10")):
+        err = str(open_tmp / ("tproxy-%d.err" % port))
+        with open(err, "wb") as f:
+            proxy.popen(*tproxy_cmd("-d", "-s", port, "-r", "nobody", "-t", "--source=client",
+                                    "--source-ports=" + ports, target, 80), stdout=f, stderr=f)
+        proxy.wait_listening(port)
+    for port, front, expected in ((81, "192.0.2.1", CLIENT4), (82, "2001:db8:1::1", CLIENT6)):
+        for _ in range(5):
+            words = subprocess.run(client.cmd(PYTHON, PEERS, "ask", front, port), input=b"",
+                                   capture_output=True, timeout=30).stdout.decode().split()
+            assert words[:1] == [expected], (words, open(str(open_tmp / ("tproxy-%d.err" % port))).read())
+            assert low <= int(words[1]) <= high, words

@@ -104,11 +104,12 @@ class ScaleOutLab:
             self.bird(node.host, node.name, shipped("bird-node.conf", [
                 (r"^define NODE_ADDR = [0-9.]+;", "define NODE_ADDR = %s;" % node.front)]))
             self.start_tproxy(node)
-            node.announce = node.host.popen(
-                "sh", os.path.join(SCALE_OUT, "tproxy-announce"), "watch",
-                "--pidfile", self.path(node.name, "pid"), "--port", 80,
-                "--socket", self.path(node.name, "ctl"), "--interval", "0.5",
-                stdout=subprocess.DEVNULL, stderr=open(self.path(node.name, "announce"), "wb"))
+            with open(self.path(node.name, "announce"), "wb") as err:
+                node.announce = node.host.popen(
+                    "sh", os.path.join(SCALE_OUT, "tproxy-announce"), "watch",
+                    "--pidfile", self.path(node.name, "pid"), "--port", 80,
+                    "--socket", self.path(node.name, "ctl"), "--interval", "0.5",
+                    stdout=subprocess.DEVNULL, stderr=err)
 
     def path(self, name, what):
         """Return the lab file WHAT (pid, ctl, err, ...) of host NAME."""
@@ -120,9 +121,9 @@ class ScaleOutLab:
         with open(path, "w") as f:
             f.write(conf)
         host.run("bird", "-p", "-c", path)
-        host.popen("bird", "-f", "-c", path, "-s", self.path(name, "ctl"),
-                   "-P", self.path(name, "bird.pid"),
-                   stdout=subprocess.DEVNULL, stderr=open(self.path(name, "bird.err"), "wb"))
+        with open(self.path(name, "bird.err"), "wb") as err:
+            host.popen("bird", "-f", "-c", path, "-s", self.path(name, "ctl"),
+                       "-P", self.path(name, "bird.pid"), stdout=subprocess.DEVNULL, stderr=err)
 
     def start_tproxy(self, node):
         """Start NODE's tproxy: -t --source=client --source-ports=its range, to the server."""
@@ -140,10 +141,10 @@ class ScaleOutLab:
 
     def start_resilient(self):
         """Run contrib/scale-out/ecmp-resilient on the router for the service address."""
-        self.router.popen("sh", os.path.join(SCALE_OUT, "ecmp-resilient"), "watch",
-                          "--prefix", SERVICE + "/32", "--interval", "0.2",
-                          stdout=subprocess.DEVNULL,
-                          stderr=open(self.path("router", "resilient"), "wb"))
+        with open(self.path("router", "resilient"), "wb") as err:
+            self.router.popen("sh", os.path.join(SCALE_OUT, "ecmp-resilient"), "watch",
+                              "--prefix", SERVICE + "/32", "--interval", "0.2",
+                              stdout=subprocess.DEVNULL, stderr=err)
 
     def next_hops(self, route=BIRD_ROUTE):
         """Return the sorted gateways of the router's ROUTE to the service (BIRD_ROUTE or MIRROR)."""

@@ -74,6 +74,8 @@ def run(mode, leaving, count):
             wait(FRONTS.values())
             after_return = broken(meanwhile, meanwhile.check(), leaving)
             fresh = [node_of_port(port) for _, port in scale.connect_many(NEW, 16)]
+            held.close()
+            meanwhile.close()
             return route, after_leave, after_return, fresh.count(leaving)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -231,6 +231,12 @@ class Holder:
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
+    def close(self):
+        """Close the connections (end of input ends the holder) and its pipes."""
+        self.proc.stdin.close()
+        self.proc.wait(30)
+        self.proc.stdout.close()
+
 
 def bridge(host, name, address):
     """Make a bridge NAME with ADDRESS in HOST (the veth ends are enslaved to it later)."""

@@ -75,6 +75,7 @@ def test_nodes_share_the_load_and_one_leaves_cleanly(lab, open_tmp, routing, lea
     kept = [ok for ok, node in zip(alive, on) if node != leaving.name]
     assert kept and all(kept), list(zip(on, alive))
     assert not any(ok for ok, node in zip(alive, on) if node == leaving.name)
+    held.close()
 
     # The check loop stopped (TERM) withdraws its node on the way out; killed, it cannot,
     # and the withdraw command (the unit's ExecStopPost) does.

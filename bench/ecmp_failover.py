@@ -2,7 +2,7 @@
 """What a node leaving (and coming back) does to the connections held by the others.
 
 Builds the scale-out lab of tests/scale_lab.py (three tproxy nodes, bird2
-BGP, ECMP router with layer-4 hashing), holds LONG connections spread over
+BGP, ECMP router with layer-4 hashing), holds LONG IPv4 connections spread over
 the nodes, stops one node's tproxy (its route is withdrawn), and counts, per
 surviving node, the held connections that no longer echo; then starts it
 again and counts, among connections opened while it was away, those its
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from lab import Lab  # noqa: E402
 from scale_lab import BIRD_ROUTE, MIRROR, NODES, ScaleOutLab, node_of_port  # noqa: E402
 
-FRONTS = {name: front for name, front, _, _, _ in NODES}
+NAMES = sorted(plan.name for plan in NODES)
 NEW = 90        # new connections made once the node is back
 
 
@@ -37,7 +37,7 @@ def broken(held, alive, leaving=None):
     """Return {node: "broken/held"} for the held connections, leaving out LEAVING."""
     on = [node_of_port(port) for port in held.ports]
     out = {}
-    for name in sorted(FRONTS):
+    for name in NAMES:
         if name == leaving:
             continue
         mine = [ok for ok, node in zip(alive, on) if node == name]
@@ -51,29 +51,25 @@ def run(mode, leaving, count):
         with Lab("ecmp") as lab:
             scale = ScaleOutLab(lab, pathlib.Path(tmp))
             scale.start()
-            routes = [BIRD_ROUTE]
+            routes = (BIRD_ROUTE,)
             if mode == "resilient":
                 scale.start_resilient()
-                routes.append(MIRROR)
-
-            def wait(hops):
-                for r in routes:
-                    scale.wait_next_hops(hops, timeout=15, route=r)
-            wait(FRONTS.values())
+                routes = (BIRD_ROUTE, MIRROR)
+            scale.wait_next_hops(NAMES, routes=routes)
             route = scale.router.run("ip", "-d", "route", "show", "table", "main").stdout
-            held = scale.hold(count)
+            held = scale.hold(4, count)
             assert all(held.check())
             node = next(n for n in scale.nodes if n.name == leaving)
             scale.stop_tproxy(node)
-            wait([f for n, f in FRONTS.items() if n != leaving])
+            scale.wait_next_hops(set(NAMES) - {leaving}, timeout=15, routes=routes)
             after_leave = broken(held, held.check(), leaving)
             # Connections made while it is away; its return may move them.
-            meanwhile = scale.hold(count)
+            meanwhile = scale.hold(4, count)
             assert all(meanwhile.check())
             scale.start_tproxy(node)
-            wait(FRONTS.values())
+            scale.wait_next_hops(NAMES, timeout=15, routes=routes)
             after_return = broken(meanwhile, meanwhile.check(), leaving)
-            fresh = [node_of_port(port) for _, port in scale.connect_many(NEW, 16)]
+            fresh = [node_of_port(port) for _, port in scale.connect_many(4, NEW, 16)]
             held.close()
             meanwhile.close()
             return route, after_leave, after_return, fresh.count(leaving)
@@ -85,14 +81,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--long", type=int, default=300)
     parser.add_argument("--mode", action="append", choices=["bird", "resilient"])
-    parser.add_argument("--leaving", action="append", choices=sorted(FRONTS))
+    parser.add_argument("--leaving", action="append", choices=NAMES)
     args = parser.parse_args()
     print("| routing | leaving | the others' connections broken by its leaving | "
           "connections made while it was away, broken by its return | "
           "of %d new connections then, to it |" % NEW)
     print("|---|---|---|---|---|")
     for mode in args.mode or ["bird", "resilient"]:
-        for leaving in args.leaving or sorted(FRONTS):
+        for leaving in args.leaving or NAMES:
             route, leave, back, fresh = run(mode, leaving, args.long)
             print("| %s | %s | %s | %s | %d |" % (
                 mode, leaving, ", ".join("%s %s" % kv for kv in leave.items()),

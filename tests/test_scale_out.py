@@ -12,18 +12,20 @@ import signal
 import pytest
 
 from lab import have, stop
-from scale_lab import BIRD_ROUTE, CLIENT, MIRROR, NODES, SCALE_OUT, ScaleOutLab, node_of_port
+from scale_lab import BIRD_ROUTE, FAMILIES, MIRROR, NODES, SCALE_OUT, ScaleOutLab, node_of_port
 
 pytestmark = pytest.mark.skipif(not (have("bird") and have("birdc")),
                                 reason="bird2 is needed (tools/install-deps installs it)")
 
 TOTAL, PARALLEL, LONG = 300, 24, 30
+NAMES = {plan.name for plan in NODES}
 
 
-def served_by(seen):
+def served_by(seen, family):
     """Return {node name: connections} for what the server SEEN, checking each came from the client."""
-    assert None not in seen, "%d of %d connections failed" % (seen.count(None), len(seen))
-    assert {addr for addr, _ in seen} == {CLIENT}
+    assert None not in seen, "IPv%d: %d of %d connections failed" % (
+        family, seen.count(None), len(seen))
+    assert {addr for addr, _ in seen} == {FAMILIES[family].client}
     nodes = [node_of_port(port) for _, port in seen]
     assert None not in nodes, sorted(port for _, port in seen)
     return collections.Counter(nodes)
@@ -38,53 +40,55 @@ def test_nodes_share_the_load_and_one_leaves_cleanly(lab, open_tmp, routing, lea
     their flows (an end one leaving would move half of its neighbour's:
     bench/results/2026-11-29-ecmp-failover.md). With contrib/scale-out's
     ecmp-resilient mirroring bird's route into a resilient nexthop group, an
-    end one leaves, and still no other connection moves.
+    end one leaves, and still no other connection moves. IPv4 and IPv6 alike.
     """
     scale = ScaleOutLab(lab, open_tmp)
     scale.start()
+    routes = (BIRD_ROUTE,)
     if routing == "resilient":
         scale.start_resilient()
-    fronts = {name: front for name, front, _, _, _ in NODES}
-    routes = [BIRD_ROUTE] + ([MIRROR] if routing == "resilient" else [])
-    for route in routes:
-        scale.wait_next_hops(fronts.values(), route=route)
+        routes = (BIRD_ROUTE, MIRROR)
+    scale.wait_next_hops(NAMES, routes=routes)
 
     # Hundreds of connections: all served, by every node in a fair share, the server
     # seeing the client's own address on each.
-    share = served_by(scale.connect_many(TOTAL, PARALLEL))
-    assert set(share) == set(fronts), share
-    assert min(share.values()) >= TOTAL // 3 // 2, share
+    for family, total in ((4, TOTAL), (6, TOTAL // 2)):
+        share = served_by(scale.connect_many(family, total, PARALLEL), family)
+        assert set(share) == NAMES, share
+        assert min(share.values()) >= total // 3 // 2, share
 
-    # Long connections through every node, then one node's tproxy stops.
-    held = scale.hold(LONG)
-    on = [node_of_port(port) for port in held.ports]
-    assert set(on) == set(fronts), on
-    assert all(held.check())
+    # Long connections through every node, then one node's tproxies stop.
+    held = {family: scale.hold(family, LONG) for family in FAMILIES}
+    on = {family: [node_of_port(port) for port in h.ports] for family, h in held.items()}
+    for family, h in held.items():
+        assert set(on[family]) == NAMES, (family, on[family])
+        assert all(h.check())
     leaving = scale.nodes[leaving]
     scale.stop_tproxy(leaving)
-    # Its announcement goes, and with it the router's next hop.
-    for route in routes:
-        scale.wait_next_hops([f for n, f in fronts.items() if n != leaving.name], timeout=15,
-                             route=route)
+    # Its announcements go, and with them the router's next hops.
+    scale.wait_next_hops(NAMES - {leaving.name}, timeout=15, routes=routes)
 
-    # New connections all reach the others.
-    share = served_by(scale.connect_many(TOTAL // 2, PARALLEL))
-    assert set(share) == set(fronts) - {leaving.name}, share
-    # The long connections held through the other nodes keep working.
-    alive = held.check()
-    kept = [ok for ok, node in zip(alive, on) if node != leaving.name]
-    assert kept and all(kept), list(zip(on, alive))
-    assert not any(ok for ok, node in zip(alive, on) if node == leaving.name)
-    held.close()
+    for family, h in held.items():
+        # New connections all reach the others.
+        share = served_by(scale.connect_many(family, TOTAL // 2, PARALLEL), family)
+        assert set(share) == NAMES - {leaving.name}, share
+        # The long connections held through the other nodes keep working.
+        alive = h.check()
+        kept = [ok for ok, node in zip(alive, on[family]) if node != leaving.name]
+        assert kept and all(kept), (family, list(zip(on[family], alive)))
+        assert not any(ok for ok, node in zip(alive, on[family]) if node == leaving.name)
+        h.close()
 
-    # The check loop stopped (TERM) withdraws its node on the way out; killed, it cannot,
-    # and the withdraw command (the unit's ExecStopPost) does.
+    # The check loops stopped (TERM) withdraw their node on the way out; killed, they
+    # cannot, and the withdraw command (the unit's ExecStopPost) does.
     first, last = [n for n in scale.nodes if n is not leaving]
-    stop(first.announce)
-    scale.wait_next_hops([last.front], timeout=15)
-    os.killpg(last.announce.pid, signal.SIGKILL)
-    last.announce.wait(10)
-    last.host.run("sh", os.path.join(SCALE_OUT, "tproxy-announce"), "withdraw",
-                  "--socket", scale.path(last.name, "ctl"))
-    for route in routes:
-        scale.wait_next_hops([], timeout=15, route=route)
+    for proc in first.announce.values():
+        stop(proc)
+    scale.wait_next_hops({last.name}, timeout=15, routes=routes)
+    for family, proc in last.announce.items():
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        last.host.run("sh", os.path.join(SCALE_OUT, "tproxy-announce"), "withdraw",
+                      "--protocol", FAMILIES[family].protocol,
+                      "--socket", scale.path(last.name, "ctl"))
+    scale.wait_next_hops(set(), timeout=15, routes=routes)

@@ -62,6 +62,11 @@ Options:
   --source=SPEC           Connect to the target from SPEC: "client" (the
                           client's address), "client-port" (its address and
                           port) or an address of this host.
+  --source-ports=LOW-HIGH
+                          Take the local port of every connection to a target
+                          from LOW-HIGH (for example 40000-40999), so that
+                          servers can route replies to this node by port; not
+                          with --source=client-port.
 """
 
 __version__ = "1.1.0"
@@ -92,6 +97,7 @@ SOL_IPV6 = 41
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 IP_BIND_ADDRESS_NO_PORT = 24
+IP_LOCAL_PORT_RANGE = 51    # Linux >= 6.3; IPv6 sockets too; clamped to the namespace's range
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
 F_SETPIPE_SZ = 1031
@@ -147,6 +153,7 @@ class Config:
     proxy_auth = None       # bytes "user:password"
     send_proxy = None       # "v1" or "v2"
     source = None           # "client", "client-port", or an address string
+    source_ports = None     # (low, high) local ports for upstream connections
     activated = False       # started by systemd with a listening socket (LISTEN_FDS)
 
 
@@ -308,6 +315,11 @@ def build_config(args):
         cfg.send_proxy = args["--send-proxy"]
     if args["--source"]:
         cfg.source = parse_source(args["--source"])
+    if args["--source-ports"]:
+        if cfg.source == "client-port":
+            raise Fatal("--source-ports and --source=client-port exclude each other: "
+                        "client-port keeps the client's own port", EX_USAGE)
+        cfg.source_ports = parse_port_range(args["--source-ports"], "--source-ports")
     if args["--proxy-auth-file"] and cfg.mode != "connect":
         raise Fatal("--proxy-auth-file applies to --connect only", EX_USAGE)
     if cfg.mode == "connect" and (args["--proxy-auth-file"] or os.environ.get("TPROXY_PROXY_AUTH")):
@@ -370,6 +382,18 @@ def parse_source(text):
     except ValueError:
         raise Fatal("--source: %r is not client, client-port or an IP address" % text,
                     EX_USAGE) from None
+
+
+def parse_port_range(text, what):
+    """Return (low, high) from "LOW-HIGH", numbers 1-65535 with LOW <= HIGH; raise Fatal."""
+    low, dash, high = text.partition("-")
+    if not (dash and low.isdigit() and high.isdigit()):
+        raise Fatal("%s: %r is not LOW-HIGH (two port numbers)" % (what, text), EX_USAGE)
+    low, high = int(low), int(high)
+    if not 1 <= low <= high <= 65535:
+        raise Fatal("%s: %r is not a range of ports (1-65535, LOW <= HIGH)" % (what, text),
+                    EX_USAGE)
+    return low, high
 
 
 def parse_acl(text):
@@ -714,20 +738,23 @@ def _capset(mask):
 # Reaching the target: source address, CONNECT, PROXY protocol
 # ---------------------------------------------------------------------------
 
-def connect(addrs, timeout, source=None, client=None, log=None, verbose=False):
+def connect(addrs, timeout, source=None, client=None, log=None, verbose=False, ports=None):
     """Connect to the first reachable of ADDRS (getaddrinfo tuples); return the socket.
 
-    SOURCE is the --source spec and CLIENT the client's sockaddr. Raise
-    ConnectionFailed naming the last failure.
+    SOURCE is the --source spec, CLIENT the client's sockaddr and PORTS the
+    --source-ports (low, high). Raise ConnectionFailed naming the last failure.
     """
     last = "no address"
     for family, type_, proto, _, sockaddr in addrs:
         sock = socket.socket(family, type_, proto)
+        transparent = False
         try:
-            transparent = bind_source(sock, family, source, client, log)
+            transparent = bind_source(sock, family, source, client, log, ports)
             sock.settimeout(timeout)
             sock.connect(sockaddr)
             sock.settimeout(None)
+            if ports:
+                check_source_port(sock, ports)
             return sock
         except socket.timeout:
             last = "connect to %s timed out after %gs" % (show_addr(sockaddr), timeout)
@@ -741,32 +768,102 @@ def connect(addrs, timeout, source=None, client=None, log=None, verbose=False):
     raise ConnectionFailed(last)
 
 
-def bind_source(sock, family, source, client, log):
-    """Bind SOCK to the --source address; return True if it is transparent."""
-    if source is None:
-        return False
+def bind_source(sock, family, source, client, log, ports=None):
+    """Bind SOCK to the --source address and --source-ports; return True if it is transparent."""
+    host, transparent = None, False
     if source in ("client", "client-port"):
         host = plain_ip(client[0])
         if (":" in host) != (family == socket.AF_INET6):
             if log:
                 log.message("client %s and target differ in family; connecting from "
                             "this host's own address" % show_addr(client))
-            return False
-        level, option = (SOL_IPV6, IPV6_TRANSPARENT) if family == socket.AF_INET6 \
-            else (SOL_IP, IP_TRANSPARENT)
-        sock.setsockopt(level, option, 1)
-        port = client[1] if source == "client-port" else 0
-        if port == 0:
-            sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            host = None
         else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        return True
-    if (":" in source) != (family == socket.AF_INET6):
-        return False
-    sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-    sock.bind((source, 0))
-    return False
+            level, option = (SOL_IPV6, IPV6_TRANSPARENT) if family == socket.AF_INET6 \
+                else (SOL_IP, IP_TRANSPARENT)
+            sock.setsockopt(level, option, 1)
+            transparent = True
+            if source == "client-port":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, client[1]))
+                return True
+    elif source is not None and (":" in source) == (family == socket.AF_INET6):
+        host = source
+    if ports:
+        claim_source_port(sock, family, host, ports)
+    elif host is not None:
+        sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((host, 0))
+    return transparent
+
+
+def claim_source_port(sock, family, host, ports):
+    """Make SOCK's local port come from PORTS (low, high), bound to HOST (None: any address).
+
+    IP_LOCAL_PORT_RANGE lets connect() pick a port whose four-tuple is free,
+    but the kernel silently ignores each end of it that lies outside the
+    namespace's net.ipv4.ip_local_port_range, so it is used only when both
+    ends lie inside; otherwise (or before Linux 6.3) a free port of PORTS is
+    bound here. check_source_port() confirms the port once connected.
+    """
+    low, high = ports
+    if ports_within(ports, ephemeral_ports()):
+        try:
+            sock.setsockopt(SOL_IP, IP_LOCAL_PORT_RANGE, struct.pack("=I", high << 16 | low))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+                raise
+        else:
+            if host is not None:
+                # The range also applies to the port chosen at connect() for a bound address.
+                sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((host, 0))
+            return
+    bind_port_in_range(sock, host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), ports)
+
+
+def bind_port_in_range(sock, host, ports):
+    """Bind SOCK to HOST and a free port of PORTS, trying each once from a random start.
+
+    Raise OSError(EADDRINUSE) when every port of the range is taken.
+    """
+    low, high = ports
+    size = high - low + 1
+    start = int.from_bytes(os.urandom(4), "little") % size
+    for step in range(size):
+        try:
+            sock.bind((host, low + (start + step) % size))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, "every local port of --source-ports %d-%d is in use"
+                  % (low, high))
+
+
+def check_source_port(sock, ports):
+    """Raise ConnectionFailed (resetting SOCK) if its local port lies outside PORTS."""
+    port = sock.getsockname()[1]
+    if not ports[0] <= port <= ports[1]:
+        peer = show_addr(sock.getpeername())
+        abort(sock)
+        raise ConnectionFailed("connect to %s: the kernel gave local port %d, outside "
+                               "--source-ports %d-%d; closed" % (peer, port, ports[0], ports[1]))
+
+
+def ephemeral_ports():
+    """Return the namespace's net.ipv4.ip_local_port_range as (low, high), or None."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return None
+
+
+def ports_within(ports, outer):
+    """Return True if the range PORTS lies wholly inside the range OUTER (None: no)."""
+    return outer is not None and outer[0] <= ports[0] and ports[1] <= outer[1]
 
 
 def http_connect(sock, dest, auth, timeout):
@@ -1342,11 +1439,12 @@ def open_upstream(conn, server, record):
     rewrite = cfg.mode == "http"
     if cfg.mode == "raw" and not cfg.target:
         addrs = resolve_quiet(orig)
-        upstream = connect(addrs, cfg.connect_timeout, cfg.source, client, log, cfg.verbose)
+        upstream = connect(addrs, cfg.connect_timeout, cfg.source, client, log, cfg.verbose,
+                           ports=cfg.source_ports)
     else:
         try:
             upstream = connect(server.target_addrs(), cfg.connect_timeout, cfg.source, client,
-                               log, cfg.verbose)
+                               log, cfg.verbose, ports=cfg.source_ports)
         except ConnectionFailed as exc:
             if cfg.mode != "http" or cfg.no_fallback:
                 raise
@@ -1354,7 +1452,8 @@ def open_upstream(conn, server, record):
                 raise ConnectionFailed("%s; no fallback: original destination is this proxy"
                                        % exc) from None
             log.message("cache unreachable (%s); going direct to %s" % (exc, show_addr(orig)))
-            upstream = connect(resolve_quiet(orig), cfg.connect_timeout, cfg.source, client, log)
+            upstream = connect(resolve_quiet(orig), cfg.connect_timeout, cfg.source, client, log,
+                               ports=cfg.source_ports)
             rewrite = False
         if cfg.mode == "connect":
             try:
@@ -1532,6 +1631,8 @@ def run_standalone(cfg):
     pidfile = PidFile(cfg.pidfile, cfg.user, cfg.pidfile_given) if cfg.pidfile else None
     if cfg.source in ("client", "client-port"):
         warn_missing_return_path(log)
+    if cfg.source_ports:
+        report_source_ports(cfg.source_ports, cfg.max_conns, log)
     preload(cfg)
     if cfg.user:
         drop_privileges(cfg.user, keep_net_raw=cfg.source is not None and
@@ -1655,6 +1756,21 @@ def warn_missing_return_path(log):
                 family, " -6" if six else "", " -6" if six else "",
                 "::/0" if six else "0.0.0.0/0", "ip6tables" if six else "iptables"),
             error=True)
+
+
+def report_source_ports(ports, max_conns, log):
+    """Log how --source-ports will be honoured, and whether it is small for --max-conns."""
+    low, high = ports
+    size = high - low + 1
+    kernel = ephemeral_ports()
+    if not ports_within(ports, kernel):
+        log.message("--source-ports %d-%d: outside net.ipv4.ip_local_port_range %s, so "
+                    "IP_LOCAL_PORT_RANGE would be ignored; binding ports from the range" % (
+                        low, high, "%d-%d" % kernel if kernel else "(unreadable)"))
+    if size < max_conns:
+        log.message("--source-ports %d-%d holds %d ports, fewer than --max-conns %d: "
+                    "beyond %d connections at once from one source address (to one target, "
+                    "with IP_LOCAL_PORT_RANGE) will fail" % (low, high, size, max_conns, size), error=True)
 
 
 # ---------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def m_conn(m):
 
 
 def m_mark(m):
-    return ["-m", "mark", "--mark", "0x%x/0x%x" % (m.value, m.value)]
+    return ["-m", "connmark" if m.ct else "mark", "--mark", "0x%x/0x%x" % (m.value, m.value)]
 
 
 MATCHES = {MIface: m_iface, MProto: m_proto, MAddr: m_addr, MPorts: m_ports,
@@ -80,6 +80,9 @@ def s_log(s):
 
 
 def s_mark(s):
+    if s.ct:
+        mask = 0xFFFFFFFF if s.op == "=" else s.value
+        return ["-j", "CONNMARK", "--set-xmark", "0x%x/0x%x" % (s.value, mask)]
     return ["-j", "MARK", "--set-mark" if s.op == "=" else "--or-mark", "0x%x" % s.value]
 
 

@@ -90,7 +90,7 @@ def m_conn(m):
 
 
 def m_mark(m):
-    return "meta mark & 0x%08x == 0x%08x" % (m.value, m.value)
+    return "%s mark & 0x%08x == 0x%08x" % ("ct" if m.ct else "meta", m.value, m.value)
 
 
 MATCHES = {MIface: m_iface, MProto: m_proto, MAddr: m_addr, MPorts: m_ports,
@@ -102,9 +102,10 @@ def s_log(s):
 
 
 def s_mark(s):
+    what = "ct mark" if s.ct else "meta mark"
     if s.op == "=":
-        return "meta mark set 0x%08x" % s.value
-    return "meta mark set meta mark | 0x%08x" % s.value
+        return "%s set 0x%08x" % (what, s.value)
+    return "%s set %s | 0x%08x" % (what, what, s.value)
 
 
 def s_tos(s):

@@ -79,6 +79,11 @@ REJECT_WITH = {"in": "port-unreach", "rd": "port-unreach", "mr": "port-unreach",
 # (include/net/ip_masq.h, ip_masq.c get_next_mport); input rules meant for
 # the replies test them.
 MASQ_PORTS = (61000, 65095)
+# The connection mark bit of connections a port forward of the script made:
+# only they skip the forward chain (a DNAT by another table is forwarded
+# traffic like any other).  Masqueraded connections carry the --masq-mark
+# bit in their connection mark likewise.
+PORTFW_CT_MARK = 0x20000000
 
 
 @dataclass
@@ -494,14 +499,14 @@ def skeleton(plan, features, policies, opts):
     inp.entries.append(NfRule((), (), Verdict("jump", "in-input"), note("input")))
     inp.entries.append(NfRule((), (), Verdict("jump", "pol-input"), note("input policy")))
     if features.masq:
-        replies = (MConn("SNAT", "REPLY"),)
+        replies = (MConn("SNAT", "REPLY"), MMark(opts.masq_mark, ct=True))
         fwd.entries.append(NfRule(replies, (), Verdict("jump", "mr-input"),
                                   note("replies of masqueraded connections: input stage, "
                                        "by their addresses before de-masquerading")))
         fwd.entries.append(NfRule(replies, (), Verdict("jump", "pol-mr-input"),
                                   note("replies of masqueraded connections: input policy")))
     if features.portfw:
-        forwarded = (MConn("DNAT", "ORIGINAL"),)
+        forwarded = (MConn("DNAT", "ORIGINAL"), MMark(PORTFW_CT_MARK, ct=True))
         fwd.entries.append(NfRule(forwarded, (), Verdict("jump", "pf-input"),
                                   note("port-forwarded: input stage, by the address they "
                                        "arrived for")))
@@ -558,11 +563,12 @@ def nat_hooks(plan, features, opts):
     if features.masq:
         post = plan.chain("nat", "POSTROUTING", ("postrouting", "ACCEPT"))
         marked = MMark(opts.masq_mark)
+        ours = SMark("|", opts.masq_mark, ct=True)     # its replies: mr- (skeleton)
         ports = "%d-%d" % MASQ_PORTS
         for proto in ("tcp", "udp"):
-            post.entries.append(NfRule((MProto(proto), marked), (), Verdict("masquerade", ports),
+            post.entries.append(NfRule((MProto(proto), marked), (ours,), Verdict("masquerade", ports),
                                        note("MASQ, from the ports 2.2 used")))
-        post.entries.append(NfRule((marked,), (), Verdict("masquerade"), note("MASQ")))
+        post.entries.append(NfRule((marked,), (ours,), Verdict("masquerade"), note("MASQ")))
 
 
 def tproxy_notes(opts):
@@ -676,4 +682,5 @@ def portfw_rule(pf):
     """Return the DNAT rule of one ipmasqadm port forward."""
     matches = (MProto(pf.proto), MAddr("d", pf.laddr + "/32"),
                MPorts("d", Ports(pf.lport, pf.lport), pf.proto))
-    return NfRule(matches, (), Verdict("dnat", "%s:%d" % (pf.raddr, pf.rport)), str(pf.src))
+    return NfRule(matches, (SMark("|", PORTFW_CT_MARK, ct=True),),
+                  Verdict("dnat", "%s:%d" % (pf.raddr, pf.rport)), str(pf.src))

@@ -112,7 +112,12 @@ TARGETS = [
     Expect("REJECT", "fi", "ICMP port unreachable", *PORT_UNREACH, cite=_INPUT),
     Expect("REJECT", "fw", "ICMP host unreachable", *HOST_UNREACH, cite=_FORWARD),
     Expect("REJECT", "fo", "ICMP host unreachable", *HOST_UNREACH, cite=_FWD_OUT),
-    Expect("REJECT", "om", "ICMP host unreachable", *HOST_UNREACH, cite=_FWD_OUT),
+    # The ICMP was built from the masqueraded packet, so it went to the
+    # masquerading address itself, whose de-masquerading of ICMP errors
+    # (ip_masq.c:1660-1669, ip_fw_demasq_icmp) handed it to the inside client:
+    # netfilter rejects before masquerading, to the client directly.
+    Expect("REJECT", "om", "ICMP host unreachable (to the inside client)", *HOST_UNREACH,
+           cite=_FWD_OUT + "; " + SRC + "net/ipv4/icmp.c:570-584 and ip_masq.c:1660-1669"),
     Expect("REJECT", "out", "dropped, no ICMP (the send fails)", *DROP, cite=_LOCAL_OUT),
     # MASQ: forward only; masqueraded, then the output chain.
     Expect("MASQ", "fw", "masqueraded, on to the output chain", *ON_TO_MASQ_OUTPUT, cite=_MASQ),

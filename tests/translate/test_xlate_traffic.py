@@ -199,10 +199,11 @@ table ip foreign {
 	chain pre {
 		type nat hook prerouting priority dstnat - 10; policy accept;
 		tcp dport 81 dnat to 192.0.2.10:8081
+		tcp dport 83 dnat to 192.0.2.10:8083
 	}
 	chain post {
 		type nat hook postrouting priority srcnat - 10; policy accept;
-		ip saddr 192.0.2.0/24 tcp dport 8082 masquerade
+		ip saddr 192.0.2.0/24 tcp dport { 8082, 8084 } masquerade
 	}
 }
 """
@@ -210,6 +211,9 @@ table ip foreign {
 FOREIGN_SCRIPT = """\
 ipchains -P forward DENY
 ipchains -A forward -s 192.0.2.0/24 -p tcp -d 0/0 8082 -j ACCEPT
+ipchains -A forward -s 192.0.2.0/24 -p tcp -d 0/0 8084 -j ACCEPT
+ipchains -A forward -p tcp -s 0/0 8084 -d 192.0.2.0/24 -j ACCEPT
+ipchains -A forward -p tcp -d 192.0.2.10 8083 -j ACCEPT
 ipchains -A forward -s 192.0.2.0/24 -j MASQ
 ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.10 8080
 """
@@ -230,15 +234,21 @@ def test_nat_by_another_table_is_not_taken_for_the_scripts(lab, fmt, tmp_path):
     load(router, "nft", FOREIGN_NAT)
     serve(inside, 8080, "inside")
     serve(inside, 8081, "inside8081")
+    serve(inside, 8083, "inside8083")
     serve(outside, 8082, "outside8082")
+    serve(outside, 8084, "outside8084")
     # The script's own port forward: input accepts it (policy), forward skipped.
     assert connect(outside, "198.51.100.1", 80) == "ok inside 198.51.100.20 192.0.2.10:8080"
-    # The other table's DNAT: the forward chain (policy DENY) stops it.
+    # The other table's DNAT: the forward chain (policy DENY) stops it, and
+    # lets through what it accepts (control: the other table's DNAT works).
     assert connect(outside, "198.51.100.1", 81) == "timeout"
+    assert connect(outside, "198.51.100.1", 83) == "ok inside8083 198.51.100.20 192.0.2.10:8083"
     # The other table's masquerading of a connection the script forwards
     # without MASQ: its replies are forwarded packets to 192.0.2.10, which
-    # the forward chain (policy DENY) stops.
+    # the forward chain (policy DENY) stops, and lets through what it
+    # accepts (control: the other table masquerades, the server sees the router).
     assert connect(inside, "198.51.100.20", 8082) == "timeout"
+    assert connect(inside, "198.51.100.20", 8084) == "ok outside8084 198.51.100.1 198.51.100.20:8084"
 
 
 def tproxy_runs():

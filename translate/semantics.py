@@ -230,11 +230,24 @@ def masq_source_test(addr, opts):
     return inside != addr.neg
 
 
+def masq_port_test(ports):
+    """Return True/False when source PORTS of a masqueraded TCP/UDP packet are
+    decided by 2.2's masquerading ports (MASQ_PORTS), None when the range cuts them."""
+    lo, hi = MASQ_PORTS
+    if ports.lo <= lo and ports.hi >= hi:
+        return not ports.neg
+    if ports.hi < lo or ports.lo > hi:
+        return ports.neg
+    return None
+
+
 def rule_matches(rule, ctx, opts=None):
     """Return the netfilter matches of RULE in context CTX, in emission order.
 
     In the 'om' context the source address was the masquerading address on
-    2.2: with --masq-source the test is decided here (NeverMatches if false).
+    2.2: with --masq-source the test is decided here (NeverMatches if false);
+    a TCP/UDP source port was one of MASQ_PORTS, so a port test is decided
+    here too, or raises Untranslatable when its range cuts them.
     """
     iface_dir = CONTEXT_INFO[ctx][1]
     orig = ctx in ("rd", "pf")
@@ -246,6 +259,17 @@ def rule_matches(rule, ctx, opts=None):
             raise NeverMatches()
         if decided:
             saddr = None
+    sport = rule.sport
+    if ctx == "om" and sport is not None and sport.raw is None and rule.proto in ("tcp", "udp"):
+        decided = masq_port_test(sport)
+        if decided is None:
+            raise Untranslatable("source port %s%d:%d of a masqueraded packet: 2.2 tested "
+                                 "the port it masqueraded from (%d-%d), which netfilter "
+                                 "picks only after the filter rules"
+                                 % ("! " if sport.neg else "", sport.lo, sport.hi, *MASQ_PORTS))
+        if decided is False:
+            raise NeverMatches()
+        sport = None
     out = []
     if rule.iface is not None:
         out.append(MIface(iface_dir, rule.iface, rule.iface_neg))
@@ -256,8 +280,8 @@ def rule_matches(rule, ctx, opts=None):
     if rule.daddr is not None:
         out.append(MAddr("d", rule.daddr.net, rule.daddr.neg, orig, reply))
     proto = rule.proto
-    if rule.sport is not None:
-        out.append(MPorts("s", rule.sport, proto))
+    if sport is not None:
+        out.append(MPorts("s", sport, proto))
     if rule.dport is not None:
         out.append(MPorts("d", rule.dport, proto, orig, reply))
     if rule.icmp_type is not None:
@@ -434,6 +458,10 @@ def translate_rule(rule, chain, ctx, opts, cache=None):
             cache[key] = rule_matches(rule, ctx, opts)
         except NeverMatches:
             cache[key] = None
+        except Untranslatable as exc:
+            result.diags.append(Diag("warning", rule.src, str(exc)))
+            result.untranslated = Untranslated(rule.src, str(exc))
+            return result
     matches = cache[key]
     if matches is None:
         return result           # decided while translating: it never matches here

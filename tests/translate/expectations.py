@@ -271,6 +271,24 @@ EXAMPLES = [
             SRC + "net/ipv4/ip_fw.c:756-766 (no prevchain: ret = chain->policy)"),
 ]
 
+# The output chain met a masqueraded packet after ip_fw_masquerade gave it
+# one of the masquerading ports (ip_forward.c:220-246; ip_masq.c:794-805,
+# include/net/ip_masq.h:27-28), so a TCP or UDP source port test there was
+# decided by that range: always true, never true, or (a range that cuts it)
+# not known before netfilter masquerades, after the filter rules: refused.
+# (source port spec, what the om-output chain holds for the rule: its nft
+# body, None for no rule, "untranslated" for a warning and no rule).
+OmPort = namedtuple("OmPort", "ports om_rule cite")
+_OM = SRC + "net/ipv4/ip_forward.c:220-246 and include/net/ip_masq.h:27-28"
+OM_PORTS = [
+    OmPort("61000:65095", "meta l4proto tcp drop", _OM),
+    OmPort("1024:65535", "meta l4proto tcp drop", _OM),
+    OmPort("1024:60999", None, _OM),
+    OmPort("! 61000:65095", None, _OM),
+    OmPort("! 1024:60999", "meta l4proto tcp drop", _OM),
+    OmPort("60000:61000", "untranslated", _OM),
+]
+
 # ipmasqadm portfw: the forwards left after a sequence of commands, as
 # (proto, local address, local port, remote address, remote port).
 PortfwExample = namedtuple("PortfwExample", "name commands remaining status cite")

@@ -114,6 +114,22 @@ def test_example_rule(tmp_path, example):
         example.name, example.verdict, example.cite, example.chain, bodies)
 
 
+@pytest.mark.parametrize("case", ex.OM_PORTS, ids=lambda c: c.ports)
+def test_masqueraded_source_port_is_one_of_2_2s(tmp_path, case):
+    """A source port test in output is decided for masqueraded packets by
+    the ports 2.2 masqueraded from; forwarded packets keep the test."""
+    lines = ["-P forward MASQ", "-A output -p tcp -s 0/0 %s -j DENY" % case.ports]
+    status, nft, err = translate_lines(tmp_path, lines, "nft")
+    assert rules_of(nft, "fo-output", "expect.sh:2") == [
+        "meta l4proto tcp tcp sport %s drop" % case.ports.replace(":", "-").replace("! ", "!= ")]
+    om = rules_of(nft, "om-output", "expect.sh:2")
+    if case.om_rule == "untranslated":
+        assert om == [] and "expect.sh:2: warning:" in err and status != 0, (case.cite, err)
+    else:
+        assert status == 0, err
+        assert om == ([case.om_rule] if case.om_rule else []), (case.cite, om)
+
+
 def portfw_tuples(text):
     """Return the port forwards of a translation as (proto, laddr, lport, raddr, rport)."""
     out = []

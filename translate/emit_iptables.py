@@ -9,7 +9,7 @@ expansions) are written as they are in the shell format.
 import re
 import shlex
 
-from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto, MSyn,
+from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MLocal, MMark, MPorts, MProto, MSyn,
                  NfRule, Raw, SCopy, SLog, SMark, STos, Untranslated)
 
 TABLE_ORDER = ("filter", "nat", "mangle")
@@ -71,8 +71,13 @@ def m_mark(m):
     return ["-m", "connmark" if m.ct else "mark", "--mark", "0x%x/0x%x" % (m.value, m.value)]
 
 
+def m_local(m):
+    return ["-m", "addrtype", "--dst-type", "LOCAL"]
+
+
 MATCHES = {MIface: m_iface, MProto: m_proto, MAddr: m_addr, MPorts: m_ports,
-           MIcmp: m_icmp, MSyn: m_syn, MFrag: m_frag, MConn: m_conn, MMark: m_mark}
+           MIcmp: m_icmp, MSyn: m_syn, MFrag: m_frag, MConn: m_conn, MMark: m_mark,
+           MLocal: m_local}
 
 
 def s_log(s):

@@ -211,6 +211,11 @@ class MConn:
 
 
 @dataclass(frozen=True)
+class MLocal:
+    """Match packets addressed to one of this host's own addresses."""
+
+
+@dataclass(frozen=True)
 class MMark:
     """Match packets whose mark (ct: whose connection's mark) has all bits of VALUE set."""
 

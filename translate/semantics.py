@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .ipchains import BUILTIN, VERDICTS, Names, ParseError, parse_addresses, parse_ipv4
-from .ir import (Diag, MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto,
+from .ir import (Diag, MAddr, MConn, MFrag, MIcmp, MIface, MLocal, MMark, MPorts, MProto,
                  MSyn, NfRule, Ports, Raw, SCopy, SLog, SMark, STos, Untranslated, Verdict)
 
 CONTEXT_INFO = {
@@ -594,7 +594,8 @@ def nat_hooks(plan, features, opts):
         ours = SMark("|", opts.masq_mark, ct=True)     # its replies: mr- (skeleton)
         ports = "%d-%d" % MASQ_PORTS
         for proto in ("tcp", "udp"):
-            post.entries.append(NfRule((MProto(proto), marked), (ours,), Verdict("masquerade", ports),
+            post.entries.append(NfRule((MProto(proto), marked), (ours,),
+                                       Verdict("masquerade", ports),
                                        note("MASQ, from the ports 2.2 used")))
         post.entries.append(NfRule((marked,), (ours,), Verdict("masquerade"), note("MASQ")))
 
@@ -707,8 +708,13 @@ def rule_notes(rule, ctx, opts):
 
 
 def portfw_rule(pf):
-    """Return the DNAT rule of one ipmasqadm port forward."""
+    """Return the DNAT rule of one ipmasqadm port forward.
+
+    Only for packets to this host's own addresses: 2.2 looked for port
+    forwards when it delivered a packet locally (ip_input.c ip_local_deliver,
+    ip_fw_demasquerade), so a forward of some other address never matched.
+    """
     matches = (MProto(pf.proto), MAddr("d", pf.laddr + "/32"),
-               MPorts("d", Ports(pf.lport, pf.lport), pf.proto))
+               MPorts("d", Ports(pf.lport, pf.lport), pf.proto), MLocal())
     return NfRule(matches, (SMark("|", PORTFW_CT_MARK, ct=True),),
                   Verdict("dnat", "%s:%d" % (pf.raddr, pf.rport)), str(pf.src))

@@ -244,6 +244,13 @@ EXAMPLES = [
             "meta l4proto tcp ct original ip daddr 198.51.100.1 ct original proto-dst 80 "
             "goto stage-out", "on to the output chain (forward skipped)",
             _INPUT + "; " + _DEMASQ + "; " + SRC + "net/ipv4/ip_masq_portfw.c:400-455"),
+    Example("port forwards only of this host's addresses",
+            ["ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080"], "portfw",
+            "meta l4proto tcp ip daddr 198.51.100.1 tcp dport 80 fib daddr type local "
+            "ct mark set ct mark | 0x20000000 dnat to 192.0.2.80:8080",
+            "forwarded to 192.0.2.80:8080 when 198.51.100.1 is the router's",
+            SRC + "net/ipv4/ip_input.c:256-271 (ip_fw_demasquerade only in ip_local_deliver) "
+            "and net/ipv4/ip_masq_portfw.c:400-455 (looked up by the local daddr)"),
     Example("REDIRECT decided before routing", ["-A input -p tcp -d 203.0.113.80 80 -j REDIRECT 3128"],
             "pre-input",
             "meta l4proto tcp ip daddr 203.0.113.80 tcp dport 80 redirect to :3128",

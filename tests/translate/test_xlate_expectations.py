@@ -135,7 +135,7 @@ def portfw_tuples(text):
     out = []
     for body in rules_of(text, "portfw"):
         m = re.match(r"meta l4proto (\w+) ip daddr (\S+) \w+ dport (\d+) "
-                     r"ct mark set ct mark \| 0x20000000 dnat to (\S+):(\d+)$", body)
+                     r"fib daddr type local ct mark set ct mark \| 0x20000000 dnat to (\S+):(\d+)$", body)
         assert m, body
         out.append((m.group(1), m.group(2), int(m.group(3)), m.group(4), int(m.group(5))))
     return out

@@ -194,6 +194,28 @@ def test_port_forward_meets_input_by_the_address_it_arrived_for(lab, fmt, tmp_pa
     assert connect(outside, "192.0.2.10", 8080) == "timeout"
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_port_forward_of_an_address_not_the_routers_does_nothing(lab, fmt, tmp_path):
+    """2.2 looked for port forwards only in packets it delivered locally
+    (ip_input.c:256, ip_fw_demasquerade): a forward whose local address is not
+    one of the router's own never matched, and such packets were forwarded as
+    they were, through the forward chain."""
+    inside, router, outside, intif, extif = gateway_lab(lab)
+    script = tmp_path / "portfw.sh"
+    script.write_text("ipchains -P forward DENY\n"
+                      "ipchains -A forward -s 192.0.2.0/24 -j MASQ\n"
+                      "ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.10 8080\n"
+                      "ipmasqadm portfw -a -P tcp -L 198.51.100.30 80 -R 192.0.2.10 8080\n")
+    status, text, err = run_tool(["--to=" + fmt, str(script)])
+    assert status == 0, err
+    load(router, fmt, text)
+    serve(inside, 8080, "inside")
+    # 198.51.100.30 is no host's: the outside host sends it to the router.
+    outside.run("ip", "route", "add", "198.51.100.30/32", "via", "198.51.100.1")
+    assert connect(outside, "198.51.100.1", 80) == "ok inside 198.51.100.20 192.0.2.10:8080"
+    assert connect(outside, "198.51.100.30", 80) == "timeout"
+
+
 FOREIGN_NAT = """\
 table ip foreign {
 	chain pre {
@@ -248,7 +270,8 @@ def test_nat_by_another_table_is_not_taken_for_the_scripts(lab, fmt, tmp_path):
     # the forward chain (policy DENY) stops, and lets through what it
     # accepts (control: the other table masquerades, the server sees the router).
     assert connect(inside, "198.51.100.20", 8082) == "timeout"
-    assert connect(inside, "198.51.100.20", 8084) == "ok outside8084 198.51.100.1 198.51.100.20:8084"
+    assert (connect(inside, "198.51.100.20", 8084)
+            == "ok outside8084 198.51.100.1 198.51.100.20:8084")
 
 
 def tproxy_runs():

@@ -9,7 +9,7 @@ expansions) are written as they are in the shell format.
 import re
 import shlex
 
-from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto, MSyn,
+from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MLocal, MMark, MPorts, MProto, MSyn,
                  NfRule, Raw, SCopy, SLog, SMark, STos, Untranslated)
 
 TABLE_ORDER = ("filter", "nat", "mangle")
@@ -68,11 +68,16 @@ def m_conn(m):
 
 
 def m_mark(m):
-    return ["-m", "mark", "--mark", "0x%x/0x%x" % (m.value, m.value)]
+    return ["-m", "connmark" if m.ct else "mark", "--mark", "0x%x/0x%x" % (m.value, m.value)]
+
+
+def m_local(m):
+    return ["-m", "addrtype", "--dst-type", "LOCAL"]
 
 
 MATCHES = {MIface: m_iface, MProto: m_proto, MAddr: m_addr, MPorts: m_ports,
-           MIcmp: m_icmp, MSyn: m_syn, MFrag: m_frag, MConn: m_conn, MMark: m_mark}
+           MIcmp: m_icmp, MSyn: m_syn, MFrag: m_frag, MConn: m_conn, MMark: m_mark,
+           MLocal: m_local}
 
 
 def s_log(s):
@@ -80,6 +85,9 @@ def s_log(s):
 
 
 def s_mark(s):
+    if s.ct:
+        mask = 0xFFFFFFFF if s.op == "=" else s.value
+        return ["-j", "CONNMARK", "--set-xmark", "0x%x/0x%x" % (s.value, mask)]
     return ["-j", "MARK", "--set-mark" if s.op == "=" else "--or-mark", "0x%x" % s.value]
 
 

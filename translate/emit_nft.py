@@ -6,7 +6,7 @@ Netfilter's tables become base chains of one ``ip`` table: filter chains
 keep their names (INPUT, FORWARD, OUTPUT), the others are prefixed with their
 table (nat-PREROUTING, mangle-INPUT, ...).
 """
-from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto, MSyn,
+from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MLocal, MMark, MPorts, MProto, MSyn,
                  SCopy, SLog, SMark, STos, Untranslated)
 
 HOOKS = {
@@ -90,11 +90,16 @@ def m_conn(m):
 
 
 def m_mark(m):
-    return "meta mark & 0x%08x == 0x%08x" % (m.value, m.value)
+    return "%s mark & 0x%08x == 0x%08x" % ("ct" if m.ct else "meta", m.value, m.value)
+
+
+def m_local(m):
+    return "fib daddr type local"
 
 
 MATCHES = {MIface: m_iface, MProto: m_proto, MAddr: m_addr, MPorts: m_ports,
-           MIcmp: m_icmp, MSyn: m_syn, MFrag: m_frag, MConn: m_conn, MMark: m_mark}
+           MIcmp: m_icmp, MSyn: m_syn, MFrag: m_frag, MConn: m_conn, MMark: m_mark,
+           MLocal: m_local}
 
 
 def s_log(s):
@@ -102,9 +107,10 @@ def s_log(s):
 
 
 def s_mark(s):
+    what = "ct mark" if s.ct else "meta mark"
     if s.op == "=":
-        return "meta mark set 0x%08x" % s.value
-    return "meta mark set meta mark | 0x%08x" % s.value
+        return "%s set 0x%08x" % (what, s.value)
+    return "%s set %s | 0x%08x" % (what, what, s.value)
 
 
 def s_tos(s):

@@ -211,10 +211,16 @@ class MConn:
 
 
 @dataclass(frozen=True)
+class MLocal:
+    """Match packets addressed to one of this host's own addresses."""
+
+
+@dataclass(frozen=True)
 class MMark:
-    """Match packets whose mark has all bits of VALUE set."""
+    """Match packets whose mark (ct: whose connection's mark) has all bits of VALUE set."""
 
     value: int
+    ct: bool = False
 
 
 @dataclass(frozen=True)
@@ -233,10 +239,11 @@ class SCopy:
 
 @dataclass(frozen=True)
 class SMark:
-    """Set the packet mark: op '=' sets it, '|' sets the bits."""
+    """Set the packet mark (ct: the connection's mark): op '=' sets it, '|' sets the bits."""
 
     op: str
     value: int
+    ct: bool = False
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .ipchains import BUILTIN, VERDICTS, Names, ParseError, parse_addresses, parse_ipv4
-from .ir import (Diag, MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto,
+from .ir import (Diag, MAddr, MConn, MFrag, MIcmp, MIface, MLocal, MMark, MPorts, MProto,
                  MSyn, NfRule, Ports, Raw, SCopy, SLog, SMark, STos, Untranslated, Verdict)
 
 CONTEXT_INFO = {
@@ -79,6 +79,11 @@ REJECT_WITH = {"in": "port-unreach", "rd": "port-unreach", "mr": "port-unreach",
 # (include/net/ip_masq.h, ip_masq.c get_next_mport); input rules meant for
 # the replies test them.
 MASQ_PORTS = (61000, 65095)
+# The connection mark bit of connections a port forward of the script made:
+# only they skip the forward chain (a DNAT by another table is forwarded
+# traffic like any other).  Masqueraded connections carry the --masq-mark
+# bit in their connection mark likewise.
+PORTFW_CT_MARK = 0x20000000
 
 
 @dataclass
@@ -225,11 +230,24 @@ def masq_source_test(addr, opts):
     return inside != addr.neg
 
 
+def masq_port_test(ports):
+    """Return True/False when source PORTS of a masqueraded TCP/UDP packet are
+    decided by 2.2's masquerading ports (MASQ_PORTS), None when the range cuts them."""
+    lo, hi = MASQ_PORTS
+    if ports.lo <= lo and ports.hi >= hi:
+        return not ports.neg
+    if ports.hi < lo or ports.lo > hi:
+        return ports.neg
+    return None
+
+
 def rule_matches(rule, ctx, opts=None):
     """Return the netfilter matches of RULE in context CTX, in emission order.
 
     In the 'om' context the source address was the masquerading address on
-    2.2: with --masq-source the test is decided here (NeverMatches if false).
+    2.2: with --masq-source the test is decided here (NeverMatches if false);
+    a TCP/UDP source port was one of MASQ_PORTS, so a port test is decided
+    here too, or raises Untranslatable when its range cuts them.
     """
     iface_dir = CONTEXT_INFO[ctx][1]
     orig = ctx in ("rd", "pf")
@@ -241,6 +259,17 @@ def rule_matches(rule, ctx, opts=None):
             raise NeverMatches()
         if decided:
             saddr = None
+    sport = rule.sport
+    if ctx == "om" and sport is not None and sport.raw is None and rule.proto in ("tcp", "udp"):
+        decided = masq_port_test(sport)
+        if decided is None:
+            raise Untranslatable("source port %s%d:%d of a masqueraded packet: 2.2 tested "
+                                 "the port it masqueraded from (%d-%d), which netfilter "
+                                 "picks only after the filter rules"
+                                 % ("! " if sport.neg else "", sport.lo, sport.hi, *MASQ_PORTS))
+        if decided is False:
+            raise NeverMatches()
+        sport = None
     out = []
     if rule.iface is not None:
         out.append(MIface(iface_dir, rule.iface, rule.iface_neg))
@@ -251,8 +280,8 @@ def rule_matches(rule, ctx, opts=None):
     if rule.daddr is not None:
         out.append(MAddr("d", rule.daddr.net, rule.daddr.neg, orig, reply))
     proto = rule.proto
-    if rule.sport is not None:
-        out.append(MPorts("s", rule.sport, proto))
+    if sport is not None:
+        out.append(MPorts("s", sport, proto))
     if rule.dport is not None:
         out.append(MPorts("d", rule.dport, proto, orig, reply))
     if rule.icmp_type is not None:
@@ -429,6 +458,10 @@ def translate_rule(rule, chain, ctx, opts, cache=None):
             cache[key] = rule_matches(rule, ctx, opts)
         except NeverMatches:
             cache[key] = None
+        except Untranslatable as exc:
+            result.diags.append(Diag("warning", rule.src, str(exc)))
+            result.untranslated = Untranslated(rule.src, str(exc))
+            return result
     matches = cache[key]
     if matches is None:
         return result           # decided while translating: it never matches here
@@ -494,14 +527,14 @@ def skeleton(plan, features, policies, opts):
     inp.entries.append(NfRule((), (), Verdict("jump", "in-input"), note("input")))
     inp.entries.append(NfRule((), (), Verdict("jump", "pol-input"), note("input policy")))
     if features.masq:
-        replies = (MConn("SNAT", "REPLY"),)
+        replies = (MConn("SNAT", "REPLY"), MMark(opts.masq_mark, ct=True))
         fwd.entries.append(NfRule(replies, (), Verdict("jump", "mr-input"),
                                   note("replies of masqueraded connections: input stage, "
                                        "by their addresses before de-masquerading")))
         fwd.entries.append(NfRule(replies, (), Verdict("jump", "pol-mr-input"),
                                   note("replies of masqueraded connections: input policy")))
     if features.portfw:
-        forwarded = (MConn("DNAT", "ORIGINAL"),)
+        forwarded = (MConn("DNAT", "ORIGINAL"), MMark(PORTFW_CT_MARK, ct=True))
         fwd.entries.append(NfRule(forwarded, (), Verdict("jump", "pf-input"),
                                   note("port-forwarded: input stage, by the address they "
                                        "arrived for")))
@@ -558,11 +591,13 @@ def nat_hooks(plan, features, opts):
     if features.masq:
         post = plan.chain("nat", "POSTROUTING", ("postrouting", "ACCEPT"))
         marked = MMark(opts.masq_mark)
+        ours = SMark("|", opts.masq_mark, ct=True)     # its replies: mr- (skeleton)
         ports = "%d-%d" % MASQ_PORTS
         for proto in ("tcp", "udp"):
-            post.entries.append(NfRule((MProto(proto), marked), (), Verdict("masquerade", ports),
+            post.entries.append(NfRule((MProto(proto), marked), (ours,),
+                                       Verdict("masquerade", ports),
                                        note("MASQ, from the ports 2.2 used")))
-        post.entries.append(NfRule((marked,), (), Verdict("masquerade"), note("MASQ")))
+        post.entries.append(NfRule((marked,), (ours,), Verdict("masquerade"), note("MASQ")))
 
 
 def tproxy_notes(opts):
@@ -673,7 +708,13 @@ def rule_notes(rule, ctx, opts):
 
 
 def portfw_rule(pf):
-    """Return the DNAT rule of one ipmasqadm port forward."""
+    """Return the DNAT rule of one ipmasqadm port forward.
+
+    Only for packets to this host's own addresses: 2.2 looked for port
+    forwards when it delivered a packet locally (ip_input.c ip_local_deliver,
+    ip_fw_demasquerade), so a forward of some other address never matched.
+    """
     matches = (MProto(pf.proto), MAddr("d", pf.laddr + "/32"),
-               MPorts("d", Ports(pf.lport, pf.lport), pf.proto))
-    return NfRule(matches, (), Verdict("dnat", "%s:%d" % (pf.raddr, pf.rport)), str(pf.src))
+               MPorts("d", Ports(pf.lport, pf.lport), pf.proto), MLocal())
+    return NfRule(matches, (SMark("|", PORTFW_CT_MARK, ct=True),),
+                  Verdict("dnat", "%s:%d" % (pf.raddr, pf.rport)), str(pf.src))

@@ -112,7 +112,12 @@ TARGETS = [
     Expect("REJECT", "fi", "ICMP port unreachable", *PORT_UNREACH, cite=_INPUT),
     Expect("REJECT", "fw", "ICMP host unreachable", *HOST_UNREACH, cite=_FORWARD),
     Expect("REJECT", "fo", "ICMP host unreachable", *HOST_UNREACH, cite=_FWD_OUT),
-    Expect("REJECT", "om", "ICMP host unreachable", *HOST_UNREACH, cite=_FWD_OUT),
+    # The ICMP was built from the masqueraded packet, so it went to the
+    # masquerading address itself, whose de-masquerading of ICMP errors
+    # (ip_masq.c:1660-1669, ip_fw_demasq_icmp) handed it to the inside client:
+    # netfilter rejects before masquerading, to the client directly.
+    Expect("REJECT", "om", "ICMP host unreachable (to the inside client)", *HOST_UNREACH,
+           cite=_FWD_OUT + "; " + SRC + "net/ipv4/icmp.c:570-584 and ip_masq.c:1660-1669"),
     Expect("REJECT", "out", "dropped, no ICMP (the send fails)", *DROP, cite=_LOCAL_OUT),
     # MASQ: forward only; masqueraded, then the output chain.
     Expect("MASQ", "fw", "masqueraded, on to the output chain", *ON_TO_MASQ_OUTPUT, cite=_MASQ),
@@ -202,7 +207,8 @@ EXAMPLES = [
     Example("MASQ policy", ["-P forward MASQ"], "pol-forward", ON_TO_MASQ_OUTPUT[0],
             "masqueraded, on to the output chain", _MASQ + "; " + POLICY_CITE),
     Example("masquerading uses 2.2's ports", ["-P forward MASQ"], "nat-POSTROUTING",
-            "meta l4proto tcp meta mark & 0x40000000 == 0x40000000 masquerade to :61000-65095",
+            "meta l4proto tcp meta mark & 0x40000000 == 0x40000000 "
+            "ct mark set ct mark | 0x40000000 masquerade to :61000-65095",
             "masqueraded from ports 61000-65095",
             SRC + "include/net/ip_masq.h:27-28 (PORT_MASQ_BEGIN 61000, END +4096) and "
             "net/ipv4/ip_masq.c:794-805 (get_next_mport)"),
@@ -215,8 +221,22 @@ EXAMPLES = [
             ["-P forward MASQ", "-A input -s 203.0.113.0/24 -j ACCEPT"], "mr-input",
             "ip saddr 203.0.113.0/24 goto stage-out", "on to the output chain (forward skipped)",
             _DEMASQ),
+    Example("masqueraded replies are sent to the input stage", ["-P forward MASQ"], "FORWARD",
+            "ct status snat ct direction reply ct mark & 0x40000000 == 0x40000000 jump mr-input",
+            "the input chain by their arriving addresses", _INPUT + "; " + _DEMASQ),
+    Example("port-forwarded packets are sent to the input stage",
+            ["ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080"], "FORWARD",
+            "ct status dnat ct direction original ct mark & 0x20000000 == 0x20000000 jump pf-input",
+            "the input chain by the address they arrived for",
+            _INPUT + "; " + _DEMASQ + "; " + SRC + "net/ipv4/ip_masq_portfw.c:400-455"),
+    Example("port-forwarded packets skip forward",
+            ["ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080"], "FORWARD",
+            "ct status dnat ct direction original ct mark & 0x20000000 == 0x20000000 "
+            "jump pol-pf-input",
+            "input policy, then output; never the forward chain", _DEMASQ),
     Example("masqueraded replies skip forward", ["-P forward MASQ"], "FORWARD",
-            "ct status snat ct direction reply jump pol-mr-input",
+            "ct status snat ct direction reply ct mark & 0x40000000 == 0x40000000 "
+            "jump pol-mr-input",
             "input policy, then output; never the forward chain", _DEMASQ),
     Example("port-forwarded packets meet input by the address they arrived for",
             ["ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080",
@@ -224,6 +244,13 @@ EXAMPLES = [
             "meta l4proto tcp ct original ip daddr 198.51.100.1 ct original proto-dst 80 "
             "goto stage-out", "on to the output chain (forward skipped)",
             _INPUT + "; " + _DEMASQ + "; " + SRC + "net/ipv4/ip_masq_portfw.c:400-455"),
+    Example("port forwards only of this host's addresses",
+            ["ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.80 8080"], "portfw",
+            "meta l4proto tcp ip daddr 198.51.100.1 tcp dport 80 fib daddr type local "
+            "ct mark set ct mark | 0x20000000 dnat to 192.0.2.80:8080",
+            "forwarded to 192.0.2.80:8080 when 198.51.100.1 is the router's",
+            SRC + "net/ipv4/ip_input.c:256-271 (ip_fw_demasquerade only in ip_local_deliver) "
+            "and net/ipv4/ip_masq_portfw.c:400-455 (looked up by the local daddr)"),
     Example("REDIRECT decided before routing", ["-A input -p tcp -d 203.0.113.80 80 -j REDIRECT 3128"],
             "pre-input",
             "meta l4proto tcp ip daddr 203.0.113.80 tcp dport 80 redirect to :3128",
@@ -249,6 +276,24 @@ EXAMPLES = [
             ["-P input DENY", "-A input -s 192.0.2.9 -j RETURN"], "in-input",
             "ip saddr 192.0.2.9 return", "the input policy (DENY)",
             SRC + "net/ipv4/ip_fw.c:756-766 (no prevchain: ret = chain->policy)"),
+]
+
+# The output chain met a masqueraded packet after ip_fw_masquerade gave it
+# one of the masquerading ports (ip_forward.c:220-246; ip_masq.c:794-805,
+# include/net/ip_masq.h:27-28), so a TCP or UDP source port test there was
+# decided by that range: always true, never true, or (a range that cuts it)
+# not known before netfilter masquerades, after the filter rules: refused.
+# (source port spec, what the om-output chain holds for the rule: its nft
+# body, None for no rule, "untranslated" for a warning and no rule).
+OmPort = namedtuple("OmPort", "ports om_rule cite")
+_OM = SRC + "net/ipv4/ip_forward.c:220-246 and include/net/ip_masq.h:27-28"
+OM_PORTS = [
+    OmPort("61000:65095", "meta l4proto tcp drop", _OM),
+    OmPort("1024:65535", "meta l4proto tcp drop", _OM),
+    OmPort("1024:60999", None, _OM),
+    OmPort("! 61000:65095", None, _OM),
+    OmPort("! 1024:60999", "meta l4proto tcp drop", _OM),
+    OmPort("60000:61000", "untranslated", _OM),
 ]
 
 # ipmasqadm portfw: the forwards left after a sequence of commands, as

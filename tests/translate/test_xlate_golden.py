@@ -10,12 +10,13 @@ warning in the summary), and a mismatch shows the verdict diff first.
 """
 import os
 import re
+import sys
 import warnings
 
 import pytest
 
 import verdicts
-from xlate_helpers import CASES, FORMATS, case_names, translate_case
+from xlate_helpers import CASES, FORMATS, case_names, run_tool, translate_case
 
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 
@@ -54,6 +55,42 @@ def test_golden(name, fmt):
     golden(os.path.join(CASES, "%s.%s" % (name, fmt)), out, fmt)
     if fmt == "iptables-restore":
         golden(os.path.join(CASES, name + ".stderr"), err + "exit %d\n" % status)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_changed_verdict_is_named(tmp_path, monkeypatch, fmt):
+    """A golden file whose rule changes its verdict (REJECT became DENY) is
+    reported with that rule's verdict line, on comparison and on regeneration;
+    a change that keeps every verdict says so."""
+    script = tmp_path / "v.sh"
+
+    def translate(target):
+        script.write_text("ipchains -A forward -s 192.0.2.9 -j %s\n" % target)
+        status, out, err = run_tool(["--to=" + fmt, str(script)])
+        assert status == 0, err
+        return out
+
+    rejecting, dropping = translate("REJECT"), translate("DENY")
+    path = str(tmp_path / "v.golden")
+    with open(path, "w") as f:
+        f.write(rejecting)
+    monkeypatch.setattr(sys.modules[__name__], "UPDATE", False)
+    with pytest.raises(AssertionError) as failed:
+        golden(path, dropping, fmt)
+    # pytest indents the lines of a message.
+    lines = [line.strip() for line in str(failed.value).split("\n")]
+    assert any(re.fullmatch(r"-\S*fw-forward \S*v\.sh:1 -> .*host-unreachable", line)
+               for line in lines), failed.value
+    assert any(re.fullmatch(r"\+\S*fw-forward \S*v\.sh:1 -> (drop|-j DROP)", line)
+               for line in lines), failed.value
+    with pytest.raises(AssertionError) as failed:
+        golden(path, rejecting.replace("192.0.2.9", "192.0.2.8"), fmt)
+    assert "(no verdict changed)" in str(failed.value)
+    monkeypatch.setattr(sys.modules[__name__], "UPDATE", True)
+    with pytest.warns(VerdictChange, match="v.sh:1"):
+        golden(path, dropping, fmt)
+    with open(path) as f:
+        assert f.read() == dropping
 
 
 def test_every_case_has_all_golden_files():

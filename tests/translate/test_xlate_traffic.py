@@ -194,6 +194,86 @@ def test_port_forward_meets_input_by_the_address_it_arrived_for(lab, fmt, tmp_pa
     assert connect(outside, "192.0.2.10", 8080) == "timeout"
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_port_forward_of_an_address_not_the_routers_does_nothing(lab, fmt, tmp_path):
+    """2.2 looked for port forwards only in packets it delivered locally
+    (ip_input.c:256, ip_fw_demasquerade): a forward whose local address is not
+    one of the router's own never matched, and such packets were forwarded as
+    they were, through the forward chain."""
+    inside, router, outside, intif, extif = gateway_lab(lab)
+    script = tmp_path / "portfw.sh"
+    script.write_text("ipchains -P forward DENY\n"
+                      "ipchains -A forward -s 192.0.2.0/24 -j MASQ\n"
+                      "ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.10 8080\n"
+                      "ipmasqadm portfw -a -P tcp -L 198.51.100.30 80 -R 192.0.2.10 8080\n")
+    status, text, err = run_tool(["--to=" + fmt, str(script)])
+    assert status == 0, err
+    load(router, fmt, text)
+    serve(inside, 8080, "inside")
+    # 198.51.100.30 is no host's: the outside host sends it to the router.
+    outside.run("ip", "route", "add", "198.51.100.30/32", "via", "198.51.100.1")
+    assert connect(outside, "198.51.100.1", 80) == "ok inside 198.51.100.20 192.0.2.10:8080"
+    assert connect(outside, "198.51.100.30", 80) == "timeout"
+
+
+FOREIGN_NAT = """\
+table ip foreign {
+	chain pre {
+		type nat hook prerouting priority dstnat - 10; policy accept;
+		tcp dport 81 dnat to 192.0.2.10:8081
+		tcp dport 83 dnat to 192.0.2.10:8083
+	}
+	chain post {
+		type nat hook postrouting priority srcnat - 10; policy accept;
+		ip saddr 192.0.2.0/24 tcp dport { 8082, 8084 } masquerade
+	}
+}
+"""
+
+FOREIGN_SCRIPT = """\
+ipchains -P forward DENY
+ipchains -A forward -s 192.0.2.0/24 -p tcp -d 0/0 8082 -j ACCEPT
+ipchains -A forward -s 192.0.2.0/24 -p tcp -d 0/0 8084 -j ACCEPT
+ipchains -A forward -p tcp -s 0/0 8084 -d 192.0.2.0/24 -j ACCEPT
+ipchains -A forward -p tcp -d 192.0.2.10 8083 -j ACCEPT
+ipchains -A forward -s 192.0.2.0/24 -j MASQ
+ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 192.0.2.10 8080
+"""
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_nat_by_another_table_is_not_taken_for_the_scripts(lab, fmt, tmp_path):
+    """Only the script's own port forwards skip the forward chain, and only the
+    replies of connections it masqueraded meet input instead of forward: a DNAT
+    or SNAT some other table did (a container runtime, say) is forwarded
+    traffic like any other, judged by all three chains (fail closed)."""
+    inside, router, outside, intif, extif = gateway_lab(lab)
+    script = tmp_path / "foreign.sh"
+    script.write_text(FOREIGN_SCRIPT)
+    status, text, err = run_tool(["--to=" + fmt, str(script)])
+    assert status == 0, err
+    load(router, fmt, text)
+    load(router, "nft", FOREIGN_NAT)
+    serve(inside, 8080, "inside")
+    serve(inside, 8081, "inside8081")
+    serve(inside, 8083, "inside8083")
+    serve(outside, 8082, "outside8082")
+    serve(outside, 8084, "outside8084")
+    # The script's own port forward: input accepts it (policy), forward skipped.
+    assert connect(outside, "198.51.100.1", 80) == "ok inside 198.51.100.20 192.0.2.10:8080"
+    # The other table's DNAT: the forward chain (policy DENY) stops it, and
+    # lets through what it accepts (control: the other table's DNAT works).
+    assert connect(outside, "198.51.100.1", 81) == "timeout"
+    assert connect(outside, "198.51.100.1", 83) == "ok inside8083 198.51.100.20 192.0.2.10:8083"
+    # The other table's masquerading of a connection the script forwards
+    # without MASQ: its replies are forwarded packets to 192.0.2.10, which
+    # the forward chain (policy DENY) stops, and lets through what it
+    # accepts (control: the other table masquerades, the server sees the router).
+    assert connect(inside, "198.51.100.20", 8082) == "timeout"
+    assert (connect(inside, "198.51.100.20", 8084)
+            == "ok outside8084 198.51.100.1 198.51.100.20:8084")
+
+
 def tproxy_runs():
     """Check that tproxy.py starts (make test installs what it needs: a failure otherwise)."""
     proc = subprocess.run([PY, os.path.join(ROOT, "tproxy.py"), "--help"],

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import verdicts
-from xlate_helpers import ROOT, run_tool
+from xlate_helpers import ROOT, missing, run_tool
 from translate import cli
 from translate.chains import ChainError, Chains
 from translate.ipchains import Names, ParseError, parse, parse_addresses
@@ -386,7 +386,7 @@ MAN = os.path.join(ROOT, "man", "ipchains-translate.8")
 
 def test_man_page_is_quiet_under_groff():
     if shutil.which("groff") is None:
-        pytest.skip("groff is not installed")
+        missing("groff is not installed")
     proc = subprocess.run(["groff", "-man", "-ww", "-z", MAN], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == ""
 
@@ -416,8 +416,10 @@ def test_man_page_documents_every_option_in_order():
 
 
 def need_check_tools():
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("--check needs root and unshare(1)")
+    if os.geteuid() != 0:
+        pytest.skip("--check needs root")
+    if shutil.which("unshare") is None:
+        missing("--check needs unshare(1)")
 
 
 @pytest.mark.parametrize("fmt", ["iptables", "iptables-restore", "nft"])

@@ -4,7 +4,7 @@
 Usage:
   tproxy [options] [-a ACL]... [PROXYHOST PROXYPORT]
   tproxy (-h | --help)
-  tproxy --version
+  tproxy (-V | --version)
 
 Without -s, tproxy serves the one connection on standard input (inetd, nowait)
 and exits. With -s PORT it listens, forks one child per connection, and runs
@@ -44,6 +44,7 @@ Options:
   -t                      Raw relay: no HTTP translation.
   -v                      Log more: every HTTP request and every failure in
                           detail.
+  -V --version            Show the version and exit.
   --connect               Reach the original destination through the HTTP
                           proxy PROXYHOST PROXYPORT with CONNECT.
   --connect-timeout=SECS  Give up connecting to a target after SECS seconds
@@ -61,10 +62,14 @@ Options:
   --source=SPEC           Connect to the target from SPEC: "client" (the
                           client's address), "client-port" (its address and
                           port) or an address of this host.
-  --version               Show the version and exit.
+  --source-ports=LOW-HIGH
+                          Take the local port of every connection to a target
+                          from LOW-HIGH (for example 40000-40999), so that
+                          servers can route replies to this node by port; not
+                          with --source=client-port.
 """
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 import errno
 import os
@@ -92,6 +97,7 @@ SOL_IPV6 = 41
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 IP_BIND_ADDRESS_NO_PORT = 24
+IP_LOCAL_PORT_RANGE = 51    # Linux >= 6.3; IPv6 sockets too; clamped to the namespace's range
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
 F_SETPIPE_SZ = 1031
@@ -138,6 +144,7 @@ class Config:
     acl = ()                # ip_network objects
     logfile = None          # -l
     pidfile = None          # -P
+    pidfile_given = False   # -P named it (else it is the default)
     verbose = False
     idle_timeout = 120.0
     connect_timeout = 10.0
@@ -146,6 +153,7 @@ class Config:
     proxy_auth = None       # bytes "user:password"
     send_proxy = None       # "v1" or "v2"
     source = None           # "client", "client-port", or an address string
+    source_ports = None     # (low, high) local ports for upstream connections
     activated = False       # started by systemd with a listening socket (LISTEN_FDS)
 
 
@@ -168,9 +176,9 @@ def docopt_parse(argv):
             name = word.split("=", 1)[0]
             if name.startswith("--"):
                 if not any(o.startswith(name) for o in known):
-                    raise Fatal("unknown option %s" % name, EX_USAGE)
+                    raise Fatal("unknown option %s (see tproxy --help)" % name, EX_USAGE)
             elif name[1:2] and "-" + name[1] not in known:
-                raise Fatal("unknown option -%s" % name[1], EX_USAGE)
+                raise Fatal("unknown option -%s (see tproxy --help)" % name[1], EX_USAGE)
     try:
         return docopt(__doc__, argv=argv, version="tproxy " + __version__)
     except DocoptExit as exc:
@@ -230,7 +238,7 @@ def quick_parse(argv):
         else:                   # -sPORT: a short option's value may be attached
             name, value = word[:2], word[2:]
             eq = value
-        if name not in table or name in ("-h", "--help", "--version") or \
+        if name not in table or name in ("-h", "--help", "-V", "--version") or \
                 (name in seen and name != "-a"):
             return None
         seen.add(name)
@@ -292,6 +300,7 @@ def build_config(args):
     if cfg.activated:
         cfg.foreground = True   # systemd supervises; never fork away from it
     cfg.pidfile = args["-P"] or (DEFAULT_PIDFILE if cfg.port and not cfg.foreground else None)
+    cfg.pidfile_given = bool(args["-P"])
     cfg.verbose = bool(args["-v"])
     cfg.idle_timeout = parse_seconds(args["--idle-timeout"], "--idle-timeout")
     cfg.connect_timeout = parse_seconds(args["--connect-timeout"], "--connect-timeout")
@@ -306,6 +315,11 @@ def build_config(args):
         cfg.send_proxy = args["--send-proxy"]
     if args["--source"]:
         cfg.source = parse_source(args["--source"])
+    if args["--source-ports"]:
+        if cfg.source == "client-port":
+            raise Fatal("--source-ports and --source=client-port exclude each other: "
+                        "client-port keeps the client's own port", EX_USAGE)
+        cfg.source_ports = parse_port_range(args["--source-ports"], "--source-ports")
     if args["--proxy-auth-file"] and cfg.mode != "connect":
         raise Fatal("--proxy-auth-file applies to --connect only", EX_USAGE)
     if cfg.mode == "connect" and (args["--proxy-auth-file"] or os.environ.get("TPROXY_PROXY_AUTH")):
@@ -368,6 +382,18 @@ def parse_source(text):
     except ValueError:
         raise Fatal("--source: %r is not client, client-port or an IP address" % text,
                     EX_USAGE) from None
+
+
+def parse_port_range(text, what):
+    """Return (low, high) from "LOW-HIGH", numbers 1-65535 with LOW <= HIGH; raise Fatal."""
+    low, dash, high = text.partition("-")
+    if not (dash and low.isdigit() and high.isdigit()):
+        raise Fatal("%s: %r is not LOW-HIGH (two port numbers)" % (what, text), EX_USAGE)
+    low, high = int(low), int(high)
+    if not 1 <= low <= high <= 65535:
+        raise Fatal("%s: %r is not a range of ports (1-65535, LOW <= HIGH)" % (what, text),
+                    EX_USAGE)
+    return low, high
 
 
 def parse_acl(text):
@@ -443,21 +469,66 @@ def resolve(host, port):
 # Logging: syslog (daemon facility) or stderr, plus the -l connection log
 # ---------------------------------------------------------------------------
 
+def syslog_unreachable(path="/dev/log"):
+    """Return why no syslog daemon listens at PATH ("/dev/log: No such file..."), or None.
+
+    Tries a datagram then a stream connection, as the C library's syslog() does.
+    """
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(path)
+                return None
+            except OSError as exc:
+                reason = "%s: %s" % (path, exc.strerror)
+    return reason
+
+
+def stderr_outlives_start():
+    """Return True if a daemon may keep fd 2: a terminal, a file, a device or systemd's journal.
+
+    Not a pipe or another socket: whoever reads it (a shell's $(...), ssh)
+    would wait for the daemon to exit.
+    """
+    import stat
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    if stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode):
+        return True
+    return os.environ.get("JOURNAL_STREAM") == "%d:%d" % (st.st_dev, st.st_ino)
+
+
 class Log:
     """Where messages go: stderr until `use_syslog()`, then syslog (daemon facility)."""
 
     def __init__(self, logfile=None):
         self.to_stderr = True
+        self._syslog = None
         self.logfile = logfile
         self.log_fd = None
         self.reopen()
 
-    def use_syslog(self):
-        """Send messages to syslog from now on (ident tproxy, with the pid)."""
+    def use_syslog(self, stderr_usable=True):
+        """Send messages to syslog from now on (ident tproxy, with the pid); return True if so.
+
+        Without a syslog daemon (no /dev/log: containers, minimal hosts) say so once
+        on stderr and keep logging there, or, where stderr is not STDERR_USABLE
+        (inetd: it is the client), write messages to the -l file only.
+        """
+        missing = syslog_unreachable()
+        if missing and not stderr_usable:
+            self.to_stderr = False
+            return False
+        if missing:
+            self.message("no syslog (%s); logging to standard error" % missing)
+            return False
         import syslog
         syslog.openlog("tproxy", syslog.LOG_PID, syslog.LOG_DAEMON)
         self._syslog = syslog
         self.to_stderr = False
+        return True
 
     def reopen(self):
         """(Re)open the -l file for appending; raise OSError if it cannot be."""
@@ -475,13 +546,20 @@ class Log:
                 os.write(2, ("tproxy[%d]: %s\n" % (os.getpid(), text)).encode("utf-8", "replace"))
             except OSError:
                 pass
-        else:
+        elif self._syslog:
             prio = self._syslog.LOG_ERR if error else self._syslog.LOG_INFO
             self._syslog.syslog(prio, text)
+        else:
+            self.to_file(text)          # inetd without syslog: the -l file is all there is
 
     def connection(self, line):
         """Log one connection summary, to the message log and the -l file."""
         self.message(line)
+        if self.to_stderr or self._syslog:
+            self.to_file(line)
+
+    def to_file(self, line):
+        """Append LINE, stamped, to the -l file if there is one."""
         if self.log_fd is not None:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             try:
@@ -660,20 +738,23 @@ def _capset(mask):
 # Reaching the target: source address, CONNECT, PROXY protocol
 # ---------------------------------------------------------------------------
 
-def connect(addrs, timeout, source=None, client=None, log=None, verbose=False):
+def connect(addrs, timeout, source=None, client=None, log=None, verbose=False, ports=None):
     """Connect to the first reachable of ADDRS (getaddrinfo tuples); return the socket.
 
-    SOURCE is the --source spec and CLIENT the client's sockaddr. Raise
-    ConnectionFailed naming the last failure.
+    SOURCE is the --source spec, CLIENT the client's sockaddr and PORTS the
+    --source-ports (low, high). Raise ConnectionFailed naming the last failure.
     """
     last = "no address"
     for family, type_, proto, _, sockaddr in addrs:
         sock = socket.socket(family, type_, proto)
+        transparent = False
         try:
-            transparent = bind_source(sock, family, source, client, log)
+            transparent = bind_source(sock, family, source, client, log, ports)
             sock.settimeout(timeout)
             sock.connect(sockaddr)
             sock.settimeout(None)
+            if ports:
+                check_source_port(sock, ports)
             return sock
         except socket.timeout:
             last = "connect to %s timed out after %gs" % (show_addr(sockaddr), timeout)
@@ -687,32 +768,102 @@ def connect(addrs, timeout, source=None, client=None, log=None, verbose=False):
     raise ConnectionFailed(last)
 
 
-def bind_source(sock, family, source, client, log):
-    """Bind SOCK to the --source address; return True if it is transparent."""
-    if source is None:
-        return False
+def bind_source(sock, family, source, client, log, ports=None):
+    """Bind SOCK to the --source address and --source-ports; return True if it is transparent."""
+    host, transparent = None, False
     if source in ("client", "client-port"):
         host = plain_ip(client[0])
         if (":" in host) != (family == socket.AF_INET6):
             if log:
                 log.message("client %s and target differ in family; connecting from "
                             "this host's own address" % show_addr(client))
-            return False
-        level, option = (SOL_IPV6, IPV6_TRANSPARENT) if family == socket.AF_INET6 \
-            else (SOL_IP, IP_TRANSPARENT)
-        sock.setsockopt(level, option, 1)
-        port = client[1] if source == "client-port" else 0
-        if port == 0:
-            sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            host = None
         else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        return True
-    if (":" in source) != (family == socket.AF_INET6):
-        return False
-    sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-    sock.bind((source, 0))
-    return False
+            level, option = (SOL_IPV6, IPV6_TRANSPARENT) if family == socket.AF_INET6 \
+                else (SOL_IP, IP_TRANSPARENT)
+            sock.setsockopt(level, option, 1)
+            transparent = True
+            if source == "client-port":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, client[1]))
+                return True
+    elif source is not None and (":" in source) == (family == socket.AF_INET6):
+        host = source
+    if ports:
+        claim_source_port(sock, family, host, ports)
+    elif host is not None:
+        sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((host, 0))
+    return transparent
+
+
+def claim_source_port(sock, family, host, ports):
+    """Make SOCK's local port come from PORTS (low, high), bound to HOST (None: any address).
+
+    IP_LOCAL_PORT_RANGE lets connect() pick a port whose four-tuple is free,
+    but the kernel silently ignores each end of it that lies outside the
+    namespace's net.ipv4.ip_local_port_range, so it is used only when both
+    ends lie inside; otherwise (or before Linux 6.3) a free port of PORTS is
+    bound here. check_source_port() confirms the port once connected.
+    """
+    low, high = ports
+    if ports_within(ports, ephemeral_ports()):
+        try:
+            sock.setsockopt(SOL_IP, IP_LOCAL_PORT_RANGE, struct.pack("=I", high << 16 | low))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+                raise
+        else:
+            if host is not None:
+                # The range also applies to the port chosen at connect() for a bound address.
+                sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((host, 0))
+            return
+    bind_port_in_range(sock, host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), ports)
+
+
+def bind_port_in_range(sock, host, ports):
+    """Bind SOCK to HOST and a free port of PORTS, trying each once from a random start.
+
+    Raise OSError(EADDRINUSE) when every port of the range is taken.
+    """
+    low, high = ports
+    size = high - low + 1
+    start = int.from_bytes(os.urandom(4), "little") % size
+    for step in range(size):
+        try:
+            sock.bind((host, low + (start + step) % size))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, "every local port of --source-ports %d-%d is in use"
+                  % (low, high))
+
+
+def check_source_port(sock, ports):
+    """Raise ConnectionFailed (resetting SOCK) if its local port lies outside PORTS."""
+    port = sock.getsockname()[1]
+    if not ports[0] <= port <= ports[1]:
+        peer = show_addr(sock.getpeername())
+        abort(sock)
+        raise ConnectionFailed("connect to %s: the kernel gave local port %d, outside "
+                               "--source-ports %d-%d; closed" % (peer, port, ports[0], ports[1]))
+
+
+def ephemeral_ports():
+    """Return the namespace's net.ipv4.ip_local_port_range as (low, high), or None."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return None
+
+
+def ports_within(ports, outer):
+    """Return True if the range PORTS lies wholly inside the range OUTER (None: no)."""
+    return outer is not None and outer[0] <= ports[0] and ports[1] <= outer[1]
 
 
 def http_connect(sock, dest, auth, timeout):
@@ -1214,6 +1365,7 @@ class Server:
         self.listen_port = listen_port  # a destination on this port of this host is a loop
         self.rotation = 0               # which target address to try first (round robin)
         self.parent_fds = []            # descriptors children close at once
+        self.on_record = lambda record: None    # status counters (SIGUSR1), set by the server shape
 
     def target_addrs(self):
         """Return the target's cached addresses, starting at the next in turn."""
@@ -1268,6 +1420,7 @@ def serve(conn, server):
                 except OSError:
                     pass
         log.connection(record.line())
+        server.on_record(record)
     return status
 
 
@@ -1286,11 +1439,12 @@ def open_upstream(conn, server, record):
     rewrite = cfg.mode == "http"
     if cfg.mode == "raw" and not cfg.target:
         addrs = resolve_quiet(orig)
-        upstream = connect(addrs, cfg.connect_timeout, cfg.source, client, log, cfg.verbose)
+        upstream = connect(addrs, cfg.connect_timeout, cfg.source, client, log, cfg.verbose,
+                           ports=cfg.source_ports)
     else:
         try:
             upstream = connect(server.target_addrs(), cfg.connect_timeout, cfg.source, client,
-                               log, cfg.verbose)
+                               log, cfg.verbose, ports=cfg.source_ports)
         except ConnectionFailed as exc:
             if cfg.mode != "http" or cfg.no_fallback:
                 raise
@@ -1298,7 +1452,8 @@ def open_upstream(conn, server, record):
                 raise ConnectionFailed("%s; no fallback: original destination is this proxy"
                                        % exc) from None
             log.message("cache unreachable (%s); going direct to %s" % (exc, show_addr(orig)))
-            upstream = connect(resolve_quiet(orig), cfg.connect_timeout, cfg.source, client, log)
+            upstream = connect(resolve_quiet(orig), cfg.connect_timeout, cfg.source, client, log,
+                               ports=cfg.source_ports)
             rewrite = False
         if cfg.mode == "connect":
             try:
@@ -1351,7 +1506,7 @@ def run_inetd(cfg):
     if conn.type != socket.SOCK_STREAM:
         raise Fatal("standard input is not a TCP socket", EX_USAGE)
     log = open_log(cfg.logfile)
-    log.use_syslog()
+    log.use_syslog(stderr_usable=False)
     return serve(conn, Server(cfg, log, conn.getsockname()[1]))
 
 
@@ -1417,22 +1572,28 @@ def make_transparent(sock, family):
         pass            # without privilege: REDIRECT still works, TPROXY cannot
 
 
+def pidfile_name(path, given):
+    """Name the pid file in a message: as the -P option given, or as the default."""
+    return ("-P %s" if given else "the default pid file %s") % path
+
+
 class PidFile:
     """The -P file: created and locked before the user switch, removed at exit."""
 
-    def __init__(self, path, user):
+    def __init__(self, path, user, given=True):
         import fcntl
         self.path = path
+        name = pidfile_name(path, given)
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise Fatal("-P %s: %s" % (path, exc.strerror), EX_CANTCREAT) from None
+            raise Fatal("%s: %s" % (name, exc.strerror), EX_CANTCREAT) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             other = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip()
             os.close(self.fd)
-            raise Fatal("-P %s: another tproxy (pid %s) holds it" % (path, other or "?"),
+            raise Fatal("%s: another tproxy (pid %s) holds it" % (name, other or "?"),
                         EX_CANTCREAT) from None
         if user and os.geteuid() == 0:
             os.fchown(self.fd, user[1], user[2])   # so the daemon can empty it at exit
@@ -1467,9 +1628,11 @@ def run_standalone(cfg):
     if any(is_self(a[4], cfg.port) for a in cfg.target_addrs):
         raise Fatal("target %s:%d is this proxy itself" % cfg.target, EX_USAGE)
     listeners = listeners or open_listeners(cfg)
-    pidfile = PidFile(cfg.pidfile, cfg.user) if cfg.pidfile else None
+    pidfile = PidFile(cfg.pidfile, cfg.user, cfg.pidfile_given) if cfg.pidfile else None
     if cfg.source in ("client", "client-port"):
         warn_missing_return_path(log)
+    if cfg.source_ports:
+        report_source_ports(cfg.source_ports, cfg.max_conns, log)
     preload(cfg)
     if cfg.user:
         drop_privileges(cfg.user, keep_net_raw=cfg.source is not None and
@@ -1478,12 +1641,19 @@ def run_standalone(cfg):
         import daemon
         keep = [s.fileno() for s in listeners]
         keep += [fd for fd in (log.log_fd, pidfile and pidfile.fd) if fd is not None]
+        # Without syslog, stderr is the only place left to log to: kept if it can be.
+        no_syslog = syslog_unreachable()
+        keep_stderr = bool(no_syslog) and stderr_outlives_start()
+        if no_syslog and not keep_stderr:
+            log.message("no syslog (%s); in the background, messages go to the -l file only"
+                        % no_syslog)
         context = daemon.DaemonContext(files_preserve=keep, working_directory="/",
-                                       umask=0o022, pidfile=pidfile, signal_map={})
+                                       umask=0o022, pidfile=pidfile, signal_map={},
+                                       stderr=sys.stderr if keep_stderr else None)
         context.open()
-        log.use_syslog()    # only now: DaemonContext closed every other descriptor
         global errors_to_syslog
-        errors_to_syslog = True
+        # only now: DaemonContext closed every other descriptor
+        errors_to_syslog = log.use_syslog(stderr_usable=keep_stderr)
     else:
         if pidfile:
             pidfile.write()
@@ -1494,7 +1664,7 @@ def run_standalone(cfg):
         server.parent_fds.append(pidfile.fd)    # children must not hold its lock
     log.message("listening on %s, %s mode, target %s%s" % (
         ", ".join(show_addr(s.getsockname()) for s in listeners), cfg.mode,
-        "%s:%d" % cfg.target if cfg.target else "original destination",
+        show_addr(cfg.target) if cfg.target else "original destination",
         " (socket from systemd)" if cfg.activated else ""))
     notify_ready()
     try:
@@ -1588,6 +1758,127 @@ def warn_missing_return_path(log):
             error=True)
 
 
+def report_source_ports(ports, max_conns, log):
+    """Log how --source-ports will be honoured, and whether it is small for --max-conns."""
+    low, high = ports
+    size = high - low + 1
+    kernel = ephemeral_ports()
+    if not ports_within(ports, kernel):
+        log.message("--source-ports %d-%d: outside net.ipv4.ip_local_port_range %s, so "
+                    "IP_LOCAL_PORT_RANGE would be ignored; binding ports from the range" % (
+                        low, high, "%d-%d" % kernel if kernel else "(unreadable)"))
+    if size < max_conns:
+        log.message("--source-ports %d-%d holds %d ports, fewer than --max-conns %d: "
+                    "beyond %d connections at once from one source address (to one target, "
+                    "with IP_LOCAL_PORT_RANGE) will fail" % (low, high, size, max_conns, size), error=True)
+
+
+# ---------------------------------------------------------------------------
+# Status (SIGUSR1) and process titles
+# ---------------------------------------------------------------------------
+
+OUTCOME_KINDS = ("served", "refused", "failed")
+REPORT = struct.Struct("=BQQ")  # one ended connection: outcome kind, bytes up, bytes down
+PR_SET_NAME = 15
+
+
+def outcome_kind(record):
+    """Return the status counter RECORD's outcome adds to: served (ok), refused (-a), failed."""
+    if record.outcome == "ok":
+        return "served"
+    if record.outcome == "denied by access list":
+        return "refused"
+    return "failed"
+
+
+class Stats:
+    """Connections and bytes since start, per outcome kind, for the SIGUSR1 status line."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.totals = {kind: [0, 0, 0] for kind in OUTCOME_KINDS}     # connections, up, down
+
+    def add(self, kind, up, down):
+        total = self.totals[kind]
+        total[0] += 1
+        total[1] += up
+        total[2] += down
+
+    def add_record(self, record):
+        self.add(outcome_kind(record), record.up, record.down)
+
+    def line(self, who, active):
+        """Return "status: WHO active=N served=N refused=N failed=N up=B down=B ..." (one line)."""
+        parts = ["status: %s active=%d" % (who, active)]
+        parts += ["%s=%d" % (kind, self.totals[kind][0]) for kind in OUTCOME_KINDS]
+        parts.append("up=%d down=%d" % (sum(t[1] for t in self.totals.values()),
+                                        sum(t[2] for t in self.totals.values())))
+        parts += ["%s_up=%d %s_down=%d" % (kind, self.totals[kind][1], kind, self.totals[kind][2])
+                  for kind in OUTCOME_KINDS]
+        parts.append("uptime=%d" % (time.monotonic() - self.started))
+        return " ".join(parts)
+
+
+class Reports:
+    """Fork mode: each child writes its connection's outcome to a pipe; the parent adds them up.
+
+    A report (17 bytes) is below PIPE_BUF, so children's writes never interleave.
+    """
+
+    def __init__(self):
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def send(self, record):
+        """In a child: report RECORD; a full pipe loses the report rather than block."""
+        try:
+            os.write(self.write_fd, REPORT.pack(OUTCOME_KINDS.index(outcome_kind(record)),
+                                                record.up, record.down))
+        except OSError:
+            pass
+
+    def collect(self, stats):
+        """In the parent: add every waiting report to STATS."""
+        while True:
+            try:
+                data = os.read(self.read_fd, REPORT.size * 1024)   # whole reports only
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                return
+            for kind, up, down in REPORT.iter_unpack(data):
+                stats.add(OUTCOME_KINDS[kind], up, down)
+
+
+def title_setter():
+    """Return set_title(SHORT, LONG): LONG as the ps title and SHORT (15 bytes) as the comm name.
+
+    setproctitle (optional) rewrites what ps shows for the command line; without
+    it only the comm name (ps -e, top) changes, through PR_SET_NAME.
+    """
+    try:
+        from setproctitle import setproctitle, setthreadtitle
+    except ImportError:
+        libc = _libc()
+        return lambda short, long: libc.prctl(PR_SET_NAME, short.encode()[:15], 0, 0, 0)
+
+    def set_title(short, long):
+        setproctitle(long)
+        setthreadtitle(short)       # the main thread's name is the process's comm
+    return set_title
+
+
+def connection_title(conn):
+    """Return "CLIENT -> ORIGINAL DESTINATION" for an accepted CONN (what its client reached for)."""
+    try:
+        client = show_addr(conn.getpeername())
+    except OSError:
+        return "?"
+    try:
+        return "%s -> %s" % (client, show_addr(original_destination(conn)))
+    except (OSError, ValueError, struct.error):
+        return client
+
+
 class Supervisor:
     """What both server shapes share: signals through a wakeup pipe, SIGHUP reload, forking."""
 
@@ -1597,9 +1888,11 @@ class Supervisor:
         self.log = server.log
         self.stopping = False
         self.reload = False
+        self.status = False             # SIGUSR1: log a status line
+        self.set_title = title_setter()
 
     def install_signals(self):
-        """Route SIGTERM, SIGINT, SIGHUP and SIGCHLD into flags and a wakeup pipe."""
+        """Route SIGTERM, SIGINT, SIGHUP, SIGCHLD and SIGUSR1 into flags and a wakeup pipe."""
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_w = wake_w
         signal.set_wakeup_fd(wake_w)
@@ -1607,6 +1900,14 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+
+    def _on_usr1(self, *_):
+        self.status = True
+
+    def listening_on(self):
+        """Return the listening addresses, for titles."""
+        return ", ".join(show_addr(s.getsockname()) for s in self.listeners)
 
     def _on_term(self, *_):
         self.stopping = True
@@ -1683,10 +1984,16 @@ class ForkingServer(Supervisor):
         super().__init__(listeners, server)
         self.children = set()
         self.paused_until = 0.0
+        self.stats = Stats()
+        self.reports = Reports()
+        server.on_record = self.reports.send        # called in the children
+        server.parent_fds.append(self.reports.read_fd)
 
     def run(self):
         """Accept until SIGTERM; return the exit status."""
         self.install_signals()
+        self.set_title("tproxy parent", "tproxy: parent, fork per connection, %s"
+                       % self.listening_on())
         self.freeze_heap()
         poller = select.poll()
         poller.register(self.wake_r, select.POLLIN)
@@ -1709,6 +2016,10 @@ class ForkingServer(Supervisor):
                 elif listening and not self.stopping:
                     self.accept(by_fd[fd])
             self.children.difference_update(self.reap())
+            self.reports.collect(self.stats)
+            if self.status:
+                self.status = False
+                self.log.message(self.stats.line("parent", len(self.children)))
             if self.reload:
                 self.reopen()
                 self.log.message("SIGHUP: log reopened, target re-resolved")
@@ -1742,6 +2053,7 @@ class ForkingServer(Supervisor):
     def child(self, conn):
         for sock in self.listeners:
             sock.close()
+        self.set_title("tproxy child", "tproxy: " + connection_title(conn))
         return serve(conn, self.server)
 
 
@@ -1777,6 +2089,7 @@ class PreforkPool(Supervisor):
     def run(self):
         """Keep the pool staffed until SIGTERM; return the exit status."""
         self.install_signals()
+        self.set_title("tproxy parent", "tproxy: parent, prefork pool, %s" % self.listening_on())
         self.busy_r, self.busy_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.freeze_heap()
         poller = select.poll()
@@ -1796,6 +2109,9 @@ class PreforkPool(Supervisor):
                 for pid in self.slots:
                     os.kill(pid, signal.SIGHUP)
                 self.log.message("SIGHUP: log reopened, target re-resolved, workers told")
+            if self.status:
+                self.status = False
+                self.tell_workers_status()
             if not self.stopping:
                 self.staff(self.low)
                 watched, waiting = waiting, self.grow(waiting)
@@ -1815,6 +2131,16 @@ class PreforkPool(Supervisor):
         self.log.message("SIGTERM: stopped accepting; %d worker(s) finish their connection"
                          % len(self.slots))
         return EX_OK
+
+    def tell_workers_status(self):
+        """SIGUSR1: log the pool's line and have each worker log its own."""
+        busy = self.board[:self.high].count(BUSY)
+        self.log.message("status: parent workers=%d busy=%d" % (len(self.slots), busy))
+        for pid in self.slots:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
 
     def staff(self, count):
         """Start workers until COUNT are alive (never more than MAX)."""
@@ -1869,8 +2195,16 @@ class PreforkPool(Supervisor):
 
         def on_hup(*_):
             state["hup"] = True
+        stats = Stats()
+        self.server.on_record = stats.add_record
+
+        def on_usr1(*_):            # a busy worker answers too: handlers run between bytecodes
+            self.log.message(stats.line("worker %d" % slot, int(state["busy"])))
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGHUP, on_hup)
+        signal.signal(signal.SIGUSR1, on_usr1)
+        idle_title = ("tproxy worker", "tproxy: worker %d, idle" % slot)
+        self.set_title(*idle_title)
         # One epoll per worker with EPOLLEXCLUSIVE: a new client wakes one idle worker, not all.
         poller = select.epoll()
         exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
@@ -1905,7 +2239,9 @@ class PreforkPool(Supervisor):
                 except BlockingIOError:
                     pass                            # it has been asked already
             self.server.rotation += 1
+            self.set_title("tproxy worker", "tproxy: worker %d, %s" % (slot, connection_title(conn)))
             serve(conn, self.server)
+            self.set_title(*idle_title)
             self.board[slot] = IDLE
             state["busy"] = False
             idle_since = time.monotonic()

@@ -5,6 +5,7 @@ Roles:
                        line (peer, request line, headers, body sha256) and
                        answers 200 with the request target as body; keep-alive.
   who PORT             Sends "PEER_IP PEER_PORT LOCAL_IP LOCAL_PORT\\n" and closes.
+  who-echo PORT        Sends the same line, then echoes what it reads until EOF.
   sink PORT            Reads to EOF, replies with the sha256 hex of what it read,
                        then N bytes (N from the first line "SEND n\\n" if given).
 
@@ -142,6 +143,19 @@ def who(port, lifetime):
     serve_forever(listen(port), who_reply, lifetime)
 
 
+def who_echo(port, lifetime):
+    """Say who connected (as `who`), then echo everything back until the client's EOF."""
+    def handle(conn):
+        who_reply(conn)
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            conn.sendall(data)
+
+    serve_forever(listen(port), handle, lifetime)
+
+
 def sink(port, lifetime):
     def handle(conn):
         digest = hashlib.sha256()
@@ -237,6 +251,8 @@ def main(argv):
         web(int(args[0]), args[1], lifetime)
     elif role == "who":
         who(int(args[0]), lifetime)
+    elif role == "who-echo":
+        who_echo(int(args[0]), lifetime)
     elif role == "sink":
         sink(int(args[0]), lifetime)
     elif role == "send":

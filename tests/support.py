@@ -17,6 +17,19 @@ PYTHON = sys.executable
 
 sys.path.insert(0, REPO)
 
+# A private mount namespace with its own /dev (a tmpfs plus the few devices
+# Python needs): no /dev/log unless a test binds one, and the host untouched.
+# Use as ["unshare", "-m", "sh", "-c", PRIVATE_DEV, "sh", PROGRAM, ARGS...].
+PRIVATE_DEV = """
+set -e
+mount --make-rprivate /
+old=$(mktemp -d)
+mount --bind /dev "$old"
+mount -t tmpfs tmpfs /dev
+for d in null zero urandom random; do touch /dev/$d; mount --bind "$old/$d" /dev/$d; done
+exec "$@"
+"""
+
 
 def proc_status(pid):
     """Return {field: first word} of /proc/PID/status (Uid is the real uid, Cap* in hex)."""

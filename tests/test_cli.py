@@ -15,8 +15,8 @@ def run(*args, stdin=subprocess.DEVNULL):
 
 
 @pytest.mark.parametrize("args, status, message", [
-    (["-x", "-t"], 64, "tproxy: unknown option -x"),
-    (["--bogus", "-t"], 64, "tproxy: unknown option --bogus"),
+    (["-x", "-t"], 64, "tproxy: unknown option -x (see tproxy --help)"),
+    (["--bogus", "-t"], 64, "tproxy: unknown option --bogus (see tproxy --help)"),
     (["-s", "70000", "-t"], 64, "tproxy: -s: port 70000 is out of range (1-65535)"),
     (["-s", "0", "-t"], 64, "tproxy: -s: port 0 is out of range (1-65535)"),
     (["-s", "nosuchservice", "-t"], 64, "tproxy: -s: unknown port or service 'nosuchservice'"),

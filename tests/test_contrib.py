@@ -23,7 +23,7 @@ FETCH_XINETD = os.path.join(REPO, "tools", "fetch-xinetd")
 TPROXY_SCRIPT = os.path.join(os.path.dirname(PYTHON), "tproxy")
 
 # What the shipped files name that this machine does not have.
-SHIPPED_PROGRAM = "/usr/local/bin/tproxy"
+SHIPPED_PROGRAM = "/usr/bin/tproxy"
 SHIPPED_HOSTS = ("cow.mancill.com", "cache.mancill.com")
 
 GET = b"GET /index.html HTTP/1.1\r\nHost: moose.mancill.com\r\nConnection: close\r\n\r\n"
@@ -222,6 +222,18 @@ def units(tmp_path):
 def test_systemd_units_verify_cleanly(units):
     """systemd-analyze verify says nothing about the three units (man pages aside: not installed)."""
     ran = analyze("verify", "--man=no", *[units / n for n in SYSTEMD_UNITS])
+    assert (ran.returncode, ran.stdout + ran.stderr) == (0, "")
+
+
+def test_announce_unit_verifies_next_to_the_tproxy_template(units):
+    """contrib/scale-out's tproxy-announce@.service, bound to tproxy@.service, verifies cleanly."""
+    with open(os.path.join(CONTRIB, "scale-out", "tproxy-announce@.service")) as f:
+        text = f.read()
+    program = "/usr/local/sbin/tproxy-announce"
+    assert program in text
+    (units / "tproxy-announce@.service").write_text(
+        text.replace(program, os.path.join(CONTRIB, "scale-out", "tproxy-announce")))
+    ran = analyze("verify", "--man=no", units / "tproxy-announce@80.service")
     assert (ran.returncode, ran.stdout + ran.stderr) == (0, "")
 
 
@@ -493,6 +505,14 @@ RECIPE_CASES = {
     "server-return-route-from-6": ("server-return-route",
                                    ["--via", V6_VIA, "--from", V6_SERVER], 102, [
         ("rule-6", "from %s lookup 102" % V6_SERVER), ("route-6 table 102", "default via " + V6_VIA)]),
+    "server-return-route-dport-4": ("server-return-route",
+                                    ["--via", V4_VIA, "--dport", "40000-40999", "--table", 201], 201, [
+        ("rule-4", "ipproto tcp dport 40000-40999 lookup 201"),
+        ("route-4 table 201", "default via " + V4_VIA)]),
+    "server-return-route-dport-6": ("server-return-route",
+                                    ["--via", V6_VIA, "--dport", "40000-40999", "--table", 201], 201, [
+        ("rule-6", "ipproto tcp dport 40000-40999 lookup 201"),
+        ("route-6 table 201", "default via " + V6_VIA)]),
 }
 
 
@@ -533,6 +553,34 @@ def test_firewall_recipe_is_idempotent(lab, case):
     assert rule_state(host, tables) == before
     run_recipe(host, name, "del", args)     # checked: deleting what is absent exits 0
     assert rule_state(host, tables) == before
+
+
+def test_dport_rules_of_two_proxies_coexist(lab):
+    """One range and table per proxy: adding the second keeps the first; deleting one keeps the other."""
+    host = firewall_host(lab)
+    before = rule_state(host, [201, 202])
+    first = ["--via", V4_VIA, "--dport", "40000-40999", "--table", 201]
+    second = ["--via", "198.51.100.2", "--dport", "41000-41999", "--table", 202]
+    run_recipe(host, "server-return-route", "add", first)
+    run_recipe(host, "server-return-route", "add", second)
+    state = rule_state(host, [201, 202])
+    assert count(state, "rule-4", "dport 40000-40999 lookup 201") == 1, state
+    assert count(state, "rule-4", "dport 41000-41999 lookup 202") == 1, state
+    assert count(state, "route-4 table 202", "default via 198.51.100.2") == 1, state
+    run_recipe(host, "server-return-route", "del", first)
+    state = rule_state(host, [201, 202])
+    assert count(state, "dport 40000-40999") == 0 and count(state, "table 201") == 0, state
+    assert count(state, "rule-4", "dport 41000-41999 lookup 202") == 1, state
+    run_recipe(host, "server-return-route", "del", second)
+    assert rule_state(host, [201, 202]) == before
+
+
+def test_server_return_route_takes_one_selector(lab):
+    host = firewall_host(lab)
+    proc = host.run("sh", os.path.join(RECIPES, "server-return-route"), "add", "--via", V4_VIA,
+                    "--sport", "80", "--dport", "40000-40999", check=False)
+    assert proc.returncode == EX_USAGE
+    assert proc.stderr == "server-return-route: give one of --sport, --from and --dport\n"
 
 
 def test_firewall_recipes_leave_neighbouring_rules_alone(lab):

@@ -5,21 +5,9 @@ import subprocess
 
 import pytest
 
-from support import PYTHON, REPO, TPROXY, have
+from support import PRIVATE_DEV, PYTHON, REPO, TPROXY, have
 
 PROBE = os.path.join(REPO, "tests", "syslog_inetd_probe.py")
-
-# A private mount namespace with its own /dev (a tmpfs plus the few devices
-# Python needs), so /dev/log can be a test socket without touching the host.
-PRIVATE_DEV = """
-set -e
-mount --make-rprivate /
-old=$(mktemp -d)
-mount --bind /dev "$old"
-mount -t tmpfs tmpfs /dev
-for d in null zero urandom random; do touch /dev/$d; mount --bind "$old/$d" /dev/$d; done
-exec "$@"
-"""
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not have("unshare"), reason="needs root and unshare(1)")
@@ -34,4 +22,4 @@ def test_inetd_mode_logs_to_syslog_daemon_facility():
     assert re.match(r"<30>\w{3} [ \d]\d \d\d:\d\d:\d\d tproxy\[\d+\]: client=127\.0\.0\.1:\d+ "
                     r"orig=127\.0\.0\.1:\d+ target=127\.0\.0\.1:\d+ mode=raw up=14 down=4 "
                     r"time=[\d.]+ outcome=ok$", connection), connection
-    assert re.match(r"<27>.* tproxy\[\d+\]: unknown option --bogus$", error), error
+    assert re.match(r"<27>.* tproxy\[\d+\]: unknown option --bogus \(see tproxy --help\)$", error), error

@@ -6,7 +6,7 @@ ChainError.  Appends are O(1) and lookups go through dicts, so a script of
 many ``-A`` lines is simulated in linear time.  The state after the last
 command is what the flat formats emit.
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 from .ipchains import BUILTIN, VERDICTS
@@ -46,7 +46,7 @@ class Chains:
             self.chains[name] = Chain(name, policy="ACCEPT")
         self.known = set(known_chains)     # every chain the script ever creates
         self.edges = {}                    # (from, to) -> number of jump rules
-        self.portfw = {}                   # PortForward (sans src) -> PortForward
+        self.portfw = {}                   # portfw_key -> PortForward, in order added
 
     # --- queries ---------------------------------------------------------------
 
@@ -234,15 +234,38 @@ class Chains:
         return Effect("none")
 
     def portforward(self, pf):
-        """Apply one PortForward; return its Effect or raise ChainError."""
-        key = replace(pf, src=None)
+        """Apply one PortForward; return its Effect or raise ChainError.
+
+        As ip_masq_portfw.c did: an add of a forward already there (same
+        protocol, local and remote address and port) changes nothing
+        (ip_portfw_add -> ip_portfw_edit); a delete removes every forward of
+        its protocol and local port whose local address, remote address and
+        remote port equal those given, each left out (0) matching any
+        (ip_portfw_del), and fails with ESRCH when none is removed.
+        """
         if pf.op == "f":
             self.portfw.clear()
             return Effect("portfw-flush")
+        key = portfw_key(pf)
         if pf.op == "a":
+            if key in self.portfw:
+                return Effect("portfw-add")         # no second copy to delete later
             self.portfw[key] = pf
             return Effect("portfw-add", rules=(pf,))
-        if key not in self.portfw:
+        gone = [k for k in self.portfw if portfw_deletes(pf, self.portfw[k])]
+        if not gone:
             raise ChainError("no such port forward")
-        del self.portfw[key]
-        return Effect("portfw-delete", rules=(pf,))
+        return Effect("portfw-delete", rules=tuple(self.portfw.pop(k) for k in gone))
+
+
+def portfw_key(pf):
+    """Return what identifies a port forward: protocol, local and remote address and port."""
+    return (pf.proto, pf.laddr, pf.lport, pf.raddr, pf.rport)
+
+
+def portfw_deletes(delete, entry):
+    """True when ipmasqadm portfw -d DELETE removes forward ENTRY (ip_portfw_del's test)."""
+    return (delete.proto == entry.proto and delete.lport == entry.lport
+            and (not delete.laddr or delete.laddr == entry.laddr)
+            and (not delete.raddr or delete.raddr == entry.raddr)
+            and (not delete.rport or delete.rport == entry.rport))

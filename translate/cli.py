@@ -15,6 +15,7 @@ import tempfile
 
 from .ipchains import parse_ipv4
 from .pipeline import VERSION, InputError, refuse_partial, rule_script, translate
+from .report import Progress, check_plan, summary
 from .semantics import Options
 
 PROG = "ipchains-translate"
@@ -68,6 +69,8 @@ def build_parser():
                    help="iptables, iptables-restore or nft (default iptables)")
     p.add_argument("--tproxy-mark", default="0x1", metavar="MARK",
                    help="mark set by TPROXY for the policy routing (default 0x1)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="end with the summary line even when stderr is not a terminal")
     p.add_argument("-V", "--version", action="version", version="%s %s" % (PROG, VERSION))
     return p
 
@@ -179,8 +182,10 @@ def run(argv):
         raise UsageError("--table must be a plain name, not '%s'" % args.table)
     defines = parse_defines(args.define, "-D")
     hosts = read_hosts(args.hosts, args.host)
+    progress = Progress(sys.stderr)
     sources = read_sources(args.files, args.rule)
     snippet = bool(args.rule) and not args.files
+    progress.stage("translating %d input(s)" % len(sources))
     result = translate(sources, opts, defines, hosts, snippet)
     for diag in result.diags:
         if diag.level == "note" and args.quiet:
@@ -202,11 +207,22 @@ def run(argv):
                                                  tproxy_mark=opts.tproxy_mark,
                                                  table=opts.table), defines, hosts)
             text = checked.text
-        ok, message = check(text, "nft" if args.to == "nft" else "iptables-restore")
+        loaded = "nft" if args.to == "nft" else "iptables-restore"
+        print(check_plan(text, loaded), file=sys.stderr)
+        progress.stage("checking with the kernel")
+        ok, message = check(text, loaded)
         print("%s: check: %s" % (PROG, message), file=sys.stderr)
         if not ok:
             status = 1
+    report_end(progress, result, args)
     return status
+
+
+def report_end(progress, result, args):
+    """Stop PROGRESS; print the summary line on a terminal or with -v, never with -q."""
+    seconds = progress.close()
+    if not args.quiet and (args.verbose or sys.stderr.isatty()):
+        print(summary(result, args.to, seconds), file=sys.stderr)
 
 
 def write_output(path, text):

@@ -9,8 +9,8 @@ expansions) are written as they are in the shell format.
 import re
 import shlex
 
-from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto, MSocket, MSyn,
-                 Raw, SCopy, SLog, SMark, STos, Untranslated)
+from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MLocal, MMark, MPorts, MProto, MSocket,
+                 MSyn, NfRule, Raw, SCopy, SLog, SMark, STos, Untranslated)
 
 TABLE_ORDER = ("filter", "nat", "mangle")
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
@@ -39,14 +39,15 @@ def m_proto(m):
 
 
 def m_addr(m):
-    if m.orig:
-        return ["-m", "conntrack"] + _neg(m.neg, ["--ctorig%s" % ("src" if m.dir == "s" else "dst"), m.net])
+    if m.orig or m.reply:
+        opt = "--ct%s%s" % ("repl" if m.reply else "orig", "src" if m.dir == "s" else "dst")
+        return ["-m", "conntrack"] + _neg(m.neg, [opt, m.net])
     return _neg(m.neg, ["-s" if m.dir == "s" else "-d", m.net])
 
 
 def m_ports(m):
-    if m.orig:
-        opt = "--ctorig%sport" % ("src" if m.dir == "s" else "dst")
+    if m.orig or m.reply:
+        opt = "--ct%s%sport" % ("repl" if m.reply else "orig", "src" if m.dir == "s" else "dst")
         return ["-m", "conntrack"] + _neg(m.ports.neg, [opt, ports_text(m.ports)])
     opt = "--sport" if m.dir == "s" else "--dport"
     return _neg(m.ports.neg, [opt, ports_text(m.ports)])
@@ -70,7 +71,11 @@ def m_conn(m):
 
 
 def m_mark(m):
-    return ["-m", "mark", "--mark", "0x%x/0x%x" % (m.value, m.value)]
+    return ["-m", "connmark" if m.ct else "mark", "--mark", "0x%x/0x%x" % (m.value, m.value)]
+
+
+def m_local(m):
+    return ["-m", "addrtype", "--dst-type", "LOCAL"]
 
 
 def m_socket(m):
@@ -79,7 +84,7 @@ def m_socket(m):
 
 MATCHES = {MIface: m_iface, MProto: m_proto, MAddr: m_addr, MPorts: m_ports,
            MIcmp: m_icmp, MSyn: m_syn, MFrag: m_frag, MConn: m_conn, MMark: m_mark,
-           MSocket: m_socket}
+           MLocal: m_local, MSocket: m_socket}
 
 
 def s_log(s):
@@ -87,6 +92,9 @@ def s_log(s):
 
 
 def s_mark(s):
+    if s.ct:
+        mask = 0xFFFFFFFF if s.op == "=" else s.value
+        return ["-j", "CONNMARK", "--set-xmark", "0x%x/0x%x" % (s.value, mask)]
     return ["-j", "MARK", "--set-mark" if s.op == "=" else "--or-mark", "0x%x" % s.value]
 
 
@@ -101,7 +109,8 @@ def s_copy(s):
 
 STATEMENTS = {SLog: s_log, SMark: s_mark, STos: s_tos, SCopy: s_copy}
 
-REJECT_WITH = {"port-unreach": "icmp-port-unreachable", "tcp-reset": "tcp-reset"}
+REJECT_WITH = {"port-unreach": "icmp-port-unreachable", "host-unreach": "icmp-host-unreachable",
+               "tcp-reset": "tcp-reset"}
 
 
 def verdict_words(v):
@@ -123,7 +132,7 @@ def verdict_words(v):
         return ["-j", "TPROXY", "--on-port", str(v.arg or 0),
                 "--tproxy-mark", "0x%x/0x%x" % (v.mark, v.mark)]
     if kind == "masquerade":
-        return ["-j", "MASQUERADE"]
+        return ["-j", "MASQUERADE"] + (["--to-ports", v.arg] if v.arg else [])
     if kind == "dnat":
         return ["-j", "DNAT", "--to-destination", v.arg]
     raise ValueError("unknown verdict %r" % kind)

@@ -6,8 +6,8 @@ Netfilter's tables become base chains of one ``ip`` table: filter chains
 keep their names (INPUT, FORWARD, OUTPUT), the others are prefixed with their
 table (nat-PREROUTING, mangle-INPUT, ...).
 """
-from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto, MSocket, MSyn,
-                 SCopy, SLog, SMark, STos, Untranslated)
+from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MLocal, MMark, MPorts, MProto, MSocket,
+                 MSyn, SCopy, SLog, SMark, STos, Untranslated)
 
 HOOKS = {
     # (table, chain): (type, hook, priority)
@@ -49,8 +49,9 @@ def addr_text(net):
 
 def m_addr(m):
     field = "saddr" if m.dir == "s" else "daddr"
-    if m.orig:
-        return "ct original ip %s %s%s" % (field, _op(m.neg), addr_text(m.net))
+    if m.orig or m.reply:
+        return "ct %s ip %s %s%s" % ("reply" if m.reply else "original", field, _op(m.neg),
+                                     addr_text(m.net))
     return "ip %s %s%s" % (field, _op(m.neg), addr_text(m.net))
 
 
@@ -60,9 +61,10 @@ def ports_text(ports):
 
 
 def m_ports(m):
-    if m.orig:
+    if m.orig or m.reply:
         key = "proto-src" if m.dir == "s" else "proto-dst"
-        return "ct original %s %s%s" % (key, _op(m.ports.neg), ports_text(m.ports))
+        return "ct %s %s %s%s" % ("reply" if m.reply else "original", key, _op(m.ports.neg),
+                                  ports_text(m.ports))
     proto = m.proto if m.proto in ("tcp", "udp") else "th"
     return "%s %s %s%s" % (proto, "sport" if m.dir == "s" else "dport",
                            _op(m.ports.neg), ports_text(m.ports))
@@ -88,7 +90,11 @@ def m_conn(m):
 
 
 def m_mark(m):
-    return "meta mark & 0x%08x == 0x%08x" % (m.value, m.value)
+    return "%s mark & 0x%08x == 0x%08x" % ("ct" if m.ct else "meta", m.value, m.value)
+
+
+def m_local(m):
+    return "fib daddr type local"
 
 
 def m_socket(m):
@@ -97,7 +103,7 @@ def m_socket(m):
 
 MATCHES = {MIface: m_iface, MProto: m_proto, MAddr: m_addr, MPorts: m_ports,
            MIcmp: m_icmp, MSyn: m_syn, MFrag: m_frag, MConn: m_conn, MMark: m_mark,
-           MSocket: m_socket}
+           MLocal: m_local, MSocket: m_socket}
 
 
 def s_log(s):
@@ -105,9 +111,10 @@ def s_log(s):
 
 
 def s_mark(s):
+    what = "ct mark" if s.ct else "meta mark"
     if s.op == "=":
-        return "meta mark set 0x%08x" % s.value
-    return "meta mark set meta mark | 0x%08x" % s.value
+        return "%s set 0x%08x" % (what, s.value)
+    return "%s set %s | 0x%08x" % (what, what, s.value)
 
 
 def s_tos(s):
@@ -120,6 +127,10 @@ def s_copy(s):
 
 STATEMENTS = {SLog: s_log, SMark: s_mark, STos: s_tos, SCopy: s_copy}
 
+REJECT_WITH = {"port-unreach": "reject with icmp type port-unreachable",
+               "host-unreach": "reject with icmp type host-unreachable",
+               "tcp-reset": "reject with tcp reset"}
+
 
 def verdict_text(v):
     """Return the verdict of Verdict V ('' for count-only rules)."""
@@ -127,8 +138,7 @@ def verdict_text(v):
     if kind in ("accept", "drop", "return"):
         return kind
     if kind == "reject":
-        return "reject with tcp reset" if v.arg == "tcp-reset" else \
-            "reject with icmp type port-unreachable"
+        return REJECT_WITH[v.arg]
     if kind in ("jump", "goto"):
         return "%s %s" % (kind, v.arg)
     if kind == "redirect":
@@ -137,7 +147,7 @@ def verdict_text(v):
         # nft tproxy is not terminal: mark for the policy routing, then accept.
         return "tproxy to :%d meta mark set meta mark | 0x%08x accept" % (v.arg or 0, v.mark)
     if kind == "masquerade":
-        return "masquerade"
+        return "masquerade to :%s" % v.arg if v.arg else "masquerade"
     if kind == "dnat":
         return "dnat to %s" % v.arg
     return ""

@@ -694,13 +694,16 @@ def parse_ipmasqadm(words, src, names):
     proto = fields.get("proto", "tcp")
     if proto not in ("tcp", "udp"):
         raise ParseError("portfw -P must be tcp or udp")
-    for key in ("L", "R"):
+    # -d may leave out -R: the kernel then deletes whatever the local end
+    # forwards to (ip_masq_portfw.c, ip_portfw_del).
+    for key in ("L", "R") if op == "a" else ("L",):
         if key not in fields:
             raise ParseError("portfw -%s needs -%s addr port" % (op, key))
-    (laddr, lport), (raddr, rport) = fields["L"], fields["R"]
+    (laddr, lport), (raddr, rport) = fields["L"], fields.get("R", (None, None))
     return PortForward(op, src, proto, _single_host(laddr, names),
-                       parse_port(lport, proto, names), _single_host(raddr, names),
-                       parse_port(rport, proto, names))
+                       parse_port(lport, proto, names),
+                       "" if raddr is None else _single_host(raddr, names),
+                       0 if rport is None else parse_port(rport, proto, names))
 
 
 def _single_host(text, names):

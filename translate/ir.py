@@ -154,12 +154,13 @@ class MProto:
 
 @dataclass(frozen=True)
 class MAddr:
-    """Match source ('s') or destination ('d'); orig: the conntrack original tuple."""
+    """Match source ('s') or destination ('d'); orig/reply: that conntrack tuple's."""
 
     dir: str
     net: str
     neg: bool = False
     orig: bool = False
+    reply: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class MPorts:
     ports: Ports
     proto: str = "tcp"
     orig: bool = False
+    reply: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,10 +222,16 @@ class MSocket:
 
 
 @dataclass(frozen=True)
+class MLocal:
+    """Match packets addressed to one of this host's own addresses."""
+
+
+@dataclass(frozen=True)
 class MMark:
-    """Match packets whose mark has all bits of VALUE set."""
+    """Match packets whose mark (ct: whose connection's mark) has all bits of VALUE set."""
 
     value: int
+    ct: bool = False
 
 
 @dataclass(frozen=True)
@@ -242,10 +250,11 @@ class SCopy:
 
 @dataclass(frozen=True)
 class SMark:
-    """Set the packet mark: op '=' sets it, '|' sets the bits."""
+    """Set the packet mark (ct: the connection's mark): op '=' sets it, '|' sets the bits."""
 
     op: str
     value: int
+    ct: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,7 +271,8 @@ class Verdict:
 
     kind: accept drop reject return jump goto redirect tproxy masquerade dnat,
     or None (count only).  arg: the chain, the port, the reject type
-    ('port-unreach', 'tcp-reset') or the DNAT 'addr:port'.
+    ('port-unreach', 'host-unreach', 'tcp-reset'), the DNAT 'addr:port' or
+    the masquerade port range 'lo-hi' (None: any port).
     """
 
     kind: Optional[str] = None

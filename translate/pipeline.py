@@ -24,7 +24,7 @@ from .shell import parse as parse_shell
 from .sniff import not_ipchains
 from .snippet import translate_snippet
 
-VERSION = "1.0"
+VERSION = "1.1.0"
 TIMEOUT_SYSCTLS = ("net.netfilter.nf_conntrack_tcp_timeout_established",
                    "net.netfilter.nf_conntrack_tcp_timeout_fin_wait",
                    "net.netfilter.nf_conntrack_udp_timeout")
@@ -46,6 +46,7 @@ class Result:
 
     text: str
     diags: List[Diag] = field(default_factory=list)
+    commands: int = 0           # ipchains/ipmasqadm commands read (for the summary line)
 
     @property
     def status(self):
@@ -231,6 +232,11 @@ def read_inputs(sources, defines, names, flat):
     return inputs, diags
 
 
+def count_commands(inputs):
+    """Return how many commands (not remarks) the INPUTS of read_inputs() hold."""
+    return sum(1 for _, parsed in inputs for p in parsed if not isinstance(p.item, Remark))
+
+
 def static_view(parsed):
     """Return (chains ever created, union jump graph, Features) over all commands."""
     known, graph = set(), {}
@@ -320,7 +326,7 @@ def translate_flat(sources, opts, defines, names):
         text = emit_nft.render(plan, opts.table, header)
     else:
         text = emit_iptables.render_restore(plan, header)
-    return Result(text, sort_diags(diags))
+    return Result(text, sort_diags(diags), count_commands(inputs))
 
 
 LEFT_NO_RULE = {"A": "its rules were removed later or are never reached",
@@ -476,7 +482,9 @@ class ShellTranslator:
 
     def do_policy(self, cmd, effect):
         lines = []
-        ctxs = {"input": ("in", "fi"), "forward": ("fw",), "output": ("out",)}[cmd.chain]
+        # Every policy chain of the built-in (pol-mr-input, pol-fo-output...).
+        ctxs = [ctx for ctx, builtin in semantics.policy_contexts(self.features)
+                if builtin == cmd.chain]
         for ctx in ctxs:
             pol = semantics.POLICY_CHAIN[ctx]
             nf = semantics.policy_rule(ctx, cmd.policy, cmd.src, self.opts)
@@ -511,7 +519,9 @@ class ShellTranslator:
         if effect.kind == "portfw-flush":
             return [emit_iptables.command("nat", ["-F", "portfw"])]
         op = "-A" if effect.kind == "portfw-add" else "-D"
-        return emit_iptables.append_commands("nat", "portfw", semantics.portfw_rule(pf), op)
+        return [line for changed in effect.rules for line in
+                emit_iptables.append_commands("nat", "portfw", semantics.portfw_rule(changed), op)
+                ] or [": # the port forward is there already"]
 
 
 def translate_shell(sources, opts, defines, names):
@@ -570,7 +580,7 @@ def translate_shell(sources, opts, defines, names):
                         + tr.skeleton())
         outputs.append(splice(reader.lines, replacements, prologue))
     diags.extend(tr.diags)
-    return Result("".join(outputs), sort_diags(diags))
+    return Result("".join(outputs), sort_diags(diags), count_commands(inputs))
 
 
 def batch_runs(runs, source):
@@ -722,8 +732,8 @@ def translate_rules(sources, opts, defines, names):
     parsed = [p for _, ps in inputs for p in ps]
     _, graph, features = static_view(parsed)
     contexts = semantics.chain_contexts(graph, features, opts)
-    text, more = translate_snippet(parsed, opts, contexts)
-    return Result(text, sort_diags(diags + more))
+    text, more = translate_snippet(parsed, opts, contexts, features)
+    return Result(text, sort_diags(diags + more), count_commands(inputs))
 
 
 def translate(sources, opts, defines=None, hosts=None, snippet=False):

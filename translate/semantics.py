@@ -10,9 +10,15 @@ OUTPUT see only local traffic.  So every ipchains chain is emitted once per
   in-   input, for packets to this host             (filter INPUT)
   rd-   input, for packets REDIRECTed to this host, judged by their
         original destination from conntrack        (filter INPUT, nat mode)
+  mr-   input, for replies of masqueraded connections, judged by their
+        addresses before de-masquerading (conntrack's reply tuple)
+                                                    (filter FORWARD)
+  pf-   input, for port-forwarded packets (ipmasqadm portfw), judged by the
+        address they arrived for (conntrack's original tuple) (filter FORWARD)
   fi-   input, as the first stage of a forwarded packet    (filter FORWARD)
   fw-   forward, the second stage                           (filter FORWARD)
-  out-  output, for local packets and as the third stage of forwarded ones
+  out-  output, for local packets                           (filter OUTPUT)
+  fo-   output, as the third stage of forwarded packets     (filter FORWARD)
   om-   output, as the third stage of masqueraded packets: 2.2 masqueraded
         before its output chain, so a source address test there is decided
         for the masquerading address (--masq-source), not the inside one
@@ -22,34 +28,63 @@ In the forward stages ACCEPT means "go on to the next stage" (a goto into
 ``stage-fw`` / ``stage-out``, which run the next ipchains chain and then its
 policy), so verdicts and order are kept.  Every stage ends in its chain's
 policy (``pol-*`` chains), so nothing falls through.  MASQ marks the packet
-and goes on to the output stage; nat POSTROUTING masquerades marked packets;
-replies of masqueraded connections skip the input and forward stages, as 2.2
-let them in on its own.  REDIRECT is decided in PREROUTING by a copy of the
-input chain whose side effects are dropped, then accepted in INPUT at the
-rule's own position.
+and goes on to the output stage; nat POSTROUTING masquerades marked packets
+to 2.2's ports; replies of masqueraded connections meet the input chain by
+the addresses and ports they arrived with, skip forward and meet output, as
+on 2.2 (ip_rcv ran input, ip_local_deliver de-masqueraded, ip_forward skipped
+forward for IPSKB_MASQUERADED packets); port-forwarded packets likewise.
+REDIRECT is decided in PREROUTING by a copy of the input chain whose side
+effects are dropped, then accepted in INPUT at the rule's own position.  REJECT answers as 2.2 did in each place:
+port unreachable from input, host unreachable from forward and from output
+for forwarded packets, and no ICMP for local packets (2.2's output chain
+made the send fail: a drop).
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .ipchains import BUILTIN, VERDICTS, Names, ParseError, parse_addresses, parse_ipv4
-from .ir import (Diag, MAddr, MConn, MFrag, MIcmp, MIface, MMark, MPorts, MProto,
-                 MSocket, MSyn, NfRule, Ports, Raw, SCopy, SLog, SMark, STos, Untranslated, Verdict)
+from .ir import (Diag, MAddr, MConn, MFrag, MIcmp, MIface, MLocal, MMark, MPorts, MProto,
+                 MSocket, MSyn, NfRule, Ports, Raw, SCopy, SLog, SMark, STos, Untranslated,
+                 Verdict)
 
 CONTEXT_INFO = {
     # ctx: (built-in chain, interface direction, description)
     "in": ("input", "in", "input, packets to this host"),
     "rd": ("input", "in", "input, redirected packets (original destination)"),
+    "mr": ("input", "in", "input, replies of masqueraded connections"),
+    "pf": ("input", "in", "input, port-forwarded packets"),
     "fi": ("input", "in", "input, as the first stage of forwarded packets"),
     "fw": ("forward", "out", "forward, the second stage of forwarded packets"),
-    "out": ("output", "out", "output, local packets and forwarded ones"),
+    "out": ("output", "out", "output, local packets"),
+    "fo": ("output", "out", "output, the third stage of forwarded packets"),
     "om": ("output", "out", "output, the third stage of masqueraded packets"),
     "pre": ("input", "in", "input, deciding REDIRECT before routing"),
 }
-CONTEXT_ORDER = ("in", "rd", "fi", "fw", "out", "om", "pre")
-POLICY_CHAIN = {"in": "pol-input", "rd": "pol-input", "fi": "pol-fi-input",
-                "fw": "pol-forward", "out": "pol-output", "om": "pol-output"}
+CONTEXT_ORDER = ("in", "rd", "mr", "pf", "fi", "fw", "out", "fo", "om", "pre")
+POLICY_CHAIN = {"in": "pol-input", "rd": "pol-input", "mr": "pol-mr-input",
+                "pf": "pol-pf-input",
+                "fi": "pol-fi-input", "fw": "pol-forward", "out": "pol-output",
+                "fo": "pol-fo-output", "om": "pol-fo-output"}
 MANGLE_HOOKS = {"in": ("INPUT",), "fi": ("FORWARD",), "fw": ("FORWARD",),
-                "out": ("OUTPUT", "FORWARD")}
+                "out": ("OUTPUT",), "fo": ("FORWARD",)}
+# What REJECT sent in each context on 2.2: ip_input.c ip_rcv sent port
+# unreachable for the input chain (every arriving packet, forwarded or not);
+# ip_forward.c sent host unreachable for the forward chain and for the output
+# chain of forwarded packets; ip_output.c only dropped a local packet (or
+# failed the send with EPERM), so locally REJECT is a drop.
+REJECT_WITH = {"in": "port-unreach", "rd": "port-unreach", "mr": "port-unreach",
+               "pf": "port-unreach",
+               "fi": "port-unreach", "fw": "host-unreach", "fo": "host-unreach",
+               "om": "host-unreach", "out": None}
+# 2.2 gave masqueraded connections ports PORT_MASQ_BEGIN..PORT_MASQ_END-1
+# (include/net/ip_masq.h, ip_masq.c get_next_mport); input rules meant for
+# the replies test them.
+MASQ_PORTS = (61000, 65095)
+# The connection mark bit of connections a port forward of the script made:
+# only they skip the forward chain (a DNAT by another table is forwarded
+# traffic like any other).  Masqueraded connections carry the --masq-mark
+# bit in their connection mark likewise.
+PORTFW_CT_MARK = 0x20000000
 
 
 @dataclass
@@ -139,7 +174,11 @@ def builtin_contexts(features, opts):
     if features.redirect:
         inputs = (["in", "rd", "fi", "pre"] if opts.redirect == "nat"
                   else ["in", "fi", "pre"])
-    outputs = ["out", "om"] if features.masq else ["out"]
+    if features.masq:
+        inputs.insert(inputs.index("fi"), "mr")
+    if features.portfw:
+        inputs.insert(inputs.index("fi"), "pf")
+    outputs = ["out", "fo", "om"] if features.masq else ["out", "fo"]
     return {"input": inputs, "forward": ["fw"], "output": outputs}
 
 
@@ -192,14 +231,28 @@ def masq_source_test(addr, opts):
     return inside != addr.neg
 
 
+def masq_port_test(ports):
+    """Return True/False when source PORTS of a masqueraded TCP/UDP packet are
+    decided by 2.2's masquerading ports (MASQ_PORTS), None when the range cuts them."""
+    lo, hi = MASQ_PORTS
+    if ports.lo <= lo and ports.hi >= hi:
+        return not ports.neg
+    if ports.hi < lo or ports.lo > hi:
+        return ports.neg
+    return None
+
+
 def rule_matches(rule, ctx, opts=None):
     """Return the netfilter matches of RULE in context CTX, in emission order.
 
     In the 'om' context the source address was the masquerading address on
-    2.2: with --masq-source the test is decided here (NeverMatches if false).
+    2.2: with --masq-source the test is decided here (NeverMatches if false);
+    a TCP/UDP source port was one of MASQ_PORTS, so a port test is decided
+    here too, or raises Untranslatable when its range cuts them.
     """
     iface_dir = CONTEXT_INFO[ctx][1]
-    orig = ctx == "rd"
+    orig = ctx in ("rd", "pf")
+    reply = ctx == "mr"
     saddr = rule.saddr
     if ctx == "om" and saddr is not None and opts is not None:
         decided = masq_source_test(saddr, opts)
@@ -207,6 +260,17 @@ def rule_matches(rule, ctx, opts=None):
             raise NeverMatches()
         if decided:
             saddr = None
+    sport = rule.sport
+    if ctx == "om" and sport is not None and sport.raw is None and rule.proto in ("tcp", "udp"):
+        decided = masq_port_test(sport)
+        if decided is None:
+            raise Untranslatable("source port %s%d:%d of a masqueraded packet: 2.2 tested "
+                                 "the port it masqueraded from (%d-%d), which netfilter "
+                                 "picks only after the filter rules"
+                                 % ("! " if sport.neg else "", sport.lo, sport.hi, *MASQ_PORTS))
+        if decided is False:
+            raise NeverMatches()
+        sport = None
     out = []
     if rule.iface is not None:
         out.append(MIface(iface_dir, rule.iface, rule.iface_neg))
@@ -215,12 +279,12 @@ def rule_matches(rule, ctx, opts=None):
     if saddr is not None:
         out.append(MAddr("s", saddr.net, saddr.neg))
     if rule.daddr is not None:
-        out.append(MAddr("d", rule.daddr.net, rule.daddr.neg, orig))
+        out.append(MAddr("d", rule.daddr.net, rule.daddr.neg, orig, reply))
     proto = rule.proto
-    if rule.sport is not None:
-        out.append(MPorts("s", rule.sport, proto))
+    if sport is not None:
+        out.append(MPorts("s", sport, proto))
     if rule.dport is not None:
-        out.append(MPorts("d", rule.dport, proto, orig))
+        out.append(MPorts("d", rule.dport, proto, orig, reply))
     if rule.icmp_type is not None:
         out.append(MIcmp(rule.icmp_type, rule.icmp_code, rule.icmp_type_neg))
     if rule.syn is not None:
@@ -289,7 +353,7 @@ def verdict_of(rule, chain, ctx, opts):
 
 
 def _accept(rule, chain, ctx, opts):
-    if ctx in ("fi", "fw"):
+    if ctx in ("fi", "fw", "mr", "pf"):
         return stage_goto(ctx), ()
     return Verdict("accept"), ()
 
@@ -300,10 +364,16 @@ def _deny(rule, chain, ctx, opts):
     return Verdict("drop"), ()
 
 
+def reject_verdict(ctx):
+    """Return the Verdict of REJECT in context CTX, answering as 2.2 did there."""
+    code = REJECT_WITH[ctx]
+    return Verdict("reject", code) if code else Verdict("drop")
+
+
 def _reject(rule, chain, ctx, opts):
     if ctx == "pre":
         return Verdict("accept"), ()
-    return Verdict("reject", "port-unreach"), ()
+    return reject_verdict(ctx), ()
 
 
 def _return(rule, chain, ctx, opts):
@@ -320,7 +390,7 @@ def _masq(rule, chain, ctx, opts):
 
 
 def _redirect(rule, chain, ctx, opts):
-    if ctx in ("fw", "out", "om"):
+    if ctx in ("fw", "out", "fo", "om"):
         raise Invalid("REDIRECT is only valid in input, but chain '%s' is reached "
                       "from %s" % (chain, CONTEXT_INFO[ctx][0]))
     if ctx == "pre":
@@ -331,6 +401,10 @@ def _redirect(rule, chain, ctx, opts):
         # Only reached when the redirect did not happen (no listener in tproxy
         # mode); 2.2 would have answered from the local stack: refuse.
         return Verdict("reject", "tcp-reset" if rule.proto == "tcp" else "port-unreach"), ()
+    if ctx in ("mr", "pf"):
+        # 2.2 delivered the packet locally, where ip_local_deliver de-masqueraded
+        # it first and forwarded it: the redirect changed nothing.
+        return stage_goto(ctx), ()
     return Verdict("accept"), ()
 
 
@@ -382,12 +456,16 @@ def translate_rule(rule, chain, ctx, opts, cache=None):
         return result
     if ctx == "pre" and verdict.kind is None:
         return result           # counting only: nothing to decide before routing
-    key = (CONTEXT_INFO[ctx][1], ctx == "rd", ctx == "om")
+    key = (CONTEXT_INFO[ctx][1], ctx if ctx in ("rd", "mr", "pf", "om") else "")
     if key not in cache:
         try:
             cache[key] = rule_matches(rule, ctx, opts)
         except NeverMatches:
             cache[key] = None
+        except Untranslatable as exc:
+            result.diags.append(Diag("warning", rule.src, str(exc)))
+            result.untranslated = Untranslated(rule.src, str(exc))
+            return result
     matches = cache[key]
     if matches is None:
         return result           # decided while translating: it never matches here
@@ -415,11 +493,11 @@ def policy_rule(ctx, policy, src, opts):
     if policy in ("ACCEPT", "MASQ"):
         if policy == "MASQ":
             return NfRule((), (SMark("|", opts.masq_mark),), Verdict("goto", "stage-om"), origin)
-        if ctx in ("fi", "fw"):
+        if ctx in ("fi", "fw", "mr", "pf"):
             return NfRule((), (), stage_goto(ctx), origin)
         return NfRule((), (), Verdict("accept"), origin)
     if policy == "REJECT":
-        return NfRule((), (), Verdict("reject", "port-unreach"), origin)
+        return NfRule((), (), reject_verdict(ctx), origin)
     return NfRule((), (), Verdict("drop"), origin)
 
 
@@ -431,6 +509,13 @@ def base_policy(policy):
 def note(text):
     """Return an NfRule-free origin text for skeleton rules."""
     return "ipchains-translate: " + text
+
+
+def policy_contexts(features):
+    """Return (context, built-in chain) of every policy chain of a firewall with FEATURES."""
+    return (("in", "input"),) + ((("mr", "input"),) if features.masq else ()) + (
+        (("pf", "input"),) if features.portfw else ()) + (
+        ("fi", "input"), ("fw", "forward"), ("out", "output"), ("fo", "output"))
 
 
 def skeleton(plan, features, policies, opts):
@@ -453,8 +538,19 @@ def skeleton(plan, features, policies, opts):
     inp.entries.append(NfRule((), (), Verdict("jump", "in-input"), note("input")))
     inp.entries.append(NfRule((), (), Verdict("jump", "pol-input"), note("input policy")))
     if features.masq:
-        fwd.entries.append(NfRule((MConn("SNAT", "REPLY"),), (), Verdict("jump", "stage-out"),
-                                  note("replies of masqueraded connections")))
+        replies = (MConn("SNAT", "REPLY"), MMark(opts.masq_mark, ct=True))
+        fwd.entries.append(NfRule(replies, (), Verdict("jump", "mr-input"),
+                                  note("replies of masqueraded connections: input stage, "
+                                       "by their addresses before de-masquerading")))
+        fwd.entries.append(NfRule(replies, (), Verdict("jump", "pol-mr-input"),
+                                  note("replies of masqueraded connections: input policy")))
+    if features.portfw:
+        forwarded = (MConn("DNAT", "ORIGINAL"), MMark(PORTFW_CT_MARK, ct=True))
+        fwd.entries.append(NfRule(forwarded, (), Verdict("jump", "pf-input"),
+                                  note("port-forwarded: input stage, by the address they "
+                                       "arrived for")))
+        fwd.entries.append(NfRule(forwarded, (), Verdict("jump", "pol-pf-input"),
+                                  note("port-forwarded: input policy")))
     fwd.entries.append(NfRule((), (), Verdict("jump", "fi-input"),
                               note("forwarded: input stage")))
     fwd.entries.append(NfRule((), (), Verdict("jump", "pol-fi-input"),
@@ -467,18 +563,17 @@ def skeleton(plan, features, policies, opts):
     stage_fw.entries.append(NfRule((), (), Verdict("jump", "pol-forward"),
                                    note("forwarded: forward policy")))
     stage_out = plan.chain("filter", "stage-out")
-    stage_out.entries.append(NfRule((), (), Verdict("jump", "out-output"),
+    stage_out.entries.append(NfRule((), (), Verdict("jump", "fo-output"),
                                     note("forwarded: output stage")))
-    stage_out.entries.append(NfRule((), (), Verdict("jump", "pol-output"),
+    stage_out.entries.append(NfRule((), (), Verdict("jump", "pol-fo-output"),
                                     note("forwarded: output policy")))
     if features.masq:
         stage_om = plan.chain("filter", "stage-om")
         stage_om.entries.append(NfRule((), (), Verdict("jump", "om-output"),
                                        note("masqueraded: output stage")))
-        stage_om.entries.append(NfRule((), (), Verdict("jump", "pol-output"),
+        stage_om.entries.append(NfRule((), (), Verdict("jump", "pol-fo-output"),
                                        note("masqueraded: output policy")))
-    for ctx, builtin in (("in", "input"), ("fi", "input"), ("fw", "forward"),
-                         ("out", "output")):
+    for ctx, builtin in policy_contexts(features):
         policy, src = policies[builtin]
         plan.add("filter", POLICY_CHAIN[ctx], policy_rule(ctx, policy, src, opts))
     for builtin, names in ctxs.items():
@@ -518,8 +613,14 @@ def nat_hooks(plan, features, opts):
             plan.notes.extend(tproxy_notes(opts))
     if features.masq:
         post = plan.chain("nat", "POSTROUTING", ("postrouting", "ACCEPT"))
-        post.entries.append(NfRule((MMark(opts.masq_mark),), (), Verdict("masquerade"),
-                                   note("MASQ")))
+        marked = MMark(opts.masq_mark)
+        ours = SMark("|", opts.masq_mark, ct=True)     # its replies: mr- (skeleton)
+        ports = "%d-%d" % MASQ_PORTS
+        for proto in ("tcp", "udp"):
+            post.entries.append(NfRule((MProto(proto), marked), (ours,),
+                                       Verdict("masquerade", ports),
+                                       note("MASQ, from the ports 2.2 used")))
+        post.entries.append(NfRule((marked,), (ours,), Verdict("masquerade"), note("MASQ")))
 
 
 def tproxy_notes(opts):
@@ -587,7 +688,25 @@ def plan_ruleset(chains, opts):
                         diags.append(diag)
     for pf in chains.portfw.values():
         plan.add("nat", "portfw", portfw_rule(pf))
+    diags.extend(portfw_notes(chains.portfw.values()))
     return plan, diags
+
+
+def portfw_notes(forwards):
+    """Yield a note for each port forward that 2.2 would have shared connections with.
+
+    ip_masq_portfw.c (portfw_in_create) rotated the forwards of one local
+    address and port by their -p preference; a DNAT rule list takes the first.
+    """
+    first = {}
+    for pf in forwards:
+        key = (pf.proto, pf.laddr, pf.lport)
+        if key in first:
+            yield Diag("note", pf.src, "2.2 shared the connections to %s %s:%d among its "
+                       "forwards; netfilter sends them all to the first (%s)"
+                       % (pf.proto, pf.laddr, pf.lport, first[key].src))
+        else:
+            first[key] = pf
 
 
 def rule_notes(rule, ctx, opts):
@@ -614,7 +733,13 @@ def rule_notes(rule, ctx, opts):
 
 
 def portfw_rule(pf):
-    """Return the DNAT rule of one ipmasqadm port forward."""
+    """Return the DNAT rule of one ipmasqadm port forward.
+
+    Only for packets to this host's own addresses: 2.2 looked for port
+    forwards when it delivered a packet locally (ip_input.c ip_local_deliver,
+    ip_fw_demasquerade), so a forward of some other address never matched.
+    """
     matches = (MProto(pf.proto), MAddr("d", pf.laddr + "/32"),
-               MPorts("d", Ports(pf.lport, pf.lport), pf.proto))
-    return NfRule(matches, (), Verdict("dnat", "%s:%d" % (pf.raddr, pf.rport)), str(pf.src))
+               MPorts("d", Ports(pf.lport, pf.lport), pf.proto), MLocal())
+    return NfRule(matches, (SMark("|", PORTFW_CT_MARK, ct=True),),
+                  Verdict("dnat", "%s:%d" % (pf.raddr, pf.rport)), str(pf.src))

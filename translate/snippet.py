@@ -4,8 +4,9 @@ Like iptables-translate, a snippet changes nothing but the rules it names:
 no flush, no policy, no chain deleted.  Its rules go into the chains a full
 translation creates (in-input, fi-input, out-output, ...), so it needs that
 skeleton loaded first; the first line of the output says which chains.
-Commands that are not rules (-P, -F, -X, -Z, -R, numbered -D, portfw -f)
-are refused here: they only make sense against a whole firewall.
+Commands that are not rules (-P, -F, -X, -Z, -R, numbered -D, portfw -f,
+portfw -d without -R) are refused here: they only make sense against a
+whole firewall.
 """
 from . import emit_iptables, emit_nft, semantics
 from .chains import ChainError, Chains
@@ -23,6 +24,7 @@ class Snippet:
         self.lines = []           # (table, text)
         self.diags = []
         self.chains_used = []
+        self.input_rules = False  # a rule went into an input context
 
     def ctx_chains(self, chain):
         """Return [(ctx, table, netfilter chain)] of ipchains CHAIN."""
@@ -58,6 +60,9 @@ class Snippet:
             if cmd.op == "f":
                 raise ChainError("portfw -f flushes every port forward: not a rule; "
                                  "translate the whole script for it")
+            if cmd.op == "d" and not (cmd.raddr and cmd.rport):
+                raise ChainError("portfw -d without -R deletes whatever the forward points "
+                                 "to: give -R as well (a rule is deleted by its text)")
             op = "-A" if cmd.op == "a" else "-D"
             return self.nf_rule("nat", "portfw", semantics.portfw_rule(cmd), op)
         if cmd.op == "N":
@@ -74,6 +79,7 @@ class Snippet:
                              "these commands: give the rule jumping to it as well" % cmd.chain)
         effect = chains.apply(cmd, certain=False)
         for ctx, table, chain in self.ctx_chains(cmd.chain):
+            self.input_rules = self.input_rules or ctx == "in"
             for rule in effect.rules:
                 tr = semantics.translate_rule(rule, cmd.chain, ctx, self.opts)
                 self.diags.extend(tr.diags)
@@ -113,8 +119,19 @@ class Snippet:
         return "\n".join(out) + "\n"
 
 
-def translate_snippet(parsed, opts, contexts):
-    """Return (text, diags) of the -e commands PARSED (pipeline.Parsed values)."""
+def missing_input_stages(features):
+    """Return the input stages a full translation may have that snippet FEATURES lack."""
+    return [name for name, have in (("mr-input (masqueraded replies)", features.masq),
+                                    ("pf-input (port-forwarded packets)", features.portfw))
+            if not have]
+
+
+def translate_snippet(parsed, opts, contexts, features):
+    """Return (text, diags) of the -e commands PARSED (pipeline.Parsed values).
+
+    Input rules go into the mr- and pf- stages only when the snippet itself
+    masquerades or forwards ports (FEATURES); otherwise a note says so.
+    """
     snippet = Snippet(opts, contexts)
     chains = Chains({p.command.chain for p in parsed
                      if isinstance(p.command, Command) and p.command.op == "N"})
@@ -128,4 +145,12 @@ def translate_snippet(parsed, opts, contexts):
         except ChainError as exc:
             snippet.diags.append(Diag("error", p.command.src, str(exc)))
             snippet.lines.append(("filter", Untranslated(p.command.src, str(exc)).comment()))
+    missing = missing_input_stages(features)
+    if snippet.input_rules and missing:
+        # A full translation that masquerades or forwards ports sends those
+        # packets through these stages instead of in-input (2.2's input chain).
+        snippet.diags.append(Diag("note", None, "input rules here skip %s of a full "
+                                  "translation that has them; give its MASQ rule or port "
+                                  "forward with -e as well to reach them"
+                                  % " and ".join(missing)))
     return snippet.text(), snippet.diags

@@ -6,8 +6,13 @@
   netpeer.py connect ADDR PORT [TIMEOUT]    print 'ok LINE', 'refused',
         'timeout' or 'error TEXT'.
   netpeer.py ping ADDR [TIMEOUT]            one ICMP echo: 'ok' or 'timeout'.
+  netpeer.py udp ADDR PORT [TIMEOUT]        send one UDP datagram and report the
+        ICMP error that comes back as the sender's kernel received it:
+        'icmp TYPE CODE FROM', 'eperm' (the send itself was refused), 'ok'
+        (an answer) or 'timeout'.
 """
 import os
+import select
 import socket
 import struct
 import sys
@@ -15,6 +20,8 @@ import time
 
 SO_ORIGINAL_DST = 80
 IP_TRANSPARENT = 19
+IP_RECVERR = 11            # linux/in.h; the error queue holds struct sock_extended_err
+MSG_ERRQUEUE = 0x2000
 LIFETIME = 120.0
 
 
@@ -88,6 +95,37 @@ def ping(addr, timeout):
     print("timeout")
 
 
+def udp_probe(addr, port, timeout):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+        s.connect((addr, port))
+        try:
+            s.send(b"probe")
+        except PermissionError:
+            print("eperm")
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, errors = select.select([s], [], [s], max(0.0, deadline - time.monotonic()))
+            if not (ready or errors):
+                break
+            try:
+                _, anc, _, _ = s.recvmsg(512, 512, MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                s.recv(512, socket.MSG_DONTWAIT)
+                print("ok")
+                return
+            for level, kind, data in anc:
+                if level == socket.SOL_IP and kind == IP_RECVERR:
+                    # struct sock_extended_err: u32 errno, u8 origin, type, code, pad,
+                    # u32 info, u32 data; then the offender's sockaddr_in.
+                    _, origin, icmp_type, icmp_code = struct.unpack("=IBBB", data[:7])
+                    offender = socket.inet_ntoa(data[16 + 4:16 + 8])
+                    print("icmp %d %d %s" % (icmp_type, icmp_code, offender))
+                    return
+    print("timeout")
+
+
 def main(argv):
     if argv[0] == "serve":
         serve(int(argv[1]), argv[2], len(argv) > 3 and argv[3] == "transparent")
@@ -95,6 +133,8 @@ def main(argv):
         connect(argv[1], int(argv[2]), float(argv[3]) if len(argv) > 3 else 2.0)
     elif argv[0] == "ping":
         ping(argv[1], float(argv[2]) if len(argv) > 2 else 2.0)
+    elif argv[0] == "udp":
+        udp_probe(argv[1], int(argv[2]), float(argv[3]) if len(argv) > 3 else 2.0)
     return 0
 
 

@@ -1,30 +1,51 @@
 """Golden files: cases/NAME.ipchains next to NAME.iptables, NAME.iptables-restore,
 NAME.nft and NAME.stderr (the diagnostics and the exit status).
 
-Regenerate with ``UPDATE_GOLDEN=1 python3 -m pytest tests/translate/test_xlate_golden.py``
-and review the diff.
+The golden files are regression snapshots of our own output, so they prove
+nothing about what is right: test_xlate_expectations.py checks them against
+the hand-written Linux 2.2 table.  Regenerate with
+``UPDATE_GOLDEN=1 python -m pytest tests/translate/test_xlate_golden.py``
+and review the diff; every verdict a regeneration changes is printed (a
+warning in the summary), and a mismatch shows the verdict diff first.
 """
 import os
 import re
+import sys
+import warnings
 
 import pytest
 
 import bashtrace
-from xlate_helpers import CASES, FORMATS, case_args, case_names, translate_case
+import verdicts
+from xlate_helpers import CASES, FORMATS, case_args, case_names, run_tool, translate_case
 
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 
 
-def golden(path, actual):
-    """Compare ACTUAL with the golden file PATH (or write it when updating)."""
+class VerdictChange(UserWarning):
+    """A regenerated golden file changes what some rule does."""
+
+
+def golden(path, actual, fmt=None):
+    """Compare ACTUAL with the golden file PATH (or write it when updating).
+
+    For a translation (FMT given), the verdicts that differ are named: in the
+    failure message, or as a VerdictChange warning when updating.
+    """
+    old = None
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+    changed = verdicts.diff(old, actual, fmt) if fmt and old is not None else ""
     if UPDATE:
+        if changed:
+            warnings.warn(VerdictChange("%s: verdicts changed:\n%s" % (path, changed)))
         with open(path, "w") as f:
             f.write(actual)
         return
-    assert os.path.exists(path), "missing golden file %s (run with UPDATE_GOLDEN=1)" % path
-    with open(path) as f:
-        expected = f.read()
-    assert actual == expected, "%s differs; regenerate with UPDATE_GOLDEN=1 and review" % path
+    assert old is not None, "missing golden file %s (run with UPDATE_GOLDEN=1)" % path
+    assert actual == old, "%s differs; regenerate with UPDATE_GOLDEN=1 and review%s" % (
+        path, "; verdicts changed:\n" + changed if changed else " (no verdict changed)")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -32,9 +53,45 @@ def golden(path, actual):
 def test_golden(name, fmt):
     status, out, err = translate_case(name, fmt)
     assert "internal error" not in err
-    golden(os.path.join(CASES, "%s.%s" % (name, fmt)), out)
+    golden(os.path.join(CASES, "%s.%s" % (name, fmt)), out, fmt)
     if fmt == "iptables-restore":
         golden(os.path.join(CASES, name + ".stderr"), err + "exit %d\n" % status)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_changed_verdict_is_named(tmp_path, monkeypatch, fmt):
+    """A golden file whose rule changes its verdict (REJECT became DENY) is
+    reported with that rule's verdict line, on comparison and on regeneration;
+    a change that keeps every verdict says so."""
+    script = tmp_path / "v.sh"
+
+    def translate(target):
+        script.write_text("ipchains -A forward -s 192.0.2.9 -j %s\n" % target)
+        status, out, err = run_tool(["--to=" + fmt, str(script)])
+        assert status == 0, err
+        return out
+
+    rejecting, dropping = translate("REJECT"), translate("DENY")
+    path = str(tmp_path / "v.golden")
+    with open(path, "w") as f:
+        f.write(rejecting)
+    monkeypatch.setattr(sys.modules[__name__], "UPDATE", False)
+    with pytest.raises(AssertionError) as failed:
+        golden(path, dropping, fmt)
+    # pytest indents the lines of a message.
+    lines = [line.strip() for line in str(failed.value).split("\n")]
+    assert any(re.fullmatch(r"-\S*fw-forward \S*v\.sh:1 -> .*host-unreachable", line)
+               for line in lines), failed.value
+    assert any(re.fullmatch(r"\+\S*fw-forward \S*v\.sh:1 -> (drop|-j DROP)", line)
+               for line in lines), failed.value
+    with pytest.raises(AssertionError) as failed:
+        golden(path, rejecting.replace("192.0.2.9", "192.0.2.8"), fmt)
+    assert "(no verdict changed)" in str(failed.value)
+    monkeypatch.setattr(sys.modules[__name__], "UPDATE", True)
+    with pytest.warns(VerdictChange, match="v.sh:1"):
+        golden(path, dropping, fmt)
+    with open(path) as f:
+        assert f.read() == dropping
 
 
 def test_every_case_has_all_golden_files():
@@ -77,8 +134,25 @@ def test_every_command_is_accounted_for(name, fmt):
 def test_shell_format_replaces_every_command(name):
     """No ipchains command is left running in the script, unless reported."""
     status, out, err = translate_case(name, "iptables")
-    reported = set(re.findall(r"^%s\.ipchains:(\d+):" % re.escape(name), err, re.M))
+    reported = set(int(n) for n in
+                   re.findall(r"^%s\.ipchains:(\d+):" % re.escape(name), err, re.M))
+    for line in left_running(name, out):
+        assert line in reported, "line %d runs ipchains and was not reported" % line
+
+
+def left_running(name, out):
+    """Return the input line numbers of the ipchains commands the script format left in place."""
+    with open(os.path.join(CASES, name + ".ipchains")) as f:
+        source = f.read().split("\n")
+    kept = []
     for line in out.split("\n"):
         code = line.split("#", 1)[0]
-        if re.search(r"\b(ipchains|ipmasqadm)\s", code) or "$IPCHAINS" in code:
-            assert reported, line
+        unquoted = re.sub(r"'[^']*'|\"[^\"]*\"", "''", code)    # comments of our own rules
+        if re.search(r"\b(ipchains|ipmasqadm)\s", unquoted) or "$IPCHAINS" in unquoted:
+            kept.append(code.strip())
+    numbers = []
+    for text in kept:
+        found = [n for n, src in enumerate(source, 1) if src.split("#", 1)[0].strip() == text]
+        assert found, "a command the script keeps is not in the input: %r" % text
+        numbers.append(found[0])
+    return numbers

@@ -47,7 +47,7 @@ nft add chain inet other keep
 nft add rule inet other keep ip saddr 203.0.113.10 counter
 """
 OURS = ("ipchains-INPUT", "ipchains-FORWARD", "ipchains-OUTPUT", "in-", "fi-", "fw-",
-        "out-", "pol-", "stage-", "--comment ipchains-translate")
+        "out-", "fo-", "mr-", "pf-", "om-", "pol-", "stage-", "--comment ipchains-translate")
 
 
 @pytest.fixture

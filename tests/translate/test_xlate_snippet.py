@@ -25,10 +25,11 @@ def test_snippet_is_rules_alone(fmt):
     assert status == 0, err
     lines = out.rstrip("\n").split("\n")
     assert lines[0].startswith("# ipchains-translate -e: rules only")
-    assert "in-input" in lines[0] and "out-output" in lines[0]
+    assert "in-input" in lines[0] and "out-output" in lines[0] and "fo-output" in lines[0]
     rules = [line for line in lines[1:] if line not in ("*filter", "COMMIT")]
-    # input reaches in-input and fi-input; output reaches out-output.
-    assert len(rules) == 3
+    # input reaches in-input and fi-input; output reaches out-output and
+    # fo-output (the output stage of forwarded packets).
+    assert len(rules) == 4
     for word in (" -F", " -X", " -P", "flush", "delete", "policy", "table ip ipchains {"):
         assert word not in out
 
@@ -63,5 +64,29 @@ def test_snippet_loads_on_a_full_translation(tmp_path, netns_host, fmt):
         host.run("iptables-save").stdout
     count = lambda origin: len(re.findall(re.escape(origin) + r"\b", listing))    # noqa: E731
     assert count("fw:1") >= 2 and count("fw:2") == 2
-    assert count("-e:1") == 2 and count("-e:2") == 1
+    assert count("-e:1") == 2 and count("-e:2") == 2
     host.run("nft", "flush", "ruleset")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_snippet_input_rules_reach_the_masquerading_stages_it_knows(fmt):
+    """With the MASQ rule given too, an input rule goes to mr-input (masqueraded
+    replies) as well; without it, a note says which stages it skips."""
+    rule = "-A input -p tcp -d 0/0 80 -j ACCEPT"
+    status, out, err = snippet(fmt, [rule, "-A forward -s 192.0.2.0/24 -j MASQ"])
+    assert status == 0, err
+    assert "mr-input" in out.split("\n")[0] and "om-output" not in out.split("\n")[0]
+    assert "skip" not in err or "mr-input" not in err
+    status, out, err = snippet(fmt, [rule])
+    assert status == 0 and "mr-input" not in out
+    assert "note: input rules here skip mr-input (masqueraded replies) and pf-input" in err
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_snippet_refuses_a_port_forward_delete_without_its_target(fmt):
+    """portfw -d without -R deletes whatever the forward points to (2.2's
+    ip_portfw_del); a rule is deleted by its text, so the snippet needs -R."""
+    status, out, err = snippet(fmt, ["ipmasqadm portfw -d -P tcp -L 198.51.100.1 2222"])
+    assert status == 1
+    assert "-e:1: error: portfw -d without -R" in err
+    assert "refusing" in out.split("\n")[0]

@@ -1,0 +1,352 @@
+"""What an administrator meets day to day: versions, hints, start-up lines, pid file errors.
+
+Real processes on loopback or in a private mount/network namespace; nothing on
+the host is changed.
+"""
+import os
+import re
+import signal
+import socket
+import subprocess
+
+import pytest
+
+from support import PRIVATE_DEV, PYTHON, REPO, TPROXY, tproxy_cmd, wait_for
+from lab import free_port, have, stop
+import tproxy
+from translate import pipeline
+
+UNSHARE_NEEDS = pytest.mark.skipif(os.geteuid() != 0 or not have("unshare"),
+                                   reason="needs root and unshare(1)")
+
+
+def run(*args, **kw):
+    return subprocess.run(tproxy_cmd(*args), capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL, **kw)
+
+
+def test_dash_capital_v_prints_the_version_like_long_option():
+    """tproxy -V is --version: one line, status 0, as ipchains-translate -V does."""
+    short, long = run("-V"), run("--version")
+    assert (short.returncode, short.stdout, short.stderr) == (0, "tproxy 1.1.0\n", "")
+    assert (long.returncode, long.stdout, long.stderr) == (0, short.stdout, "")
+
+
+def test_one_version_for_both_tools_the_package_and_the_man_pages():
+    """tproxy, ipchains-translate, debian/changelog and both .TH lines name one version."""
+    with open(os.path.join(REPO, "debian", "changelog")) as f:
+        package_version = re.match(r"tproxy \(([^)]+)\)", f.readline()).group(1)
+    assert tproxy.__version__ == pipeline.VERSION == package_version
+    for page in ("tproxy.8", "ipchains-translate.8"):
+        with open(os.path.join(REPO, "man", page)) as f:
+            th = next(line for line in f if line.startswith(".TH"))
+        assert '"tproxy %s"' % package_version in th, th
+
+
+def test_man_pages_are_quiet_under_mandoc_lint():
+    """mandoc -Tlint has nothing to say at warning level (the .TH date included)."""
+    if not have("mandoc"):
+        pytest.skip("mandoc is not installed (tools/install-deps installs it)")
+    pages = [os.path.join(REPO, "man", p) for p in ("tproxy.8", "ipchains-translate.8")]
+    ran = subprocess.run(["mandoc", "-Tlint", "-Wwarning"] + pages, capture_output=True, text=True)
+    assert (ran.returncode, ran.stdout + ran.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("target, shown", [
+    (("2001:db8::10", "80"), "target [2001:db8::10]:80"),
+    (("192.0.2.10", "80"), "target 192.0.2.10:80"),
+])
+def test_start_up_line_brackets_an_ipv6_target(target, shown):
+    """The first line names the target as host:port, an IPv6 host in brackets."""
+    port = free_port()
+    proc = subprocess.Popen(tproxy_cmd("-d", "-t", "-s", port, "-b", "127.0.0.1", *target),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stderr.readline()
+    finally:
+        stop(proc)
+        proc.stderr.close()
+    assert line == "tproxy[%d]: listening on 127.0.0.1:%d, raw mode, %s\n" % (proc.pid, port, shown)
+
+
+PIDFILE_SCRIPT = r"""
+ip link set lo up
+mount -t tmpfs tproxy-run /run
+mkdir /run/tproxy.pid /run/held
+exec "$@"
+"""
+
+
+@UNSHARE_NEEDS
+@pytest.mark.parametrize("option, named", [
+    ((), "the default pid file /var/run/tproxy.pid"),
+    (("-P", "/run/held"), "-P /run/held"),
+])
+def test_pid_file_error_names_minus_p_only_when_given(option, named):
+    """An unwritable pid file is named as the -P given, or as the default one."""
+    if not os.path.islink("/var/run") or os.readlink("/var/run") not in ("/run", "../run"):
+        pytest.skip("/var/run is not a link to /run here")
+    ran = subprocess.run(["unshare", "--mount", "--net", "sh", "-ec", PIDFILE_SCRIPT, "sh",
+                          PYTHON, TPROXY, "-t", "-s", "12970", "-b", "127.0.0.1", *option,
+                          "192.0.2.10", "80"],
+                         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert (ran.returncode, ran.stderr) == (73, "tproxy: %s: Is a directory\n" % named)
+
+
+def stop_daemon(pid):
+    """SIGTERM the daemon PID (not our child) and wait until it is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+
+    def gone():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    wait_for(gone, what="tproxy (pid %d) to exit" % pid)
+
+
+def relay_one(port, target):
+    """Send one exchange through tproxy at PORT to the listener TARGET."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        served, _ = target.accept()
+        with served:
+            client.sendall(b"ping")
+            assert served.recv(4) == b"ping"
+            served.sendall(b"pong")
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(4) == b"pong"
+
+
+@UNSHARE_NEEDS
+def test_without_syslog_the_background_server_says_so_and_logs_to_stderr(tmp_path):
+    """No /dev/log: one line says so at start; start-up and connection lines stay on stderr."""
+    errors, pidfile = tmp_path / "stderr", tmp_path / "tproxy.pid"
+    port = free_port()
+    with socket.create_server(("127.0.0.1", 0)) as target, open(errors, "w") as err:
+        started = subprocess.run(["unshare", "-m", "sh", "-c", PRIVATE_DEV, "sh", PYTHON, TPROXY,
+                                  "-t", "-s", str(port), "-b", "127.0.0.1", "-P", str(pidfile),
+                                  "127.0.0.1", str(target.getsockname()[1])],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                 timeout=30)
+        assert started.returncode == 0, errors.read_text()
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(),
+                           what="the pid file"))
+        try:
+            relay_one(port, target)
+            wait_for(lambda: "outcome=" in errors.read_text(), what="the connection's line on stderr")
+        finally:
+            stop_daemon(pid)
+    lines = errors.read_text().splitlines()
+    said = [line for line in lines if "no syslog" in line]
+    assert said == ["tproxy[%d]: no syslog (/dev/log: No such file or directory); "
+                    "logging to standard error" % pid], lines
+    assert any(re.match(r"tproxy\[%d\]: listening on 127\.0\.0\.1:%d, raw mode" % (pid, port), line)
+               for line in lines), lines
+    assert any(re.match(r"tproxy\[\d+\]: client=127\.0\.0\.1:\d+ .* outcome=ok$", line)
+               for line in lines), lines
+
+
+
+@UNSHARE_NEEDS
+def test_without_syslog_a_pipe_is_let_go_and_messages_go_to_the_l_file(tmp_path):
+    """No /dev/log, stderr a pipe: one line says where messages go; the starter is not held."""
+    logfile, pidfile = tmp_path / "conn.log", tmp_path / "tproxy.pid"
+    port = free_port()
+    with socket.create_server(("127.0.0.1", 0)) as target:
+        started = subprocess.run(["unshare", "-m", "sh", "-c", PRIVATE_DEV, "sh", PYTHON, TPROXY,
+                                  "-t", "-s", str(port), "-b", "127.0.0.1", "-P", str(pidfile),
+                                  "-l", str(logfile), "127.0.0.1", str(target.getsockname()[1])],
+                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=30)       # returns only once the pipe is closed
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(),
+                           what="the pid file"))
+        try:
+            relay_one(port, target)
+            wait_for(lambda: "outcome=ok" in logfile.read_text(), what="the connection's line")
+        finally:
+            stop_daemon(pid)
+    assert started.returncode == 0 and started.stdout == ""
+    assert re.fullmatch(r"tproxy\[\d+\]: no syslog \(/dev/log: No such file or directory\); "
+                        r"in the background, messages go to the -l file only\n", started.stderr)
+    logged = logfile.read_text()
+    assert re.search(r"tproxy\[%d\]: listening on 127\.0\.0\.1:%d, raw mode" % (pid, port), logged)
+    assert re.search(r"tproxy\[%d\]: SIGTERM: stopped accepting" % pid, logged), logged
+
+
+@UNSHARE_NEEDS
+def test_without_syslog_inetd_mode_writes_messages_to_the_l_file_not_the_client(tmp_path):
+    """inetd, no /dev/log: -v's failed attempt reaches the -l file; the client gets nothing."""
+    logfile = tmp_path / "conn.log"
+    with socket.create_server(("127.0.0.1", 0)) as front, \
+            socket.create_server(("127.0.0.1", 0)) as closed:
+        dead = closed.getsockname()[1]
+        closed.close()                              # nothing listens there any more
+        client = socket.create_connection(front.getsockname(), timeout=10)
+        conn, _ = front.accept()
+        with client, conn:
+            ran = subprocess.run(["unshare", "-m", "sh", "-c", PRIVATE_DEV, "sh", PYTHON, TPROXY,
+                                  "-v", "-t", "-l", str(logfile), "127.0.0.1", str(dead)],
+                                 stdin=conn, stdout=conn, stderr=conn, timeout=30)
+            conn.close()
+            assert client.recv(100) == b""
+    lines = logfile.read_text().splitlines()
+    refused = "connect to 127.0.0.1:%d: Connection refused" % dead
+    assert ran.returncode == 69
+    assert [bool(re.search(r"tproxy\[\d+\]: %s$" % refused, line)) for line in lines] == \
+        [True, False], lines
+    assert lines[1].endswith("outcome=" + refused), lines
+
+# ---------------------------------------------------------------------------
+# SIGUSR1 status lines and process titles
+# ---------------------------------------------------------------------------
+
+def read_proc(pid, name):
+    """Return /proc/PID/NAME as text, NULs as spaces, stripped."""
+    with open("/proc/%d/%s" % (pid, name), "rb") as f:
+        return f.read().replace(b"\0", b" ").decode().strip()
+
+
+def children_of(pid):
+    """Return the pids of PID's children."""
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+        return [int(p) for p in f.read().split()]
+
+
+def has_setproctitle():
+    return subprocess.run([PYTHON, "-c", "import setproctitle"], capture_output=True).returncode == 0
+
+
+class Running:
+    """A foreground tproxy on loopback with its stderr in a file; stopped by pid."""
+
+    def __init__(self, tmp_path, *args):
+        self.errors = tmp_path / "stderr"
+        self.port = free_port()
+        with open(self.errors, "w") as err:
+            self.proc = subprocess.Popen(tproxy_cmd("-d", "-t", "-s", self.port, "-b", "127.0.0.1",
+                                                    *args),
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=err, start_new_session=True)
+        self.wait_line("listening on")
+
+    def lines(self, word):
+        return [line for line in self.errors.read_text().splitlines() if word in line]
+
+    def wait_line(self, word, count=1):
+        return wait_for(lambda: len(self.lines(word)) >= count and self.lines(word),
+                        what="%d line(s) with %r from tproxy" % (count, word))
+
+    def client(self, source="127.0.0.1"):
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10,
+                                        source_address=(source, 0))
+        return sock
+
+    def exchange(self, target, source="127.0.0.1"):
+        """One relayed exchange of 4 bytes each way (or a refused client)."""
+        with self.client(source) as client:
+            served, _ = target.accept()
+            with served:
+                client.sendall(b"ping")
+                assert served.recv(4) == b"ping"
+                served.sendall(b"pong")
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(4) == b"pong"
+
+    def stop(self):
+        stop(self.proc)
+
+
+STATUS_LINE = re.compile(r"tproxy\[(\d+)\]: status: (parent|worker \d+) active=(\d+) "
+                         r"served=(\d+) refused=(\d+) failed=(\d+) up=(\d+) down=(\d+) "
+                         r"served_up=(\d+) served_down=(\d+) refused_up=(\d+) refused_down=(\d+) "
+                         r"failed_up=(\d+) failed_down=(\d+) uptime=\d+$")
+
+
+def test_sigusr1_fork_mode_parent_sums_its_children(tmp_path):
+    """Fork mode: the parent's one line counts what its (exited) children served, refused, failed."""
+    target = socket.create_server(("127.0.0.1", 0))
+    tport = target.getsockname()[1]
+    server = Running(tmp_path, "-a", "127.0.0.1/32", "127.0.0.1", tport)
+    try:
+        server.exchange(target)
+        server.exchange(target)
+        with server.client(source="127.0.0.2") as refused:      # not in -a
+            assert refused.recv(10) == b""
+        target.close()
+        with server.client() as failed:                           # nothing listens any more
+            assert failed.recv(10) == b""
+        server.wait_line("outcome=", 4)
+        wait_for(lambda: not children_of(server.proc.pid), what="the children to exit")
+        os.kill(server.proc.pid, signal.SIGUSR1)
+        [line] = server.wait_line("status:")
+    finally:
+        server.stop()
+        target.close()
+    fields = STATUS_LINE.match(line)
+    assert fields, line
+    assert fields.group(1, 2) == (str(server.proc.pid), "parent")
+    assert [int(v) for v in fields.groups()[2:]] == [0, 2, 1, 1, 8, 8, 8, 8, 0, 0, 0, 0], line
+    assert server.proc.returncode == 0
+
+
+def test_fork_mode_titles_tell_parent_from_child(tmp_path):
+    """ps names the parent and each child; with setproctitle the child shows its connection."""
+    target = socket.create_server(("127.0.0.1", 0))
+    server = Running(tmp_path, "127.0.0.1", target.getsockname()[1])
+    try:
+        with server.client() as client:
+            served, _ = target.accept()
+            [child] = wait_for(lambda: children_of(server.proc.pid), what="the child")
+            comm = {pid: read_proc(pid, "comm") for pid in (server.proc.pid, child)}
+            cmdline = {pid: read_proc(pid, "cmdline") for pid in (server.proc.pid, child)}
+            client_addr = "%s:%d" % client.getsockname()
+            os.kill(child, signal.SIGUSR1)              # e.g. systemctl kill: the whole group
+            served.sendall(b"x")
+            assert client.recv(1) == b"x"               # the child lives on
+            served.close()
+        os.kill(server.proc.pid, signal.SIGUSR1)
+        [line] = server.wait_line("status:")            # the child's signal logged nothing
+    finally:
+        server.stop()
+        target.close()
+    assert comm == {server.proc.pid: "tproxy parent", child: "tproxy child"}
+    if has_setproctitle():
+        assert cmdline[child] == "tproxy: %s -> 127.0.0.1:%d" % (client_addr, server.port)
+        assert cmdline[server.proc.pid] == \
+            "tproxy: parent, fork per connection, 127.0.0.1:%d" % server.port
+
+
+def test_sigusr1_prefork_each_worker_logs_its_own_line(tmp_path):
+    """--prefork=2: the parent logs the pool, each worker its own counters (a busy one too)."""
+    target = socket.create_server(("127.0.0.1", 0))
+    server = Running(tmp_path, "--prefork=2", "127.0.0.1", target.getsockname()[1])
+    try:
+        workers = wait_for(lambda: len(children_of(server.proc.pid)) == 2 and
+                           children_of(server.proc.pid), what="two workers")
+        for _ in range(3):
+            server.exchange(target)
+        server.wait_line("outcome=", 3)
+        comms = sorted(read_proc(pid, "comm") for pid in workers)
+        with server.client() as held:                   # keeps one worker busy meanwhile
+            served, _ = target.accept()
+            with served:
+                held.sendall(b"held")
+                assert served.recv(4) == b"held"
+                os.kill(server.proc.pid, signal.SIGUSR1)
+                lines = server.wait_line("status:", 3)
+    finally:
+        server.stop()
+        target.close()
+    assert comms == ["tproxy worker", "tproxy worker"]
+    assert lines[0].endswith("status: parent workers=2 busy=1"), lines
+    worker_lines = [STATUS_LINE.match(line) for line in lines[1:]]
+    assert all(worker_lines), lines
+    assert sorted(int(m.group(1)) for m in worker_lines) == sorted(workers)
+    assert sorted(int(m.group(3)) for m in worker_lines) == [0, 1]     # active
+    assert sum(int(m.group(4)) for m in worker_lines) == 3              # served, ended ones only
+    assert sum(int(m.group(7)) for m in worker_lines) == 12             # up: 3 x 4 bytes

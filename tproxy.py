@@ -1415,17 +1415,19 @@ class HttpRequestPump(CopyPump):
         self.forward(self.framer.feed(bytes(data)))
 
     def finish(self):
+        if self.framer.holding:
+            return      # the client's EOF passes on once the held bytes have
         self.framer.eof()
         self.check()
         super().finish()
 
     def held(self):
         # Bytes sent before the answer to CONNECT or Upgrade wait, up to a bound.
-        return self.framer.holding and len(self.framer.buf) >= CHUNK
+        return self.framer.holding and (self.eof or len(self.framer.buf) >= CHUNK)
 
     def wanted(self):
         if self.held() and not self.out:
-            return None
+            return None     # woken by switched(), through the other pump
         return super().wanted()
 
     def switched(self, status):
@@ -2072,6 +2074,7 @@ class ForkingServer(Supervisor):
         super().__init__(listeners, server)
         self.children = set()
         self.paused_until = 0.0
+        self.client_of = {}             # pid -> client address key (for --max-per-client)
 
     def run(self):
         """Accept until SIGTERM; return the exit status."""
@@ -2109,7 +2112,7 @@ class ForkingServer(Supervisor):
 
     def accept(self, listener):
         try:
-            conn, _ = listener.accept()
+            conn, peer = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:
@@ -2120,6 +2123,15 @@ class ForkingServer(Supervisor):
             elif exc.errno not in (errno.EPROTO, errno.EPERM, errno.ECONNRESET):
                 self.log.message("accept: %s" % exc.strerror, error=True)
             return
+        key = client_key(peer)
+        cap = self.server.cfg.max_per_client
+        if cap < self.server.cfg.max_conns:
+            for pid in [p for p in self.client_of if p not in self.children]:
+                del self.client_of[pid]
+            held = sum(1 for k in self.client_of.values() if k == key)
+            if held >= cap:
+                refuse_over_cap(conn, peer, held, self.server)
+                return
         self.server.rotation += 1
         pid = self.fork(lambda: self.child(conn))
         conn.close()
@@ -2127,11 +2139,29 @@ class ForkingServer(Supervisor):
             self.paused_until = time.monotonic() + 0.5
         else:
             self.children.add(pid)
+            self.client_of[pid] = key
 
     def child(self, conn):
         for sock in self.listeners:
             sock.close()
         return serve(conn, self.server)
+
+
+def client_key(peer):
+    """Return the 16-byte address of a client sockaddr (IPv4 as v4-mapped IPv6)."""
+    host = peer[0].split("%", 1)[0]
+    if ":" not in host:
+        host = "::ffff:" + host
+    return socket.inet_pton(socket.AF_INET6, host)
+
+
+def refuse_over_cap(conn, peer, held, server):
+    """Reset CONN, a client over --max-per-client, and log its record."""
+    record = Record(peer, server.cfg.mode)
+    record.outcome = ("refused: %d connection(s) from this address already (--max-per-client %d)"
+                      % (held, server.cfg.max_per_client))
+    abort(conn)
+    server.log.connection(record.line())
 
 
 IDLE, BUSY, EMPTY = 0, 1, 2      # prefork scoreboard states
@@ -2157,9 +2187,10 @@ class PreforkPool(Supervisor):
         super().__init__(listeners, server)
         import mmap
         self.low, self.high = server.cfg.prefork
-        # Slot i: state byte at i, accept counter (mod 256) at MAX + i; shared with workers.
-        self.board = mmap.mmap(-1, 2 * self.high)
-        self.board[:] = bytes([EMPTY]) * self.high + bytes(self.high)
+        # Slot i: state byte at i, accept counter (mod 256) at MAX + i, the client's
+        # address (16 bytes, for --max-per-client) at 2 MAX + 16 i; shared with workers.
+        self.board = mmap.mmap(-1, 18 * self.high)
+        self.board[:] = bytes([EMPTY]) * self.high + bytes(17 * self.high)
         self.slots = {}                              # pid -> slot (the parent's view)
         self.grow_step, self.short_at = 1, 0.0     # next growth; when a client last waited
 
@@ -2230,7 +2261,7 @@ class PreforkPool(Supervisor):
         # Looking goes on while every worker is busy, even with nobody queued:
         # no worker would notice a client arriving now.
         queued = sum(listen_queue(sock) for sock in self.listeners)
-        now, counters = time.monotonic(), self.board[self.high:]
+        now, counters = time.monotonic(), self.board[self.high:2 * self.high]
         if queued:
             if now - self.short_at > 1.0:
                 self.grow_step = 1
@@ -2277,7 +2308,7 @@ class PreforkPool(Supervisor):
                     return EX_OK
                 continue
             try:
-                conn, _ = by_fd[ready[0][0]].accept()
+                conn, peer = by_fd[ready[0][0]].accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 continue            # another worker took it
             except OSError as exc:
@@ -2285,7 +2316,12 @@ class PreforkPool(Supervisor):
                 time.sleep(0.5)
                 continue
             state["busy"] = True
-            self.board[slot] = BUSY
+            held = self.claim(slot, client_key(peer))
+            if held >= self.server.cfg.max_per_client:
+                refuse_over_cap(conn, peer, held, self.server)
+                self.board[slot] = IDLE
+                state["busy"] = False
+                continue
             counter = self.high + slot
             self.board[counter] = (self.board[counter] + 1) % 256
             if IDLE not in self.board[:self.high]:
@@ -2299,6 +2335,24 @@ class PreforkPool(Supervisor):
             state["busy"] = False
             idle_since = time.monotonic()
         return EX_OK
+
+
+    def claim(self, slot, key):
+        """Mark SLOT busy serving the client address KEY; return how many other slots serve it.
+
+        Each worker writes its own slot and then counts: two workers
+        accepting the same address at the same instant may each count the
+        other (both refuse) or, rarely, neither (the cap is passed by one);
+        the cap is approximate by that much.
+        """
+        base = 2 * self.high
+        self.board[base + 16 * slot:base + 16 * slot + 16] = key
+        self.board[slot] = BUSY
+        if self.server.cfg.max_per_client >= self.high:
+            return 0
+        states, addrs = self.board[:self.high], self.board[base:]
+        return sum(1 for other in range(self.high) if other != slot and states[other] == BUSY
+                   and addrs[16 * other:16 * other + 16] == key)
 
 
 def listen_queue(sock):

@@ -1160,6 +1160,7 @@ class RequestFramer:
         self.switch_ok = None       # how the server answered it, once known
         self.scanned = 0        # bytes of buf searched for the end of the head
         self.blank_lines = 0
+        self.dropped_lines = 0  # empty lines dropped before request lines, in all
         self.started = False    # bytes of the next head (or empty lines before it) arrived
 
     @property
@@ -1236,6 +1237,7 @@ class RequestFramer:
             del buf[:1 if buf[:1] == b"\n" else 2]
             self.started = True
             self.blank_lines += 1
+            self.dropped_lines += 1
             if self.blank_lines > MAX_BLANK_LINES:
                 raise bad_request("more than %d empty lines before a request" % MAX_BLANK_LINES)
         if not buf or buf == b"\r":
@@ -1344,8 +1346,13 @@ class RequestFramer:
             out.append(b"\r\n")
             self.end_message()
             return True
-        if line[:1] in (b" ", b"\t") or not FIELD_LINE.match(line):
+        if line[:1] in (b" ", b"\t"):
+            raise bad_request('obsolete line folding in the trailer at "%s"' % escape(line))
+        field = FIELD_LINE.match(line)
+        if not field:
             raise bad_request('bad trailer line "%s"' % escape(line))
+        if field.group(1).lower() in (b"content-length", b"transfer-encoding", b"host"):
+            raise bad_request('framing field "%s" in the trailer' % escape(field.group(1)))
         out.append(line + b"\r\n")
         return True
 

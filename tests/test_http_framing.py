@@ -229,7 +229,31 @@ def test_log_escaping_keeps_hostile_bytes_out():
 def test_proxy_protocol_headers():
     v1 = tproxy.proxy_header("v1", ("::ffff:192.0.2.10", 4000, 0, 0), ("198.51.100.10", 80))
     assert v1 == b"PROXY TCP4 192.0.2.10 198.51.100.10 4000 80\r\n"
-    v2 = tproxy.proxy_header("v2", ("2001:db8::1", 4000, 0, 0), ("2001:db8::2", 443))
-    assert v2[:12] == b"\r\n\r\n\x00\r\nQUIT\n" and v2[12:14] == b"\x21\x21"
-    assert int.from_bytes(v2[14:16], "big") == 36 and len(v2) == 16 + 36
+    assert proxy_v2_fields(tproxy.proxy_header("v2", ("2001:db8::1", 4000, 0, 0),
+                                               ("2001:db8::2", 443))) == \
+        (0x21, 0x21, "2001:db8::1", "2001:db8::2", 4000, 443)
+    assert proxy_v2_fields(tproxy.proxy_header("v2", ("::ffff:192.0.2.10", 4000, 0, 0),
+                                               ("198.51.100.10", 80))) == \
+        (0x21, 0x11, "192.0.2.10", "198.51.100.10", 4000, 80)
     assert tproxy.proxy_header("v1", ("192.0.2.1", 1), ("2001:db8::2", 2)) == b"PROXY UNKNOWN\r\n"
+
+
+def proxy_v2_fields(header):
+    """Decode a PROXY v2 header as haproxy's proxy-protocol.txt (section 2.2) lays it out.
+
+    Return (version/command, family/protocol, source, destination, source
+    port, destination port): after the 12-byte signature, one byte each for
+    version/command and family/protocol, a 16-bit length, then for TCP over
+    IPv4 (0x11) source and destination addresses of 4 bytes and for TCP over
+    IPv6 (0x21) of 16 bytes, then the two 16-bit ports, all in network order.
+    """
+    import struct
+    assert header[:12] == b"\r\n\r\n\x00\r\nQUIT\n"
+    command, family, length = header[12], header[13], struct.unpack("!H", header[14:16])[0]
+    body = header[16:]
+    assert len(body) == length
+    size, af = {0x11: (4, socket.AF_INET), 0x21: (16, socket.AF_INET6)}[family]
+    assert length == 2 * size + 4
+    src, dst = socket.inet_ntop(af, body[:size]), socket.inet_ntop(af, body[size:2 * size])
+    sport, dport = struct.unpack("!HH", body[2 * size:2 * size + 4])
+    return command, family, src, dst, sport, dport

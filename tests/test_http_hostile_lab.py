@@ -4,6 +4,7 @@ The cache is a real process that records what reaches it: `peers.py tap`
 (exactly the bytes of each connection) or `peers.py web` (each request,
 answered). Issue 10, items 2 and 3.
 """
+import hashlib
 import json
 import subprocess
 
@@ -226,3 +227,38 @@ def test_slowloris_tricklers_are_capped_and_cut_while_others_are_served(book):
     log = open(err).read()
     assert log.count("outcome=408 Request Timeout") == PER_CLIENT
     print("normal client served in %s s with %d tricklers held" % (normal[0], len(held)))
+
+
+HOLDER = """
+import socket, sys
+held = [socket.create_connection(("198.51.100.10", 80), timeout=30) for _ in range(int(sys.argv[1]))]
+print("connected", flush=True)
+sys.stdin.readline()
+alive = 0
+for s in held:
+    try:
+        s.sendall(b"x")
+        s.shutdown(socket.SHUT_WR)
+        alive += len(s.recv(100)) == 65        # the sink's digest line: served end to end
+    except OSError:
+        pass
+print(alive, flush=True)
+"""
+
+
+def test_prefork_caps_connections_per_client_address(book):
+    book.cow.popen(PYTHON, PEERS, "sink", 80, "--lifetime", 300)
+    book.cow.wait_listening(80)
+    book.redirect()
+    _, err = book.tproxy("-t", "-r", "nobody", "--prefork", "4:8", "--max-per-client", 2, book.COW, 80)
+    holder = subprocess.Popen(book.client.cmd(PYTHON, "-c", HOLDER, 5), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    book.lab.processes.append(holder)
+    assert holder.stdout.readline().strip() == "connected"
+    wait_for(lambda: open(err).read().count("already (--max-per-client 2)") == 3,
+             what="three connections over the cap refused")
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline().strip() == "2"
+    # The slots are free again once those two ended.
+    assert book.send(book.MOOSE, 80, b"again").strip() == hashlib.sha256(b"again").hexdigest().encode()

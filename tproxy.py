@@ -76,7 +76,6 @@ __version__ = "1.0.0"
 import errno
 import math
 import os
-import re
 import select
 import signal
 import socket
@@ -1035,14 +1034,36 @@ def bad_request(detail):
     return BadRequest(400, "Bad Request", detail)
 
 
-TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-REQUEST_LINE = re.compile(rb"(%s) ([\x21-\x7e]+) (HTTP/1\.[0-9])\Z" % TOKEN)
-HTTP09_LINE = re.compile(rb"GET ([\x21-\x7e]+)\Z")
-# field-name ":" OWS field-value OWS; a value holds no NUL, CR, LF, VT or FF (h11's rule).
-FIELD_LINE = re.compile(rb"(%s):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*\Z" % TOKEN)
-# chunk-size (bounded), chunk-ext without control characters, CRLF exactly.
-CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?[ \t]*\r\n\Z")
-HEAD_END = re.compile(rb"\n\r?\n")
+class Grammar:
+    """RFC 9112's request grammar as compiled patterns, built on first use.
+
+    Importing re and compiling cost a few milliseconds of every inetd
+    start, which raw and CONNECT modes never need.
+    """
+
+    _built = None
+
+    def __init__(self):
+        import re
+        token = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+        self.request_line = re.compile(rb"(%s) ([\x21-\x7e]+) (HTTP/1\.[0-9])\Z" % token)
+        self.http09_line = re.compile(rb"GET ([\x21-\x7e]+)\Z")
+        # field-name ":" OWS field-value OWS; a value holds no NUL, CR, LF, VT or FF (h11's rule).
+        self.field_line = re.compile(
+            rb"(%s):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*\Z" % token)
+        # chunk-size (bounded), chunk-ext without control characters, CRLF exactly.
+        self.chunk_line = re.compile(
+            rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?[ \t]*\r\n\Z")
+        self.head_end = re.compile(rb"\n\r?\n")
+        self.status_line = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?\n")
+
+    @classmethod
+    def get(cls):
+        if cls._built is None:
+            cls._built = cls()
+        return cls._built
+
+
 HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                        b"0123456789.-_~:[]%!$&'()*+,;=")
 MAX_BLANK_LINES = 8     # empty lines tolerated before a request line (RFC 9112 section 2.2)
@@ -1079,7 +1100,7 @@ def parse_head(raw):
     transfer coding, no content on CONNECT.
     """
     lines = split_head_lines(raw)
-    match = REQUEST_LINE.match(lines[0])
+    match = Grammar.get().request_line.match(lines[0])
     if not match:
         raise bad_request('bad request line "%s"' % escape(lines[0]))
     method, target, version = match.groups()
@@ -1089,7 +1110,7 @@ def parse_head(raw):
     for line in fields:
         if line[:1] in (b" ", b"\t"):
             raise bad_request('obsolete line folding at "%s"' % escape(line))
-        field = FIELD_LINE.match(line)
+        field = Grammar.get().field_line.match(line)
         if not field:
             raise bad_request('bad header line "%s"' % escape(line))
         name, value = field.group(1).lower(), field.group(2)
@@ -1248,14 +1269,14 @@ class RequestFramer:
             if len(buf) > MAX_HEAD:
                 raise BadRequest(414, "URI Too Long", "request line longer than %d bytes" % MAX_HEAD)
             return False
-        old = HTTP09_LINE.match(bytes(buf[:first]).rstrip(b"\r")) if buf[first - 1:first] == b"\r" \
-            else HTTP09_LINE.match(bytes(buf[:first]))
+        old = Grammar.get().http09_line.match(bytes(buf[:first]).rstrip(b"\r")) if buf[first - 1:first] == b"\r" \
+            else Grammar.get().http09_line.match(bytes(buf[:first]))
         if old:
             del buf[:first + 1]
             self.passed_head(out, Head(b"GET", old.group(1), None))
             self.state = "discard"
             return True
-        end = HEAD_END.search(buf, max(0, self.scanned - 2))
+        end = Grammar.get().head_end.search(buf, max(0, self.scanned - 2))
         if end is None or end.end() > MAX_HEAD:
             self.scanned = len(buf)
             if len(buf) > MAX_HEAD:
@@ -1306,7 +1327,7 @@ class RequestFramer:
                 raise bad_request("chunk-size line longer than %d bytes" % MAX_HEAD)
             return False
         line = bytes(self.buf[:end + 1])
-        match = CHUNK_LINE.match(line)
+        match = Grammar.get().chunk_line.match(line)
         if not match:
             raise bad_request('bad chunk-size line "%s"' % escape(line))
         del self.buf[:end + 1]
@@ -1348,7 +1369,7 @@ class RequestFramer:
             return True
         if line[:1] in (b" ", b"\t"):
             raise bad_request('obsolete line folding in the trailer at "%s"' % escape(line))
-        field = FIELD_LINE.match(line)
+        field = Grammar.get().field_line.match(line)
         if not field:
             raise bad_request('bad trailer line "%s"' % escape(line))
         if field.group(1).lower() in (b"content-length", b"transfer-encoding", b"host"):
@@ -1365,18 +1386,16 @@ class StatusSniffer:
     are no HTTP/1 response give 0. The bytes themselves pass on untouched.
     """
 
-    STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?\n")
-
     def __init__(self):
         self.buf = bytearray()
 
     def feed(self, data):
         self.buf += data
         while True:
-            end = HEAD_END.search(self.buf)
+            end = Grammar.get().head_end.search(self.buf)
             if end is None:
                 return 0 if len(self.buf) > MAX_HEAD else None
-            status = self.STATUS_LINE.match(self.buf)
+            status = Grammar.get().status_line.match(self.buf)
             if not status:
                 return 0
             code = int(status.group(1))
@@ -1958,6 +1977,8 @@ def preload(cfg):
     if not cfg.foreground:
         import daemon  # noqa: F401
     "".encode("idna")   # getaddrinfo's codec, otherwise loaded by each child
+    if cfg.mode == "http":
+        Grammar.get()   # compiled once, shared by every child
 
 
 def warn_missing_return_path(log):

@@ -267,3 +267,43 @@ def test_prefork_caps_connections_per_client_address(book):
     assert holder.stdout.readline().strip() == "2"
     # The slots are free again once those two ended.
     assert book.send(book.MOOSE, 80, b"again").strip() == hashlib.sha256(b"again").hexdigest().encode()
+
+
+KEEP_ALIVE_TRICKLE = """
+import socket, time
+s = socket.create_connection(("198.51.100.10", 80), timeout=30)
+s.sendall(b"GET /first HTTP/1.1\\r\\nHost: h\\r\\n\\r\\n")
+first = s.recv(4096)
+start = time.monotonic()
+head = b"GET /second HTTP/1.1\\r\\nHost: h\\r\\nX-Pad: " + b"a" * 100
+ended = None
+for byte in head:                       # one byte every 0.2 s: never idle, never complete
+    try:
+        s.sendall(bytes([byte]))
+    except OSError:
+        break
+    time.sleep(0.2)
+    s.setblocking(False)
+    try:
+        if s.recv(4096) == b"":
+            ended = time.monotonic() - start
+            break
+    except BlockingIOError:
+        pass
+    except OSError:
+        ended = time.monotonic() - start
+        break
+    s.setblocking(True)
+print(first.split(b" ")[1].decode(), "ended" if ended else "open", "%.1f" % (ended or 0))
+"""
+
+
+def test_later_head_on_keep_alive_has_its_own_deadline(book):
+    """A second head trickled on a kept-alive connection is cut, though it is never idle."""
+    book.web(book.cow)
+    book.redirect()
+    _, err = book.tproxy("-r", "nobody", "--idle-timeout", 3, "--request-timeout", 2, book.COW, 80)
+    status, state, after = book.client.run(PYTHON, "-c", KEEP_ALIVE_TRICKLE, timeout=60).stdout.split()[-3:]
+    assert status == "200" and state == "ended" and float(after) >= 2, (status, state, after)
+    wait_for(lambda: "outcome=408 Request Timeout: no complete request head within 2s; closed after "
+             "the responses to 1 earlier request(s)" in open(err).read(), what="the 408 record")

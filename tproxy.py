@@ -2345,13 +2345,13 @@ class PreforkPool(Supervisor):
                 continue
             state["busy"] = True
             held = self.claim(slot, client_key(peer))
+            counter = self.high + slot      # taken from the queue, served or not
+            self.board[counter] = (self.board[counter] + 1) % 256
             if held >= self.server.cfg.max_per_client:
                 refuse_over_cap(conn, peer, held, self.server)
                 self.board[slot] = IDLE
                 state["busy"] = False
                 continue
-            counter = self.high + slot
-            self.board[counter] = (self.board[counter] + 1) % 256
             if IDLE not in self.board[:self.high]:
                 try:
                     os.write(self.busy_w, b"!")     # ask the parent to watch the queue

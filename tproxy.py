@@ -1338,12 +1338,10 @@ class RequestFramer:
         return True
 
     def take_chunk_end(self, out):
+        if self.buf[:2] != b"\r\n"[:len(self.buf)]:
+            raise bad_request("chunk data not followed by CRLF")
         if len(self.buf) < 2:
-            if self.buf != b"\r":
-                raise bad_request("chunk data not followed by CRLF")
             return False
-        if self.buf[:2] != b"\r\n":
-            raise bad_request('chunk data followed by "%s", not CRLF' % escape(bytes(self.buf[:2])))
         del self.buf[:2]
         out.append(b"\r\n")
         self.state = "chunk-size"

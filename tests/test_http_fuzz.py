@@ -4,6 +4,7 @@ For each generated input (valid heads and bodies, pipelined, then mutated
 with the bytes that smuggling and injection rely on) three parses are
 compared: h11 on what the client sent, tproxy's RequestFramer on the same
 bytes, and h11 on what the framer passes on (as the cache would read it).
+Each input is also fed in random pieces, which must change nothing.
 What matters, and must never happen:
   - the framer passes a request that h11 refuses (outside ALLOWED_LENIENCY);
   - the cache would read other requests than the client sent (smuggling);
@@ -143,6 +144,19 @@ def framer_pass(data):
     return out, [i for i in items if isinstance(i, tproxy.Head)], framer
 
 
+def framer_pass_in_pieces(data, rnd):
+    """Like framer_pass, with DATA fed in random pieces (1 to 40 bytes) as a network delivers it."""
+    framer = tproxy.RequestFramer()
+    items, at = [], 0
+    while at < len(data):
+        step = rnd.randrange(1, 41)
+        items += framer.feed(data[at:at + step])
+        at += step
+    out = b"".join(tproxy.render_head(i, i.target) if isinstance(i, tproxy.Head) else i
+                   for i in items)
+    return out, [i for i in items if isinstance(i, tproxy.Head)], framer
+
+
 def compare(data):
     """Return None if tproxy and h11 agree on DATA where it matters, else a description."""
     out, heads, framer = framer_pass(data)
@@ -179,9 +193,13 @@ def test_framer_agrees_with_h11_on_generated_and_mutated_heads():
             problem = compare(data)
         except Exception as exc:            # a traceback is a failure of its own
             problem = "%s: %s" % (type(exc).__name__, exc)
+        whole, pieces = framer_pass(data), framer_pass_in_pieces(data, rnd)
+        if not problem and (whole[0] != pieces[0] or str(whole[2].error) != str(pieces[2].error)):
+            problem = "fed in pieces, the framer passed %r (%s), not %r (%s)" % (
+                pieces[0], pieces[2].error, whole[0], whole[2].error)
         if problem:
             problems.append("%r: %s" % (data, problem))
-        failed = framer_pass(data)[2].error is not None
+        failed = whole[2].error is not None
         refused += failed
         passed += not failed
     assert not problems, "%d disagreement(s), first ones:\n%s" % (len(problems), "\n".join(problems[:5]))

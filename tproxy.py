@@ -1619,10 +1619,11 @@ def serve(conn, server):
             record.up, record.down = pumps[0].count, pumps[1].count
             for pump in pumps:
                 pump.close()
-        refused = getattr(pumps[0], "failed", None)
+            refused = getattr(pumps[0], "failed", None)
+            if refused is not None:     # kept when a reset or idle timeout follows
+                record.outcome = "%d %s: %s; closed after the responses to %d earlier " \
+                    "request(s)" % (refused.status, refused.reason, refused, framer.requests)
         if refused is not None:
-            record.outcome = "%d %s: %s; closed after the responses to %d earlier request(s)" % (
-                refused.status, refused.reason, refused, framer.requests)
             linger_close(conn)
     except ConnectionFailed as exc:
         record.outcome = str(exc)
@@ -1631,10 +1632,10 @@ def serve(conn, server):
         record.outcome = "%d %s: %s" % (exc.status, exc.reason, exc)
         http_error(conn, exc.status, exc.reason)
     except Reset as exc:
-        record.outcome = "reset by %s" % exc.side
+        record.outcome = then(record.outcome, "reset by %s" % exc.side)
         abort(conn if exc.side == "server" else upstream)
     except Idle:
-        record.outcome = "idle timeout (%gs)" % cfg.idle_timeout
+        record.outcome = then(record.outcome, "idle timeout (%gs)" % cfg.idle_timeout)
     finally:
         for sock in (upstream, conn):
             if sock is not None:
@@ -1692,6 +1693,11 @@ def resolve_quiet(dest):
     host = plain_ip(dest[0])
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return [(family, socket.SOCK_STREAM, 0, "", (host, dest[1]))]
+
+
+def then(outcome, ending):
+    """Return the outcome ENDING, after OUTCOME when something was already said."""
+    return ending if outcome == "ok" else "%s; then %s" % (outcome, ending)
 
 
 def read_first_request(conn, framer, timeout, record):

@@ -8,7 +8,10 @@ import hashlib
 import json
 import subprocess
 
-from support import PEERS, PYTHON, requests_seen, wait_for
+import pytest
+
+import tproxy
+from support import PEERS, PYTHON, requests_seen, tproxy_cmd, wait_for
 
 ORIG = b"198.51.100.10"
 CHUNKED = b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -314,3 +317,20 @@ def test_later_head_on_keep_alive_has_its_own_deadline(book):
     assert status == "200" and state == "ended" and float(after) >= 2, (status, state, after)
     wait_for(lambda: "outcome=408 Request Timeout: no complete request head within 2s; closed after "
              "the responses to 1 earlier request(s)" in open(err).read(), what="the 408 record")
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--max-per-client=0", "tproxy: --max-per-client: '0' is not a positive whole number"),
+    ("--request-timeout=0", "tproxy: --request-timeout: '0' is not a number of seconds"),
+    ("--request-timeout=soon", "tproxy: --request-timeout: 'soon' is not a number of seconds"),
+])
+def test_bad_limits_are_usage_errors(option, message):
+    proc = subprocess.run(tproxy_cmd("-s", 8080, option, "192.0.2.1", 80), capture_output=True,
+                          text=True, timeout=30)
+    assert (proc.returncode, proc.stderr.strip()) == (64, message)
+
+
+def test_client_key_counts_ipv4_the_same_on_either_listener():
+    assert tproxy.client_key(("192.0.2.10", 1)) == tproxy.client_key(("::ffff:192.0.2.10", 2, 0, 0))
+    assert tproxy.client_key(("fe80::1%eth0", 1, 0, 2)) == tproxy.client_key(("fe80::1", 1, 0, 0))
+    assert tproxy.client_key(("2001:db8::1", 1, 0, 0)) != tproxy.client_key(("2001:db8::2", 1, 0, 0))

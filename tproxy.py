@@ -1122,7 +1122,7 @@ def parse_head(raw):
             codings += [c.strip().lower() for c in value.split(b",")]
         elif name == b"referer" and referer is None:
             referer = value
-        elif name == b"upgrade":
+        elif name == b"upgrade" and value.strip(b" \t,"):
             upgrade = value
     if len(hosts) > 1:
         raise bad_request("more than one Host header")
@@ -1269,8 +1269,8 @@ class RequestFramer:
             if len(buf) > MAX_HEAD:
                 raise BadRequest(414, "URI Too Long", "request line longer than %d bytes" % MAX_HEAD)
             return False
-        old = Grammar.get().http09_line.match(bytes(buf[:first]).rstrip(b"\r")) if buf[first - 1:first] == b"\r" \
-            else Grammar.get().http09_line.match(bytes(buf[:first]))
+        line = bytes(buf[:first])
+        old = Grammar.get().http09_line.match(line[:-1] if line.endswith(b"\r") else line)
         if old:
             del buf[:first + 1]
             self.passed_head(out, Head(b"GET", old.group(1), None))

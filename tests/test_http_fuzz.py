@@ -6,11 +6,14 @@ compared: h11 on what the client sent, tproxy's RequestFramer on the same
 bytes, and h11 on what the framer passes on (as the cache would read it).
 Each input is also fed in random pieces, which must change nothing.
 What matters, and must never happen:
-  - the framer passes a request that h11 refuses (outside ALLOWED_LENIENCY);
-  - the cache would read other requests than the client sent (smuggling);
+  - the framer passes a head, or bytes, that h11 refuses (outside
+    ALLOWED_LENIENCY);
+  - the cache would read other requests than the framer passed, or than
+    the client sent (smuggling);
   - the framer refuses what h11 accepts, outside the documented
     ALLOWED_STRICTNESS (where RFC 9112 lets or makes a server refuse);
   - any exception other than the framer's BadRequest.
+The last tests plant two framing bugs of old and check that the fuzz finds them.
 """
 import random
 import re
@@ -157,38 +160,67 @@ def framer_pass_in_pieces(data, rnd):
     return out, [i for i in items if isinstance(i, tproxy.Head)], framer
 
 
+def h11_refuses_head(head):
+    """Return h11's complaint about one rendered request HEAD on its own, or None."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(tproxy.render_head(head, head.target))
+    try:
+        conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        return str(exc)
+    return None
+
+
+def leniency(data, framer, h11_refused):
+    """Return the ALLOWED_LENIENCY entry that explains h11 refusing DATA, or None."""
+    if not h11_refused:
+        return None
+    if framer.dropped_lines:
+        return "empty lines"
+    if BWS_CHUNK_EXT.search(data):
+        return "BWS before ;"
+    return None
+
+
 def compare(data):
     """Return None if tproxy and h11 agree on DATA where it matters, else a description."""
     out, heads, framer = framer_pass(data)
-    error = framer.error
     sent, h11_refused = h11_requests(data)
-    if heads and heads[0].version is None:
-        return None                                     # HTTP/0.9: allowed leniency
-    if data[:1] in (b"\r", b"\n"):
-        return None                                     # empty lines first: h11 refuses any
-    if h11_refused and BWS_CHUNK_EXT.search(data):
-        return None                                     # h11 refuses BWS the RFC allows
-    if h11_refused and framer.dropped_lines:
-        return None                                     # empty lines between requests
-    seen, _ = h11_requests(out)
+    for head in heads:
+        complaint = h11_refuses_head(head) if head.version is not None else None
+        if complaint:                   # (HTTP/0.9 is an ALLOWED_LENIENCY)
+            return "tproxy passed a head h11 refuses (%s): %r" % (complaint, head.target)
+    old = heads[-1].version is None if heads else False
+    seen, cache_refuses = h11_requests(out) if not old else (sent, False)
+    if cache_refuses and not BWS_CHUNK_EXT.search(out):
+        return "tproxy passed bytes h11 refuses: %r" % out
+    # What the cache reads is exactly what the framer passed: no smuggled request.
+    if len(seen) > len(heads) or [r[:3] for r in seen] != \
+            [(h.method, h.target, h.version[5:]) for h in heads[:len(seen)]]:
+        return "the cache would read %r, the framer passed %r" % (
+            [r[:2] for r in seen], [(h.method, h.target) for h in heads])
+    if old or leniency(data, framer, h11_refused):
+        return None
+    # ... and what the client sent, as h11 reads it.
     if seen != sent[:len(seen)]:
         return "the cache would read %r, the client sent %r" % (seen, sent)
-    if len(heads) > len(sent) and not (len(heads) == len(sent) + 1 and len(seen) == len(sent)):
-        if h11_refused:
-            return "tproxy passed a request h11 refuses: %r" % heads[len(sent)].target
-    if error is not None and len(sent) > len(heads) - (1 if len(seen) < len(heads) else 0):
-        if not any(phrase in str(error) for phrase in ALLOWED_STRICTNESS):
-            return "tproxy refused (%s) what h11 accepts" % error
+    if framer.error is not None and len(sent) > len(seen):
+        if not any(phrase in str(framer.error) for phrase in ALLOWED_STRICTNESS):
+            return "tproxy refused (%s) what h11 accepts" % framer.error
     return None
+
+
+def generated_inputs(rnd):
+    """Yield CASES inputs: one to three requests, three in four of them mutated."""
+    for case in range(CASES):
+        data = b"".join(gen_request(rnd) for _ in range(rnd.choice([1, 1, 2, 3])))
+        yield mutate(rnd, data) if case % 4 else data
 
 
 def test_framer_agrees_with_h11_on_generated_and_mutated_heads():
     rnd = random.Random(SEED)
     problems, refused, passed = [], 0, 0
-    for case in range(CASES):
-        data = b"".join(gen_request(rnd) for _ in range(rnd.choice([1, 1, 2, 3])))
-        if case % 4:
-            data = mutate(rnd, data)
+    for data in generated_inputs(rnd):
         try:
             problem = compare(data)
         except Exception as exc:            # a traceback is a failure of its own
@@ -204,3 +236,35 @@ def test_framer_agrees_with_h11_on_generated_and_mutated_heads():
         passed += not failed
     assert not problems, "%d disagreement(s), first ones:\n%s" % (len(problems), "\n".join(problems[:5]))
     assert refused > CASES // 10 and passed > CASES // 3      # the mutations reach both outcomes
+
+
+def content_length_first(real):
+    """A framer bug of old: Content-Length frames the body though Transfer-Encoding is there."""
+    def parse_head(raw):
+        lines = raw.split(b"\r\n")
+        if not any(line.lower().startswith(b"content-length") for line in lines):
+            return real(raw)
+        head, body, switch = real(b"\r\n".join(
+            line for line in lines if not line.lower().startswith(b"transfer-encoding")))
+        head.fields = [line for line in lines[1:] if line]
+        return head, body, switch
+    return parse_head
+
+
+def any_two_bytes_after_chunk_data(self, out):
+    """A framer bug of old: whatever two bytes follow chunk data are taken for its CRLF."""
+    if len(self.buf) < 2:
+        return False
+    del self.buf[:2]
+    out.append(b"\r\n")
+    self.state = "chunk-size"
+    return True
+
+
+@pytest.mark.parametrize("where, name, bug", [
+    (tproxy, "parse_head", content_length_first(tproxy.parse_head)),
+    (tproxy.RequestFramer, "take_chunk_end", any_two_bytes_after_chunk_data),
+], ids=["content-length-first", "any-bytes-after-chunk"])
+def test_the_oracle_catches_smuggling_framers(monkeypatch, where, name, bug):
+    monkeypatch.setattr(where, name, bug)
+    assert any(compare(data) for data in generated_inputs(random.Random(SEED)))

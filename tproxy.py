@@ -53,10 +53,17 @@ Options:
                           anything for SECS seconds [default: 120].
   --max-conns=N           Serve at most N connections at once; further clients
                           wait in the listen queue [default: 512].
+  --max-per-client=N      Serve at most N connections at once from one client
+                          address; further ones are reset and logged
+                          [default: 64].
   --prefork=N[:MAX]       Serve with a pool of N worker processes (growing up to
                           MAX) instead of one fork per connection. Needs -s.
   --proxy-auth-file=FILE  With --connect, read "user:password" for the proxy's
                           Proxy-Authorization from FILE.
+  --request-timeout=SECS  HTTP translate mode: answer 408 and close when a
+                          request head is not complete SECS seconds after it
+                          began (for the first, after the connection was
+                          accepted) [default: 10].
   --send-proxy=VERSION    Send a PROXY protocol header (v1 or v2) to the target
                           before the client's bytes.
   --source=SPEC           Connect to the target from SPEC: "client" (the
@@ -72,6 +79,7 @@ Options:
 __version__ = "1.1.0"
 
 import errno
+import math
 import os
 import select
 import signal
@@ -149,6 +157,8 @@ class Config:
     idle_timeout = 120.0
     connect_timeout = 10.0
     max_conns = 512
+    max_per_client = 64
+    request_timeout = 10.0
     prefork = None          # (min, max) workers
     proxy_auth = None       # bytes "user:password"
     send_proxy = None       # "v1" or "v2"
@@ -305,6 +315,8 @@ def build_config(args):
     cfg.idle_timeout = parse_seconds(args["--idle-timeout"], "--idle-timeout")
     cfg.connect_timeout = parse_seconds(args["--connect-timeout"], "--connect-timeout")
     cfg.max_conns = parse_count(args["--max-conns"], "--max-conns")
+    cfg.max_per_client = parse_count(args["--max-per-client"], "--max-per-client")
+    cfg.request_timeout = parse_seconds(args["--request-timeout"], "--request-timeout")
     if args["--prefork"]:
         cfg.prefork = parse_prefork(args["--prefork"])
     if args["--send-proxy"]:
@@ -962,6 +974,13 @@ class Pump:
     def close(self):
         """Release what the pump holds besides the two sockets."""
 
+    def deadline(self):
+        """Return the monotonic time by which `expire()` is due, or None."""
+        return None
+
+    def expire(self):
+        """The deadline passed."""
+
 
 class CopyPump(Pump):
     """A pump through a userspace buffer (recv_into and send)."""
@@ -990,6 +1009,8 @@ class CopyPump(Pump):
             if self.eof:
                 self.finish()
                 return
+            if self.held():
+                return
             try:
                 n = self.src.recv_into(self.buf)
             except (BlockingIOError, InterruptedError):
@@ -1005,6 +1026,10 @@ class CopyPump(Pump):
         """Queue DATA read from the source for the destination."""
         self.out += data
 
+    def held(self):
+        """Return True while the pump must not read more (its filter holds enough)."""
+        return False
+
 
 class RawPump(Pump):
     """An unparsed pump: copies through userspace, then splices once a read fills CHUNK.
@@ -1013,6 +1038,8 @@ class RawPump(Pump):
     four closes per connection); bulk transfers go zero-copy, socket -> pipe
     -> socket with os.splice, where the kernel has it.
     """
+
+    watching = False    # True while a subclass must see every byte (no splice)
 
     def __init__(self, src, dst, src_side, dst_side, initial=b""):
         super().__init__(src, dst, src_side, dst_side)
@@ -1046,7 +1073,7 @@ class RawPump(Pump):
             elif self.eof:
                 self.finish()
                 return
-            elif self.pipe:
+            elif self.pipe and not self.watching:
                 try:
                     n = os.splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
                 except (BlockingIOError, InterruptedError):
@@ -1063,7 +1090,9 @@ class RawPump(Pump):
                 except OSError:
                     raise Reset(self.src_side) from None
                 self.eof = not self.out
-                if len(self.out) == CHUNK and SPLICE_FLAGS:
+                if self.watching:
+                    self.watch(self.out)
+                elif len(self.out) == CHUNK and SPLICE_FLAGS and not self.pipe:
                     self.pipe = open_pipe()
 
     def close(self):
@@ -1088,11 +1117,15 @@ class Idle(Exception):
 
 
 def relay(pumps, idle_timeout):
-    """Run PUMPS until every one is done; raise Reset or Idle."""
+    """Run PUMPS until every one is done; raise Reset or Idle.
+
+    A pump's own deadline (`deadline()`) ends its wait early: it is told
+    (`expire()`) and stepped.
+    """
     poller = select.poll()
-    timeout_ms = int(idle_timeout * 1000)
     for pump in pumps:
         pump.step()
+    idle_at = time.monotonic() + idle_timeout
     while True:
         waits = {}
         for pump in pumps:
@@ -1101,15 +1134,26 @@ def relay(pumps, idle_timeout):
                 waits[want[0]] = waits.get(want[0], 0) | want[1]
         if not waits:
             return
+        due = [d for d in (pump.deadline() for pump in pumps) if d is not None]
+        wake = min([idle_at] + due)
         for fd, events in waits.items():
             poller.register(fd, events)
-        ready = poller.poll(timeout_ms)
+        # poll takes milliseconds as a C int: round up (no busy loop), cap (no overflow).
+        ready = poller.poll(min(max(0, math.ceil((wake - time.monotonic()) * 1000)), 2 ** 31 - 1))
         for fd in waits:
             poller.unregister(fd)
-        if not ready:
+        now = time.monotonic()
+        if ready:
+            idle_at = now + idle_timeout
+        elif now >= idle_at:
             raise Idle()
         fired = {fd for fd, _ in ready}
         for pump in pumps:
+            deadline = pump.deadline()
+            if deadline is not None and now >= deadline:
+                pump.expire()
+                pump.step()
+                continue
             want = pump.wanted()
             if want and want[0] in fired:
                 pump.step()
@@ -1125,217 +1169,513 @@ def abort(sock):
 
 
 # ---------------------------------------------------------------------------
-# HTTP translate: request framing and request-line rewriting
+# HTTP translate: request framing (RFC 9112) and request-line rewriting
 # ---------------------------------------------------------------------------
 
 class BadRequest(Exception):
-    """A malformed request head: STATUS and REASON go back to the client."""
+    """A request tproxy refuses: STATUS and REASON go back to the client, the message to the log."""
 
     def __init__(self, status, reason, detail):
         super().__init__(detail)
         self.status, self.reason = status, reason
 
 
-class HttpRequestPump(CopyPump):
-    """Client -> cache pump that frames requests and rewrites each request line.
+def bad_request(detail):
+    """Return the BadRequest (400) for DETAIL."""
+    return BadRequest(400, "Bad Request", detail)
 
-    Heads are rewritten (origin form -> absolute form, -f) and passed on with
-    every header byte for byte; bodies are passed by Content-Length or chunked
-    framing; after CONNECT, or an HTTP/0.9 request, the rest passes untouched.
+
+class Grammar:
+    """RFC 9112's request grammar as compiled patterns, built on first use.
+
+    Importing re and compiling cost a few milliseconds of every inetd
+    start, which raw and CONNECT modes never need.
     """
 
-    def __init__(self, src, dst, rewrite, orig, force_url, on_request):
+    _built = None
+
+    def __init__(self):
+        import re
+        token = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+        self.request_line = re.compile(rb"(%s) ([\x21-\x7e]+) (HTTP/1\.[0-9])\Z" % token)
+        self.http09_line = re.compile(rb"GET ([\x21-\x7e]+)\Z")
+        # field-name ":" OWS field-value OWS; a value holds no NUL, CR, LF, VT or FF (h11's rule).
+        self.field_line = re.compile(
+            rb"(%s):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*\Z" % token)
+        # chunk-size (bounded), chunk-ext without control characters, CRLF exactly.
+        self.chunk_line = re.compile(
+            rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?[ \t]*\r\n\Z")
+        self.head_end = re.compile(rb"\n\r?\n")
+        self.status_line = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?\n")
+
+    @classmethod
+    def get(cls):
+        if cls._built is None:
+            cls._built = cls()
+        return cls._built
+
+
+HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                       b"0123456789.-_~:[]%!$&'()*+,;=")
+MAX_BLANK_LINES = 8     # empty lines tolerated before a request line (RFC 9112 section 2.2)
+
+
+class Head:
+    """One request head as parsed: what the rewrite and the log need, and its field lines."""
+
+    __slots__ = ("method", "target", "version", "fields", "host", "referer")
+
+    def __init__(self, method, target, version, fields=(), host=None, referer=None):
+        self.method, self.target, self.version = method, target, version  # version None: HTTP/0.9
+        self.fields = fields            # field lines without their line ends
+        self.host, self.referer = host, referer
+
+
+def split_head_lines(raw):
+    """Return the lines of a head ending in an empty line, without line ends; refuse a bare CR."""
+    lines = []
+    for line in raw.split(b"\n")[:-2]:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if b"\r" in line:
+            raise bad_request('bare CR in "%s"' % escape(line))
+        lines.append(line)
+    return lines
+
+
+def parse_head(raw):
+    """Return (Head, body) for one request head RAW; body is "chunked" or a length; raise BadRequest.
+
+    RFC 9112 strictly: one Host (required in HTTP/1.1), no obs-fold, no
+    Transfer-Encoding with Content-Length or in HTTP/1.0, only the chunked
+    transfer coding, no content on CONNECT.
+    """
+    lines = split_head_lines(raw)
+    match = Grammar.get().request_line.match(lines[0])
+    if not match:
+        raise bad_request('bad request line "%s"' % escape(lines[0]))
+    method, target, version = match.groups()
+    hosts, lengths, codings = [], [], []
+    referer = upgrade = None
+    fields = lines[1:]
+    for line in fields:
+        if line[:1] in (b" ", b"\t"):
+            raise bad_request('obsolete line folding at "%s"' % escape(line))
+        field = Grammar.get().field_line.match(line)
+        if not field:
+            raise bad_request('bad header line "%s"' % escape(line))
+        name, value = field.group(1).lower(), field.group(2)
+        if name == b"host":
+            hosts.append(value)
+        elif name == b"content-length":
+            lengths += [v.strip() for v in value.split(b",")]
+        elif name == b"transfer-encoding":
+            codings += [c.strip().lower() for c in value.split(b",")]
+        elif name == b"referer" and referer is None:
+            referer = value
+        elif name == b"upgrade" and value.strip(b" \t,"):
+            upgrade = value
+    if len(hosts) > 1:
+        raise bad_request("more than one Host header")
+    if not hosts and version != b"HTTP/1.0":
+        raise bad_request("no Host header in an %s request" % version.decode())
+    host = hosts[0] if hosts else None
+    if host and not all(c in HOST_CHARS for c in host):
+        raise bad_request('bad Host header "%s"' % escape(host))
+    body = 0
+    if codings:
+        if version == b"HTTP/1.0":
+            raise bad_request("Transfer-Encoding in an HTTP/1.0 request")
+        if lengths:
+            raise bad_request("both Transfer-Encoding and Content-Length")
+        if codings[-1] != b"chunked":
+            raise bad_request('Transfer-Encoding "%s" does not end in chunked'
+                              % escape(b", ".join(codings)))
+        if codings != [b"chunked"]:
+            raise BadRequest(501, "Not Implemented", 'Transfer-Encoding "%s": only chunked is '
+                             'supported' % escape(b", ".join(codings)))
+        body = "chunked"
+    elif lengths:
+        if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
+            raise bad_request('bad Content-Length "%s"' % escape(b", ".join(lengths)))
+        body = int(lengths[0])
+    if method == b"CONNECT" and body:
+        raise bad_request("CONNECT with content")
+    head = Head(method, target, version, fields, host, referer)
+    return head, body, (method == b"CONNECT" or upgrade is not None)
+
+
+class RequestFramer:
+    """HTTP/1.1 request framing (RFC 9112) as a pure codec: client bytes in, what to forward out.
+
+    `feed(data)` returns, in order, a Head for each request head (the caller
+    renders it) and bytes to pass on unchanged (bodies, chunk framing). A
+    refused request sets `error` (a BadRequest) and nothing more comes out;
+    the requests before it were complete. A CONNECT or Upgrade request is
+    followed only as a connection's first request: the framer then holds
+    further bytes (`switch_method` set) until `switch(status)` says how the
+    server answered; 2xx to CONNECT or 101 to Upgrade turns the rest into a
+    tunnel, anything else means requests again. After an HTTP/0.9 request
+    the rest is dropped. Work per byte is constant, so a long keep-alive
+    connection costs linear time.
+    """
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.state = "head"     # head, body, chunk-size, chunk-data, chunk-end, trailer,
+        #                         switch-wait, tunnel, discard, failed
+        self.remaining = 0      # body or chunk bytes still to pass
+        self.trailer_bytes = 0
+        self.requests = 0       # heads passed so far
+        self.error = None
+        self.switch_method = None   # method of the pending CONNECT/Upgrade request
+        self.switch_ok = None       # how the server answered it, once known
+        self.scanned = 0        # bytes of buf searched for the end of the head
+        self.blank_lines = 0
+        self.dropped_lines = 0  # empty lines dropped before request lines, in all
+        self.started = False    # bytes of the next head (or empty lines before it) arrived
+
+    @property
+    def mid_head(self):
+        """True while part of a request head has arrived and the rest has not."""
+        return self.state == "head" and (self.started or bool(self.buf))
+
+    @property
+    def holding(self):
+        """True while client bytes wait for the answer to a CONNECT or Upgrade request."""
+        return self.state == "switch-wait"
+
+    def feed(self, data):
+        """Take DATA from the client; return the items to forward (Heads and bytes)."""
+        if self.state in ("failed", "discard"):
+            return []
+        if self.state == "tunnel":
+            return [bytes(data)] if data else []
+        self.buf += data
+        return self.run()
+
+    def eof(self):
+        """The client closed its side: a request head cut short is an error."""
+        if self.state == "head" and self.buf:
+            self.fail(bad_request("connection closed in the middle of a request head"))
+
+    def switch(self, status):
+        """The server answered the pending CONNECT or Upgrade with STATUS; return items to forward."""
+        if self.switch_method is None:
+            return []
+        if self.switch_method == b"CONNECT":
+            self.switch_ok = 200 <= status < 300
+        else:
+            self.switch_ok = status == 101
+        self.switch_method = None
+        if self.state != "switch-wait":
+            return []           # answered before its request ended: applied at the end
+        self.state = "tunnel" if self.switch_ok else "head"
+        return self.run()
+
+    def fail(self, error):
+        self.error, self.state = error, "failed"
+        del self.buf[:]
+
+    def run(self):
+        out = []
+        steps = {"head": self.take_head, "body": self.take_body, "chunk-size": self.take_chunk_size,
+                 "chunk-data": self.take_body, "chunk-end": self.take_chunk_end,
+                 "trailer": self.take_trailer}
+        try:
+            while self.buf and self.state in steps:
+                if not steps[self.state](out):
+                    break
+        except BadRequest as exc:
+            self.fail(exc)
+        if self.state == "tunnel" and self.buf:
+            out.append(bytes(self.buf))
+            del self.buf[:]
+        elif self.state == "discard":
+            del self.buf[:]
+        return out
+
+    def end_message(self):
+        """One request (head and body) has passed: what comes next."""
+        if self.switch_method is not None or self.switch_ok is not None:
+            ok, self.switch_ok = self.switch_ok, None
+            self.state = "switch-wait" if ok is None else "tunnel" if ok else "head"
+        else:
+            self.state = "head"
+
+    def take_head(self, out):
+        buf = self.buf
+        while buf[:1] == b"\n" or buf[:2] == b"\r\n":
+            del buf[:1 if buf[:1] == b"\n" else 2]
+            self.started = True
+            self.blank_lines += 1
+            self.dropped_lines += 1
+            if self.blank_lines > MAX_BLANK_LINES:
+                raise bad_request("more than %d empty lines before a request" % MAX_BLANK_LINES)
+        if not buf or buf == b"\r":
+            return False
+        self.started = True
+        first = buf.find(b"\n", 0, MAX_HEAD + 1)
+        if first < 0:
+            if len(buf) > MAX_HEAD:
+                raise BadRequest(414, "URI Too Long", "request line longer than %d bytes" % MAX_HEAD)
+            return False
+        line = bytes(buf[:first])
+        old = Grammar.get().http09_line.match(line[:-1] if line.endswith(b"\r") else line)
+        if old:
+            del buf[:first + 1]
+            self.passed_head(out, Head(b"GET", old.group(1), None))
+            self.state = "discard"
+            return True
+        end = Grammar.get().head_end.search(buf, max(0, self.scanned - 2))
+        if end is None or end.end() > MAX_HEAD:
+            self.scanned = len(buf)
+            if len(buf) > MAX_HEAD:
+                raise BadRequest(431, "Request Header Fields Too Large",
+                                 "request head longer than %d bytes" % MAX_HEAD)
+            return False
+        raw = bytes(buf[:end.end()])
+        del buf[:end.end()]
+        self.scanned = 0
+        head, body, switch = parse_head(raw)
+        if switch and self.requests:
+            raise bad_request("%s after earlier requests on the connection (protocol switches "
+                              "are followed on a connection's first request only)"
+                              % ("CONNECT" if head.method == b"CONNECT" else "Upgrade"))
+        self.passed_head(out, head)
+        if switch:
+            self.switch_method = b"CONNECT" if head.method == b"CONNECT" else b"UPGRADE"
+        if body == "chunked":
+            self.state = "chunk-size"
+        elif body:
+            self.state, self.remaining = "body", body
+        else:
+            self.end_message()
+        return True
+
+    def passed_head(self, out, head):
+        out.append(head)
+        self.requests += 1
+        self.blank_lines = 0
+        self.started = False
+
+    def take_body(self, out):
+        n = min(self.remaining, len(self.buf))
+        out.append(bytes(self.buf[:n]))
+        del self.buf[:n]
+        self.remaining -= n
+        if not self.remaining:
+            if self.state == "chunk-data":
+                self.state = "chunk-end"
+            else:
+                self.end_message()
+        return True
+
+    def take_chunk_size(self, out):
+        end = self.buf.find(b"\n", 0, MAX_HEAD + 1)
+        if end < 0:
+            if len(self.buf) > MAX_HEAD:
+                raise bad_request("chunk-size line longer than %d bytes" % MAX_HEAD)
+            return False
+        line = bytes(self.buf[:end + 1])
+        match = Grammar.get().chunk_line.match(line)
+        if not match:
+            raise bad_request('bad chunk-size line "%s"' % escape(line))
+        del self.buf[:end + 1]
+        out.append(line)
+        self.remaining = int(match.group(1), 16)
+        self.state = "chunk-data" if self.remaining else "trailer"
+        self.trailer_bytes = 0
+        return True
+
+    def take_chunk_end(self, out):
+        if self.buf[:2] != b"\r\n"[:len(self.buf)]:
+            raise bad_request("chunk data not followed by CRLF")
+        if len(self.buf) < 2:
+            return False
+        del self.buf[:2]
+        out.append(b"\r\n")
+        self.state = "chunk-size"
+        return True
+
+    def take_trailer(self, out):
+        end = self.buf.find(b"\n", 0, MAX_HEAD + 1)
+        if end < 0 or self.trailer_bytes + end > MAX_HEAD:
+            if len(self.buf) > MAX_HEAD or self.trailer_bytes + len(self.buf) > MAX_HEAD:
+                raise BadRequest(431, "Request Header Fields Too Large",
+                                 "trailer section longer than %d bytes" % MAX_HEAD)
+            return False
+        line = bytes(self.buf[:end])
+        del self.buf[:end + 1]
+        self.trailer_bytes += end + 1
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if b"\r" in line:
+            raise bad_request('bare CR in trailer "%s"' % escape(line))
+        if not line:
+            out.append(b"\r\n")
+            self.end_message()
+            return True
+        if line[:1] in (b" ", b"\t"):
+            raise bad_request('obsolete line folding in the trailer at "%s"' % escape(line))
+        field = Grammar.get().field_line.match(line)
+        if not field:
+            raise bad_request('bad trailer line "%s"' % escape(line))
+        if field.group(1).lower() in (b"content-length", b"transfer-encoding", b"host"):
+            raise bad_request('framing field "%s" in the trailer' % escape(field.group(1)))
+        out.append(line + b"\r\n")
+        return True
+
+
+class StatusSniffer:
+    """Reads the final status of the first response on a connection, a pure codec.
+
+    `feed(data)` returns None while more bytes are needed, else the status
+    code: interim 1xx responses other than 101 are skipped, and bytes that
+    are no HTTP/1 response give 0. The bytes themselves pass on untouched.
+    """
+
+    def __init__(self):
+        self.buf = bytearray()
+
+    def feed(self, data):
+        self.buf += data
+        while True:
+            end = Grammar.get().head_end.search(self.buf)
+            if end is None:
+                return 0 if len(self.buf) > MAX_HEAD else None
+            status = Grammar.get().status_line.match(self.buf)
+            if not status:
+                return 0
+            code = int(status.group(1))
+            if code == 101 or not 100 <= code < 200:
+                return code
+            del self.buf[:end.end()]
+
+
+def render_head(head, target):
+    """Return the bytes of HEAD with TARGET as its request target; field lines end in CRLF."""
+    line = head.method + b" " + target
+    if head.version is None:
+        return line + b"\r\n"
+    return b"".join([line, b" ", head.version, b"\r\n"]
+                    + [field + b"\r\n" for field in head.fields] + [b"\r\n"])
+
+
+class HttpRequestPump(CopyPump):
+    """Client -> cache pump: frames requests with a RequestFramer and rewrites each request line.
+
+    Heads are rewritten (origin form -> absolute form, -f) with every field
+    passed on; bodies pass by their framing. A refused request stops the
+    pump: what came before it is passed on, then the cache's side is
+    half-closed so its responses to the earlier requests drain to the client
+    (`failed` holds the reason). A head must be complete within
+    REQUEST_TIMEOUT seconds of its first byte.
+    """
+
+    def __init__(self, src, dst, rewrite, orig, force_url, on_request, framer=None, items=(),
+                 request_timeout=None):
         super().__init__(src, dst, "client", "server")
         self.rewrite = rewrite          # False when talking to the origin directly
         self.orig = orig
         self.force_url = force_url
         self.on_request = on_request    # called with (method, target, host) per request
-        self.inbuf = bytearray()
-        self.state = "head"
-        self.remaining = 0              # body or chunk bytes still to pass
-
-    def finish(self):
-        if self.state == "head" and self.inbuf.strip():
-            raise BadRequest(400, "Bad Request", "incomplete request head at EOF")
-        super().finish()
+        self.framer = framer or RequestFramer()
+        self.request_timeout = request_timeout
+        self.head_since = None          # when the head in progress began
+        self.failed = None              # the BadRequest that stopped the pump
+        self.forward(items)
 
     def take(self, data):
-        if self.state == "tunnel":
-            self.out += data
-            return
-        self.inbuf += data
-        while self.inbuf and self.state != "tunnel":
-            if not self.advance():
-                break
-        if self.state == "tunnel" and self.inbuf:
-            self.out += self.inbuf
-            del self.inbuf[:]
+        self.forward(self.framer.feed(bytes(data)))
 
-    def advance(self):
-        """Consume one framing unit from inbuf; return False if more bytes are needed."""
-        buf = self.inbuf
-        if self.state == "head":
-            return self.take_head()
-        if self.state == "body":
-            n = min(self.remaining, len(buf))
-            self.out += buf[:n]
-            del buf[:n]
-            self.remaining -= n
-            if self.remaining == 0:
-                self.state = "head"
-            return True
-        if self.state in ("chunk-size", "trailer"):
-            end = buf.find(b"\n")
-            if end < 0:
-                if len(buf) > MAX_HEAD:
-                    raise BadRequest(400, "Bad Request", "chunk line too long")
-                return False
-            line = bytes(buf[:end + 1])
-            self.out += line
-            del buf[:end + 1]
-            if self.state == "trailer":
-                if not line.strip():
-                    self.state = "head"
-                return True
-            size = line.split(b";", 1)[0].strip()
-            try:
-                self.remaining = int(size, 16)
-            except ValueError:
-                raise BadRequest(400, "Bad Request",
-                                 'bad chunk size "%s"' % escape(size)) from None
-            if size.startswith((b"-", b"+", b"0x", b"0X")) or self.remaining < 0:
-                raise BadRequest(400, "Bad Request", 'bad chunk size "%s"' % escape(size))
-            self.state = "trailer" if self.remaining == 0 else "chunk-data"
-            return True
-        if self.state == "chunk-data":
-            n = min(self.remaining, len(buf))
-            self.out += buf[:n]
-            del buf[:n]
-            self.remaining -= n
-            if self.remaining == 0:
-                self.state = "chunk-crlf"
-            return True
-        if self.state == "chunk-crlf":
-            end = buf.find(b"\n")
-            if end < 0:
-                return False
-            self.out += buf[:end + 1]
-            del buf[:end + 1]
-            self.state = "chunk-size"
-            return True
-        return False
+    def finish(self):
+        if self.framer.holding:
+            return      # the client's EOF passes on once the held bytes have
+        self.framer.eof()
+        self.check()
+        super().finish()
 
-    def take_head(self):
-        """Parse one request head from inbuf, queue its rewritten form."""
-        buf = self.inbuf
-        while buf[:2] == b"\r\n" or buf[:1] == b"\n":     # blank lines between requests
-            del buf[:2 if buf[:1] == b"\r" else 1]
-        if not buf:
-            return False
-        first_end = buf.find(b"\n")
-        if first_end < 0:
-            if len(buf) > MAX_HEAD:
-                raise BadRequest(414, "URI Too Long", "request line longer than %d bytes" % MAX_HEAD)
-            return False
-        request_line = bytes(buf[:first_end]).rstrip(b"\r")
-        words = request_line.split(b" ")
-        if len(words) == 2 and words[0] == b"GET":          # HTTP/0.9: no headers
-            self.forward_head(words[0], words[1], None, b"", {}, 0)
-            del buf[:first_end + 1]
-            self.state = "tunnel"
-            return True
-        end = buf.find(b"\r\n\r\n")
-        head_len = end + 4 if end >= 0 else -1
-        bare = buf.find(b"\n\n")
-        if bare >= 0 and (head_len < 0 or bare + 2 < head_len):
-            head_len = bare + 2
-        if head_len < 0:
-            if len(buf) > MAX_HEAD:
-                raise BadRequest(431, "Request Header Fields Too Large",
-                                 "request head longer than %d bytes" % MAX_HEAD)
-            return False
-        if head_len > MAX_HEAD:
-            raise BadRequest(431, "Request Header Fields Too Large",
-                             "request head longer than %d bytes" % MAX_HEAD)
-        if len(words) != 3 or not words[2].startswith(b"HTTP/1.") \
-                or not words[0] or not all(c in TOKEN_CHARS for c in words[0]) or not words[1]:
-            raise BadRequest(400, "Bad Request", 'bad request line "%s"' % escape(request_line))
-        headers_raw = bytes(buf[first_end + 1:head_len])
-        headers = parse_headers(headers_raw)
-        del buf[:head_len]
-        method, target, version = words
-        body = request_body(headers)
-        self.forward_head(method, target, version, headers_raw, headers, body)
-        if method == b"CONNECT":
-            self.state = "tunnel"
-        elif body == "chunked":
-            self.state = "chunk-size"
-        elif body:
-            self.state, self.remaining = "body", body
-        return True
+    def held(self):
+        # Bytes sent before the answer to CONNECT or Upgrade wait, up to a bound.
+        return self.framer.holding and (self.eof or len(self.framer.buf) >= CHUNK)
 
-    def forward_head(self, method, target, version, headers_raw, headers, body):
-        """Queue the request line (rewritten) and its headers unchanged."""
-        host = headers.get(b"host")
-        self.on_request(method, target, host)
-        if self.force_url and not headers.get(b"referer", b"").startswith(self.force_url):
+    def wanted(self):
+        if self.held() and not self.out:
+            return None     # woken by switched(), through the other pump
+        return super().wanted()
+
+    def switched(self, status):
+        """The server answered the CONNECT or Upgrade request with STATUS."""
+        self.forward(self.framer.switch(status))
+
+    def forward(self, items):
+        for item in items:
+            self.out += self.render(item) if isinstance(item, Head) else item
+        self.check()
+
+    def check(self):
+        """Stop reading after a refused request; time the head in progress."""
+        if self.framer.error is not None and self.failed is None:
+            self.failed = self.framer.error
+            self.eof = True
+        if not self.framer.mid_head:
+            self.head_since = None
+        elif self.head_since is None:
+            self.head_since = time.monotonic()
+
+    def deadline(self):
+        if self.request_timeout is None or self.head_since is None or self.failed:
+            return None
+        return self.head_since + self.request_timeout
+
+    def expire(self):
+        """The head in progress missed its deadline: stop as for a refused request."""
+        self.framer.fail(BadRequest(408, "Request Timeout", "no complete request head within %gs"
+                                    % self.request_timeout))
+        self.check()
+
+    def render(self, head):
+        self.on_request(head.method, head.target, head.host)
+        target = head.target
+        if self.force_url and not (head.referer or b"").startswith(self.force_url):
             target = self.force_url
         elif self.rewrite and target.startswith(b"/"):
-            target = b"http://" + authority(host, self.orig) + target
-        line = method + b" " + target + (b" " + version if version else b"")
-        self.out += line + b"\r\n" + headers_raw
+            target = b"http://" + authority(head.host, self.orig) + target
+        return render_head(head, target)
 
 
-TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789"
-                        b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                       b"0123456789.-_~:[]%!$&'()*+,;=")
+class SniffingPump(RawPump):
+    """Cache -> client pump that reads the status of the first response for ON_STATUS.
+
+    Used when the first request is CONNECT or Upgrade; it copies (no
+    splice) until the status is known, then runs as a RawPump.
+    """
+
+    def __init__(self, src, dst, src_side, dst_side, initial, on_status):
+        super().__init__(src, dst, src_side, dst_side, b"")
+        self.sniffer = StatusSniffer()
+        self.on_status = on_status
+        self.watching = True
+        if initial:
+            self.out = bytes(initial)
+            self.watch(self.out)
+
+    def watch(self, data):
+        status = self.sniffer.feed(data) if data else 0
+        if status is not None:
+            self.watching = False
+            self.sniffer = None
+            self.on_status(status)
 
 
 def authority(host, orig):
     """Return the authority for an absolute URL: the Host header, else ORIG."""
     if host:
-        if not all(c in HOST_CHARS for c in host):
-            raise BadRequest(400, "Bad Request", 'bad Host header "%s"' % escape(host))
         return host
     addr = plain_ip(orig[0])
     text = "[%s]" % addr if ":" in addr else addr
     return (text if orig[1] == 80 else "%s:%d" % (text, orig[1])).encode()
-
-
-def parse_headers(raw):
-    """Return {lower-case name: value} of a header block; raise BadRequest."""
-    headers = {}
-    for line in raw.split(b"\n"):
-        line = line.rstrip(b"\r")
-        if not line:
-            continue
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or b" " in name:
-            raise BadRequest(400, "Bad Request", 'bad header line "%s"' % escape(line))
-        name = name.lower()
-        value = value.strip()
-        if name == b"content-length" and name in headers and headers[name] != value:
-            raise BadRequest(400, "Bad Request", "conflicting Content-Length headers")
-        if name == b"transfer-encoding" and name in headers:
-            value = headers[name] + b", " + value
-        headers[name] = value
-    return headers
-
-
-def request_body(headers):
-    """Return "chunked", or the body length in bytes (0 for none); raise BadRequest."""
-    coding = headers.get(b"transfer-encoding")
-    if coding is not None:
-        if coding.split(b",")[-1].strip().lower() != b"chunked":
-            raise BadRequest(400, "Bad Request", "Transfer-Encoding without chunked last")
-        return "chunked"
-    length = headers.get(b"content-length")
-    if length is None:
-        return 0
-    if not length.isdigit() or len(length) > 18:
-        raise BadRequest(400, "Bad Request", 'bad Content-Length "%s"' % escape(length))
-    return int(length)
 
 
 def http_error(conn, status, reason):
@@ -1347,7 +1687,30 @@ def http_error(conn, status, reason):
         conn.setblocking(True)
         conn.settimeout(5)
         conn.sendall(head + body)
+    except OSError:
+        pass
+    linger_close(conn)
+
+
+def linger_close(conn, seconds=2.0, limit=1 << 20):
+    """Half-close CONN and read what the client still sends, so the close sends no reset.
+
+    A close with unread bytes resets the connection and can destroy the
+    response the client has not read yet (Apache's "lingering close").
+    """
+    try:
         conn.shutdown(socket.SHUT_WR)
+        conn.setblocking(True)
+        deadline = time.monotonic() + seconds
+        while limit > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            conn.settimeout(left)
+            data = conn.recv(CHUNK)
+            if not data:
+                break
+            limit -= len(data)
     except OSError:
         pass
 
@@ -1391,16 +1754,29 @@ def serve(conn, server):
             record.outcome = "denied by access list"
             return EX_OK
         record.orig = original_destination(conn)
+        framer, items = None, ()
+        if cfg.mode == "http":
+            # The cache is connected only for a complete, acceptable first request.
+            framer = RequestFramer()
+            items = read_first_request(conn, framer, cfg.request_timeout, record)
+            if items is None:
+                return EX_OK
         upstream, initial, rewrite = open_upstream(conn, server, record)
         conn.setblocking(False)
         upstream.setblocking(False)
-        pumps = make_pumps(conn, upstream, server, record, rewrite, initial)
+        pumps = make_pumps(conn, upstream, server, record, rewrite, initial, framer, items)
         try:
             relay(pumps, cfg.idle_timeout)
         finally:
             record.up, record.down = pumps[0].count, pumps[1].count
             for pump in pumps:
                 pump.close()
+            refused = getattr(pumps[0], "failed", None)
+            if refused is not None:     # kept when a reset or idle timeout follows
+                record.outcome = "%d %s: %s; closed after the responses to %d earlier " \
+                    "request(s)" % (refused.status, refused.reason, refused, framer.requests)
+        if refused is not None:
+            linger_close(conn)
     except ConnectionFailed as exc:
         record.outcome = str(exc)
         status = EX_UNAVAILABLE
@@ -1408,10 +1784,10 @@ def serve(conn, server):
         record.outcome = "%d %s: %s" % (exc.status, exc.reason, exc)
         http_error(conn, exc.status, exc.reason)
     except Reset as exc:
-        record.outcome = "reset by %s" % exc.side
+        record.outcome = then(record.outcome, "reset by %s" % exc.side)
         abort(conn if exc.side == "server" else upstream)
     except Idle:
-        record.outcome = "idle timeout (%gs)" % cfg.idle_timeout
+        record.outcome = then(record.outcome, "idle timeout (%gs)" % cfg.idle_timeout)
     finally:
         for sock in (upstream, conn):
             if sock is not None:
@@ -1474,7 +1850,49 @@ def resolve_quiet(dest):
     return [(family, socket.SOCK_STREAM, 0, "", (host, dest[1]))]
 
 
-def make_pumps(conn, upstream, server, record, rewrite, initial):
+def then(outcome, ending):
+    """Return the outcome ENDING, after OUTCOME when something was already said."""
+    return ending if outcome == "ok" else "%s; then %s" % (outcome, ending)
+
+
+def read_first_request(conn, framer, timeout, record):
+    """Read from CONN into FRAMER until a first request head is complete; return its items.
+
+    Return None (RECORD's outcome set) when the client leaves or sends
+    nothing within TIMEOUT; raise BadRequest for a bad head or one still
+    incomplete after TIMEOUT (408).
+    """
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    items = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(min(max(1, math.ceil(left * 1000)), 2 ** 31 - 1)):
+            if framer.mid_head:
+                raise BadRequest(408, "Request Timeout",
+                                 "no complete request head within %gs" % timeout)
+            record.outcome = "no request within %gs" % timeout
+            return None
+        try:
+            data = conn.recv(CHUNK)
+        except OSError:
+            record.outcome = "reset by client"
+            return None
+        if not data:
+            framer.eof()
+            if framer.error is not None:
+                raise framer.error
+            record.outcome = "closed by client before a request"
+            return None
+        items += framer.feed(data)
+        if framer.error is not None and not items:
+            raise framer.error
+        if items:
+            return items
+
+
+def make_pumps(conn, upstream, server, record, rewrite, initial, framer=None, items=()):
     """Return [client->server pump, server->client pump] for this connection's mode."""
     cfg = server.cfg
     if cfg.mode == "http":
@@ -1485,7 +1903,10 @@ def make_pumps(conn, upstream, server, record, rewrite, initial):
                 server.log.message("%s request %s %s host=%s" % (
                     show_addr(record.client), escape(method), escape(target),
                     escape(host or b"-")))
-        up = HttpRequestPump(conn, upstream, rewrite, record.orig, cfg.force_url, on_request)
+        up = HttpRequestPump(conn, upstream, rewrite, record.orig, cfg.force_url, on_request,
+                             framer, items, cfg.request_timeout)
+        if up.framer.switch_method is not None:
+            return [up, SniffingPump(upstream, conn, "server", "client", initial, up.switched)]
     else:
         up = RawPump(conn, upstream, "client", "server")
     down = RawPump(upstream, conn, "server", "client", initial)
@@ -1730,6 +2151,8 @@ def preload(cfg):
     if not cfg.foreground:
         import daemon  # noqa: F401
     "".encode("idna")   # getaddrinfo's codec, otherwise loaded by each child
+    if cfg.mode == "http":
+        Grammar.get()   # compiled once, shared by every child
 
 
 def warn_missing_return_path(log):
@@ -1988,6 +2411,7 @@ class ForkingServer(Supervisor):
         self.reports = Reports()
         server.on_record = self.reports.send        # called in the children
         server.parent_fds.append(self.reports.read_fd)
+        self.client_of = {}             # pid -> client address key (for --max-per-client)
 
     def run(self):
         """Accept until SIGTERM; return the exit status."""
@@ -2031,7 +2455,7 @@ class ForkingServer(Supervisor):
 
     def accept(self, listener):
         try:
-            conn, _ = listener.accept()
+            conn, peer = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:
@@ -2042,6 +2466,15 @@ class ForkingServer(Supervisor):
             elif exc.errno not in (errno.EPROTO, errno.EPERM, errno.ECONNRESET):
                 self.log.message("accept: %s" % exc.strerror, error=True)
             return
+        key = client_key(peer)
+        cap = self.server.cfg.max_per_client
+        if cap < self.server.cfg.max_conns:
+            for pid in [p for p in self.client_of if p not in self.children]:
+                del self.client_of[pid]
+            held = sum(1 for k in self.client_of.values() if k == key)
+            if held >= cap:
+                refuse_over_cap(conn, peer, held, self.server)
+                return
         self.server.rotation += 1
         pid = self.fork(lambda: self.child(conn))
         conn.close()
@@ -2049,12 +2482,30 @@ class ForkingServer(Supervisor):
             self.paused_until = time.monotonic() + 0.5
         else:
             self.children.add(pid)
+            self.client_of[pid] = key
 
     def child(self, conn):
         for sock in self.listeners:
             sock.close()
         self.set_title("tproxy child", "tproxy: " + connection_title(conn))
         return serve(conn, self.server)
+
+
+def client_key(peer):
+    """Return the 16-byte address of a client sockaddr (IPv4 as v4-mapped IPv6)."""
+    host = peer[0].split("%", 1)[0]
+    if ":" not in host:
+        host = "::ffff:" + host
+    return socket.inet_pton(socket.AF_INET6, host)
+
+
+def refuse_over_cap(conn, peer, held, server):
+    """Reset CONN, a client over --max-per-client, and log its record."""
+    record = Record(peer, server.cfg.mode)
+    record.outcome = ("refused: %d connection(s) from this address already (--max-per-client %d)"
+                      % (held, server.cfg.max_per_client))
+    abort(conn)
+    server.log.connection(record.line())
 
 
 IDLE, BUSY, EMPTY = 0, 1, 2      # prefork scoreboard states
@@ -2080,9 +2531,10 @@ class PreforkPool(Supervisor):
         super().__init__(listeners, server)
         import mmap
         self.low, self.high = server.cfg.prefork
-        # Slot i: state byte at i, accept counter (mod 256) at MAX + i; shared with workers.
-        self.board = mmap.mmap(-1, 2 * self.high)
-        self.board[:] = bytes([EMPTY]) * self.high + bytes(self.high)
+        # Slot i: state byte at i, accept counter (mod 256) at MAX + i, the client's
+        # address (16 bytes, for --max-per-client) at 2 MAX + 16 i; shared with workers.
+        self.board = mmap.mmap(-1, 18 * self.high)
+        self.board[:] = bytes([EMPTY]) * self.high + bytes(17 * self.high)
         self.slots = {}                              # pid -> slot (the parent's view)
         self.grow_step, self.short_at = 1, 0.0     # next growth; when a client last waited
 
@@ -2167,7 +2619,7 @@ class PreforkPool(Supervisor):
         # Looking goes on while every worker is busy, even with nobody queued:
         # no worker would notice a client arriving now.
         queued = sum(listen_queue(sock) for sock in self.listeners)
-        now, counters = time.monotonic(), self.board[self.high:]
+        now, counters = time.monotonic(), self.board[self.high:2 * self.high]
         if queued:
             if now - self.short_at > 1.0:
                 self.grow_step = 1
@@ -2222,7 +2674,7 @@ class PreforkPool(Supervisor):
                     return EX_OK
                 continue
             try:
-                conn, _ = by_fd[ready[0][0]].accept()
+                conn, peer = by_fd[ready[0][0]].accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 continue            # another worker took it
             except OSError as exc:
@@ -2230,9 +2682,14 @@ class PreforkPool(Supervisor):
                 time.sleep(0.5)
                 continue
             state["busy"] = True
-            self.board[slot] = BUSY
-            counter = self.high + slot
+            held = self.claim(slot, client_key(peer))
+            counter = self.high + slot      # taken from the queue, served or not
             self.board[counter] = (self.board[counter] + 1) % 256
+            if held >= self.server.cfg.max_per_client:
+                refuse_over_cap(conn, peer, held, self.server)
+                self.board[slot] = IDLE
+                state["busy"] = False
+                continue
             if IDLE not in self.board[:self.high]:
                 try:
                     os.write(self.busy_w, b"!")     # ask the parent to watch the queue
@@ -2246,6 +2703,23 @@ class PreforkPool(Supervisor):
             state["busy"] = False
             idle_since = time.monotonic()
         return EX_OK
+
+    def claim(self, slot, key):
+        """Mark SLOT busy serving the client address KEY; return how many other slots serve it.
+
+        Each worker writes its own slot and then counts: two workers
+        accepting the same address at the same instant may each count the
+        other (both refuse) or, rarely, neither (the cap is passed by one);
+        the cap is approximate by that much.
+        """
+        base = 2 * self.high
+        self.board[base + 16 * slot:base + 16 * slot + 16] = key
+        self.board[slot] = BUSY
+        if self.server.cfg.max_per_client >= self.high:
+            return 0
+        states, addrs = self.board[:self.high], self.board[base:]
+        return sum(1 for other in range(self.high) if other != slot and states[other] == BUSY
+                   and addrs[16 * other:16 * other + 16] == key)
 
 
 def listen_queue(sock):

@@ -70,10 +70,10 @@ def run_relaybench(path, quick, out, tp):
     tp = shlex.join(tp)
     relays = {
         # Limits above relaybench's 1,000 held idle connections, so all of them are served.
-        "tproxy-fork": tp + " -d -t --max-conns 1100 -s {listen_port} -b 127.0.0.1 "
+        "tproxy-fork": tp + " -d -t --max-conns 1100 --max-per-client 1100 -s {listen_port} -b 127.0.0.1 "
                             "{target_host} {target_port}",
         # N = 4 per CPU: the pool size that serves short connections fastest (tproxy(8)).
-        "tproxy-prefork": tp + " -d -t --prefork %d:1100 -s {listen_port} -b 127.0.0.1 "
+        "tproxy-prefork": tp + " -d -t --prefork %d:1100 --max-per-client 1100 -s {listen_port} -b 127.0.0.1 "
                                "{target_host} {target_port}" % (4 * os.cpu_count()),
     }
     md = os.path.join(out, "relaybench.md")

@@ -6,6 +6,8 @@ Roles:
                        answers 200 with the request target as body; keep-alive.
   who PORT             Sends "PEER_IP PEER_PORT LOCAL_IP LOCAL_PORT\\n" and closes.
   who-echo PORT        Sends the same line, then echoes what it reads until EOF.
+  tap PORT LOGFILE     Reads each connection to EOF and records exactly what it
+                       received as a JSON line {"peer", "data" (hex)}; answers nothing.
   sink PORT            Reads to EOF, replies with the sha256 hex of what it read,
                        then N bytes (N from the first line "SEND n\\n" if given).
 
@@ -121,15 +123,44 @@ def web(port, logfile, lifetime):
                       "body_len": len(body), "body_sha256": hashlib.sha256(body).hexdigest()}
             with lock, open(logfile, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if lines[0].startswith("CONNECT refused."):     # a cache's policy says no
+                conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                continue
             if lines[0].startswith("CONNECT "):
                 conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 who_reply(conn)
                 return
+            if "upgrade" in headers:            # switch protocols, then echo every byte
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                             b"Upgrade: %s\r\n\r\n" % headers["upgrade"].encode("latin-1"))
+                data = reader.buf
+                while True:
+                    conn.sendall(data)
+                    data = conn.recv(65536)
+                    if not data:
+                        return
             reply = lines[0].split(" ")[1].encode("latin-1") + b"\n"
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
                          % (len(reply), reply))
             if headers.get("connection", "").lower() == "close":
                 return
+
+    serve_forever(listen(port), handle, lifetime)
+
+
+def tap(port, logfile, lifetime):
+    lock = threading.Lock()
+
+    def handle(conn):
+        peer = conn.getpeername()
+        data = bytearray()
+        while True:
+            piece = conn.recv(65536)
+            if not piece:
+                break
+            data += piece
+        with lock, open(logfile, "a") as f:
+            f.write(json.dumps({"peer": plain(peer[0]), "data": data.hex()}) + "\n")
 
     serve_forever(listen(port), handle, lifetime)
 
@@ -249,6 +280,8 @@ def main(argv):
     role, args = argv[0], argv[1:]
     if role == "web":
         web(int(args[0]), args[1], lifetime)
+    elif role == "tap":
+        tap(int(args[0]), args[1], lifetime)
     elif role == "who":
         who(int(args[0]), lifetime)
     elif role == "who-echo":

@@ -34,6 +34,7 @@ def test_thousand_held_connections_bounded_and_released(lab, open_tmp):
     proxy.popen(PYTHON, PEERS, "sink", 9000, "--lifetime", 300)     # holds until EOF
     proxy.wait_listening(9000)
     server = proxy.popen(*tproxy_cmd("-d", "-t", "-s", 12970, "--max-conns", 2000,
+                                     "--max-per-client", 2000,
                                      "127.0.0.1", 9000), stderr=open(str(open_tmp / "err"), "wb"))
     proxy.wait_listening(12970)
     tproxy_pid = server.pid         # ip netns exec execs: the Popen is tproxy itself

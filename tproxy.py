@@ -440,15 +440,108 @@ def resolve(host, port):
 
 
 # ---------------------------------------------------------------------------
+# Files tproxy writes (-P, -l): never through a link another user planted
+# ---------------------------------------------------------------------------
+
+def open_own_file(path, what, flags, user, mode):
+    """Open PATH (for -P or -l) so that no other user can steer the open; return the fd.
+
+    The rule (tproxy(8), FILES): the last component is never followed; an
+    existing file must be a regular file with one link, owned by the user
+    tproxy runs as or by USER; a directory anyone may write without the
+    sticky bit is refused. In a directory USER may write, the open is done
+    with USER's rights (so nothing planted there gains more than USER has),
+    and -P is refused there outright, since USER could replace the pid
+    file root later trusts. A file tproxy creates is USER's only when
+    opened as USER. Raise Fatal (status 73) naming PATH and the reason.
+    """
+    import stat
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        dir_st = os.stat(directory)
+    except OSError as exc:
+        raise Fatal("%s %s: directory %s: %s" % (what, path, directory, exc.strerror),
+                    EX_CANTCREAT) from None
+    if dir_st.st_mode & stat.S_IWOTH and not dir_st.st_mode & stat.S_ISVTX:
+        raise Fatal("%s %s: directory %s is writable by every user; refusing it"
+                    % (what, path, directory), EX_CANTCREAT)
+    as_user = user if user and os.geteuid() == 0 and user[1] != 0 and \
+        writable_by(dir_st, user) else None
+    if as_user and what == "-P":
+        raise Fatal("%s %s: directory %s is writable by %s, who could replace the pid file; "
+                    "use a directory only root may write (see tproxy(8), FILES)"
+                    % (what, path, directory, user[0]), EX_CANTCREAT)
+    owners = {os.geteuid()} | ({user[1]} if user else set())
+    if as_user:
+        owners = {user[1]}
+    safe = flags | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = with_identity(as_user, lambda: create_or_open(path, safe, mode))
+    except OSError as exc:
+        reason = "is a symbolic link; refusing to follow it" if exc.errno == errno.ELOOP \
+            else exc.strerror
+        raise Fatal("%s %s: %s" % (what, path, reason), EX_CANTCREAT) from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_nlink != 1:
+        problem = "has %d hard links; refusing it" % st.st_nlink
+    elif st.st_uid not in owners:
+        problem = "is owned by uid %d, not by %s" % (
+            st.st_uid, " or ".join(str(u) for u in sorted(owners)))
+    if problem:
+        os.close(fd)
+        raise Fatal("%s %s: %s" % (what, path, problem), EX_CANTCREAT)
+    if what == "-P" and st.st_uid != os.geteuid():
+        os.fchown(fd, os.geteuid(), os.getegid())   # left to USER by an older tproxy: take it back
+    os.set_blocking(fd, True)
+    return fd
+
+
+def create_or_open(path, flags, mode):
+    """Create PATH exclusively, or open the file already there (FLAGS hold O_NOFOLLOW)."""
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return os.open(path, flags)
+
+
+def writable_by(st, user):
+    """Return True when USER (name, uid, gid; no supplementary groups) may write directory ST."""
+    import stat
+    return bool(st.st_uid == user[1] and st.st_mode & stat.S_IWUSR or
+                st.st_gid == user[2] and st.st_mode & stat.S_IWGRP or
+                st.st_mode & stat.S_IWOTH)
+
+
+def with_identity(user, action):
+    """Return ACTION() run with USER's effective uid and gid (and no groups); as is when None."""
+    if user is None:
+        return action()
+    groups, egid = os.getgroups(), os.getegid()
+    os.setgroups([])
+    os.setegid(user[2])
+    os.seteuid(user[1])
+    try:
+        return action()
+    finally:
+        os.seteuid(0)
+        os.setegid(egid)
+        os.setgroups(groups)
+
+
+# ---------------------------------------------------------------------------
 # Logging: syslog (daemon facility) or stderr, plus the -l connection log
 # ---------------------------------------------------------------------------
 
 class Log:
     """Where messages go: stderr until `use_syslog()`, then syslog (daemon facility)."""
 
-    def __init__(self, logfile=None):
+    def __init__(self, logfile=None, user=None):
         self.to_stderr = True
         self.logfile = logfile
+        self.user = user        # -r USER: the -l file's rightful second owner
         self.log_fd = None
         self.reopen()
 
@@ -460,10 +553,10 @@ class Log:
         self.to_stderr = False
 
     def reopen(self):
-        """(Re)open the -l file for appending; raise OSError if it cannot be."""
+        """(Re)open the -l file for appending (see open_own_file); raise Fatal if it cannot be."""
         if self.logfile is None:
             return
-        fd = os.open(self.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = open_own_file(self.logfile, "-l", os.O_WRONLY | os.O_APPEND, self.user, 0o640)
         if self.log_fd is not None:
             os.close(self.log_fd)
         self.log_fd = fd
@@ -1355,12 +1448,9 @@ def run_inetd(cfg):
     return serve(conn, Server(cfg, log, conn.getsockname()[1]))
 
 
-def open_log(logfile):
+def open_log(logfile, user=None):
     """Return a Log writing to stderr and LOGFILE; raise Fatal if it cannot be opened."""
-    try:
-        return Log(logfile)
-    except OSError as exc:
-        raise Fatal("-l %s: %s" % (logfile, exc.strerror), EX_CANTCREAT) from None
+    return Log(logfile, user)
 
 
 # ---------------------------------------------------------------------------
@@ -1423,10 +1513,7 @@ class PidFile:
     def __init__(self, path, user):
         import fcntl
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise Fatal("-P %s: %s" % (path, exc.strerror), EX_CANTCREAT) from None
+        self.fd = open_own_file(path, "-P", os.O_RDWR, user, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -1434,8 +1521,7 @@ class PidFile:
             os.close(self.fd)
             raise Fatal("-P %s: another tproxy (pid %s) holds it" % (path, other or "?"),
                         EX_CANTCREAT) from None
-        if user and os.geteuid() == 0:
-            os.fchown(self.fd, user[1], user[2])   # so the daemon can empty it at exit
+        # Never given to USER: the daemon empties it through this descriptor at exit.
 
     def write(self):
         """Record this process's pid."""
@@ -1460,7 +1546,7 @@ class PidFile:
 
 def run_standalone(cfg):
     """Listen, switch user, go to the background, and serve until SIGTERM."""
-    log = open_log(cfg.logfile)
+    log = open_log(cfg.logfile, cfg.user)
     listeners = inherited_listeners() if cfg.activated else None
     if listeners:
         cfg.port = listeners[0].getsockname()[1]
@@ -1620,9 +1706,8 @@ class Supervisor:
         cfg = self.server.cfg
         try:
             self.log.reopen()
-        except OSError as exc:
-            self.log.message("SIGHUP: cannot reopen %s: %s" % (cfg.logfile, exc.strerror),
-                             error=True)
+        except Fatal as exc:
+            self.log.message("SIGHUP: %s; the old file stays in use" % exc, error=True)
         if cfg.target:
             try:
                 cfg.target_addrs = resolve(*cfg.target)

@@ -228,13 +228,20 @@ def test_inetd_mode_under_openbsd_inetd(book):
         "GET /index.html HTTP/1.1", "GET http://moose.mancill.com:8080/inetd HTTP/1.1"]
 
 
+def root_only_dir(book):
+    """Return a directory only root may write (tproxy refuses -P anywhere else)."""
+    path = book.tmp / "root-only"
+    path.mkdir(mode=0o755, exist_ok=True)
+    return path
+
+
 def test_background_mode_pidfile_logfile_hup_and_term(book):
     book.web(book.cow)
     book.redirect()
-    run = book.tmp / "run"
+    run = book.tmp / "run"              # nobody's log directory: -l is opened as nobody
     run.mkdir()
     os.chown(str(run), 65534, 65534)
-    pidfile, logfile = run / "tproxy.pid", run / "conn.log"
+    pidfile, logfile = root_only_dir(book) / "tproxy.pid", run / "conn.log"
     started = book.router.run(*tproxy_cmd("-s", 12970, "-r", "nobody", "-P", pidfile,
                                           "-l", logfile, "-t", book.COW, 80))
     assert started.stdout == "" and started.stderr == ""
@@ -252,7 +259,8 @@ def test_background_mode_pidfile_logfile_hup_and_term(book):
     os.kill(pid, 15)
     wait_for(lambda: not os.path.exists("/proc/%d" % pid) or
              open("/proc/%d/stat" % pid).read().split()[2] == "Z", what="exit on SIGTERM")
-    assert not pidfile.exists()
+    assert pidfile.read_text() == ""    # nobody may not remove it from root's directory
+    assert os.stat(str(pidfile)).st_uid == 0 and os.stat(str(logfile)).st_uid == 65534
 
 
 def test_prefork_pool_serves_grows_and_stops(book):
@@ -294,7 +302,7 @@ def test_restart_while_old_connections_still_run(book):
                      "s.listen(5); c,_=s.accept(); time.sleep(30)")
     book.moose.wait_listening(80)
     book.redirect()
-    pidfile = book.tmp / "tproxy.pid"           # root-owned directory: emptied, not removed
+    pidfile = root_only_dir(book) / "tproxy.pid"    # emptied at exit, not removed
     book.router.run(*tproxy_cmd("-s", 12970, "-r", "nobody", "-P", pidfile, "-t"))
     first = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="pid"))
     book.client.popen(PYTHON, "-c", "import socket,time; s=socket.create_connection"

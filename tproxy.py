@@ -48,6 +48,8 @@ Options:
                           proxy PROXYHOST PROXYPORT with CONNECT.
   --connect-timeout=SECS  Give up connecting to a target after SECS seconds
                           [default: 10].
+  --grace=SECS            On SIGTERM, let live connections run up to SECS
+                          seconds (0 or more), then reset them [default: 10].
   --idle-timeout=SECS     Close a connection when neither side has sent
                           anything for SECS seconds [default: 120].
   --max-conns=N           Serve at most N connections at once; further clients
@@ -141,6 +143,7 @@ class Config:
     verbose = False
     idle_timeout = 120.0
     connect_timeout = 10.0
+    grace = 10.0            # --grace: seconds live connections get after SIGTERM
     max_conns = 512
     prefork = None          # (min, max) workers
     proxy_auth = None       # bytes "user:password"
@@ -295,6 +298,7 @@ def build_config(args):
     cfg.verbose = bool(args["-v"])
     cfg.idle_timeout = parse_seconds(args["--idle-timeout"], "--idle-timeout")
     cfg.connect_timeout = parse_seconds(args["--connect-timeout"], "--connect-timeout")
+    cfg.grace = parse_seconds(args["--grace"], "--grace", allow_zero=True)
     cfg.max_conns = parse_count(args["--max-conns"], "--max-conns")
     if args["--prefork"]:
         cfg.prefork = parse_prefork(args["--prefork"])
@@ -319,33 +323,38 @@ def build_config(args):
 
 def parse_port(text, what):
     """Return TEXT as a TCP port number (digits or a service name); raise Fatal."""
-    if text.isdigit():
+    if is_digits(text):
         port = int(text)
         if 1 <= port <= 65535:
             return port
         raise Fatal("%s: port %s is out of range (1-65535)" % (what, text), EX_USAGE)
     try:
         return socket.getservbyname(text, "tcp")
-    except OSError:
+    except (OSError, UnicodeError):
         raise Fatal("%s: unknown port or service %r" % (what, text), EX_USAGE) from None
 
 
-def parse_seconds(text, what):
-    """Return TEXT as a positive number of seconds; raise Fatal."""
+def parse_seconds(text, what, allow_zero=False):
+    """Return TEXT as a positive (or with ALLOW_ZERO, non-negative) number of seconds; raise Fatal."""
     try:
-        value = float(text)
+        value = float(text) if text.isascii() else -1.0
     except ValueError:
         value = -1.0
-    if not 0 < value <= 86400 * 365:
+    if not (0 <= value if allow_zero else 0 < value) or not value <= 86400 * 365:
         raise Fatal("%s: %r is not a number of seconds" % (what, text), EX_USAGE)
     return value
 
 
 def parse_count(text, what):
     """Return TEXT as a positive integer; raise Fatal."""
-    if not text.isdigit() or int(text) < 1:
+    if not is_digits(text) or int(text) < 1:
         raise Fatal("%s: %r is not a positive whole number" % (what, text), EX_USAGE)
     return int(text)
+
+
+def is_digits(text):
+    """Return True when TEXT is ASCII digits only (str.isdigit also takes "²" and "①")."""
+    return text.isascii() and text.isdigit()
 
 
 def parse_prefork(text):
@@ -385,7 +394,7 @@ def parse_acl(text):
         if len(addrs) != 1:
             raise Fatal("-a: host %s has %d addresses; list them one by one"
                         % (text, len(addrs)), EX_USAGE) from None
-        addr = ipaddress.ip_address(addrs[0][1][0])
+        addr = ipaddress.ip_address(plain_ip(addrs[0][4][0]).split("%", 1)[0])
     if addr.version == 4:
         # A classful network is written with its host part zero (transproxy's form).
         first = int(addr) >> 24
@@ -406,7 +415,7 @@ def read_proxy_auth(path):
             raise Fatal("--proxy-auth-file: %s: %s" % (path, exc.strerror), EX_USAGE) from None
         where = path
     else:
-        text = os.environ["TPROXY_PROXY_AUTH"].strip().encode()
+        text = os.environb[b"TPROXY_PROXY_AUTH"].strip()
         where = "TPROXY_PROXY_AUTH"
     if b":" not in text or b"\n" in text:
         raise Fatal("%s: expected one line user:password" % where, EX_USAGE)
@@ -417,8 +426,10 @@ def lookup_user(text):
     """Return (name, uid, gid) for -r USER (a name or #uid); raise Fatal."""
     import pwd
     try:
-        if text.startswith("#") and text[1:].isdigit():
+        if text.startswith("#") and is_digits(text[1:]):
             uid = int(text[1:])
+            if uid >= 0xFFFFFFFF:       # (uid_t) -1 and beyond name nobody
+                raise KeyError(text)
             try:
                 entry = pwd.getpwuid(uid)
                 return entry.pw_name, uid, entry.pw_gid
@@ -426,7 +437,7 @@ def lookup_user(text):
                 return text, uid, uid   # a bare uid runs with the same-numbered group
         entry = pwd.getpwnam(text)
         return entry.pw_name, entry.pw_uid, entry.pw_gid
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError, UnicodeError):
         raise Fatal("-r: unknown user %r" % text, EX_NOUSER) from None
 
 
@@ -720,9 +731,12 @@ def drop_privileges(user, keep_net_raw):
         raise Fatal("-r %s: cannot switch user: %s" % (name, exc.strerror), status) from None
 
 
-def _libc():
-    import ctypes
-    return ctypes.CDLL(None, use_errno=True)
+def _libc(cache=[]):
+    """Return the C library (loaded once: every fork child calls prctl)."""
+    if not cache:
+        import ctypes
+        cache.append(ctypes.CDLL(None, use_errno=True))
+    return cache[0]
 
 
 def _errno():
@@ -761,7 +775,10 @@ def connect(addrs, timeout, source=None, client=None, log=None, verbose=False):
     """
     last = "no address"
     for family, type_, proto, _, sockaddr in addrs:
-        sock = socket.socket(family, type_, proto)
+        try:
+            sock = socket.socket(family, type_, proto)
+        except OSError as exc:      # no descriptor or memory left: say so, do not crash
+            raise ConnectionFailed("no socket for the target: %s" % exc.strerror) from None
         try:
             transparent = bind_source(sock, family, source, client, log)
             sock.settimeout(timeout)
@@ -1029,10 +1046,19 @@ class Idle(Exception):
     """Neither side sent anything within the idle timeout."""
 
 
+class Cut(Exception):
+    """Shutdown: the grace period ended before the connection did."""
+
+
+POLL_MAX_MS = 2 ** 31 - 1      # poll(2) takes an int: about 24.8 days
+
+
 def relay(pumps, idle_timeout):
     """Run PUMPS until every one is done; raise Reset or Idle."""
     poller = select.poll()
     timeout_ms = int(idle_timeout * 1000)
+    long_wait = timeout_ms > POLL_MAX_MS    # beyond poll's range: wait in slices
+    deadline = time.monotonic() + idle_timeout
     for pump in pumps:
         pump.step()
     while True:
@@ -1045,9 +1071,15 @@ def relay(pumps, idle_timeout):
             return
         for fd, events in waits.items():
             poller.register(fd, events)
-        ready = poller.poll(timeout_ms)
+        ready = poller.poll(min(timeout_ms, POLL_MAX_MS))
         for fd in waits:
             poller.unregister(fd)
+        if long_wait:
+            now = time.monotonic()
+            if ready:
+                deadline = now + idle_timeout
+            elif now < deadline:
+                continue
         if not ready:
             raise Idle()
         fired = {fd for fd, _ in ready}
@@ -1353,7 +1385,20 @@ def serve(conn, server):
         abort(conn if exc.side == "server" else upstream)
     except Idle:
         record.outcome = "idle timeout (%gs)" % cfg.idle_timeout
+    except Cut:
+        record.outcome = "cut at shutdown after the %gs grace period" % cfg.grace
+        cut_short(conn, upstream)
+        status = EX_UNAVAILABLE
+    except OSError as exc:      # what the kernel refused mid-way (a descriptor, memory)
+        record.outcome = "error: %s" % (exc.strerror or exc)
+        cut_short(conn, upstream)
+        status = EX_UNAVAILABLE
+    except Exception as exc:    # a bug: still one honest record, and a reset, not a clean end
+        record.outcome = "internal error: %s: %s" % (type(exc).__name__, exc)
+        cut_short(conn, upstream)
+        status = EX_SOFTWARE
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)     # a grace period ending now cuts nothing
         for sock in (upstream, conn):
             if sock is not None:
                 try:
@@ -1362,6 +1407,13 @@ def serve(conn, server):
                     pass
         log.connection(record.line())
     return status
+
+
+def cut_short(conn, upstream):
+    """Reset both sides: a transfer cut short must never look complete (a clean EOF)."""
+    for sock in (conn, upstream):
+        if sock is not None:
+            abort(sock)
 
 
 def open_upstream(conn, server, record):
@@ -1441,11 +1493,36 @@ def run_inetd(cfg):
     except OSError:
         raise Fatal("standard input is not a socket; use -s PORT for standalone mode",
                     EX_USAGE) from None
-    if conn.type != socket.SOCK_STREAM:
+    if conn.type != socket.SOCK_STREAM or conn.family not in (socket.AF_INET, socket.AF_INET6):
         raise Fatal("standard input is not a TCP socket", EX_USAGE)
     log = open_log(cfg.logfile)
     log.use_syslog()
-    return serve(conn, Server(cfg, log, conn.getsockname()[1]))
+    port = conn.getsockname()[1]
+    if conn.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        conn = accept_one(conn, log)
+        if conn is None:
+            return EX_OK
+    finish_within_grace(cfg.grace)
+    return serve(conn, Server(cfg, log, port))
+
+
+def accept_one(listener, log):
+    """An inetd "wait" service passed its listening socket: accept one client; None if none came.
+
+    inetd watches the socket again once this process exits, so one client
+    per start is served in turn and none is left queued to make it respawn.
+    """
+    log.message("standard input is a listening socket (an inetd wait service): serving one "
+                "connection per start; configure tproxy as a nowait service", error=True)
+    ready, _, _ = select.select([listener], [], [], 1.0)
+    if not ready:
+        log.message("no client was waiting on the listening socket")
+        return None
+    try:
+        return listener.accept()[0]
+    except OSError as exc:
+        log.message("accept: %s" % exc.strerror, error=True)
+        return None
 
 
 def open_log(logfile, user=None):
@@ -1463,8 +1540,9 @@ def open_listeners(cfg):
         try:
             infos = socket.getaddrinfo(cfg.bind, cfg.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            raise Fatal("-b: cannot resolve %s: %s" % (cfg.bind, exc.strerror), EX_NOHOST) from None
+        except (socket.gaierror, UnicodeError) as exc:
+            raise Fatal("-b: cannot resolve %s: %s" % (cfg.bind, getattr(exc, "strerror", exc)),
+                        EX_NOHOST) from None
         candidates = [(infos[0][0], infos[0][4])]
     else:
         candidates = [(socket.AF_INET6, ("::", cfg.port)), (socket.AF_INET, ("0.0.0.0", cfg.port))]
@@ -1512,7 +1590,7 @@ class PidFile:
 
     def __init__(self, path, user):
         import fcntl
-        self.path = path
+        self.path = os.path.abspath(path)      # removed at exit, after the daemon's chdir("/")
         self.fd = open_own_file(path, "-P", os.O_RDWR, user, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1529,11 +1607,15 @@ class PidFile:
         os.pwrite(self.fd, ("%d\n" % os.getpid()).encode(), 0)
 
     def remove(self):
-        """Remove the file; where the directory forbids it, leave it empty."""
+        """Remove the file (where the directory forbids it, empty it) and release its lock; once."""
+        if self.fd is None:
+            return
         try:
             os.unlink(self.path)
         except OSError:
             os.ftruncate(self.fd, 0)
+        os.close(self.fd)       # a new server may take the file while old connections finish
+        self.fd = None
 
     # python-daemon's pidfile protocol
     def __enter__(self):
@@ -1583,10 +1665,12 @@ def run_standalone(cfg):
         "%s:%d" % cfg.target if cfg.target else "original destination",
         " (socket from systemd)" if cfg.activated else ""))
     notify_ready()
+    shape = PreforkPool if cfg.prefork else ForkingServer
+    supervisor = shape(listeners, server)
+    if pidfile:
+        supervisor.on_stop = pidfile.remove
     try:
-        if cfg.prefork:
-            return PreforkPool(listeners, server).run()
-        return ForkingServer(listeners, server).run()
+        return supervisor.run()
     finally:
         if pidfile:
             pidfile.remove()
@@ -1683,6 +1767,7 @@ class Supervisor:
         self.log = server.log
         self.stopping = False
         self.reload = False
+        self.on_stop = lambda: None     # called once accepting has stopped (the pid file goes)
 
     def install_signals(self):
         """Route SIGTERM, SIGINT, SIGHUP and SIGCHLD into flags and a wakeup pipe."""
@@ -1695,7 +1780,53 @@ class Supervisor:
         signal.signal(signal.SIGCHLD, lambda *_: None)
 
     def _on_term(self, *_):
+        if self.stopping:
+            self.cut_now = True         # a second SIGTERM: no more grace
         self.stopping = True
+
+    cut_now = False
+
+    def stop_accepting(self):
+        """Close the listeners at once (a restart may bind the port) and drop the pid file."""
+        for sock in self.listeners:
+            sock.close()
+        self.on_stop()
+
+    def wind_down(self, pids):
+        """Tell PIDS to finish within --grace, wait for them, kill stragglers; return EX_OK.
+
+        Each child runs the grace period itself (see finish_within_grace) and
+        resets what is still open when it ends; the parent waits a little
+        longer, so that an init system sees the service stop when the last
+        connection has, and SIGKILLs only a child that failed to.
+        """
+        pids = set(pids)
+        grace = self.server.cfg.grace
+        for pid in pids:
+            signal_quietly(pid, signal.SIGTERM)
+        told_cut = False
+        deadline = time.monotonic() + grace + 5.0
+        while pids and time.monotonic() < deadline:
+            if self.cut_now and not told_cut:
+                for pid in pids:
+                    signal_quietly(pid, signal.SIGALRM)     # their grace ends now
+                told_cut = True
+            try:
+                select.select([self.wake_r], [], [], 0.2)
+            except InterruptedError:
+                pass
+            drain(self.wake_r)
+            pids.difference_update(self.reap())
+        for pid in pids:
+            self.log.message("shutdown: child %d outlived the grace period; killed" % pid,
+                             error=True)
+            signal_quietly(pid, signal.SIGKILL)
+        while pids:
+            try:
+                pids.discard(os.waitpid(-1, 0)[0])
+            except ChildProcessError:
+                break
+        return EX_OK
 
     def _on_hup(self, *_):
         self.reload = True
@@ -1723,6 +1854,7 @@ class Supervisor:
 
     def fork(self, work):
         """Fork a child that runs WORK() and always ends in os._exit; return its pid or None."""
+        parent = os.getpid()
         try:
             pid = os.fork()
         except OSError as exc:
@@ -1735,10 +1867,13 @@ class Supervisor:
             import gc
             gc.disable()
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            for sig in (signal.SIGINT, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             for fd in [self.wake_r, self.wake_w] + self.server.parent_fds:
                 os.close(fd)
+            self.parent_pid = parent
+            finish_within_grace(self.server.cfg.grace)
+            die_with(parent)
             status = work()
         except BaseException as exc:        # never let a child return into the parent's loop
             try:
@@ -1768,6 +1903,7 @@ class ForkingServer(Supervisor):
         super().__init__(listeners, server)
         self.children = set()
         self.paused_until = 0.0
+        self.held = None        # a client accepted when fork failed: it waits for the next try
 
     def run(self):
         """Accept until SIGTERM; return the exit status."""
@@ -1778,8 +1914,10 @@ class ForkingServer(Supervisor):
         listening = False
         by_fd = {s.fileno(): s for s in self.listeners}
         while not self.stopping:
+            if self.held is not None and time.monotonic() >= self.paused_until:
+                self.start_child(self.held)
             # At the cap, new clients wait in the kernel's listen queue.
-            want = len(self.children) < self.server.cfg.max_conns \
+            want = len(self.children) < self.server.cfg.max_conns and self.held is None \
                 and time.monotonic() >= self.paused_until
             if want != listening:
                 for fd in by_fd:
@@ -1797,11 +1935,12 @@ class ForkingServer(Supervisor):
             if self.reload:
                 self.reopen()
                 self.log.message("SIGHUP: log reopened, target re-resolved")
-        for sock in self.listeners:
-            sock.close()
-        self.log.message("SIGTERM: stopped accepting; %d connection(s) finish on their own"
-                         % len(self.children))
-        return EX_OK
+        self.stop_accepting()
+        if self.held is not None:
+            abort(self.held)
+        self.log.message("SIGTERM: stopped accepting; %d connection(s) get %gs to finish"
+                         % (len(self.children), self.server.cfg.grace))
+        return self.wind_down(self.children)
 
     def accept(self, listener):
         try:
@@ -1817,17 +1956,58 @@ class ForkingServer(Supervisor):
                 self.log.message("accept: %s" % exc.strerror, error=True)
             return
         self.server.rotation += 1
+        self.start_child(conn)
+
+    def start_child(self, conn):
+        """Fork a child for CONN; when fork fails, hold CONN and retry in 0.5 s (nobody is refused)."""
         pid = self.fork(lambda: self.child(conn))
-        conn.close()
         if pid is None:
+            self.held = conn
             self.paused_until = time.monotonic() + 0.5
-        else:
-            self.children.add(pid)
+            return
+        self.held = None
+        conn.close()
+        self.children.add(pid)
 
     def child(self, conn):
         for sock in self.listeners:
             sock.close()
         return serve(conn, self.server)
+
+
+def finish_within_grace(grace):
+    """In a process serving one connection: SIGTERM starts GRACE seconds, then Cut; no SIGHUP.
+
+    Only the parent reopens logs, so SIGHUP (say, `killall -HUP tproxy`
+    from logrotate) must not kill a connection. Return the SIGTERM handler,
+    which also ends a connection's wait for a parent that has died.
+    """
+    def begin(*_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.setitimer(signal.ITIMER_REAL, max(grace, 0.001))
+
+    def end(*_):
+        raise Cut()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, end)
+    signal.signal(signal.SIGTERM, begin)
+    return begin
+
+
+def die_with(parent):
+    """Get SIGTERM when PARENT dies (PR_SET_PDEATHSIG); send it now if it already has."""
+    if _libc().prctl(1, signal.SIGTERM, 0, 0, 0) != 0:     # PR_SET_PDEATHSIG
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def signal_quietly(pid, sig):
+    """Send SIG to PID unless it is gone already."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 IDLE, BUSY, EMPTY = 0, 1, 2      # prefork scoreboard states
@@ -1890,16 +2070,11 @@ class PreforkPool(Supervisor):
                 elif watched is not None and waiting is None:
                     drain(self.busy_r)
                     poller.register(self.busy_r, select.POLLIN)
-        for sock in self.listeners:
-            sock.close()
-        for pid in self.slots:
-            try:
-                os.kill(pid, signal.SIGTERM)     # idle workers leave, busy ones finish first
-            except ProcessLookupError:
-                pass
-        self.log.message("SIGTERM: stopped accepting; %d worker(s) finish their connection"
-                         % len(self.slots))
-        return EX_OK
+        self.stop_accepting()
+        # Idle workers leave at once; busy ones close their listeners and finish first.
+        self.log.message("SIGTERM: stopped accepting; %d worker(s) get %gs to finish"
+                         % (len(self.slots), self.server.cfg.grace))
+        return self.wind_down(self.slots)
 
     def staff(self, count):
         """Start workers until COUNT are alive (never more than MAX)."""
@@ -1947,15 +2122,22 @@ class PreforkPool(Supervisor):
         os.close(self.busy_r)
         state = {"busy": False, "stop": False, "hup": False}
 
+        begin_grace = signal.getsignal(signal.SIGTERM)     # finish_within_grace's
+
         def on_term(*_):
+            for sock in self.listeners:     # stop accepting before anything else
+                sock.close()
             if not state["busy"]:
                 os._exit(EX_OK)
             state["stop"] = True
+            begin_grace()
 
         def on_hup(*_):
             state["hup"] = True
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGHUP, on_hup)
+        if os.getppid() != self.parent_pid:     # died before PR_SET_PDEATHSIG was set
+            on_term()
         # One epoll per worker with EPOLLEXCLUSIVE: a new client wakes one idle worker, not all.
         poller = select.epoll()
         exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)

@@ -1,0 +1,161 @@
+"""Shutdown and supervision: SIGTERM, --grace, a dead server, SIGHUP, a failing fork."""
+import os
+import resource
+import signal
+import socket
+import subprocess
+
+import pytest
+
+from support import PYTHON, tproxy_cmd, wait_for
+
+PORT, TARGET = 12970, 7007
+GRACE = 2
+# An echo server on loopback: every byte back, until the peer closes (bounded lifetime).
+ECHO = """
+import socket, sys, threading, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64); s.settimeout(1)
+def echo(c):
+    with c:
+        while True:
+            data = c.recv(65536)
+            if not data: return
+            c.sendall(data)
+end = time.monotonic() + 300
+while time.monotonic() < end:
+    try: c, _ = s.accept()
+    except socket.timeout: continue
+    threading.Thread(target=echo, args=(c,), daemon=True).start()
+"""
+
+
+@pytest.fixture
+def box(lab, open_tmp):
+    """One namespace with an echo target; returns a helper to start tproxy there."""
+    host = lab.host("box")
+    host.popen(PYTHON, "-c", ECHO, TARGET)
+    host.wait_listening(TARGET)
+
+    def start(*args, port=PORT, user="nobody", wrapper=()):
+        err = open_tmp / ("tproxy-%d.err" % len(lab.processes))
+        with open(str(err), "wb") as f:
+            proc = host.popen(*wrapper, *tproxy_cmd("-d", "-s", port, "-b", "127.0.0.1",
+                                                    "-r", user, "--grace=%g" % GRACE, *args,
+                                                    "-t", "127.0.0.1", TARGET),
+                              stdout=f, stderr=f)
+        host.wait_listening(port)
+        return proc, err
+    host.start = start
+    return host
+
+
+MODES = {"fork": (), "prefork": ("--prefork=2",)}
+
+
+def echoed(sock, data=b"ping"):
+    """Send DATA on SOCK and return True when it comes back whole."""
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        more = sock.recv(65536)
+        if not more:
+            return False
+        got += more
+    return got == data
+
+
+def refused(host, port=PORT):
+    """Return True when a new client to PORT is refused by the kernel (nobody listens)."""
+    try:
+        host.connect(port, timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except socket.timeout:
+        return False
+    return False
+
+
+def ends_with_reset(sock, timeout=GRACE + 20):
+    """Wait for SOCK's end; return True for a reset, False for a clean end of stream."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    return False
+
+
+def children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sigterm_refuses_at_once_finishes_within_grace_then_resets(box, mode):
+    proc, err = box.start(*MODES[mode])
+    live = box.connect(PORT)
+    assert echoed(live)
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: refused(box), what="new clients refused after SIGTERM")
+    assert echoed(live, b"still served during the grace period")
+    # A new server binds the same port while the old connection is still in its grace period.
+    again, _ = box.start()
+    fresh = box.connect(PORT)
+    assert echoed(fresh) and proc.poll() is None
+    assert ends_with_reset(live), "a connection cut at shutdown must be reset, not ended cleanly"
+    assert proc.wait(GRACE + 20) == 0
+    text = wait_for(lambda: "outcome=cut at shutdown" in err.read_text() and err.read_text(),
+                    what="the cut connection's record")
+    assert "cut at shutdown after the %gs grace period" % GRACE in text
+    assert echoed(fresh, b"the new server is not disturbed")
+    fresh.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_children_stop_when_the_server_is_killed(box, mode):
+    proc, err = box.start(*MODES[mode])
+    live = box.connect(PORT)
+    assert echoed(live)
+    server = proc.pid            # ip netns exec execs: the Popen is tproxy itself
+    kids = wait_for(lambda: children(server), what="children")
+    os.kill(server, signal.SIGKILL)
+    proc.wait(10)
+    wait_for(lambda: refused(box), what="nothing accepting once the server is dead")
+    assert ends_with_reset(live)
+    wait_for(lambda: not any(os.path.exists("/proc/%d" % k) and
+                             open("/proc/%d/stat" % k).read().split()[2] != "Z" for k in kids),
+             timeout=GRACE + 20, what="children gone after the grace period")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sighup_to_everyone_cuts_no_connection(box, mode):
+    """`killall -HUP tproxy` (logrotate) reaches children too; they must live on."""
+    proc, _ = box.start(*MODES[mode])
+    live = box.connect(PORT)
+    assert echoed(live)
+    for pid in [proc.pid] + wait_for(lambda: children(proc.pid), what="children"):
+        os.kill(pid, signal.SIGHUP)
+    assert echoed(live, b"after SIGHUP")
+    assert proc.poll() is None
+    live.close()
+
+
+def test_fork_failure_holds_the_client_until_a_child_can_start(box):
+    """At the run-as user's process limit nobody is refused: the client waits, then is served.
+
+    A uid of its own (no other process of it anywhere) with a soft limit of one
+    process: the server itself. Raising the limit later needs that same uid.
+    """
+    uid, hard = 54321, resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    hard = "unlimited" if hard == resource.RLIM_INFINITY else hard
+    proc, err = box.start(user="#%d" % uid, wrapper=("prlimit", "--nproc=1:%s" % hard))
+    client = box.connect(PORT)
+    client.sendall(b"waiting")
+    wait_for(lambda: "fork: " in err.read_text(), what="the failed fork logged")
+    subprocess.run(["setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups",
+                    "prlimit", "--pid", str(proc.pid), "--nproc=%s" % hard], check=True)
+    client.settimeout(20)
+    assert client.recv(100) == b"waiting"
+    client.close()

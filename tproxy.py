@@ -314,6 +314,7 @@ def build_config(args):
         raise Fatal("--proxy-auth-file applies to --connect only", EX_USAGE)
     if cfg.mode == "connect" and (args["--proxy-auth-file"] or os.environ.get("TPROXY_PROXY_AUTH")):
         cfg.proxy_auth = read_proxy_auth(args["--proxy-auth-file"])
+    forget_environment_variable(b"TPROXY_PROXY_AUTH")
     if args["-r"]:
         cfg.user = lookup_user(args["-r"])
     if cfg.target:
@@ -420,6 +421,33 @@ def read_proxy_auth(path):
     if b":" not in text or b"\n" in text:
         raise Fatal("%s: expected one line user:password" % where, EX_USAGE)
     return text
+
+
+def forget_environment_variable(name):
+    """Remove NAME (bytes) from the environment, including the copy /proc/PID/environ shows.
+
+    Deleting it from os.environ and libc's environ is not enough: the kernel
+    shows the block the process started with, and children inherit that
+    memory. So its value there is overwritten with zero bytes as well.
+    """
+    if os.environb.pop(name, None) is None:
+        return
+    os.environ.pop(name.decode("ascii"), None)
+    import ctypes
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])   # env_start, env_end (fields 50, 51)
+    except (OSError, IndexError, ValueError):
+        return
+    block = ctypes.string_at(start, end - start)
+    prefix = name + b"="
+    at = 0 if block.startswith(prefix) else block.find(b"\0" + prefix) + 1
+    if at > 0 or block.startswith(prefix):
+        value_at = at + len(prefix)
+        length = block.find(b"\0", value_at)
+        length = (len(block) if length < 0 else length) - value_at
+        ctypes.memset(start + value_at, 0, length)
 
 
 def lookup_user(text):
@@ -699,6 +727,86 @@ def is_self(dest, listen_port):
     return dest[1] == listen_port and is_local_address(plain_ip(dest[0]))
 
 
+class OwnUpstreams:
+    """The upstream sockets of every process of this server, by inode, in shared memory.
+
+    An OUTPUT-chain REDIRECT can catch tproxy's own connection to a target
+    and bring it back as a new client, one more per hop. Each child or
+    worker has a slot in a shared board, where it writes its upstream
+    socket's inode before connecting; a new client from a local address is
+    looked up in /proc/net/tcp (its source and original destination name
+    the upstream socket that made it), and refused when that socket's inode
+    is on the board. Without a board (inetd mode) nothing is recognised.
+    """
+
+    def __init__(self):
+        self.board = None       # memoryview of unsigned 64-bit inodes, one per slot
+        self.slot = None        # this process's slot, or None in the parent
+
+    def create(self, slots):
+        """Make the shared board for SLOTS processes (in the parent, before forking)."""
+        import mmap
+        self.board = memoryview(mmap.mmap(-1, 8 * max(slots, 1))).cast("Q")
+
+    def take(self, slot):
+        """Use SLOT from now on (in a child or worker)."""
+        self.slot = slot
+        if self.board is not None:
+            self.board[slot] = 0
+
+    def add(self, sock):
+        """Record SOCK, about to connect, as this process's upstream."""
+        if self.board is not None and self.slot is not None:
+            self.board[self.slot] = os.fstat(sock.fileno()).st_ino
+
+    def release(self, slot=None):
+        """Forget the upstream of SLOT (default: this process's own)."""
+        slot = self.slot if slot is None else slot
+        if self.board is not None and slot is not None:
+            self.board[slot] = 0
+
+    def is_own(self, client, orig):
+        """Return True when the connection CLIENT -> ORIG is one of this server's upstreams."""
+        if self.board is None or not any(self.board):
+            return False
+        host = plain_ip(client[0])
+        if not is_local_address(host):
+            return False
+        inode = socket_inode((host, client[1]), (plain_ip(orig[0]), orig[1]))
+        return inode is not None and inode in self.board
+
+
+own_upstreams = OwnUpstreams()
+
+
+def socket_inode(local, remote):
+    """Return the inode of this namespace's TCP socket LOCAL -> REMOTE (from /proc/net), or None."""
+    wanted = {proc_net_address(local) + " " + proc_net_address(remote)}
+    if ":" not in local[0] and ":" not in remote[0]:     # an AF_INET6 socket may hold it mapped
+        wanted.add(proc_net_address(("::ffff:" + local[0], local[1])) + " " +
+                   proc_net_address(("::ffff:" + remote[0], remote[1])))
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[1] + " " + fields[2] in wanted:
+                        return int(fields[9])
+        except OSError:
+            continue
+    return None
+
+
+def proc_net_address(addr):
+    """Return (host, port) as /proc/net/tcp writes it: 32-bit words in host order, hex port."""
+    host, port = addr
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    raw = socket.inet_pton(family, host)
+    words = struct.unpack("=%dI" % (len(raw) // 4), raw)
+    return "".join("%08X" % w for w in words) + ":%04X" % port
+
+
 # ---------------------------------------------------------------------------
 # Privileges: switch user, keep one capability
 # ---------------------------------------------------------------------------
@@ -707,25 +815,29 @@ def drop_privileges(user, keep_net_raw):
     """Become USER (name, uid, gid) with no supplementary groups.
 
     With KEEP_NET_RAW, keep CAP_NET_RAW (and nothing else) in the permitted
-    and effective sets, so transparent sockets still work; all other
-    capabilities leave the bounding set too. Raise Fatal on failure.
+    and effective sets, so transparent sockets still work. Every other
+    capability leaves the bounding set, and NoNewPrivs is set, so nothing
+    this process runs can gain privileges again. Raise Fatal on failure.
     """
     name, uid, gid = user
     try:
-        if keep_net_raw:
-            libc = _libc()
+        libc = _libc()
+        if os.geteuid() == 0:
             for cap in range(0, 64):
-                if cap != CAP_NET_RAW and libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                if not (keep_net_raw and cap == CAP_NET_RAW) and \
+                        libc.prctl(24, cap, 0, 0, 0) != 0:                      # PR_CAPBSET_DROP
                     if _errno() == errno.EINVAL:
                         break       # past the last capability this kernel knows
                     raise OSError(_errno(), os.strerror(_errno()))
-            if libc.prctl(8, 1, 0, 0, 0) != 0:                                  # PR_SET_KEEPCAPS
-                raise OSError(_errno(), os.strerror(_errno()))
+        if keep_net_raw and libc.prctl(8, 1, 0, 0, 0) != 0:                     # PR_SET_KEEPCAPS
+            raise OSError(_errno(), os.strerror(_errno()))
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
         if keep_net_raw:
             _capset(1 << CAP_NET_RAW)
+        if libc.prctl(38, 1, 0, 0, 0) != 0:      # PR_SET_NO_NEW_PRIVS: no setuid program regains root
+            raise OSError(_errno(), os.strerror(_errno()))
     except OSError as exc:
         status = EX_NOPERM if exc.errno == errno.EPERM else EX_OSERR
         raise Fatal("-r %s: cannot switch user: %s" % (name, exc.strerror), status) from None
@@ -779,6 +891,7 @@ def connect(addrs, timeout, source=None, client=None, log=None, verbose=False):
             sock = socket.socket(family, type_, proto)
         except OSError as exc:      # no descriptor or memory left: say so, do not crash
             raise ConnectionFailed("no socket for the target: %s" % exc.strerror) from None
+        own_upstreams.add(sock)
         try:
             transparent = bind_source(sock, family, source, client, log)
             sock.settimeout(timeout)
@@ -836,10 +949,14 @@ def http_connect(sock, dest, auth, timeout):
         import base64
         head += "Proxy-Authorization: Basic %s\r\n" % base64.b64encode(auth).decode()
     sock.sendall(head.encode() + b"\r\n")
-    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout       # for the whole reply, not for each read
     reply = bytearray()
     try:
         while b"\r\n\r\n" not in reply:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout()
+            sock.settimeout(left)
             data = sock.recv(CHUNK)
             if not data:
                 raise ConnectionFailed("proxy closed the connection after CONNECT")
@@ -1364,6 +1481,9 @@ def serve(conn, server):
             record.outcome = "denied by access list"
             return EX_OK
         record.orig = original_destination(conn)
+        if own_upstreams.is_own(client, record.orig):
+            raise ConnectionFailed("refused: a loop: %s is this proxy's own connection to %s "
+                                   "coming back" % (show_addr(client), show_addr(record.orig)))
         upstream, initial, rewrite = open_upstream(conn, server, record)
         conn.setblocking(False)
         upstream.setblocking(False)
@@ -1904,6 +2024,10 @@ class ForkingServer(Supervisor):
         self.children = set()
         self.paused_until = 0.0
         self.held = None        # a client accepted when fork failed: it waits for the next try
+        cap = server.cfg.max_conns
+        own_upstreams.create(cap)
+        self.free_slots = list(range(cap - 1, -1, -1))     # own_upstreams slots not in use
+        self.slot_of = {}                                    # child pid -> its slot
 
     def run(self):
         """Accept until SIGTERM; return the exit status."""
@@ -1931,7 +2055,12 @@ class ForkingServer(Supervisor):
                     drain(self.wake_r)
                 elif listening and not self.stopping:
                     self.accept(by_fd[fd])
-            self.children.difference_update(self.reap())
+            for pid in self.reap():
+                self.children.discard(pid)
+                slot = self.slot_of.pop(pid, None)
+                if slot is not None:
+                    own_upstreams.release(slot)
+                    self.free_slots.append(slot)
             if self.reload:
                 self.reopen()
                 self.log.message("SIGHUP: log reopened, target re-resolved")
@@ -1960,18 +2089,22 @@ class ForkingServer(Supervisor):
 
     def start_child(self, conn):
         """Fork a child for CONN; when fork fails, hold CONN and retry in 0.5 s (nobody is refused)."""
-        pid = self.fork(lambda: self.child(conn))
+        slot = self.free_slots.pop()
+        pid = self.fork(lambda: self.child(conn, slot))
         if pid is None:
+            self.free_slots.append(slot)
             self.held = conn
             self.paused_until = time.monotonic() + 0.5
             return
         self.held = None
         conn.close()
         self.children.add(pid)
+        self.slot_of[pid] = slot
 
-    def child(self, conn):
+    def child(self, conn, slot):
         for sock in self.listeners:
             sock.close()
+        own_upstreams.take(slot)
         return serve(conn, self.server)
 
 
@@ -2037,6 +2170,7 @@ class PreforkPool(Supervisor):
         self.board = mmap.mmap(-1, 2 * self.high)
         self.board[:] = bytes([EMPTY]) * self.high + bytes(self.high)
         self.slots = {}                              # pid -> slot (the parent's view)
+        own_upstreams.create(self.high)
         self.grow_step, self.short_at = 1, 0.0     # next growth; when a client last waited
 
     def run(self):
@@ -2119,6 +2253,7 @@ class PreforkPool(Supervisor):
 
     def worker(self, slot):
         """Accept and serve connections one at a time until told to stop or retired."""
+        own_upstreams.take(slot)
         os.close(self.busy_r)
         state = {"busy": False, "stop": False, "hup": False}
 
@@ -2173,6 +2308,7 @@ class PreforkPool(Supervisor):
                     pass                            # it has been asked already
             self.server.rotation += 1
             serve(conn, self.server)
+            own_upstreams.release()
             self.board[slot] = IDLE
             state["busy"] = False
             idle_since = time.monotonic()

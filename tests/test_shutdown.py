@@ -7,48 +7,7 @@ import subprocess
 
 import pytest
 
-from support import PYTHON, tproxy_cmd, wait_for
-
-PORT, TARGET = 12970, 7007
-GRACE = 2
-# An echo server on loopback: every byte back, until the peer closes (bounded lifetime).
-ECHO = """
-import socket, sys, threading, time
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64); s.settimeout(1)
-def echo(c):
-    with c:
-        while True:
-            data = c.recv(65536)
-            if not data: return
-            c.sendall(data)
-end = time.monotonic() + 300
-while time.monotonic() < end:
-    try: c, _ = s.accept()
-    except socket.timeout: continue
-    threading.Thread(target=echo, args=(c,), daemon=True).start()
-"""
-
-
-@pytest.fixture
-def box(lab, open_tmp):
-    """One namespace with an echo target; returns a helper to start tproxy there."""
-    host = lab.host("box")
-    host.popen(PYTHON, "-c", ECHO, TARGET)
-    host.wait_listening(TARGET)
-
-    def start(*args, port=PORT, user="nobody", wrapper=()):
-        err = open_tmp / ("tproxy-%d.err" % len(lab.processes))
-        with open(str(err), "wb") as f:
-            proc = host.popen(*wrapper, *tproxy_cmd("-d", "-s", port, "-b", "127.0.0.1",
-                                                    "-r", user, "--grace=%g" % GRACE, *args,
-                                                    "-t", "127.0.0.1", TARGET),
-                              stdout=f, stderr=f)
-        host.wait_listening(port)
-        return proc, err
-    host.start = start
-    return host
-
+from support import GRACE, PORT, wait_for
 
 MODES = {"fork": (), "prefork": ("--prefork=2",)}
 

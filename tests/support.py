@@ -69,6 +69,19 @@ while time.monotonic() < end:
 """
 
 
+def wait_logged(path, *needles, count=1, timeout=10.0):
+    """Wait until the log file PATH holds every one of NEEDLES COUNT times; return its text.
+
+    tproxy writes a connection's record after closing both sockets, so a
+    client that has its answer may look before the record is there.
+    """
+    def text():
+        with open(str(path), errors="replace") as f:
+            content = f.read()
+        return content if all(content.count(n) >= count for n in needles) else None
+    return wait_for(text, timeout=timeout, what="%s in %s" % (" and ".join(needles), path))
+
+
 class BookLab:
     """Mancill's scenario on documentation addresses.
 

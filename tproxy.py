@@ -1850,6 +1850,7 @@ def preload(cfg):
     if not cfg.foreground:
         import daemon  # noqa: F401
     "".encode("idna")   # getaddrinfo's codec, otherwise loaded by each child
+    _libc()             # ctypes and the C library: every child calls prctl
 
 
 def warn_missing_return_path(log):

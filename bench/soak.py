@@ -197,10 +197,8 @@ def main():
 
     procs = []
     target = free_port()
-    procs.append(subprocess.Popen([sys.executable, __file__, "--target", str(target)])
-                 if False else subprocess.Popen([sys.executable, "-c",
-                                                 "import sys; sys.path.insert(0, %r); import soak; "
-                                                 "soak.run_target(%d)" % (HERE, target)]))
+    procs.append(subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, %r); "
+                                   "import soak; soak.run_target(%d)" % (HERE, target)]))
     ports = {"fork": free_port(), "prefork": free_port(), "down": free_port()}
     dead_target = free_port()        # nothing listens there
     common = [sys.executable, TPROXY, "-d", "-b", "127.0.0.1", "--max-conns=256", "-t"]

@@ -609,7 +609,7 @@ class Log:
                 pass
         else:
             prio = self._syslog.LOG_ERR if error else self._syslog.LOG_INFO
-            self._syslog.syslog(prio, text)
+            self._syslog.syslog(prio, printable(text))
 
     def connection(self, line):
         """Log one connection summary, to the message log and the -l file."""
@@ -620,6 +620,11 @@ class Log:
                 os.write(self.log_fd, ("%s tproxy[%d]: %s\n" % (stamp, os.getpid(), line)).encode())
             except OSError:
                 pass
+
+
+def printable(text):
+    """Return TEXT with undecodable bytes from argv or the environment (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def escape(data, limit=200):
@@ -2371,7 +2376,7 @@ def report_error(text):
     if on_socket or errors_to_syslog:
         import syslog
         syslog.openlog("tproxy", syslog.LOG_PID, syslog.LOG_DAEMON)
-        syslog.syslog(syslog.LOG_ERR, text)
+        syslog.syslog(syslog.LOG_ERR, printable(text))
     else:
         sys.stderr.write("tproxy: %s\n" % text)
 

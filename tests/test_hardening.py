@@ -151,3 +151,20 @@ def test_inetd_wait_service_serves_the_waiting_client(box):
     client.settimeout(10)
     assert client.recv(100) == b"queued"
     client.close(), listener.close()
+
+
+def test_inetd_error_with_undecodable_bytes_reaches_syslog(box):
+    """Under inetd stderr is the client socket: the message goes to syslog, escaped, not a crash."""
+    listener = box.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = box.connect(listener.getsockname()[1])
+    conn, _ = listener.accept()
+    proc = subprocess.run(box.cmd(*tproxy_cmd("-t", "-a", os.fsdecode(b"\xff"))), stdin=conn,
+                          stdout=conn, stderr=conn, timeout=30)
+    assert proc.returncode == 68            # "cannot resolve host \xff": no such host name
+    conn.close()
+    client.settimeout(10)
+    assert client.recv(100) == b""          # nothing, least of all a traceback, to the client
+    for sock in (client, conn, listener):
+        sock.close()

@@ -833,6 +833,8 @@ def drop_privileges(user, keep_net_raw):
                         libc.prctl(24, cap, 0, 0, 0) != 0:                      # PR_CAPBSET_DROP
                     if _errno() == errno.EINVAL:
                         break       # past the last capability this kernel knows
+                    if _errno() == errno.EPERM and not keep_net_raw:
+                        break       # no CAP_SETPCAP: setuid empties the sets; NoNewPrivs below
                     raise OSError(_errno(), os.strerror(_errno()))
         if keep_net_raw and libc.prctl(8, 1, 0, 0, 0) != 0:                     # PR_SET_KEEPCAPS
             raise OSError(_errno(), os.strerror(_errno()))

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from lab import free_port
-from support import tproxy_cmd
+from support import tproxy_cmd, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (tproxy starts as root)")
 
@@ -108,3 +108,21 @@ def test_log_in_a_directory_of_the_user_is_the_users_own(open_tmp):
                               capture_output=True, text=True, timeout=30)
     assert proc.returncode == 71 and "Address already in use" in proc.stderr, proc.stderr
     assert os.stat(str(log)).st_uid == NOBODY
+
+
+def test_pid_file_left_to_the_user_by_an_older_tproxy_is_taken_back(open_tmp):
+    """Older versions gave the pid file to USER, who could then write any pid in it for root."""
+    piddir = open_tmp / "root-only"
+    piddir.mkdir(mode=0o755)
+    pidfile = piddir / "tproxy.pid"
+    pidfile.write_text("1\n")
+    os.chown(str(pidfile), NOBODY, NOBODY)
+    proc = subprocess.Popen(tproxy_cmd("-d", "-s", free_port(), "-b", "127.0.0.1", "-r", "nobody",
+                                       "-P", pidfile, "-t", "127.0.0.1", 9),
+                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: pidfile.read_text().strip() == str(proc.pid), what="the pid written")
+        assert os.stat(str(pidfile)).st_uid == 0
+    finally:
+        proc.terminate()
+        proc.wait(30)

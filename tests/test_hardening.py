@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from support import PORT, PYTHON, TARGET, proc_status, tproxy_cmd, wait_for
+from support import PORT, PYTHON, TARGET, proc_status, tproxy_cmd, wait_for, wait_logged
 
 SECRET = "user:s3cret-token-4711"
 # An HTTP proxy that answers CONNECT one byte at a time, never finishing its reply.
@@ -168,3 +168,36 @@ def test_inetd_error_with_undecodable_bytes_reaches_syslog(box):
     assert client.recv(100) == b""          # nothing, least of all a traceback, to the client
     for sock in (client, conn, listener):
         sock.close()
+
+
+def test_prefork_worker_out_of_descriptors_lives_on_with_an_honest_record(box):
+    proc, err = box.start("--prefork=1")
+    worker = wait_for(lambda: children(proc.pid), what="the worker")[0]
+    used = {int(fd) for fd in os.listdir("/proc/%d/fd" % worker)}
+    free = [fd for fd in range(len(used) + 2) if fd not in used][:2]
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "prlimit",
+                 "--pid", str(worker)]
+    hard = subprocess.run(as_nobody + ["--nofile", "--raw", "--noheadings", "-o", "HARD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # The client gets the first free descriptor; the target's socket would need the second.
+    subprocess.run(as_nobody + ["--nofile=%d:%s" % (free[1], hard)], check=True)
+    client = box.connect(PORT)
+    client.settimeout(20)
+    assert client.recv(100) == b""
+    wait_logged(err, "outcome=no socket for the target: Too many open files")
+    subprocess.run(as_nobody + ["--nofile=%s:%s" % (hard, hard)], check=True)
+    again = box.connect(PORT)
+    assert echo_back(again, b"the same worker serves on")
+    assert children(proc.pid) == [worker]
+
+
+def echo_back(sock, data):
+    sock.sendall(data)
+    sock.settimeout(20)
+    got = b""
+    while len(got) < len(data):
+        more = sock.recv(65536)
+        if not more:
+            break
+        got += more
+    return got == data

@@ -774,10 +774,10 @@ class OwnUpstreams:
         """Return True when the connection CLIENT -> ORIG is one of this server's upstreams."""
         if self.board is None or not any(self.board):
             return False
-        host = plain_ip(client[0])
+        host = plain_ip(client[0]).split("%", 1)[0]      # a link-local scope is not in /proc
         if not is_local_address(host):
             return False
-        inode = socket_inode((host, client[1]), (plain_ip(orig[0]), orig[1]))
+        inode = socket_inode((host, client[1]), (plain_ip(orig[0]).split("%", 1)[0], orig[1]))
         return inode is not None and inode in self.board
 
 
@@ -1896,6 +1896,7 @@ class Supervisor:
         self.stopping = False
         self.reload = False
         self.on_stop = lambda: None     # called once accepting has stopped (the pid file goes)
+        self.cut_now = False            # a second SIGTERM came: the grace period ends now
 
     def install_signals(self):
         """Route SIGTERM, SIGINT, SIGHUP and SIGCHLD into flags and a wakeup pipe."""
@@ -1909,10 +1910,8 @@ class Supervisor:
 
     def _on_term(self, *_):
         if self.stopping:
-            self.cut_now = True         # a second SIGTERM: no more grace
+            self.cut_now = True
         self.stopping = True
-
-    cut_now = False
 
     def stop_accepting(self):
         """Close the listeners at once (a restart may bind the port) and drop the pid file."""
@@ -2297,15 +2296,19 @@ class PreforkPool(Supervisor):
                 if slot >= self.low and time.monotonic() - idle_since > self.IDLE_RETIRE:
                     return EX_OK
                 continue
+            state["busy"] = True    # a SIGTERM from here on lets an accepted client be served
             try:
                 conn, _ = by_fd[ready[0][0]].accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                state["busy"] = False
                 continue            # another worker took it
             except OSError as exc:
+                state["busy"] = False
+                if state["stop"]:
+                    break           # SIGTERM closed the listener under us
                 self.log.message("accept: %s" % exc.strerror, error=True)
                 time.sleep(0.5)
                 continue
-            state["busy"] = True
             self.board[slot] = BUSY
             counter = self.high + slot
             self.board[counter] = (self.board[counter] + 1) % 256

@@ -46,12 +46,13 @@ def box(lab, open_tmp):
     host.popen(PYTHON, "-c", ECHO_SERVER, TARGET)
     host.wait_listening(TARGET)
 
-    def start(*args, port=PORT, user="nobody", wrapper=(), target=("-t", "127.0.0.1", TARGET)):
+    def start(*args, port=PORT, user="nobody", wrapper=(), target=("-t", "127.0.0.1", TARGET),
+              grace=GRACE):
         """Start tproxy in the foreground here with ARGS; return (Popen, stderr path)."""
         err = open_tmp / ("tproxy-%d.err" % len(lab.processes))
         with open(str(err), "wb") as f:
             proc = host.popen(*wrapper, *tproxy_cmd("-d", "-s", port, "-b", "127.0.0.1",
-                                                    "-r", user, "--grace=%g" % GRACE, *args, *target),
+                                                    "-r", user, "--grace=%g" % grace, *args, *target),
                               stdout=f, stderr=f)
         host.wait_listening(port)
         return proc, err

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from support import GRACE, PORT, wait_for, wait_logged
+from support import GRACE, PORT, TARGET, tproxy_cmd, wait_for, wait_logged
 
 MODES = {"fork": (), "prefork": ("--prefork=2",)}
 
@@ -117,3 +117,23 @@ def test_fork_failure_holds_the_client_until_a_child_can_start(box):
     client.settimeout(20)
     assert client.recv(100) == b"waiting"
     client.close()
+
+
+def test_inetd_mode_sigterm_gives_grace_then_resets(box):
+    """One process, one connection: SIGTERM (or SIGHUP) must not end it cleanly mid-transfer."""
+    listener = box.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = box.connect(listener.getsockname()[1])
+    conn, _ = listener.accept()
+    proc = subprocess.Popen(box.cmd(*tproxy_cmd("-t", "--grace=%g" % GRACE, "127.0.0.1", TARGET)),
+                            stdin=conn, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    box.lab.processes.append(proc)
+    conn.close()
+    assert echoed(client)
+    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(signal.SIGTERM)
+    assert echoed(client, b"served during the grace period")
+    assert ends_with_reset(client)
+    assert proc.wait(30) == 69
+    client.close(), listener.close()

@@ -1806,7 +1806,7 @@ def run_standalone(cfg):
 def socket_activated():
     """Return True when systemd passed this process listening sockets (LISTEN_PID/LISTEN_FDS)."""
     return os.environ.get("LISTEN_PID") == str(os.getpid()) and \
-        os.environ.get("LISTEN_FDS", "0").isdigit() and int(os.environ["LISTEN_FDS"]) > 0
+        is_digits(os.environ.get("LISTEN_FDS", "0")) and int(os.environ["LISTEN_FDS"]) > 0
 
 
 def inherited_listeners():

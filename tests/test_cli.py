@@ -182,3 +182,15 @@ def test_no_odd_value_is_an_internal_error(option):
             tproxy.parse_args(argv)
         except tproxy.Fatal as exc:
             assert exc.status in (64, 67, 68), (argv, exc)
+
+
+@pytest.mark.parametrize("fds, status, message", [
+    ("\u00b2", 64, "tproxy: standard input is not a socket"),      # not systemd's: ignored
+    ("1", 64, "tproxy: socket activation: fd 3: Bad file descriptor"),
+])
+def test_odd_socket_activation_variables(fds, status, message):
+    """LISTEN_FDS comes from the environment: an odd value is an error or ignored, never a crash."""
+    proc = subprocess.run(["sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS="$0"; exec "$@"', fds,
+                           *tproxy_cmd("-t", "192.0.2.1", "80")], capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == status and proc.stderr.startswith(message), proc.stderr

@@ -1994,8 +1994,9 @@ class Supervisor:
             import gc
             gc.disable()
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGINT, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # Ctrl-C reaches the whole process group: the server turns it into SIGTERM for each.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             for fd in [self.wake_r, self.wake_w] + self.server.parent_fds:
                 os.close(fd)
             self.parent_pid = parent

@@ -100,6 +100,17 @@ def test_sighup_to_everyone_cuts_no_connection(box, mode):
     live.close()
 
 
+def test_ctrl_c_to_the_process_group_gives_grace_not_a_clean_end(box):
+    """-d in a terminal: Ctrl-C sends SIGINT to every process; a child must not just exit."""
+    proc, _ = box.start(grace=8)
+    live = box.connect(PORT)
+    assert echoed(live)
+    os.killpg(os.getpgid(proc.pid), signal.SIGINT)
+    assert echoed(live, b"still served during the grace period")
+    assert ends_with_reset(live, 30)
+    assert proc.wait(30) == 0
+
+
 def test_fork_failure_holds_the_client_until_a_child_can_start(box):
     """At the run-as user's process limit nobody is refused: the client waits, then is served.
 

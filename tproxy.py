@@ -336,7 +336,7 @@ def parse_port(text, what):
 
 
 def parse_seconds(text, what, allow_zero=False):
-    """Return TEXT as a positive (or with ALLOW_ZERO, non-negative) number of seconds; raise Fatal."""
+    """Return TEXT as seconds above 0 (with ALLOW_ZERO, 0 or more); raise Fatal."""
     try:
         value = float(text) if text.isascii() else -1.0
     except ValueError:
@@ -843,7 +843,7 @@ def drop_privileges(user, keep_net_raw):
         os.setuid(uid)
         if keep_net_raw:
             _capset(1 << CAP_NET_RAW)
-        if libc.prctl(38, 1, 0, 0, 0) != 0:      # PR_SET_NO_NEW_PRIVS: no setuid program regains root
+        if libc.prctl(38, 1, 0, 0, 0) != 0:      # PR_SET_NO_NEW_PRIVS: no setuid gains root
             raise OSError(_errno(), os.strerror(_errno()))
     except OSError as exc:
         status = EX_NOPERM if exc.errno == errno.EPERM else EX_OSERR
@@ -2096,7 +2096,7 @@ class ForkingServer(Supervisor):
         self.start_child(conn)
 
     def start_child(self, conn):
-        """Fork a child for CONN; when fork fails, hold CONN and retry in 0.5 s (nobody is refused)."""
+        """Fork a child for CONN; if fork fails, hold CONN and retry in 0.5 s (none refused)."""
         slot = self.free_slots.pop()
         pid = self.fork(lambda: self.child(conn, slot))
         if pid is None:

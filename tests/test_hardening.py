@@ -29,7 +29,7 @@ while time.monotonic() < end:
 
 
 def redirect_local_port(box, port=80, to=PORT):
-    """Give BOX a documentation network (a link to a neighbour) and REDIRECT its own TCP PORT to TO."""
+    """Give BOX a documentation network (a neighbour) and REDIRECT its own TCP PORT to TO."""
     box.lab.link(box, box.lab.host("far"), ["192.0.2.1/24"], ["192.0.2.2/24"])
     box.run("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", port,
             "-j", "REDIRECT", "--to-ports", to)
@@ -83,7 +83,7 @@ def test_connect_reply_timeout_is_for_the_whole_reply(box):
 
 @pytest.mark.parametrize("mode", [(), ("--prefork=2:4",)], ids=["fork", "prefork"])
 def test_own_upstream_connection_coming_back_is_refused(box, mode):
-    """An OUTPUT REDIRECT that also catches tproxy's own connection: one hop refused, no multiplying."""
+    """An OUTPUT REDIRECT also catching tproxy's own connection: one hop refused, no multiplying."""
     redirect_local_port(box)
     proc, err = box.start("--max-conns=16", *mode, "-v", target=("-t",))
     client = box.connect(80, "192.0.2.50")

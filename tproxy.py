@@ -49,6 +49,8 @@ Options:
                           proxy PROXYHOST PROXYPORT with CONNECT.
   --connect-timeout=SECS  Give up connecting to a target after SECS seconds
                           [default: 10].
+  --grace=SECS            On SIGTERM, let live connections run up to SECS
+                          seconds (0 or more), then reset them [default: 10].
   --idle-timeout=SECS     Close a connection when neither side has sent
                           anything for SECS seconds [default: 120].
   --max-conns=N           Serve at most N connections at once; further clients
@@ -156,6 +158,7 @@ class Config:
     verbose = False
     idle_timeout = 120.0
     connect_timeout = 10.0
+    grace = 10.0            # --grace: seconds live connections get after SIGTERM
     max_conns = 512
     max_per_client = 64
     request_timeout = 10.0
@@ -314,6 +317,7 @@ def build_config(args):
     cfg.verbose = bool(args["-v"])
     cfg.idle_timeout = parse_seconds(args["--idle-timeout"], "--idle-timeout")
     cfg.connect_timeout = parse_seconds(args["--connect-timeout"], "--connect-timeout")
+    cfg.grace = parse_seconds(args["--grace"], "--grace", allow_zero=True)
     cfg.max_conns = parse_count(args["--max-conns"], "--max-conns")
     cfg.max_per_client = parse_count(args["--max-per-client"], "--max-per-client")
     cfg.request_timeout = parse_seconds(args["--request-timeout"], "--request-timeout")
@@ -336,6 +340,7 @@ def build_config(args):
         raise Fatal("--proxy-auth-file applies to --connect only", EX_USAGE)
     if cfg.mode == "connect" and (args["--proxy-auth-file"] or os.environ.get("TPROXY_PROXY_AUTH")):
         cfg.proxy_auth = read_proxy_auth(args["--proxy-auth-file"])
+    forget_environment_variable(b"TPROXY_PROXY_AUTH")
     if args["-r"]:
         cfg.user = lookup_user(args["-r"])
     if cfg.target:
@@ -345,33 +350,38 @@ def build_config(args):
 
 def parse_port(text, what):
     """Return TEXT as a TCP port number (digits or a service name); raise Fatal."""
-    if text.isdigit():
+    if is_digits(text):
         port = int(text)
         if 1 <= port <= 65535:
             return port
         raise Fatal("%s: port %s is out of range (1-65535)" % (what, text), EX_USAGE)
     try:
         return socket.getservbyname(text, "tcp")
-    except OSError:
+    except (OSError, UnicodeError):
         raise Fatal("%s: unknown port or service %r" % (what, text), EX_USAGE) from None
 
 
-def parse_seconds(text, what):
-    """Return TEXT as a positive number of seconds; raise Fatal."""
+def parse_seconds(text, what, allow_zero=False):
+    """Return TEXT as seconds above 0 (with ALLOW_ZERO, 0 or more); raise Fatal."""
     try:
-        value = float(text)
+        value = float(text) if text.isascii() else -1.0
     except ValueError:
         value = -1.0
-    if not 0 < value <= 86400 * 365:
+    if not (0 <= value if allow_zero else 0 < value) or not value <= 86400 * 365:
         raise Fatal("%s: %r is not a number of seconds" % (what, text), EX_USAGE)
     return value
 
 
 def parse_count(text, what):
     """Return TEXT as a positive integer; raise Fatal."""
-    if not text.isdigit() or int(text) < 1:
+    if not is_digits(text) or int(text) < 1:
         raise Fatal("%s: %r is not a positive whole number" % (what, text), EX_USAGE)
     return int(text)
+
+
+def is_digits(text):
+    """Return True when TEXT is ASCII digits only (str.isdigit also takes "²" and "①")."""
+    return text.isascii() and text.isdigit()
 
 
 def parse_prefork(text):
@@ -423,7 +433,7 @@ def parse_acl(text):
         if len(addrs) != 1:
             raise Fatal("-a: host %s has %d addresses; list them one by one"
                         % (text, len(addrs)), EX_USAGE) from None
-        addr = ipaddress.ip_address(addrs[0][1][0])
+        addr = ipaddress.ip_address(plain_ip(addrs[0][4][0]).split("%", 1)[0])
     if addr.version == 4:
         # A classful network is written with its host part zero (transproxy's form).
         first = int(addr) >> 24
@@ -444,19 +454,48 @@ def read_proxy_auth(path):
             raise Fatal("--proxy-auth-file: %s: %s" % (path, exc.strerror), EX_USAGE) from None
         where = path
     else:
-        text = os.environ["TPROXY_PROXY_AUTH"].strip().encode()
+        text = os.environb[b"TPROXY_PROXY_AUTH"].strip()
         where = "TPROXY_PROXY_AUTH"
     if b":" not in text or b"\n" in text:
         raise Fatal("%s: expected one line user:password" % where, EX_USAGE)
     return text
 
 
+def forget_environment_variable(name):
+    """Remove NAME (bytes) from the environment, including the copy /proc/PID/environ shows.
+
+    Deleting it from os.environ and libc's environ is not enough: the kernel
+    shows the block the process started with, and children inherit that
+    memory. So its value there is overwritten with zero bytes as well.
+    """
+    if os.environb.pop(name, None) is None:
+        return
+    os.environ.pop(name.decode("ascii"), None)
+    import ctypes
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])   # env_start, env_end (fields 50, 51)
+    except (OSError, IndexError, ValueError):
+        return
+    block = ctypes.string_at(start, end - start)
+    prefix = name + b"="
+    at = 0 if block.startswith(prefix) else block.find(b"\0" + prefix) + 1
+    if at > 0 or block.startswith(prefix):
+        value_at = at + len(prefix)
+        length = block.find(b"\0", value_at)
+        length = (len(block) if length < 0 else length) - value_at
+        ctypes.memset(start + value_at, 0, length)
+
+
 def lookup_user(text):
     """Return (name, uid, gid) for -r USER (a name or #uid); raise Fatal."""
     import pwd
     try:
-        if text.startswith("#") and text[1:].isdigit():
+        if text.startswith("#") and is_digits(text[1:]):
             uid = int(text[1:])
+            if uid >= 0xFFFFFFFF:       # (uid_t) -1 and beyond name nobody
+                raise KeyError(text)
             try:
                 entry = pwd.getpwuid(uid)
                 return entry.pw_name, uid, entry.pw_gid
@@ -464,7 +503,7 @@ def lookup_user(text):
                 return text, uid, uid   # a bare uid runs with the same-numbered group
         entry = pwd.getpwnam(text)
         return entry.pw_name, entry.pw_uid, entry.pw_gid
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError, UnicodeError):
         raise Fatal("-r: unknown user %r" % text, EX_NOUSER) from None
 
 
@@ -478,6 +517,100 @@ def resolve(host, port):
 
 
 # ---------------------------------------------------------------------------
+# Files tproxy writes (-P, -l): never through a link another user planted
+# ---------------------------------------------------------------------------
+
+def open_own_file(path, name, flags, user, mode, pid_file=False):
+    """Open PATH (the -l file, or the PID_FILE) so that no other user can steer the open; return the fd.
+
+    NAME is how messages call it ("-l FILE", "-P FILE", "the default pid file FILE").
+
+    The rule (tproxy(8), FILES): the last component is never followed; an
+    existing file must be a regular file with one link, owned by the user
+    tproxy runs as or by USER; a directory anyone may write without the
+    sticky bit is refused. In a directory USER may write, the open is done
+    with USER's rights (so nothing planted there gains more than USER has),
+    and -P is refused there outright, since USER could replace the pid
+    file root later trusts. A file tproxy creates is USER's only when
+    opened as USER. Raise Fatal (status 73) naming PATH and the reason.
+    """
+    import stat
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        dir_st = os.stat(directory)
+    except OSError as exc:
+        raise Fatal("%s: directory %s: %s" % (name, directory, exc.strerror),
+                    EX_CANTCREAT) from None
+    if dir_st.st_mode & stat.S_IWOTH and not dir_st.st_mode & stat.S_ISVTX:
+        raise Fatal("%s: directory %s is writable by every user; refusing it"
+                    % (name, directory), EX_CANTCREAT)
+    as_user = user if user and os.geteuid() == 0 and user[1] != 0 and \
+        writable_by(dir_st, user) else None
+    if as_user and pid_file:
+        raise Fatal("%s: directory %s is writable by %s, who could replace the pid file; "
+                    "use a directory only root may write (see tproxy(8), FILES)"
+                    % (name, directory, user[0]), EX_CANTCREAT)
+    owners = {os.geteuid()} | ({user[1]} if user else set())
+    if as_user:
+        owners = {user[1]}
+    safe = flags | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = with_identity(as_user, lambda: create_or_open(path, safe, mode))
+    except OSError as exc:
+        reason = "is a symbolic link; refusing to follow it" if exc.errno == errno.ELOOP \
+            else exc.strerror
+        raise Fatal("%s: %s" % (name, reason), EX_CANTCREAT) from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_nlink != 1:
+        problem = "has %d hard links; refusing it" % st.st_nlink
+    elif st.st_uid not in owners:
+        problem = "is owned by uid %d, not by %s" % (
+            st.st_uid, " or ".join(str(u) for u in sorted(owners)))
+    if problem:
+        os.close(fd)
+        raise Fatal("%s: %s" % (name, problem), EX_CANTCREAT)
+    if pid_file and st.st_uid != os.geteuid():
+        os.fchown(fd, os.geteuid(), os.getegid())   # left to USER by an older tproxy: take it back
+    os.set_blocking(fd, True)
+    return fd
+
+
+def create_or_open(path, flags, mode):
+    """Create PATH exclusively, or open the file already there (FLAGS hold O_NOFOLLOW)."""
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return os.open(path, flags)
+
+
+def writable_by(st, user):
+    """Return True when USER (name, uid, gid; no supplementary groups) may write directory ST."""
+    import stat
+    return bool(st.st_uid == user[1] and st.st_mode & stat.S_IWUSR or
+                st.st_gid == user[2] and st.st_mode & stat.S_IWGRP or
+                st.st_mode & stat.S_IWOTH)
+
+
+def with_identity(user, action):
+    """Return ACTION() run with USER's effective uid and gid (and no groups); as is when None."""
+    if user is None:
+        return action()
+    groups, egid = os.getgroups(), os.getegid()
+    os.setgroups([])
+    os.setegid(user[2])
+    os.seteuid(user[1])
+    try:
+        return action()
+    finally:
+        os.seteuid(0)
+        os.setegid(egid)
+        os.setgroups(groups)
+
+
+# ---------------------------------------------------------------------------
 # Logging: syslog (daemon facility) or stderr, plus the -l connection log
 # ---------------------------------------------------------------------------
 
@@ -487,7 +620,11 @@ def syslog_unreachable(path="/dev/log"):
     Tries a datagram then a stream connection, as the C library's syslog() does.
     """
     for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-        with socket.socket(socket.AF_UNIX, kind) as probe:
+        try:
+            probe = socket.socket(socket.AF_UNIX, kind)
+        except OSError:         # no descriptor to ask with: syslog() will fail quietly itself
+            return None
+        with probe:
             try:
                 probe.connect(path)
                 return None
@@ -515,10 +652,11 @@ def stderr_outlives_start():
 class Log:
     """Where messages go: stderr until `use_syslog()`, then syslog (daemon facility)."""
 
-    def __init__(self, logfile=None):
+    def __init__(self, logfile=None, user=None):
         self.to_stderr = True
         self._syslog = None
         self.logfile = logfile
+        self.user = user        # -r USER: the -l file's rightful second owner
         self.log_fd = None
         self.reopen()
 
@@ -543,10 +681,10 @@ class Log:
         return True
 
     def reopen(self):
-        """(Re)open the -l file for appending; raise OSError if it cannot be."""
+        """(Re)open the -l file for appending (see open_own_file); raise Fatal if it cannot be."""
         if self.logfile is None:
             return
-        fd = os.open(self.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = open_own_file(self.logfile, "-l %s" % self.logfile, os.O_WRONLY | os.O_APPEND, self.user, 0o640)
         if self.log_fd is not None:
             os.close(self.log_fd)
         self.log_fd = fd
@@ -560,7 +698,7 @@ class Log:
                 pass
         elif self._syslog:
             prio = self._syslog.LOG_ERR if error else self._syslog.LOG_INFO
-            self._syslog.syslog(prio, text)
+            self._syslog.syslog(prio, printable(text))
         else:
             self.to_file(text)          # inetd without syslog: the -l file is all there is
 
@@ -578,6 +716,11 @@ class Log:
                 os.write(self.log_fd, ("%s tproxy[%d]: %s\n" % (stamp, os.getpid(), line)).encode())
             except OSError:
                 pass
+
+
+def printable(text):
+    """Return TEXT with undecodable bytes from argv or the environment (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def escape(data, limit=200):
@@ -685,6 +828,86 @@ def is_self(dest, listen_port):
     return dest[1] == listen_port and is_local_address(plain_ip(dest[0]))
 
 
+class OwnUpstreams:
+    """The upstream sockets of every process of this server, by inode, in shared memory.
+
+    An OUTPUT-chain REDIRECT can catch tproxy's own connection to a target
+    and bring it back as a new client, one more per hop. Each child or
+    worker has a slot in a shared board, where it writes its upstream
+    socket's inode before connecting; a new client from a local address is
+    looked up in /proc/net/tcp (its source and original destination name
+    the upstream socket that made it), and refused when that socket's inode
+    is on the board. Without a board (inetd mode) nothing is recognised.
+    """
+
+    def __init__(self):
+        self.board = None       # memoryview of unsigned 64-bit inodes, one per slot
+        self.slot = None        # this process's slot, or None in the parent
+
+    def create(self, slots):
+        """Make the shared board for SLOTS processes (in the parent, before forking)."""
+        import mmap
+        self.board = memoryview(mmap.mmap(-1, 8 * max(slots, 1))).cast("Q")
+
+    def take(self, slot):
+        """Use SLOT from now on (in a child or worker)."""
+        self.slot = slot
+        if self.board is not None:
+            self.board[slot] = 0
+
+    def add(self, sock):
+        """Record SOCK, about to connect, as this process's upstream."""
+        if self.board is not None and self.slot is not None:
+            self.board[self.slot] = os.fstat(sock.fileno()).st_ino
+
+    def release(self, slot=None):
+        """Forget the upstream of SLOT (default: this process's own)."""
+        slot = self.slot if slot is None else slot
+        if self.board is not None and slot is not None:
+            self.board[slot] = 0
+
+    def is_own(self, client, orig):
+        """Return True when the connection CLIENT -> ORIG is one of this server's upstreams."""
+        if self.board is None or not any(self.board):
+            return False
+        host = plain_ip(client[0]).split("%", 1)[0]      # a link-local scope is not in /proc
+        if not is_local_address(host):
+            return False
+        inode = socket_inode((host, client[1]), (plain_ip(orig[0]).split("%", 1)[0], orig[1]))
+        return inode is not None and inode in self.board
+
+
+own_upstreams = OwnUpstreams()
+
+
+def socket_inode(local, remote):
+    """Return the inode of this namespace's TCP socket LOCAL -> REMOTE (from /proc/net), or None."""
+    wanted = {proc_net_address(local) + " " + proc_net_address(remote)}
+    if ":" not in local[0] and ":" not in remote[0]:     # an AF_INET6 socket may hold it mapped
+        wanted.add(proc_net_address(("::ffff:" + local[0], local[1])) + " " +
+                   proc_net_address(("::ffff:" + remote[0], remote[1])))
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[1] + " " + fields[2] in wanted:
+                        return int(fields[9])
+        except OSError:
+            continue
+    return None
+
+
+def proc_net_address(addr):
+    """Return (host, port) as /proc/net/tcp writes it: 32-bit words in host order, hex port."""
+    host, port = addr
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    raw = socket.inet_pton(family, host)
+    words = struct.unpack("=%dI" % (len(raw) // 4), raw)
+    return "".join("%08X" % w for w in words) + ":%04X" % port
+
+
 # ---------------------------------------------------------------------------
 # Privileges: switch user, keep one capability
 # ---------------------------------------------------------------------------
@@ -693,33 +916,42 @@ def drop_privileges(user, keep_net_raw):
     """Become USER (name, uid, gid) with no supplementary groups.
 
     With KEEP_NET_RAW, keep CAP_NET_RAW (and nothing else) in the permitted
-    and effective sets, so transparent sockets still work; all other
-    capabilities leave the bounding set too. Raise Fatal on failure.
+    and effective sets, so transparent sockets still work. Every other
+    capability leaves the bounding set, and NoNewPrivs is set, so nothing
+    this process runs can gain privileges again. Raise Fatal on failure.
     """
     name, uid, gid = user
     try:
-        if keep_net_raw:
-            libc = _libc()
+        libc = _libc()
+        if os.geteuid() == 0:
             for cap in range(0, 64):
-                if cap != CAP_NET_RAW and libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                if not (keep_net_raw and cap == CAP_NET_RAW) and \
+                        libc.prctl(24, cap, 0, 0, 0) != 0:                      # PR_CAPBSET_DROP
                     if _errno() == errno.EINVAL:
                         break       # past the last capability this kernel knows
+                    if _errno() == errno.EPERM and not keep_net_raw:
+                        break       # no CAP_SETPCAP: setuid empties the sets; NoNewPrivs below
                     raise OSError(_errno(), os.strerror(_errno()))
-            if libc.prctl(8, 1, 0, 0, 0) != 0:                                  # PR_SET_KEEPCAPS
-                raise OSError(_errno(), os.strerror(_errno()))
+        if keep_net_raw and libc.prctl(8, 1, 0, 0, 0) != 0:                     # PR_SET_KEEPCAPS
+            raise OSError(_errno(), os.strerror(_errno()))
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
         if keep_net_raw:
             _capset(1 << CAP_NET_RAW)
+        if libc.prctl(38, 1, 0, 0, 0) != 0:      # PR_SET_NO_NEW_PRIVS: no setuid gains root
+            raise OSError(_errno(), os.strerror(_errno()))
     except OSError as exc:
         status = EX_NOPERM if exc.errno == errno.EPERM else EX_OSERR
         raise Fatal("-r %s: cannot switch user: %s" % (name, exc.strerror), status) from None
 
 
-def _libc():
-    import ctypes
-    return ctypes.CDLL(None, use_errno=True)
+def _libc(cache=[]):
+    """Return the C library (loaded once: every fork child calls prctl)."""
+    if not cache:
+        import ctypes
+        cache.append(ctypes.CDLL(None, use_errno=True))
+    return cache[0]
 
 
 def _errno():
@@ -758,7 +990,11 @@ def connect(addrs, timeout, source=None, client=None, log=None, verbose=False, p
     """
     last = "no address"
     for family, type_, proto, _, sockaddr in addrs:
-        sock = socket.socket(family, type_, proto)
+        try:
+            sock = socket.socket(family, type_, proto)
+        except OSError as exc:      # no descriptor or memory left: say so, do not crash
+            raise ConnectionFailed("no socket for the target: %s" % exc.strerror) from None
+        own_upstreams.add(sock)
         transparent = False
         try:
             transparent = bind_source(sock, family, source, client, log, ports)
@@ -889,10 +1125,14 @@ def http_connect(sock, dest, auth, timeout):
         import base64
         head += "Proxy-Authorization: Basic %s\r\n" % base64.b64encode(auth).decode()
     sock.sendall(head.encode() + b"\r\n")
-    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout       # for the whole reply, not for each read
     reply = bytearray()
     try:
         while b"\r\n\r\n" not in reply:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout()
+            sock.settimeout(left)
             data = sock.recv(CHUNK)
             if not data:
                 raise ConnectionFailed("proxy closed the connection after CONNECT")
@@ -1116,6 +1356,13 @@ class Idle(Exception):
     """Neither side sent anything within the idle timeout."""
 
 
+class Cut(Exception):
+    """Shutdown: the grace period ended before the connection did."""
+
+
+POLL_MAX_MS = 2 ** 31 - 1      # poll(2) takes an int: about 24.8 days
+
+
 def relay(pumps, idle_timeout):
     """Run PUMPS until every one is done; raise Reset or Idle.
 
@@ -1139,7 +1386,7 @@ def relay(pumps, idle_timeout):
         for fd, events in waits.items():
             poller.register(fd, events)
         # poll takes milliseconds as a C int: round up (no busy loop), cap (no overflow).
-        ready = poller.poll(min(max(0, math.ceil((wake - time.monotonic()) * 1000)), 2 ** 31 - 1))
+        ready = poller.poll(min(max(0, math.ceil((wake - time.monotonic()) * 1000)), POLL_MAX_MS))
         for fd in waits:
             poller.unregister(fd)
         now = time.monotonic()
@@ -1754,6 +2001,9 @@ def serve(conn, server):
             record.outcome = "denied by access list"
             return EX_OK
         record.orig = original_destination(conn)
+        if own_upstreams.is_own(client, record.orig):
+            raise ConnectionFailed("refused: a loop: %s is this proxy's own connection to %s "
+                                   "coming back" % (show_addr(client), show_addr(record.orig)))
         framer, items = None, ()
         if cfg.mode == "http":
             # The cache is connected only for a complete, acceptable first request.
@@ -1788,7 +2038,20 @@ def serve(conn, server):
         abort(conn if exc.side == "server" else upstream)
     except Idle:
         record.outcome = then(record.outcome, "idle timeout (%gs)" % cfg.idle_timeout)
+    except Cut:
+        record.outcome = "cut at shutdown after the %gs grace period" % cfg.grace
+        cut_short(conn, upstream)
+        status = EX_UNAVAILABLE
+    except OSError as exc:      # what the kernel refused mid-way (a descriptor, memory)
+        record.outcome = "error: %s" % (exc.strerror or exc)
+        cut_short(conn, upstream)
+        status = EX_UNAVAILABLE
+    except Exception as exc:    # a bug: still one honest record, and a reset, not a clean end
+        record.outcome = "internal error: %s: %s" % (type(exc).__name__, exc)
+        cut_short(conn, upstream)
+        status = EX_SOFTWARE
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)     # a grace period ending now cuts nothing
         for sock in (upstream, conn):
             if sock is not None:
                 try:
@@ -1798,6 +2061,13 @@ def serve(conn, server):
         log.connection(record.line())
         server.on_record(record)
     return status
+
+
+def cut_short(conn, upstream):
+    """Reset both sides: a transfer cut short must never look complete (a clean EOF)."""
+    for sock in (conn, upstream):
+        if sock is not None:
+            abort(sock)
 
 
 def open_upstream(conn, server, record):
@@ -1924,19 +2194,41 @@ def run_inetd(cfg):
     except OSError:
         raise Fatal("standard input is not a socket; use -s PORT for standalone mode",
                     EX_USAGE) from None
-    if conn.type != socket.SOCK_STREAM:
+    if conn.type != socket.SOCK_STREAM or conn.family not in (socket.AF_INET, socket.AF_INET6):
         raise Fatal("standard input is not a TCP socket", EX_USAGE)
     log = open_log(cfg.logfile)
     log.use_syslog(stderr_usable=False)
-    return serve(conn, Server(cfg, log, conn.getsockname()[1]))
+    port = conn.getsockname()[1]
+    if conn.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        conn = accept_one(conn, log)
+        if conn is None:
+            return EX_OK
+    finish_within_grace(cfg.grace)
+    return serve(conn, Server(cfg, log, port))
 
 
-def open_log(logfile):
-    """Return a Log writing to stderr and LOGFILE; raise Fatal if it cannot be opened."""
+def accept_one(listener, log):
+    """An inetd "wait" service passed its listening socket: accept one client; None if none came.
+
+    inetd watches the socket again once this process exits, so one client
+    per start is served in turn and none is left queued to make it respawn.
+    """
+    log.message("standard input is a listening socket (an inetd wait service): serving one "
+                "connection per start; configure tproxy as a nowait service", error=True)
+    ready, _, _ = select.select([listener], [], [], 1.0)
+    if not ready:
+        log.message("no client was waiting on the listening socket")
+        return None
     try:
-        return Log(logfile)
+        return listener.accept()[0]
     except OSError as exc:
-        raise Fatal("-l %s: %s" % (logfile, exc.strerror), EX_CANTCREAT) from None
+        log.message("accept: %s" % exc.strerror, error=True)
+        return None
+
+
+def open_log(logfile, user=None):
+    """Return a Log writing to stderr and LOGFILE; raise Fatal if it cannot be opened."""
+    return Log(logfile, user)
 
 
 # ---------------------------------------------------------------------------
@@ -1949,8 +2241,9 @@ def open_listeners(cfg):
         try:
             infos = socket.getaddrinfo(cfg.bind, cfg.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            raise Fatal("-b: cannot resolve %s: %s" % (cfg.bind, exc.strerror), EX_NOHOST) from None
+        except (socket.gaierror, UnicodeError) as exc:
+            raise Fatal("-b: cannot resolve %s: %s" % (cfg.bind, getattr(exc, "strerror", exc)),
+                        EX_NOHOST) from None
         candidates = [(infos[0][0], infos[0][4])]
     else:
         candidates = [(socket.AF_INET6, ("::", cfg.port)), (socket.AF_INET, ("0.0.0.0", cfg.port))]
@@ -2003,12 +2296,9 @@ class PidFile:
 
     def __init__(self, path, user, given=True):
         import fcntl
-        self.path = path
-        name = pidfile_name(path, given)
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise Fatal("%s: %s" % (name, exc.strerror), EX_CANTCREAT) from None
+        self.path = os.path.abspath(path)      # removed at exit, after the daemon's chdir("/")
+        self.fd = open_own_file(path, pidfile_name(path, given), os.O_RDWR, user, 0o644,
+                                pid_file=True)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -2016,8 +2306,7 @@ class PidFile:
             os.close(self.fd)
             raise Fatal("%s: another tproxy (pid %s) holds it" % (name, other or "?"),
                         EX_CANTCREAT) from None
-        if user and os.geteuid() == 0:
-            os.fchown(self.fd, user[1], user[2])   # so the daemon can empty it at exit
+        # Never given to USER: the daemon empties it through this descriptor at exit.
 
     def write(self):
         """Record this process's pid."""
@@ -2025,11 +2314,15 @@ class PidFile:
         os.pwrite(self.fd, ("%d\n" % os.getpid()).encode(), 0)
 
     def remove(self):
-        """Remove the file; where the directory forbids it, leave it empty."""
+        """Remove the file (where the directory forbids it, empty it) and release its lock; once."""
+        if self.fd is None:
+            return
         try:
             os.unlink(self.path)
         except OSError:
             os.ftruncate(self.fd, 0)
+        os.close(self.fd)       # a new server may take the file while old connections finish
+        self.fd = None
 
     # python-daemon's pidfile protocol
     def __enter__(self):
@@ -2042,7 +2335,7 @@ class PidFile:
 
 def run_standalone(cfg):
     """Listen, switch user, go to the background, and serve until SIGTERM."""
-    log = open_log(cfg.logfile)
+    log = open_log(cfg.logfile, cfg.user)
     listeners = inherited_listeners() if cfg.activated else None
     if listeners:
         cfg.port = listeners[0].getsockname()[1]
@@ -2088,10 +2381,12 @@ def run_standalone(cfg):
         show_addr(cfg.target) if cfg.target else "original destination",
         " (socket from systemd)" if cfg.activated else ""))
     notify_ready()
+    shape = PreforkPool if cfg.prefork else ForkingServer
+    supervisor = shape(listeners, server)
+    if pidfile:
+        supervisor.on_stop = pidfile.remove
     try:
-        if cfg.prefork:
-            return PreforkPool(listeners, server).run()
-        return ForkingServer(listeners, server).run()
+        return supervisor.run()
     finally:
         if pidfile:
             pidfile.remove()
@@ -2100,7 +2395,7 @@ def run_standalone(cfg):
 def socket_activated():
     """Return True when systemd passed this process listening sockets (LISTEN_PID/LISTEN_FDS)."""
     return os.environ.get("LISTEN_PID") == str(os.getpid()) and \
-        os.environ.get("LISTEN_FDS", "0").isdigit() and int(os.environ["LISTEN_FDS"]) > 0
+        is_digits(os.environ.get("LISTEN_FDS", "0")) and int(os.environ["LISTEN_FDS"]) > 0
 
 
 def inherited_listeners():
@@ -2153,6 +2448,7 @@ def preload(cfg):
     "".encode("idna")   # getaddrinfo's codec, otherwise loaded by each child
     if cfg.mode == "http":
         Grammar.get()   # compiled once, shared by every child
+    _libc()             # ctypes and the C library: every child calls prctl
 
 
 def warn_missing_return_path(log):
@@ -2313,6 +2609,8 @@ class Supervisor:
         self.reload = False
         self.status = False             # SIGUSR1: log a status line
         self.set_title = title_setter()
+        self.on_stop = lambda: None     # called once accepting has stopped (the pid file goes)
+        self.cut_now = False            # a second SIGTERM came: the grace period ends now
 
     def install_signals(self):
         """Route SIGTERM, SIGINT, SIGHUP, SIGCHLD and SIGUSR1 into flags and a wakeup pipe."""
@@ -2333,7 +2631,51 @@ class Supervisor:
         return ", ".join(show_addr(s.getsockname()) for s in self.listeners)
 
     def _on_term(self, *_):
+        if self.stopping:
+            self.cut_now = True
         self.stopping = True
+
+    def stop_accepting(self):
+        """Close the listeners at once (a restart may bind the port) and drop the pid file."""
+        for sock in self.listeners:
+            sock.close()
+        self.on_stop()
+
+    def wind_down(self, pids):
+        """Tell PIDS to finish within --grace, wait for them, kill stragglers; return EX_OK.
+
+        Each child runs the grace period itself (see finish_within_grace) and
+        resets what is still open when it ends; the parent waits a little
+        longer, so that an init system sees the service stop when the last
+        connection has, and SIGKILLs only a child that failed to.
+        """
+        pids = set(pids)
+        grace = self.server.cfg.grace
+        for pid in pids:
+            signal_quietly(pid, signal.SIGTERM)
+        told_cut = False
+        deadline = time.monotonic() + grace + 5.0
+        while pids and time.monotonic() < deadline:
+            if self.cut_now and not told_cut:
+                for pid in pids:
+                    signal_quietly(pid, signal.SIGALRM)     # their grace ends now
+                told_cut = True
+            try:
+                select.select([self.wake_r], [], [], 0.2)
+            except InterruptedError:
+                pass
+            drain(self.wake_r)
+            pids.difference_update(self.reap())
+        for pid in pids:
+            self.log.message("shutdown: child %d outlived the grace period; killed" % pid,
+                             error=True)
+            signal_quietly(pid, signal.SIGKILL)
+        while pids:
+            try:
+                pids.discard(os.waitpid(-1, 0)[0])
+            except ChildProcessError:
+                break
+        return EX_OK
 
     def _on_hup(self, *_):
         self.reload = True
@@ -2344,9 +2686,8 @@ class Supervisor:
         cfg = self.server.cfg
         try:
             self.log.reopen()
-        except OSError as exc:
-            self.log.message("SIGHUP: cannot reopen %s: %s" % (cfg.logfile, exc.strerror),
-                             error=True)
+        except Fatal as exc:
+            self.log.message("SIGHUP: %s; the old file stays in use" % exc, error=True)
         if cfg.target:
             try:
                 cfg.target_addrs = resolve(*cfg.target)
@@ -2362,6 +2703,7 @@ class Supervisor:
 
     def fork(self, work):
         """Fork a child that runs WORK() and always ends in os._exit; return its pid or None."""
+        parent = os.getpid()
         try:
             pid = os.fork()
         except OSError as exc:
@@ -2374,10 +2716,14 @@ class Supervisor:
             import gc
             gc.disable()
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # Ctrl-C reaches the whole process group: the server turns it into SIGTERM for each.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             for fd in [self.wake_r, self.wake_w] + self.server.parent_fds:
                 os.close(fd)
+            self.parent_pid = parent
+            finish_within_grace(self.server.cfg.grace)
+            die_with(parent)
             status = work()
         except BaseException as exc:        # never let a child return into the parent's loop
             try:
@@ -2411,7 +2757,12 @@ class ForkingServer(Supervisor):
         self.reports = Reports()
         server.on_record = self.reports.send        # called in the children
         server.parent_fds.append(self.reports.read_fd)
-        self.client_of = {}             # pid -> client address key (for --max-per-client)
+        self.client_of = {}     # child pid -> client address key (for --max-per-client)
+        self.held = None        # (conn, key) accepted when fork failed: it waits for the next try
+        cap = server.cfg.max_conns
+        own_upstreams.create(cap)
+        self.free_slots = list(range(cap - 1, -1, -1))     # own_upstreams slots not in use
+        self.slot_of = {}                                    # child pid -> its slot
 
     def run(self):
         """Accept until SIGTERM; return the exit status."""
@@ -2424,8 +2775,10 @@ class ForkingServer(Supervisor):
         listening = False
         by_fd = {s.fileno(): s for s in self.listeners}
         while not self.stopping:
+            if self.held is not None and time.monotonic() >= self.paused_until:
+                self.start_child(*self.held)
             # At the cap, new clients wait in the kernel's listen queue.
-            want = len(self.children) < self.server.cfg.max_conns \
+            want = len(self.children) < self.server.cfg.max_conns and self.held is None \
                 and time.monotonic() >= self.paused_until
             if want != listening:
                 for fd in by_fd:
@@ -2439,7 +2792,13 @@ class ForkingServer(Supervisor):
                     drain(self.wake_r)
                 elif listening and not self.stopping:
                     self.accept(by_fd[fd])
-            self.children.difference_update(self.reap())
+            for pid in self.reap():
+                self.children.discard(pid)
+                self.client_of.pop(pid, None)
+                slot = self.slot_of.pop(pid, None)
+                if slot is not None:
+                    own_upstreams.release(slot)
+                    self.free_slots.append(slot)
             self.reports.collect(self.stats)
             if self.status:
                 self.status = False
@@ -2447,11 +2806,12 @@ class ForkingServer(Supervisor):
             if self.reload:
                 self.reopen()
                 self.log.message("SIGHUP: log reopened, target re-resolved")
-        for sock in self.listeners:
-            sock.close()
-        self.log.message("SIGTERM: stopped accepting; %d connection(s) finish on their own"
-                         % len(self.children))
-        return EX_OK
+        self.stop_accepting()
+        if self.held is not None:
+            abort(self.held[0])
+        self.log.message("SIGTERM: stopped accepting; %d connection(s) get %gs to finish"
+                         % (len(self.children), self.server.cfg.grace))
+        return self.wind_down(self.children)
 
     def accept(self, listener):
         try:
@@ -2469,24 +2829,32 @@ class ForkingServer(Supervisor):
         key = client_key(peer)
         cap = self.server.cfg.max_per_client
         if cap < self.server.cfg.max_conns:
-            for pid in [p for p in self.client_of if p not in self.children]:
-                del self.client_of[pid]
             held = sum(1 for k in self.client_of.values() if k == key)
             if held >= cap:
                 refuse_over_cap(conn, peer, held, self.server)
                 return
         self.server.rotation += 1
-        pid = self.fork(lambda: self.child(conn))
-        conn.close()
-        if pid is None:
-            self.paused_until = time.monotonic() + 0.5
-        else:
-            self.children.add(pid)
-            self.client_of[pid] = key
+        self.start_child(conn, key)
 
-    def child(self, conn):
+    def start_child(self, conn, key):
+        """Fork a child for CONN (from client address KEY); if fork fails, hold it and retry in 0.5 s."""
+        slot = self.free_slots.pop()
+        pid = self.fork(lambda: self.child(conn, slot))
+        if pid is None:
+            self.free_slots.append(slot)
+            self.held = conn, key
+            self.paused_until = time.monotonic() + 0.5
+            return
+        self.held = None
+        conn.close()
+        self.children.add(pid)
+        self.slot_of[pid] = slot
+        self.client_of[pid] = key
+
+    def child(self, conn, slot):
         for sock in self.listeners:
             sock.close()
+        own_upstreams.take(slot)
         self.set_title("tproxy child", "tproxy: " + connection_title(conn))
         return serve(conn, self.server)
 
@@ -2506,6 +2874,41 @@ def refuse_over_cap(conn, peer, held, server):
                       % (held, server.cfg.max_per_client))
     abort(conn)
     server.log.connection(record.line())
+
+
+def finish_within_grace(grace):
+    """In a process serving one connection: SIGTERM starts GRACE seconds, then Cut; no SIGHUP.
+
+    Only the parent reopens logs, so SIGHUP (say, `killall -HUP tproxy`
+    from logrotate) must not kill a connection. Return the SIGTERM handler,
+    which also ends a connection's wait for a parent that has died.
+    """
+    def begin(*_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.setitimer(signal.ITIMER_REAL, max(grace, 0.001))
+
+    def end(*_):
+        raise Cut()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, end)
+    signal.signal(signal.SIGTERM, begin)
+    return begin
+
+
+def die_with(parent):
+    """Get SIGTERM when PARENT dies (PR_SET_PDEATHSIG); send it now if it already has."""
+    if _libc().prctl(1, signal.SIGTERM, 0, 0, 0) != 0:     # PR_SET_PDEATHSIG
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def signal_quietly(pid, sig):
+    """Send SIG to PID unless it is gone already."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 IDLE, BUSY, EMPTY = 0, 1, 2      # prefork scoreboard states
@@ -2536,6 +2939,7 @@ class PreforkPool(Supervisor):
         self.board = mmap.mmap(-1, 18 * self.high)
         self.board[:] = bytes([EMPTY]) * self.high + bytes(17 * self.high)
         self.slots = {}                              # pid -> slot (the parent's view)
+        own_upstreams.create(self.high)
         self.grow_step, self.short_at = 1, 0.0     # next growth; when a client last waited
 
     def run(self):
@@ -2573,16 +2977,11 @@ class PreforkPool(Supervisor):
                 elif watched is not None and waiting is None:
                     drain(self.busy_r)
                     poller.register(self.busy_r, select.POLLIN)
-        for sock in self.listeners:
-            sock.close()
-        for pid in self.slots:
-            try:
-                os.kill(pid, signal.SIGTERM)     # idle workers leave, busy ones finish first
-            except ProcessLookupError:
-                pass
-        self.log.message("SIGTERM: stopped accepting; %d worker(s) finish their connection"
-                         % len(self.slots))
-        return EX_OK
+        self.stop_accepting()
+        # Idle workers leave at once; busy ones close their listeners and finish first.
+        self.log.message("SIGTERM: stopped accepting; %d worker(s) get %gs to finish"
+                         % (len(self.slots), self.server.cfg.grace))
+        return self.wind_down(self.slots)
 
     def tell_workers_status(self):
         """SIGUSR1: log the pool's line and have each worker log its own."""
@@ -2637,13 +3036,19 @@ class PreforkPool(Supervisor):
 
     def worker(self, slot):
         """Accept and serve connections one at a time until told to stop or retired."""
+        own_upstreams.take(slot)
         os.close(self.busy_r)
         state = {"busy": False, "stop": False, "hup": False}
 
+        begin_grace = signal.getsignal(signal.SIGTERM)     # finish_within_grace's
+
         def on_term(*_):
+            for sock in self.listeners:     # stop accepting before anything else
+                sock.close()
             if not state["busy"]:
                 os._exit(EX_OK)
             state["stop"] = True
+            begin_grace()
 
         def on_hup(*_):
             state["hup"] = True
@@ -2657,6 +3062,8 @@ class PreforkPool(Supervisor):
         signal.signal(signal.SIGUSR1, on_usr1)
         idle_title = ("tproxy worker", "tproxy: worker %d, idle" % slot)
         self.set_title(*idle_title)
+        if os.getppid() != self.parent_pid:     # died before PR_SET_PDEATHSIG was set
+            on_term()
         # One epoll per worker with EPOLLEXCLUSIVE: a new client wakes one idle worker, not all.
         poller = select.epoll()
         exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
@@ -2673,15 +3080,19 @@ class PreforkPool(Supervisor):
                 if slot >= self.low and time.monotonic() - idle_since > self.IDLE_RETIRE:
                     return EX_OK
                 continue
+            state["busy"] = True    # a SIGTERM from here on lets an accepted client be served
             try:
                 conn, peer = by_fd[ready[0][0]].accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                state["busy"] = False
                 continue            # another worker took it
             except OSError as exc:
+                state["busy"] = False
+                if state["stop"]:
+                    break           # SIGTERM closed the listener under us
                 self.log.message("accept: %s" % exc.strerror, error=True)
                 time.sleep(0.5)
                 continue
-            state["busy"] = True
             held = self.claim(slot, client_key(peer))
             counter = self.high + slot      # taken from the queue, served or not
             self.board[counter] = (self.board[counter] + 1) % 256
@@ -2699,6 +3110,7 @@ class PreforkPool(Supervisor):
             self.set_title("tproxy worker", "tproxy: worker %d, %s" % (slot, connection_title(conn)))
             serve(conn, self.server)
             self.set_title(*idle_title)
+            own_upstreams.release()
             self.board[slot] = IDLE
             state["busy"] = False
             idle_since = time.monotonic()
@@ -2777,7 +3189,7 @@ def report_error(text):
     if on_socket or errors_to_syslog:
         import syslog
         syslog.openlog("tproxy", syslog.LOG_PID, syslog.LOG_DAEMON)
-        syslog.syslog(syslog.LOG_ERR, text)
+        syslog.syslog(syslog.LOG_ERR, printable(text))
     else:
         sys.stderr.write("tproxy: %s\n" % text)
 

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from lab import Lab
-from support import BookLab
+from support import BookLab, ECHO_SERVER, GRACE, PORT, PYTHON, TARGET, tproxy_cmd
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,3 +37,24 @@ def open_tmp():
 def book(lab, open_tmp):
     """The book's lab (see BookLab), torn down afterwards."""
     return BookLab(lab, open_tmp)
+
+
+@pytest.fixture
+def box(lab, open_tmp):
+    """One namespace with an echo target; returns a helper to start tproxy there."""
+    host = lab.host("box")
+    host.popen(PYTHON, "-c", ECHO_SERVER, TARGET)
+    host.wait_listening(TARGET)
+
+    def start(*args, port=PORT, user="nobody", wrapper=(), target=("-t", "127.0.0.1", TARGET),
+              grace=GRACE):
+        """Start tproxy in the foreground here with ARGS; return (Popen, stderr path)."""
+        err = open_tmp / ("tproxy-%d.err" % len(lab.processes))
+        with open(str(err), "wb") as f:
+            proc = host.popen(*wrapper, *tproxy_cmd("-d", "-s", port, "-b", "127.0.0.1",
+                                                    "-r", user, "--grace=%g" % grace, *args, *target),
+                              stdout=f, stderr=f)
+        host.wait_listening(port)
+        return proc, err
+    host.start = start
+    return host

@@ -60,6 +60,31 @@ class Host:
         self.lab.processes.append(proc)
         return proc
 
+    def socket(self, family=socket.AF_INET, type=socket.SOCK_STREAM):
+        """Return a socket created inside this namespace (the test's own thread visits it)."""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        clone_newnet = 0x40000000
+        with open("/proc/thread-self/ns/net") as home, open("/run/netns/" + self.netns) as there:
+            if libc.setns(there.fileno(), clone_newnet) != 0:
+                raise LabError("%s: setns: %s" % (self.name, os.strerror(ctypes.get_errno())))
+            try:
+                return socket.socket(family, type)
+            finally:
+                if libc.setns(home.fileno(), clone_newnet) != 0:
+                    raise LabError("setns back home: %s" % os.strerror(ctypes.get_errno()))
+
+    def connect(self, port, addr="127.0.0.1", timeout=10.0):
+        """Return a socket connected from this namespace to ADDR:PORT (raises OSError)."""
+        sock = self.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((addr, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     def sysctl(self, key, value):
         """Set a sysctl inside this namespace only."""
         self.run("sysctl", "-q", "-w", "%s=%s" % (key, value))

@@ -98,7 +98,7 @@ class ScaleOutLab:
 
     def __init__(self, lab, tmp):
         self.lab, self.tmp = lab, tmp
-        os.chmod(str(tmp), 0o777)       # tproxy runs as nobody and writes its pid file here
+        os.chmod(str(tmp), 0o755)       # root writes the pid files before tproxy becomes nobody (tproxy(8), FILES)
         self.client = lab.host("client")
         self.router = lab.host("router", forwarding=True)
         self.server = lab.host("server")

@@ -61,6 +61,40 @@ def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
     raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
 
 
+PORT, TARGET = 12970, 7007      # the box fixture: tproxy, and its echo target on loopback
+GRACE = 2                       # the box fixture's --grace
+# An echo server on loopback: every byte back, until the peer closes (bounded lifetime).
+ECHO_SERVER = """
+import socket, sys, threading, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64); s.settimeout(1)
+def echo(c):
+    with c:
+        while True:
+            data = c.recv(65536)
+            if not data: return
+            c.sendall(data)
+end = time.monotonic() + 300
+while time.monotonic() < end:
+    try: c, _ = s.accept()
+    except socket.timeout: continue
+    threading.Thread(target=echo, args=(c,), daemon=True).start()
+"""
+
+
+def wait_logged(path, *needles, count=1, timeout=10.0):
+    """Wait until the log file PATH holds every one of NEEDLES COUNT times; return its text.
+
+    tproxy writes a connection's record after closing both sockets, so a
+    client that has its answer may look before the record is there.
+    """
+    def text():
+        with open(str(path), errors="replace") as f:
+            content = f.read()
+        return content if all(content.count(n) >= count for n in needles) else None
+    return wait_for(text, timeout=timeout, what="%s in %s" % (" and ".join(needles), path))
+
+
 class BookLab:
     """Mancill's scenario on documentation addresses.
 

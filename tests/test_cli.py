@@ -1,4 +1,5 @@
 """tproxy's command line: bad input gives one line, a documented status, no traceback."""
+import os
 import socket
 import subprocess
 
@@ -8,9 +9,9 @@ from support import tproxy_cmd
 import tproxy
 
 
-def run(*args, stdin=subprocess.DEVNULL):
+def run(*args, stdin=subprocess.DEVNULL, env=None):
     proc = subprocess.run(tproxy_cmd(*args), capture_output=True, text=True, timeout=30,
-                          stdin=stdin)
+                          stdin=stdin, env=env)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -40,6 +41,18 @@ def run(*args, stdin=subprocess.DEVNULL):
     (["-t", "-a", "no.such.host.invalid"], 68, "tproxy: cannot resolve host no.such.host.invalid"),
     (["-t", "-s"], 64, "tproxy: -s requires argument (see tproxy --help)"),
     (["-t"], 64, "tproxy: standard input is not a socket; use -s PORT for standalone mode"),
+    # Digits that str.isdigit() takes but int() or a port cannot.
+    (["-s", "\u00b2", "-t"], 64, "tproxy: -s: unknown port or service '\u00b2'"),
+    (["--prefork=\u2460", "-s", "80", "-t"], 64, "tproxy: --prefork: '\u2460' is not a positive whole number"),
+    (["-t", "--max-conns=\u0661\u0662"], 64, "tproxy: --max-conns: '\u0661\u0662' is not a positive whole number"),
+    (["-t", "--idle-timeout=\u0661\u0662"], 64, "tproxy: --idle-timeout: '\u0661\u0662' is not a number of seconds"),
+    (["-s", "8080", "-r", "#4294967296", "-t"], 67, "tproxy: -r: unknown user '#4294967296'"),
+    (["-s", "8080", "-r", "#4294967295", "-t"], 67, "tproxy: -r: unknown user '#4294967295'"),
+    (["-d", "-s", "8080", "-b", "a" * 64 + ".example", "-t"], 68, "tproxy: -b: cannot resolve " + "a" * 64),
+    # Bytes that are not UTF-8 (Python hands them over as lone surrogates).
+    (["-s", os.fsdecode(b"\xff"), "-t"], 64, "tproxy: -s: unknown port or service '\\udcff'"),
+    (["-s", "8080", "-r", os.fsdecode(b"\xff"), "-t"], 67, "tproxy: -r: unknown user '\\udcff'"),
+    (["-t", "--grace=-1"], 64, "tproxy: --grace: '-1' is not a number of seconds"),
 ])
 def test_bad_input_is_one_line_and_a_status(args, status, message):
     code, out, err = run(*args)
@@ -135,3 +148,49 @@ def test_quick_parse_agrees_with_docopt(argv):
     if quick is not None:
         assert quick == dict(reference)
     assert quick is not None or argv in QUICK_CASES[8:]
+
+
+def test_acl_host_name_is_resolved():
+    """-a HOSTNAME: its one address, or a request to list several one by one; never a crash."""
+    try:
+        net = tproxy.parse_acl("localhost")
+    except tproxy.Fatal as exc:
+        assert exc.status == 64 and "list them one by one" in str(exc)
+    else:
+        assert str(net) in ("127.0.0.1/32", "::1/128")
+
+
+def test_undecodable_proxy_credentials_in_the_environment():
+    env = dict(os.environb)
+    env[b"TPROXY_PROXY_AUTH"] = b"user:\xff\xfe"
+    code, _, err = run("--connect", "192.0.2.1", "3128", env=env)
+    assert code == 64 and err.startswith("tproxy: standard input is not a socket"), err
+
+
+VALUE_OPTIONS = ["-s", "-r", "--connect-timeout", "--grace", "--idle-timeout", "--max-conns",
+                 "--prefork", "--send-proxy", "--source"]
+ODD_VALUES = ["", "0", "-1", "1e999", "nan", "inf", "0x10", "1_0", " 1", "\u00b2", "\u2460",
+              "\uff11", os.fsdecode(b"\xff"), "#4294967296", "#-1", "9" * 40, ":", "1:", ":1"]
+
+
+@pytest.mark.parametrize("option", VALUE_OPTIONS)
+def test_no_odd_value_is_an_internal_error(option):
+    """Every value of every option ends in Fatal (a documented status) or a Config, never a crash."""
+    for value in ODD_VALUES:
+        argv = [option, value, "-t", "-s", "8080"] if option != "-s" else [option, value, "-t"]
+        try:
+            tproxy.parse_args(argv)
+        except tproxy.Fatal as exc:
+            assert exc.status in (64, 67, 68), (argv, exc)
+
+
+@pytest.mark.parametrize("fds, status, message", [
+    ("\u00b2", 64, "tproxy: standard input is not a socket"),      # not systemd's: ignored
+    ("1", 64, "tproxy: socket activation: fd 3: Bad file descriptor"),
+])
+def test_odd_socket_activation_variables(fds, status, message):
+    """LISTEN_FDS comes from the environment: an odd value is an error or ignored, never a crash."""
+    proc = subprocess.run(["sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS="$0"; exec "$@"', fds,
+                           *tproxy_cmd("-t", "192.0.2.1", "80")], capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == status and proc.stderr.startswith(message), proc.stderr

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from support import PEERS, PYTHON, process_uid, requests_seen, tproxy_cmd, wait_for
+from support import PEERS, PYTHON, process_uid, requests_seen, tproxy_cmd, wait_for, wait_logged
 
 GET = b"GET /index.html HTTP/1.1\r\nHost: moose.mancill.com\r\nConnection: close\r\n\r\n"
 
@@ -22,7 +22,7 @@ def test_http_translate_sends_absolute_requests_to_cache(book):
     assert seen[0]["head"].split("\r\n")[1:] == GET.decode().split("\r\n")[1:]
     assert seen[0]["peer"] == "203.0.113.1"         # not transparent: the router's address
     assert process_uid(proc.pid) == 65534       # ip netns exec execs: the Popen is tproxy
-    log = open(err).read()
+    log = wait_logged(err, "outcome=")
     assert "client=192.0.2.10:" in log and "orig=198.51.100.10:80" in log
     assert 'host="moose.mancill.com"' in log and "outcome=ok" in log
 
@@ -228,13 +228,20 @@ def test_inetd_mode_under_openbsd_inetd(book):
         "GET /index.html HTTP/1.1", "GET http://moose.mancill.com:8080/inetd HTTP/1.1"]
 
 
+def root_only_dir(book):
+    """Return a directory only root may write (tproxy refuses -P anywhere else)."""
+    path = book.tmp / "root-only"
+    path.mkdir(mode=0o755, exist_ok=True)
+    return path
+
+
 def test_background_mode_pidfile_logfile_hup_and_term(book):
     book.web(book.cow)
     book.redirect()
-    run = book.tmp / "run"
+    run = book.tmp / "run"              # nobody's log directory: -l is opened as nobody
     run.mkdir()
     os.chown(str(run), 65534, 65534)
-    pidfile, logfile = run / "tproxy.pid", run / "conn.log"
+    pidfile, logfile = root_only_dir(book) / "tproxy.pid", run / "conn.log"
     started = book.router.run(*tproxy_cmd("-s", 12970, "-r", "nobody", "-P", pidfile,
                                           "-l", logfile, "-t", book.COW, 80))
     # Without a syslog daemon here, tproxy says so (tproxy(8) LOGGING) and nothing else.
@@ -253,7 +260,36 @@ def test_background_mode_pidfile_logfile_hup_and_term(book):
     os.kill(pid, 15)
     wait_for(lambda: not os.path.exists("/proc/%d" % pid) or
              open("/proc/%d/stat" % pid).read().split()[2] == "Z", what="exit on SIGTERM")
-    assert not pidfile.exists()
+    assert pidfile.read_text() == ""    # nobody may not remove it from root's directory
+    assert os.stat(str(pidfile)).st_uid == 0 and os.stat(str(logfile)).st_uid == 65534
+
+
+# A client that sends one keep-alive request, notes in FILE that it was answered, and holds on.
+HOLDER = """
+import socket, sys, time
+s = socket.create_connection(("198.51.100.10", 80))
+s.sendall(b"GET /hold HTTP/1.1\\r\\nHost: moose.mancill.com\\r\\n\\r\\n")
+head = b""
+while b"\\r\\n\\r\\n" not in head:
+    data = s.recv(4096)
+    if not data:
+        sys.exit(1)
+    head += data
+open(sys.argv[1], "w").write(head.split(b"\\r\\n", 1)[0].decode())
+time.sleep(60)
+"""
+
+
+def settled(book, server, err):
+    """Return once the server's loop has run past everything before now (a SIGHUP round trip).
+
+    The pool grows only in that loop, by forks it finishes before it reads
+    signals again; so after the acknowledgement, every growth already
+    decided is visible as a worker.
+    """
+    done = open(err).read().count("workers told")
+    os.kill(server, 1)
+    wait_logged(err, "workers told", count=done + 1)
 
 
 def test_prefork_pool_serves_grows_and_stops(book):
@@ -270,32 +306,38 @@ def test_prefork_pool_serves_grows_and_stops(book):
     # One client at a time is served by the idle workers: the pool does not grow.
     for _ in range(10):
         assert book.send(book.MOOSE, 80, GET).startswith(b"HTTP/1.1 200")
-    time.sleep(0.3)
+    settled(book, server, err)
     assert len(workers()) == 2
-    # Eight clients hold connections: the pool grows to its maximum of five...
-    holders = [book.client.popen(PYTHON, "-c", "import socket,time; s=socket.create_connection"
-                                 "(('198.51.100.10',80)); time.sleep(20)") for _ in range(8)]
-    wait_for(lambda: len(workers()) == 5, what="the pool at its maximum")
-    time.sleep(0.5)
-    assert len(workers()) == 5
-    # ...and the three waiting clients are served once the first ones leave.
+    # Eight clients send a request and hold their connections: five are served (the pool at
+    # its maximum), three wait in the listen queue with their requests unanswered...
+    marks = [book.tmp / ("holder-%d" % i) for i in range(8)]
+    holders = [book.client.popen(PYTHON, "-c", HOLDER, mark) for mark in marks]
+    answered = lambda: [m for m in marks if m.exists() and m.read_text()]   # noqa: E731
+    wait_for(lambda: len(answered()) == 5, what="five holders answered")
+    settled(book, server, err)
+    assert len(workers()) == 5 and len(answered()) == 5
+    first = answered()
+    assert all(m.read_text() == "HTTP/1.1 200 OK" for m in first)
+    # ...and those three waiting clients themselves are answered once the first five leave.
+    for mark, holder in zip(marks, holders):
+        if mark in first:
+            holder.kill()
+    wait_for(lambda: len(answered()) == 8, what="the three waiting clients answered")
+    assert len(requests_seen(cow_log)) == 18
     for holder in holders:
         holder.kill()
-    for _ in range(3):
-        assert book.send(book.MOOSE, 80, GET).startswith(b"HTTP/1.1 200")
-    assert len(requests_seen(cow_log)) == 13
     proc.terminate()
     assert proc.wait(10) == 0
     wait_for(lambda: not workers(), what="workers gone after SIGTERM")
 
 
 def test_restart_while_old_connections_still_run(book):
-    """Children do not hold the pid file's lock: a restart after SIGTERM works at once."""
+    """The pid file and the port are free at SIGTERM: a restart works during the grace period."""
     book.moose.popen(PYTHON, "-c", "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',80)); "
                      "s.listen(5); c,_=s.accept(); time.sleep(30)")
     book.moose.wait_listening(80)
     book.redirect()
-    pidfile = book.tmp / "tproxy.pid"           # root-owned directory: emptied, not removed
+    pidfile = root_only_dir(book) / "tproxy.pid"    # emptied at exit, not removed
     book.router.run(*tproxy_cmd("-s", 12970, "-r", "nobody", "-P", pidfile, "-t"))
     first = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="pid"))
     book.client.popen(PYTHON, "-c", "import socket,time; s=socket.create_connection"
@@ -303,10 +345,11 @@ def test_restart_while_old_connections_still_run(book):
     wait_for(lambda: book.router.run("pgrep", "-P", first, check=False).stdout.strip(),
              what="a child holding a connection")
     os.kill(first, 15)
-    wait_for(lambda: not os.path.exists("/proc/%d" % first), what="the old server gone")
-    again = book.router.run(*tproxy_cmd("-s", 12971, "-r", "nobody", "-P", pidfile, "-t"),
+    wait_for(lambda: pidfile.read_text().strip() != str(first), what="the pid file released")
+    again = book.router.run(*tproxy_cmd("-s", 12970, "-r", "nobody", "-P", pidfile, "-t"),
                             check=False)
     assert again.returncode == 0, again.stderr
     second = int(wait_for(lambda: pidfile.read_text().strip(), what="new pid"))
     assert second != first
+    assert os.path.exists("/proc/%d" % first)      # still in its grace period
     os.kill(second, 15)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from support import PEERS, PYTHON, REPO, proc_status, requests_seen, tproxy_cmd, wait_for
+from support import PEERS, PYTHON, REPO, proc_status, requests_seen, tproxy_cmd, wait_for, wait_logged
 
 RECIPES = os.path.join(REPO, "contrib", "firewall")
 
@@ -51,8 +51,7 @@ def test_tproxy_interception_keeps_client_and_destination(book, backend):
     for client, server in ((book.CLIENT, book.MOOSE), (book.CLIENT6, book.MOOSE6)):
         words = who(book.client, server, 80)
         assert words[0] == client and words[2] == server and words[3] == "80", (words, open(err).read())
-    log = open(err).read()
-    assert "orig=198.51.100.10:80" in log and "orig=[2001:db8:2::10]:80" in log
+    log = wait_logged(err, "orig=198.51.100.10:80", "orig=[2001:db8:2::10]:80")
     assert "no fwmark policy rule" not in log
 
 
@@ -242,10 +241,12 @@ def test_credentials_come_from_a_file_or_the_environment(tmp_path):
     os.environ["TPROXY_PROXY_AUTH"] = "bob:pw2"
     try:
         assert parse_args(["--connect", "192.0.2.1", "3128"]).proxy_auth == b"bob:pw2"
+        assert "TPROXY_PROXY_AUTH" not in os.environ        # read once, then forgotten
         # The variable concerns --connect only; other modes start as usual.
+        os.environ["TPROXY_PROXY_AUTH"] = "bob:pw2"
         assert parse_args(["-t", "192.0.2.1", "3128"]).proxy_auth is None
     finally:
-        del os.environ["TPROXY_PROXY_AUTH"]
+        os.environ.pop("TPROXY_PROXY_AUTH", None)
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -272,8 +273,7 @@ def test_client_connecting_to_proxy_port_directly_is_refused(book):
     proc, err = book.tproxy("-t", "-r", "nobody")
     for _ in range(5):
         assert book.send(book.ROUTER_IN, 12970, b"GET / HTTP/1.0\r\n\r\n") == b""
-    log = open(err).read()
-    assert log.count("is this proxy itself") == 5
+    wait_logged(err, "is this proxy itself", count=5)
     wait_for(lambda: not book.router.run("pgrep", "-P", proc.pid, check=False).stdout.strip(),
              what="no children left")
     assert proc.poll() is None
@@ -287,4 +287,4 @@ def test_ipv6_redirect_original_destination(book):
     _, err = book.tproxy("-t", "-r", "nobody")
     words = who(book.client, book.MOOSE6, 80)
     assert words[2:] == [book.MOOSE6, "80"], open(err).read()
-    assert "orig=[2001:db8:2::10]:80" in open(err).read()
+    wait_logged(err, "orig=[2001:db8:2::10]:80")

@@ -1,0 +1,150 @@
+"""Shutdown and supervision: SIGTERM, --grace, a dead server, SIGHUP, a failing fork."""
+import os
+import resource
+import signal
+import socket
+import subprocess
+
+import pytest
+
+from support import GRACE, PORT, TARGET, tproxy_cmd, wait_for, wait_logged
+
+MODES = {"fork": (), "prefork": ("--prefork=2",)}
+
+
+def echoed(sock, data=b"ping"):
+    """Send DATA on SOCK and return True when it comes back whole."""
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        more = sock.recv(65536)
+        if not more:
+            return False
+        got += more
+    return got == data
+
+
+def refused(host, port=PORT):
+    """Return True when a new client to PORT is refused by the kernel (nobody listens)."""
+    try:
+        host.connect(port, timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except socket.timeout:
+        return False
+    return False
+
+
+def ends_with_reset(sock, timeout=GRACE + 20):
+    """Wait for SOCK's end; return True for a reset, False for a clean end of stream."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    return False
+
+
+def children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sigterm_refuses_at_once_finishes_within_grace_then_resets(box, mode):
+    grace = 8       # long enough for the steps below on a loaded machine; the end is awaited
+    proc, err = box.start(*MODES[mode], grace=grace)
+    live = box.connect(PORT)
+    assert echoed(live)
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: refused(box), what="new clients refused after SIGTERM")
+    assert echoed(live, b"still served during the grace period")
+    # A new server binds the same port while the old connection is still in its grace period.
+    again, _ = box.start()
+    fresh = box.connect(PORT)
+    assert echoed(fresh) and proc.poll() is None
+    assert ends_with_reset(live, grace + 20), "a connection cut at shutdown must be reset"
+    assert proc.wait(grace + 20) == 0
+    wait_logged(err, "outcome=cut at shutdown after the %gs grace period" % grace)
+    assert echoed(fresh, b"the new server is not disturbed")
+    fresh.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_children_stop_when_the_server_is_killed(box, mode):
+    proc, err = box.start(*MODES[mode])
+    live = box.connect(PORT)
+    assert echoed(live)
+    server = proc.pid            # ip netns exec execs: the Popen is tproxy itself
+    kids = wait_for(lambda: children(server), what="children")
+    os.kill(server, signal.SIGKILL)
+    proc.wait(10)
+    wait_for(lambda: refused(box), what="nothing accepting once the server is dead")
+    assert ends_with_reset(live)
+    wait_for(lambda: not any(os.path.exists("/proc/%d" % k) and
+                             open("/proc/%d/stat" % k).read().split()[2] != "Z" for k in kids),
+             timeout=GRACE + 20, what="children gone after the grace period")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sighup_to_everyone_cuts_no_connection(box, mode):
+    """`killall -HUP tproxy` (logrotate) reaches children too; they must live on."""
+    proc, _ = box.start(*MODES[mode])
+    live = box.connect(PORT)
+    assert echoed(live)
+    for pid in [proc.pid] + wait_for(lambda: children(proc.pid), what="children"):
+        os.kill(pid, signal.SIGHUP)
+    assert echoed(live, b"after SIGHUP")
+    assert proc.poll() is None
+    live.close()
+
+
+def test_ctrl_c_to_the_process_group_gives_grace_not_a_clean_end(box):
+    """-d in a terminal: Ctrl-C sends SIGINT to every process; a child must not just exit."""
+    proc, _ = box.start(grace=8)
+    live = box.connect(PORT)
+    assert echoed(live)
+    os.killpg(os.getpgid(proc.pid), signal.SIGINT)
+    assert echoed(live, b"still served during the grace period")
+    assert ends_with_reset(live, 30)
+    assert proc.wait(30) == 0
+
+
+def test_fork_failure_holds_the_client_until_a_child_can_start(box):
+    """At the run-as user's process limit nobody is refused: the client waits, then is served.
+
+    A uid of its own (no other process of it anywhere) with a soft limit of one
+    process: the server itself. Raising the limit later needs that same uid.
+    """
+    uid, hard = 54321, resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    hard = "unlimited" if hard == resource.RLIM_INFINITY else hard
+    proc, err = box.start(user="#%d" % uid, wrapper=("prlimit", "--nproc=1:%s" % hard))
+    client = box.connect(PORT)
+    client.sendall(b"waiting")
+    wait_for(lambda: "fork: " in err.read_text(), what="the failed fork logged")
+    subprocess.run(["setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups",
+                    "prlimit", "--pid", str(proc.pid), "--nproc=%s" % hard], check=True)
+    client.settimeout(20)
+    assert client.recv(100) == b"waiting"
+    client.close()
+
+
+def test_inetd_mode_sigterm_gives_grace_then_resets(box):
+    """One process, one connection: SIGTERM (or SIGHUP) must not end it cleanly mid-transfer."""
+    listener = box.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = box.connect(listener.getsockname()[1])
+    conn, _ = listener.accept()
+    proc = subprocess.Popen(box.cmd(*tproxy_cmd("-t", "--grace=%g" % GRACE, "127.0.0.1", TARGET)),
+                            stdin=conn, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    box.lab.processes.append(proc)
+    conn.close()
+    assert echoed(client)
+    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(signal.SIGTERM)
+    assert echoed(client, b"served during the grace period")
+    assert ends_with_reset(client)
+    assert proc.wait(30) == 69
+    client.close(), listener.close()

@@ -10,7 +10,7 @@ import re
 import shlex
 
 from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MLocal, MMark, MPorts, MProto, MSocket,
-                 MSyn, NfRule, Raw, SCopy, SLog, SMark, STos, Untranslated)
+                 MSyn, NfRule, Raw, SCopy, SLog, SMark, STos, Untranslated, printable)
 
 TABLE_ORDER = ("filter", "nat", "mangle")
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
@@ -167,7 +167,7 @@ def restore_word(word, _cache={}):
         if PLAIN_WORD.fullmatch(word):
             quoted = word
         else:
-            quoted = '"%s"' % word.replace("\\", "\\\\").replace('"', "'")
+            quoted = '"%s"' % printable(word).replace("\\", "\\\\").replace('"', "'")
         if len(_cache) < 100000:
             _cache[word] = quoted
     return quoted
@@ -214,7 +214,7 @@ def restore_tables(plan, hooks=True):
 def render_restore(plan, header=()):
     """Return PLAN as input for 'iptables-restore --noflush': it declares (so
     replaces) only its own chains and adds one hook rule per built-in chain."""
-    lines = ["# %s" % h for h in header] + [
+    lines = ["# %s" % printable(h) for h in header] + [
         "# Load with: iptables-restore --noflush < FILE (without --noflush",
         "# iptables-restore would flush every rule of these tables, not only ours)."
     ] + plan.header_comments()

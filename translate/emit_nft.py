@@ -7,7 +7,7 @@ keep their names (INPUT, FORWARD, OUTPUT), the others are prefixed with their
 table (nat-PREROUTING, mangle-INPUT, ...).
 """
 from .ir import (MAddr, MConn, MFrag, MIcmp, MIface, MLocal, MMark, MPorts, MProto, MSocket,
-                 MSyn, SCopy, SLog, SMark, STos, Untranslated)
+                 MSyn, SCopy, SLog, SMark, STos, Untranslated, printable)
 
 HOOKS = {
     # (table, chain): (type, hook, priority)
@@ -26,7 +26,7 @@ TABLE_ORDER = ("filter", "nat", "mangle")
 
 def quote(text):
     """Return TEXT as an nft string (nft strings cannot hold double quotes)."""
-    return '"%s"' % str(text).replace('"', "'")
+    return '"%s"' % printable(text).replace('"', "'")
 
 
 def _op(neg):
@@ -176,7 +176,7 @@ def chain_name(table, name):
 
 def render(plan, table_name="ipchains", header=()):
     """Return PLAN as an nft -f file (loadable twice: the table is replaced)."""
-    lines = ["#!/usr/sbin/nft -f"] + ["# %s" % h for h in header] + plan.header_comments()
+    lines = ["#!/usr/sbin/nft -f"] + ["# %s" % printable(h) for h in header] + plan.header_comments()
     lines += ["table ip %s" % table_name, "delete table ip %s" % table_name,
               "table ip %s {" % table_name]
     first = True

@@ -11,6 +11,8 @@ from dataclasses import replace
 
 from .ir import Addr, Command, PortForward, Ports, Raw, Rule
 
+BAD_CHAIN_CHARS = re.compile(r"[\s\"'\\\x00-\x1f\x7f-\x9f]")
+
 BUILTIN = ("input", "output", "forward")
 HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})")
 VERDICTS = ("ACCEPT", "DENY", "REJECT", "MASQ", "REDIRECT", "RETURN")
@@ -383,6 +385,11 @@ class _Parser:
             self.chain = _literal(self.w.words[self.w.i - 1], "the chain name")
         if self.chain is not None and len(self.chain) > 8:
             raise ParseError("chain name '%s' is longer than 8 characters" % self.chain)
+        if self.chain is not None and BAD_CHAIN_CHARS.search(self.chain):
+            # No translation can carry these: iptables-restore and nft end a
+            # line at a newline and a word at a blank or quote.
+            raise ParseError("bad chain name '%s': blanks, quotes, backslashes and control "
+                             "characters cannot be carried over" % self.chain)
         if op == "I" and is_number(self.w.peek()):
             self.num = self.positive(self.w.take(word))
         elif op == "R":

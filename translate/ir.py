@@ -6,13 +6,30 @@ says what one ipchains or ipmasqadm command meant; the *netfilter* layer
 immutable, so a value can be shared between contexts and compared (a rule
 spec given to ``-D`` is found by equality; the SourceRef is left out of it).
 """
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
+
+# Characters that end or rewrite a line in a ruleset, a shell script or a
+# terminal: C0 and C1 controls, DEL, Unicode line and paragraph separators.
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text):
+    """Return TEXT with control characters written as \\xNN (\\uNNNN) escapes.
+
+    Anything copied from the input (file names bash reports, values in
+    messages) passes through here before it goes into a comment, a string
+    or a message, so it stays there: a newline in it would start a ruleset
+    line or a shell command of its own.
+    """
+    return UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
+                           else "\\u%04x" % ord(m.group()), str(text))
 
 
 def one_line(text):
     """Return a command's source TEXT on one line (continuations joined, no '\\')."""
-    return " ".join(text.replace("\\\n", " ").split())
+    return printable(" ".join(text.replace("\\\n", " ").split()))
 
 
 @dataclass(frozen=True)
@@ -24,7 +41,7 @@ class SourceRef:
     text: str = ""
 
     def __str__(self):
-        return "%s:%d" % (self.file, self.line)
+        return "%s:%d" % (printable(self.file), self.line)
 
 
 class Raw(str):
@@ -53,8 +70,9 @@ class Diag:
     def format(self, prog="ipchains-translate"):
         """Return the HAProxy-style line ``FILE:LINE: level: message: 'text'``."""
         if self.src is None:
-            return "%s: %s: %s" % (prog, self.level, self.message)
-        return "%s: %s: %s: '%s'" % (self.src, self.level, self.message, one_line(self.src.text))
+            return "%s: %s: %s" % (prog, self.level, printable(self.message))
+        return "%s: %s: %s: '%s'" % (self.src, self.level, printable(self.message),
+                                     one_line(self.src.text))
 
     @property
     def fails(self):
@@ -300,4 +318,4 @@ class Untranslated:
     def comment(self):
         """Return the comment line that keeps the command's text ('#' in every format)."""
         text = one_line(self.src.text) if self.src else ""
-        return "# %s: untranslated (%s): %s" % (self.src, self.why, text)
+        return "# %s: untranslated (%s): %s" % (self.src, printable(self.why), text)

@@ -17,7 +17,7 @@ from . import emit_iptables, emit_nft, semantics
 from .chains import ChainError, Chains
 from .ipchains import BUILTIN, VERDICTS, Names, ParseError, parse
 from . import sandbox
-from .ir import Command, Diag, PortForward, SourceRef, Untranslated
+from .ir import Command, Diag, PortForward, SourceRef, Untranslated, printable
 from .shell import (MODERN_MODULES, Cmd, Invocation, Reader, Remark, ShellError, Word,
                     module_remark)
 from .shell import parse as parse_shell
@@ -573,7 +573,7 @@ def translate_shell(sources, opts, defines, names):
         prologue = []
         if index == 0:
             prologue = (["# Translated from ipchains by ipchains-translate %s: %s"
-                         % (VERSION, ", ".join(n for n, _ in sources)),
+                         % (VERSION, printable(", ".join(n for n, _ in sources))),
                          "# Dispatch chains: see ipchains-translate(8). They are built by "
                          "%s, run once by the" % emit_iptables.SETUP,
                          "# first translated command; other rules and policies are left alone."]
@@ -634,7 +634,7 @@ def nothing_reason(cmd, tr):
     """Say why an ipchains command needs no iptables command here."""
     chain = getattr(cmd, "chain", None)
     if chain is not None and chain not in tr.contexts:
-        return "chain '%s' is never jumped to: nothing to emit" % chain
+        return "chain '%s' is never jumped to: nothing to emit" % printable(chain)
     return "nothing to do"
 
 

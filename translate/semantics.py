@@ -45,7 +45,7 @@ from typing import Dict, List, Optional
 from .ipchains import BUILTIN, VERDICTS, Names, ParseError, parse_addresses, parse_ipv4
 from .ir import (Diag, MAddr, MConn, MFrag, MIcmp, MIface, MLocal, MMark, MPorts, MProto,
                  MSocket, MSyn, NfRule, Ports, Raw, SCopy, SLog, SMark, STos, Untranslated,
-                 Verdict)
+                 Verdict, one_line, printable)
 
 CONTEXT_INFO = {
     # ctx: (built-in chain, interface direction, description)
@@ -122,8 +122,8 @@ class Plan:
         """Return the '#' lines a flat format starts with: what is untranslated,
         what else is needed, and which commands left no rule of their own."""
         lines = [u.comment() for u in self.untranslated]
-        lines += ["# needed as well: %s" % note for note in self.notes]
-        lines += ["# %s: no rule of its own (%s): %s" % (src, why, " ".join(src.text.split()))
+        lines += ["# needed as well: %s" % printable(note) for note in self.notes]
+        lines += ["# %s: no rule of its own (%s): %s" % (src, printable(why), one_line(src.text))
                   for src, why in self.accounted]
         return lines
 

@@ -1,0 +1,104 @@
+"""A hostile script (or a bad day) cannot make the translation do more than
+the script said: text copied from the input (file names bash reports, chain
+names, values in error messages) never leaves its comment, string or line in
+any format, and the ruleset loaded in a namespace leaves other tools' rules
+alone.
+"""
+import os
+
+import pytest
+
+from translate import sandbox
+from xlate_helpers import run_tool
+
+# The sourced file's name carries a ruleset line for each format: loaded, it
+# would flush every table (nft) or the built-in INPUT chain (iptables-restore).
+SOURCES_A_NAMED_FILE = r"""ipchains -P input DENY
+f=$'/tmp/x"\nflush ruleset\n-F INPUT\n#'
+printf 'ipchains -F input\nipchains -A input -s 192.0.2.1 -j ACCEPT\n' > "$f"
+. "$f"
+"""
+INJECTED = ("flush ruleset", "-F INPUT")
+FOREIGN = {
+    "nft": ("nft add table inet other", "nft list tables", "table inet other"),
+    "iptables-restore": ("iptables -A INPUT -s 203.0.113.9 -j DROP", "iptables -S INPUT",
+                         "-A INPUT -s 203.0.113.9/32 -j DROP"),
+}
+
+
+@pytest.fixture
+def bwrap():
+    if sandbox.shutil.which("bwrap") is None:
+        pytest.skip("bwrap (bubblewrap) is not installed")
+
+
+def lines_of(text):
+    return [line.strip() for line in text.split("\n")]
+
+
+def load_beside_foreign(host, fmt, ruleset):
+    """Load RULESET (FMT) in HOST after another tool's rule; return whether that rule survived."""
+    add, show, foreign = FOREIGN[fmt]
+    host.sh("nft flush ruleset; " + add)
+    loader = ["nft", "-f", "-"] if fmt == "nft" else ["iptables-restore", "--noflush"]
+    host.run(*loader, input=ruleset, check=False)
+    return foreign in host.sh(show).stdout
+
+
+@pytest.mark.parametrize("fmt", ["nft", "iptables-restore"])
+def test_file_names_stay_in_their_comments(bwrap, tmp_path, netns_host, fmt):
+    script = tmp_path / "names.sh"
+    script.write_text(SOURCES_A_NAMED_FILE)
+    status, out, err = run_tool(["--to=" + fmt, str(script)])
+    assert status == 0, err
+    for line in INJECTED:
+        assert line not in lines_of(out), out
+        assert line not in lines_of(err), err
+    assert load_beside_foreign(netns_host, fmt, out)
+
+
+def test_untranslated_values_stay_commented_in_every_format(tmp_path):
+    # --partial loads what was translated; the gap's text must stay a comment.
+    script = tmp_path / "values.sh"
+    script.write_text("ipchains -A input -i \"eth0\ntouch %s/owned #\" -j ACCEPT\n"
+                      "ipchains -A input -s 192.0.2.3 -j ACCEPT\n" % tmp_path)
+    for fmt in ("iptables", "nft", "iptables-restore"):
+        status, out, err = run_tool(["--to=" + fmt, "--partial", str(script)])
+        assert status == 1, err
+        assert not [line for line in lines_of(out) if line.startswith("touch")], out
+        assert not [line for line in lines_of(err) if line.startswith("touch")], err
+
+
+@pytest.mark.parametrize("name", ["a\n-F", "a b", "a\"b", "a\x7f"])
+def test_chain_names_with_control_characters_or_blanks_are_refused(name):
+    status, out, err = run_tool(["--to=iptables-restore", "--partial", "-"],
+                                stdin="ipchains -N %s\n" % quote_for_sh(name))
+    assert status == 1
+    assert "error: bad chain name" in err
+    assert "-F" not in lines_of(out)
+
+
+def quote_for_sh(text):
+    """Return TEXT as a bash $'...' word."""
+    return "$'%s'" % "".join(c if c.isalnum() or c in " -" else "\\x%02x" % ord(c)
+                             for c in text)
+
+
+def test_translated_ruleset_keeps_foreign_chains_with_hostile_chain_name(netns_host):
+    # A chain name holding a newline and -F was written as its own line:
+    # iptables-restore then flushed every chain of the table.
+    status, out, err = run_tool(["--to=iptables-restore", "--partial", "-"],
+                                stdin="ipchains -N $'a\\n-F'\n"
+                                      "ipchains -A input -s 192.0.2.3 -j ACCEPT\n")
+    assert status == 1
+    assert load_beside_foreign(netns_host, "iptables-restore", out)
+
+
+def test_messages_are_one_line_each(tmp_path):
+    script = tmp_path / "msg.sh"
+    script.write_text("ipchains -A input -y $'\\nsh.sh:1: note: forged'\n"
+                      "ipchains -A input -s 192.0.2.3 -j ACCEPT\n")
+    status, out, err = run_tool(["--to=nft", str(script)])
+    assert status == 1
+    assert not [line for line in err.split("\n") if line.startswith("sh.sh:1")], err
+    assert os.path.basename(str(script)) + ":1: error:" in err

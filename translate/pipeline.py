@@ -161,6 +161,12 @@ def run_items(name, text, defines):
     origins = sandbox.Origins({name: text})
     items = []
     for rec in ran.records:
+        if rec.kind == sandbox.UNSEEN:
+            # Leaving it out would drop a rule bash ran: refuse the whole script.
+            raise InputError("%s: the script ran %s through another program (env, xargs, nice, "
+                             "exec, a script run by sh...), where the stand-ins cannot tell its "
+                             "line: '%s'; nothing translated (call it from the script itself)"
+                             % (name, rec.argv[0], printable(shlex.join(rec.argv))))
         line, cited = origins.span(rec.file, rec.line)
         src = SourceRef(rec.file, line, cited)
         if rec.kind in ("ipchains", "ipmasqadm"):

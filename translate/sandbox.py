@@ -34,6 +34,10 @@ BIN_DIRS = ("/sbin", "/usr/sbin", "/usr/local/sbin", "/bin", "/usr/bin", "/usr/l
 PATH_WORD = re.compile(r"(?:/[\w.+-]+)+/(?:%s)\b" % "|".join(
     re.escape(p) for p in RECORDED + SILENT))
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# Executable stand-ins, first on PATH, for the programs that run ipchains
+# where bash's functions do not reach (env, xargs, nice, exec, sh scripts).
+BIN = INSIDE + "/in/bin"
+UNSEEN = "unseen"
 
 
 class SandboxError(Exception):
@@ -72,14 +76,17 @@ def quote(text):
 
 def standins(text):
     """Return the BASH_ENV file defining the stand-ins (and paths named in TEXT)."""
-    paths = set(PATH_WORD.findall(text))
+    paths = set(PATH_WORD.findall(text)) | {"%s/%s" % (BIN, p) for p in RECORDED}
     for d in BIN_DIRS:
         for prog in RECORDED + SILENT:
             paths.add("%s/%s" % (d, prog))
     lines = [
         # Records go to bash's standard output (a pipe to the translator);
         # the script's own output goes nowhere.  No host path is writable.
-        "exec {__xl_fd}>&1 >/dev/null",
+        # A bash the script starts (bash rules.sh) reads this file too and
+        # records on the same pipe, found through __XL_FD.
+        "if builtin [ -z \"$__XL_FD\" ]; then exec {__xl_fd}>&1 >/dev/null; "
+        "export __XL_FD=$__xl_fd; else __xl_fd=$__XL_FD; fi",
         # FUNCNAME: [__xl_rec, stand-in, caller...]: the caller's file and line.
         "__xl_rec() { local kind=$1; shift; printf '%s\\0%s\\0%s\\0%s\\0' \"$kind\" "
         "\"${BASH_SOURCE[2]}\" \"${BASH_LINENO[1]}\" \"$#\" >&$__xl_fd; "
@@ -115,6 +122,25 @@ def standins(text):
     return "\n".join(lines) + "\n"
 
 
+def unseen_program(prog):
+    """Return the executable stand-in for PROG: run by a program, not by bash's
+    function, it records that the script's line of it cannot be known."""
+    return ("#!/bin/bash\nprintf '%%s\\0' %s '' 0 $(($# + 1)) %s \"$@\" >&${__XL_FD:-1}\n"
+            "exit 0\n" % (UNSEEN, prog))
+
+
+def write_inside(tmp, text, forced):
+    """Write the files the sandbox sees under INSIDE/in: stand-ins, forced values, programs."""
+    with open(os.path.join(tmp, "in", "standins"), "w") as f:
+        f.write(standins(text) + forcing(forced or {}))
+    os.mkdir(os.path.join(tmp, "in", "bin"))
+    for prog in RECORDED[:3]:          # ipchains, ipchains-restore, ipmasqadm
+        path = os.path.join(tmp, "in", "bin", prog)
+        with open(path, "w") as f:
+            f.write(unseen_program(prog))
+        os.chmod(path, 0o755)
+
+
 def forcing(forced):
     """Return the lines making FORCED {NAME: VALUE} win over the script's assignments.
 
@@ -140,7 +166,7 @@ def bwrap_argv(tmp, timeout):
             "--ro-bind", os.path.join(tmp, "in"), INSIDE + "/in",
             "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--chdir", os.getcwd(), "--clearenv",
-            "--setenv", "PATH", "/usr/sbin:/usr/bin:/sbin:/bin",
+            "--setenv", "PATH", BIN + ":/usr/sbin:/usr/bin:/sbin:/bin",
             "--setenv", "BASH_ENV", INSIDE + "/in/standins",
             "--setenv", "HOME", "/tmp", "--setenv", "LC_ALL", "C.UTF-8",
             "--", "timeout", "-k", "2", str(timeout), "/bin/bash"]
@@ -159,8 +185,7 @@ def run(name, text, positional=(), forced=None, timeout=None):
         script = os.path.join(tmp, "in", "script")
         with open(script, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(text)
-        with open(os.path.join(tmp, "in", "standins"), "w") as f:
-            f.write(standins(text) + forcing(forced or {}))
+        write_inside(tmp, text, forced)
         path, names = INSIDE + "/in/script", {INSIDE + "/in/script": name}
         # The working directory (relative paths in the script) is seen read-only.
         binds = ["--ro-bind", os.getcwd(), os.getcwd()]

@@ -102,3 +102,32 @@ def test_messages_are_one_line_each(tmp_path):
     assert status == 1
     assert not [line for line in err.split("\n") if line.startswith("sh.sh:1")], err
     assert os.path.basename(str(script)) + ":1: error:" in err
+
+
+# Each runs a DENY rule the way some scripts do: bash would run ipchains for
+# each on a 2.2 host, so the translation has the rule or refuses (exit 2).
+RUN_ELSEWHERE = {
+    "which": 'IPCHAINS=`which ipchains`\n$IPCHAINS -A input -s 192.0.2.0/24 -j DENY\n',
+    "xargs": 'echo "-A input -s 192.0.2.0/24 -j DENY" | xargs ipchains\n',
+    "env": 'env ipchains -A input -s 192.0.2.0/24 -j DENY\n',
+    "nice": 'nice -n 5 ipchains -A input -s 192.0.2.0/24 -j DENY\n',
+    "sh": 'sh {dir}/rules.sh\n',
+    "bash": 'bash {dir}/rules.sh\n',
+    "exec": 'printf -- "-A input -s 192.0.2.0/24 -j DENY\\n" > /tmp/saved\n'
+            'exec ipchains-restore < /tmp/saved\n',
+}
+
+
+@pytest.mark.parametrize("how", sorted(RUN_ELSEWHERE))
+def test_commands_run_out_of_the_shells_sight_are_not_lost(bwrap, tmp_path, how):
+    (tmp_path / "rules.sh").write_text("ipchains -A input -s 192.0.2.0/24 -j DENY\n")
+    script = tmp_path / "fw.sh"
+    script.write_text("ipchains -A input -s 198.51.100.7 -j ACCEPT\n" +
+                      RUN_ELSEWHERE[how].format(dir=tmp_path))
+    status, out, err = run_tool(["--to=nft", str(script)])
+    if status == 2:
+        assert "fw.sh: the script ran ipchains" in err and "nothing translated" in err
+        assert out == ""
+    else:
+        assert status == 0, err
+        assert "ip saddr 192.0.2.0/24 drop" in out, out

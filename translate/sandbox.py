@@ -18,13 +18,19 @@ sandbox could not run at all.
 """
 import os
 import re
+import selectors
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import List
 
 TIMEOUT = 60
+MAX_RECORDS = 64 << 20      # bytes of records kept: 100,000 rules take about 8 MiB
+MEMORY = 1 << 30            # address space of each process in the sandbox
+TMPFS = 64 << 20            # size of each writable place (/tmp, /run, /var/tmp)
+STDERR_TAIL = 2000          # characters of the script's stderr kept for messages
 INSIDE = "/tmp/ipchains-translate"
 RECORDED = ("ipchains", "ipchains-restore", "ipmasqadm", "modprobe", "insmod")
 SILENT = ("ifconfig", "route", "ip", "sleep", "depmod", "rmmod", "lsmod", "logger",
@@ -161,15 +167,20 @@ def bwrap_argv(tmp, timeout):
     if bwrap is None:
         raise SandboxError("the flat formats run the script in a sandbox and need "
                            "bwrap (Debian package bubblewrap); --to=iptables does not")
-    return [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-            "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", "/var/tmp",
+    size = str(TMPFS)
+    # /dev is read-only (its nodes still work): a tmpfs without a size
+    # would let the script fill the host's memory.
+    return [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--remount-ro", "/dev",
+            "--proc", "/proc", "--size", size, "--tmpfs", "/tmp", "--size", size,
+            "--tmpfs", "/run", "--size", size, "--tmpfs", "/var/tmp",
             "--ro-bind", os.path.join(tmp, "in"), INSIDE + "/in",
             "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--chdir", os.getcwd(), "--clearenv",
             "--setenv", "PATH", BIN + ":/usr/sbin:/usr/bin:/sbin:/bin",
             "--setenv", "BASH_ENV", INSIDE + "/in/standins",
             "--setenv", "HOME", "/tmp", "--setenv", "LC_ALL", "C.UTF-8",
-            "--", "timeout", "-k", "2", str(timeout), "/bin/bash"]
+            "--", "prlimit", "--as=%d" % MEMORY, "--core=0", "--",
+            "timeout", "-k", "2", str(timeout), "/bin/bash"]
 
 
 def run(name, text, positional=(), forced=None, timeout=None):
@@ -197,21 +208,71 @@ def run(name, text, positional=(), forced=None, timeout=None):
         cut = base.index("--unshare-all")
         argv = base[:cut] + binds + base[cut:] + [path] + list(positional)
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=timeout + 10)
-        except subprocess.TimeoutExpired:
-            raise SandboxError("%s: the script ran longer than %d s in the sandbox"
-                               % (name, timeout))
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
         except OSError as exc:
             raise SandboxError("cannot run the sandbox: %s" % exc)
-        stderr = proc.stderr.decode("utf-8", "replace")
+        with proc:
+            try:
+                out, head, tail = collect(proc, timeout + 10)
+            except subprocess.TimeoutExpired:
+                raise SandboxError("%s: the script ran longer than %d s in the sandbox"
+                                   % (name, timeout))
+            except OverflowError:
+                raise SandboxError("%s: the script recorded more than %d MiB of commands in "
+                                   "the sandbox" % (name, MAX_RECORDS >> 20))
+            finally:
+                stop(proc)
+        stderr = tail.decode("utf-8", "replace")
         if proc.returncode in (124, 137):
             raise SandboxError("%s: the script ran longer than %d s in the sandbox"
                                % (name, timeout))
-        if stderr.startswith("bwrap:"):
-            raise SandboxError("cannot run the sandbox: %s" % stderr.strip().split("\n")[0])
-    records = parse_records(proc.stdout, names)
-    return Run(records, proc.returncode, stderr[-2000:])
+        if head.startswith(b"bwrap:"):
+            raise SandboxError("cannot run the sandbox: %s"
+                               % head.decode("utf-8", "replace").strip().split("\n")[0])
+        if b"cannot allocate" in tail or b"Cannot allocate" in tail:
+            raise SandboxError("%s: the script ran out of memory in the sandbox (%d MiB)"
+                               % (name, MEMORY >> 20))
+    records = parse_records(out, names)
+    return Run(records, proc.returncode, stderr[-STDERR_TAIL:])
+
+
+def collect(proc, seconds):
+    """Read PROC's stdout and stderr until both close; return (stdout, stderr's head, tail).
+
+    Only MAX_RECORDS bytes of stdout (OverflowError past it) and the ends of
+    stderr are kept, however much the script writes; TimeoutExpired after
+    SECONDS.  The caller stops PROC.
+    """
+    out, head, tail = bytearray(), b"", b""
+    deadline = time.monotonic() + seconds
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ, "out")
+        sel.register(proc.stderr, selectors.EVENT_READ, "err")
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(proc.args, seconds)
+            for key, _ in sel.select(left):
+                chunk = os.read(key.fileobj.fileno(), 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                elif key.data == "out":
+                    out += chunk
+                    if len(out) > MAX_RECORDS:
+                        raise OverflowError
+                else:
+                    head = head or chunk[:STDERR_TAIL]
+                    tail = (tail + chunk)[-4 * STDERR_TAIL:]
+    proc.wait(max(0.0, deadline - time.monotonic()))
+    return bytes(out), head, tail
+
+
+def stop(proc):
+    """Kill PROC (bwrap) if it still runs and reap it: its sandbox dies with it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def parse_records(data, names):

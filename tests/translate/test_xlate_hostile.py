@@ -5,11 +5,13 @@ any format, and the ruleset loaded in a namespace leaves other tools' rules
 alone.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 
 from translate import sandbox
-from xlate_helpers import run_tool
+from xlate_helpers import ROOT, run_tool
 
 # The sourced file's name carries a ruleset line for each format: loaded, it
 # would flush every table (nft) or the built-in INPUT chain (iptables-restore).
@@ -131,3 +133,59 @@ def test_commands_run_out_of_the_shells_sight_are_not_lost(bwrap, tmp_path, how)
     else:
         assert status == 0, err
         assert "ip saddr 192.0.2.0/24 drop" in out, out
+
+
+def peak_rss_mib(argv):
+    """Run the translator with ARGV in a child; return (status, its peak RSS in MiB)."""
+    code = ("import resource, subprocess, sys\n"
+            "p = subprocess.run([sys.executable, '-m', 'translate'] + sys.argv[1:],\n"
+            "                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+            "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    proc = subprocess.run([sys.executable, "-c", code] + argv, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    status, kib = proc.stdout.split()
+    return int(status), int(kib) // 1024
+
+
+def test_a_flood_on_stderr_is_not_kept(bwrap, tmp_path):
+    script = tmp_path / "loud.sh"
+    script.write_text("head -c 300000000 /dev/zero >&2\n"
+                      "ipchains -A input -s 192.0.2.1 -j ACCEPT\n")
+    status, mib = peak_rss_mib(["--to=nft", str(script)])
+    assert status == 0
+    assert mib < 150
+
+
+def test_records_past_the_limit_stop_the_script(bwrap, tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "MAX_RECORDS", 1 << 20)
+    monkeypatch.setattr(sandbox, "TIMEOUT", 30)
+    script = tmp_path / "many.sh"
+    script.write_text("x=$(printf %0100000d 0)\n"
+                      "while :; do ipchains -A input -s \"$x\" -j ACCEPT; done\n")
+    status, out, err = run_tool(["--to=nft", str(script)])
+    assert status == 2 and out == ""
+    assert "many.sh: the script recorded more than 1 MiB of commands in the sandbox" in err
+
+
+def test_memory_of_the_script_is_limited(bwrap, tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "MEMORY", 100 << 20)
+    script = tmp_path / "big.sh"
+    script.write_text("x=$(head -c 200000000 /dev/zero | tr '\\0' a)\n"
+                      "ipchains -A input -s 192.0.2.1 -j ACCEPT\n")
+    status, out, err = run_tool(["--to=nft", str(script)])
+    assert status == 2 and out == ""
+    assert "big.sh: the script ran out of memory in the sandbox (100 MiB)" in err
+
+
+def test_writable_places_are_small(bwrap, tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "TMPFS", 1 << 20)
+    script = tmp_path / "fill.sh"
+    script.write_text(
+        "head -c 4000000 /dev/zero > /tmp/big || ipchains -A input -s 192.0.2.9 -j DENY\n"
+        "head -c 4000000 /dev/zero > /run/big || ipchains -A input -s 192.0.2.10 -j DENY\n"
+        "echo > /dev/big || ipchains -A input -s 192.0.2.11 -j DENY\n"
+        "echo > /dev/shm/big || ipchains -A input -s 192.0.2.12 -j DENY\n")
+    status, out, err = run_tool(["--to=nft", str(script)])
+    assert status == 0, err
+    for host in (9, 10, 11, 12):
+        assert "ip saddr 192.0.2.%d drop" % host in out, out

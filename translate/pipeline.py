@@ -158,7 +158,9 @@ def run_items(name, text, defines):
         ran = sandbox.run(name, text, positional, forced)
     except sandbox.SandboxError as exc:
         raise InputError(str(exc))
-    origins = sandbox.Origins({name: text})
+    shown = [os.getcwd()] + ([os.path.dirname(os.path.abspath(name))]
+                             if os.path.isfile(name) else [])
+    origins = sandbox.Origins({name: text}, shown)
     items = []
     for rec in ran.records:
         if rec.kind == sandbox.UNSEEN:

@@ -19,6 +19,7 @@ sandbox could not run at all.
 import os
 import re
 import selectors
+import stat
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +32,9 @@ MAX_RECORDS = 64 << 20      # bytes of records kept: 100,000 rules take about 8 
 MEMORY = 1 << 30            # address space of each process in the sandbox
 TMPFS = 64 << 20            # size of each writable place (/tmp, /run, /var/tmp)
 STDERR_TAIL = 2000          # characters of the script's stderr kept for messages
+MAX_SOURCE = 16 << 20       # bytes of a sourced file read back to cite its lines
+# Places the sandbox has its own of: a file there on the host is not the one bash ran.
+PRIVATE = ("/tmp", "/run", "/var/tmp", "/dev", "/proc", "/sys")
 INSIDE = "/tmp/ipchains-translate"
 RECORDED = ("ipchains", "ipchains-restore", "ipmasqadm", "modprobe", "insmod")
 SILENT = ("ifconfig", "route", "ip", "sleep", "depmod", "rmmod", "lsmod", "logger",
@@ -318,8 +322,9 @@ def split_positional(defines):
 class Origins:
     """Maps a line bash reports to its command's first line and text, per file."""
 
-    def __init__(self, texts):
+    def __init__(self, texts, shown=()):
         self.texts = dict(texts)       # file -> text (read from disk when missing)
+        self.shown = shown             # directories bound into the sandbox as they are
         self.spans = {}
 
     def span(self, file, line):
@@ -343,14 +348,37 @@ class Origins:
         """
         text = self.texts.get(file)
         if text is None:
-            try:
-                with open(file, encoding="utf-8", errors="surrogateescape") as f:
-                    text = f.read()
-            except OSError:
-                text = ""
+            text = read_as_seen(file, self.shown)
         lines = text.split("\n")
         starts = {}
         for n in range(2, len(lines) + 1):
             if n not in starts and lines[n - 2].endswith("\\"):
                 starts[n] = starts.get(n - 1, n - 1)
         return lines, starts
+
+
+def read_as_seen(path, shown):
+    """Return the text of file PATH as bash in the sandbox saw it, or '' when unsure.
+
+    The name comes from the script (bash's BASH_SOURCE, or a record it
+    forged), so only a regular file of at most MAX_SOURCE bytes is read, and
+    not one in a place the sandbox had its own of (PRIVATE) unless it lies
+    below a directory in SHOWN: the host's /proc/self/environ, a FIFO, a
+    device or a file of the host's /tmp are none of the script's business.
+    """
+    real = os.path.realpath(path)
+
+    def below(top):
+        top = os.path.realpath(top)
+        return real == top or real.startswith(top.rstrip("/") + "/")
+    if any(below(p) for p in PRIVATE) and not any(below(d) for d in shown):
+        return ""
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SOURCE:
+            return ""
+        return f.read(MAX_SOURCE).decode("utf-8", "surrogateescape")

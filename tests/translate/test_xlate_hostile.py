@@ -5,6 +5,7 @@ any format, and the ruleset loaded in a namespace leaves other tools' rules
 alone.
 """
 import os
+import resource
 import subprocess
 import sys
 
@@ -189,3 +190,37 @@ def test_writable_places_are_small(bwrap, tmp_path, monkeypatch):
     assert status == 0, err
     for host in (9, 10, 11, 12):
         assert "ip saddr 192.0.2.%d drop" % host in out, out
+
+
+def limit_memory():
+    """Keep a translator that reads an endless device from taking the machine's memory."""
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+FORGED = 'printf "ipchains\\0%s\\0001\\0003\\0-A\\0input\\0-y\\0" >&$__xl_fd\n'
+
+
+@pytest.mark.parametrize("path", ["/proc/self/environ", "/dev/zero", "{fifo}", "{hidden}"])
+def test_forged_records_read_no_host_file(bwrap, tmp_path, path):
+    # A record naming a file the sandbox never ran: the translator must not
+    # read it on the host (its environment, an endless device, a FIFO that
+    # never ends, a file of the host's /tmp the sandbox could not see).
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    hidden = "/tmp/ipchains-translate-test-%d" % os.getpid()
+    with open(hidden, "w") as f:
+        f.write("SECRET_IN_HOST_TMP\n")
+    try:
+        script = tmp_path / "forge.sh"
+        script.write_text("ipchains -A input -s 192.0.2.1 -j ACCEPT\n" +
+                          FORGED % path.format(fifo=fifo, hidden=hidden))
+        proc = subprocess.run([sys.executable, "-m", "translate", "--to=nft", str(script)],
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=ROOT, SECRET_TOKEN="hunter2"),
+                              preexec_fn=limit_memory)
+    finally:
+        os.unlink(hidden)
+    assert proc.returncode == 1, proc.stderr
+    assert "error: -y needs -p tcp" in proc.stderr
+    assert "hunter2" not in proc.stdout + proc.stderr
+    assert "SECRET_IN_HOST_TMP" not in proc.stdout + proc.stderr

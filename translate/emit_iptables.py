@@ -276,6 +276,25 @@ def heredoc_word(word, _cache={}):
     return text
 
 
+# What a here-document reads otherwise than a command line does: single quotes
+# (no quoting there: '$(cmd)' runs), backslashes, and line ends.
+HEREDOC_UNSAFE = re.compile("['\\\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def batchable(line):
+    """True for a CommandLine an iptables-restore here-document can carry.
+
+    A word kept as written (Raw) goes into the here-document as it stands;
+    one holding single quotes, backslashes or line ends would mean other
+    text there (a quoted '$(cmd)' would run, a line would end the rule or
+    the document early and the rest run as shell commands).  Such a command
+    stays an iptables command of its own, where the shell reads the word as
+    the script's own command did.
+    """
+    return isinstance(line, CommandLine) and not any(
+        isinstance(w, Raw) and HEREDOC_UNSAFE.search(w) for w in line.args)
+
+
 def batch(commands):
     """Return shell lines loading CommandLines COMMANDS with one iptables-restore
     --noflush (iptables-nft reads the whole ruleset for every command, so one

@@ -604,7 +604,7 @@ def batch_runs(runs, source):
     group = []
     for item in runs + [None]:
         if item is not None and group and _follows(group[-1], item, source) and \
-                all(isinstance(line, emit_iptables.CommandLine) for line in item[2]):
+                all(emit_iptables.batchable(line) for line in item[2]):
             group.append(item)
             continue
         if group:
@@ -616,7 +616,7 @@ def _follows(prev, item, source):
     """True when command ITEM runs right after PREV (see batch_runs)."""
     (pcmd, pindent, plines), (cmd, indent, _) = prev, item
     if indent != pindent or cmd.line <= pcmd.end_line or \
-            not all(isinstance(line, emit_iptables.CommandLine) for line in plines):
+            not all(emit_iptables.batchable(line) for line in plines):
         return False
     between = source[pcmd.end_line:cmd.line - 1]
     return all(not line.strip() or line.lstrip().startswith("#") for line in between)

@@ -224,3 +224,34 @@ def test_forged_records_read_no_host_file(bwrap, tmp_path, path):
     assert "error: -y needs -p tcp" in proc.stderr
     assert "hunter2" not in proc.stdout + proc.stderr
     assert "SECRET_IN_HOST_TMP" not in proc.stdout + proc.stderr
+
+
+HOSTILE_WORDS = {
+    # Spanning lines, it ended the iptables-restore here-document of a run
+    # of commands: the rest ran as shell commands.
+    "lines": "\"$EXTIF\n-F\nIPCHAINS_TRANSLATE\ntouch {mark}\ncat <<IPCHAINS_TRANSLATE\"",
+    # Single quotes do not quote in a here-document: $(...) ran.
+    "quotes": "\"$EXTIF\"'$(touch {mark})'",
+}
+
+
+@pytest.mark.parametrize("how", sorted(HOSTILE_WORDS))
+def test_words_kept_as_written_stay_in_their_command(tmp_path, netns_host, how):
+    # A word with an expansion is copied as written into the script format;
+    # what the script quoted must not run when the admin runs the translation.
+    mark = tmp_path / "ran"
+    script = tmp_path / "fw.sh"
+    script.write_text("ipchains -A input -s 192.0.2.1 -j ACCEPT\n"
+                      "ipchains -A input -i %s -j ACCEPT\n"
+                      "ipchains -A input -s 192.0.2.3 -j ACCEPT\n"
+                      % HOSTILE_WORDS[how].format(mark=mark))
+    status, out, err = run_tool(["--to=iptables", str(script)])
+    assert status == 0, err
+    translated = tmp_path / "translated.sh"
+    translated.write_text(out)
+    add, show, foreign = FOREIGN["iptables-restore"]
+    netns_host.sh("nft flush ruleset; " + add)
+    netns_host.run("sh", str(translated), check=False, env=dict(os.environ, EXTIF="eth0"))
+    assert not mark.exists()
+    assert foreign in netns_host.sh(show).stdout
+    assert "-A in-input -s 192.0.2.3/32" in netns_host.sh("iptables -S in-input").stdout

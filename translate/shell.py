@@ -33,6 +33,13 @@ TOKEN = re.compile(r"""
 SIMPLE_LINE = re.compile(
     r"[ \t]*(?:(?:[^\s'\"\\`;&|()<>#$]|\$(?:[A-Za-z_]\w*|\{[A-Za-z_]\w*\}))+"
     r"(?:[ \t]+|(?=\n|\Z)))*(?=\n|\Z)")
+# A here-document's operator and delimiter word (quoted or not); not '<<<'.
+HEREDOC = re.compile(r"""<<(-?)[ \t]*(?:'([^'\n]*)'|"([^"\n]*)"|\\?([^\s;&|()<>'"]+))""")
+# $'...' escapes (bash's ANSI-C quoting); \xHH, \NNN, \uHHHH and \cX are decoded apart.
+ANSI_C = {"a": "\a", "b": "\b", "e": "\x1b", "E": "\x1b", "f": "\f", "n": "\n", "r": "\r",
+          "t": "\t", "v": "\v", "\\": "\\", "'": "'", '"': '"', "?": "?"}
+ANSI_C_NUMBER = re.compile(r"[0-7]{1,3}|x[0-9A-Fa-f]{1,2}|u[0-9A-Fa-f]{1,4}|U[0-9A-Fa-f]{1,8}|c.",
+                           re.S)
 VAR_REF = re.compile(r"\$(?:\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))")
 KEYWORDS = {"if", "then", "elif", "else", "fi", "for", "while", "until", "do",
             "done", "case", "esac", "{", "}", "function", "!"}
@@ -108,6 +115,7 @@ class _Scanner:
         self.i = 0
         self.line = 1
         self.tokens = []
+        self.heredocs = []      # (delimiter, strip tabs, Word) read at the next line end
 
     def peek(self, k=0):
         j = self.i + k
@@ -155,10 +163,13 @@ class _Scanner:
             elif kind == "op":
                 self.flush(parts, raw_start, start_line)
                 parts, raw_start = [], None
+                if self.here_document():
+                    continue
                 self.tokens.append(Op(m.group(), self.line))
                 self.i = m.end()
                 if m.group() == "\n":
                     self.line += 1
+                    self.skip_heredoc_bodies()
                     self.simple_line()
             else:
                 if raw_start is None:
@@ -176,7 +187,42 @@ class _Scanner:
                 else:
                     self.word_part(parts)
         self.flush(parts, raw_start, start_line)
+        self.skip_heredoc_bodies()
         return self.tokens
+
+    def here_document(self):
+        """Read '<<WORD' (or '<<-WORD') here, if it is one; True if read.
+
+        The body, from the next line to the delimiter line, is data to bash:
+        it is skipped at the line end (skip_heredoc_bodies), and the
+        delimiter Word then carries the delimiter's line, so the command
+        spans its here-document.
+        """
+        m = HEREDOC.match(self.s, self.i)
+        if m is None or self.s.startswith("<<<", self.i):
+            return False
+        delim = next(g for g in m.groups()[1:] if g is not None)
+        word = Word(m.group()[2:].lstrip("- \t"), [("lit", delim, True)], self.line)
+        self.tokens += [Op("<<", self.line), word]
+        self.heredocs.append((delim, m.group(1) == "-", word))
+        self.i = m.end()
+        return True
+
+    def skip_heredoc_bodies(self):
+        """Skip the bodies of the here-documents opened on the line just ended."""
+        for delim, strip, word in self.heredocs:
+            for _ in range(len(self.s) + 1):
+                if self.i >= len(self.s):
+                    break
+                end = self.s.find("\n", self.i)
+                end = len(self.s) if end < 0 else end
+                line = self.s[self.i:end]
+                self.i = min(end + 1, len(self.s))
+                self.line += 1
+                if (line.lstrip("\t") if strip else line) == delim:
+                    break
+            word.line = self.line - 1
+        self.heredocs = []
 
     def operator(self, parts):
         c, n = self.peek(), self.peek(1)
@@ -265,6 +311,11 @@ class _Scanner:
                 parts.append(("var", inner, quoted))
             else:
                 parts.append(("sub", self.s[start:self.i], quoted))
+        elif c == "'" and not quoted:
+            self.ansi_c(parts)
+        elif c == '"' and not quoted:
+            # $"..." is a double-quoted string (translated by the locale).
+            return
         elif c.isalpha() or c == "_":
             while self.peek() and (self.peek().isalnum() or self.peek() == "_"):
                 self.advance()
@@ -274,6 +325,28 @@ class _Scanner:
             parts.append(("var", c, quoted))
         else:
             parts.append(("lit", "$", quoted))
+
+    def ansi_c(self, parts):
+        """Read the rest of $'...' (at its quote), escapes decoded as bash does."""
+        self.advance()
+        out = []
+        for _ in range(len(self.s) + 1):
+            if self.i >= len(self.s):
+                raise ShellError("line %d: unterminated $'...' quote" % self.line)
+            c = self.advance()
+            if c == "'":
+                break
+            if c != "\\" or self.i >= len(self.s):
+                out.append(c)
+                continue
+            m = ANSI_C_NUMBER.match(self.s, self.i)
+            if m is not None:
+                self.i = m.end()
+                out.append(_ansi_c_number(m.group()))
+            else:
+                e = self.advance()
+                out.append(ANSI_C.get(e, "\\" + e))
+        parts.append(("lit", "".join(out), True))
 
     def balanced(self, open_c, close_c):
         depth = 0
@@ -305,6 +378,20 @@ class _Scanner:
             raise ShellError("line %d: unterminated backquote" % self.line)
         self.advance()
         parts.append(("sub", self.s[start:self.i], quoted))
+
+
+def _ansi_c_number(esc):
+    """Return the character of a $'...' escape ESC (after the backslash): octal, \\x, \\u, \\c."""
+    if esc[0] == "c":
+        return chr(ord(esc[1]) & 0x1f)
+    if esc[0] in "xuU":
+        code = int(esc[1:], 16)
+    else:
+        code = int(esc, 8) & 0xff
+    try:
+        return chr(code)
+    except (ValueError, OverflowError):
+        return "?"
 
 
 def _plain_parts(raw):
@@ -542,11 +629,11 @@ class _Parser:
                     if isinstance(target, Word):
                         self.i += 1
                         redirs.append(op + target.raw)
-                        last = target.line
+                        last = max(last, target.line)
                     continue
                 break
             words.append(tok)
-            last = tok.line + tok.raw.count("\n")
+            last = max(last, tok.line + tok.raw.count("\n"))
             self.i += 1
         if not words:
             return None

@@ -255,3 +255,42 @@ def test_words_kept_as_written_stay_in_their_command(tmp_path, netns_host, how):
     assert not mark.exists()
     assert foreign in netns_host.sh(show).stdout
     assert "-A in-input -s 192.0.2.3/32" in netns_host.sh("iptables -S in-input").stdout
+
+
+# Text bash reads as data: the static reader of the script format must read
+# it so too, or the translation turns it into commands.
+DATA_AS_BASH_READS_IT = {
+    # $'...' ends at an unescaped quote only: \' is a quote inside it.
+    "ansi-c": "ipchains -A input -s 192.0.2.1 -j ACCEPT -i $'eth\\'0'\necho '\n"
+              "touch {mark}\n'\n# '\n",
+    # A here-document's body is data, up to its delimiter line (here COMMIT,
+    # a line of the translation's own here-documents).
+    "here-document": "cat > {copy} <<COMMIT\nipchains -A input -s 192.0.2.1 -j ACCEPT\n"
+                     "ipchains -A input -s 192.0.2.2 -j ACCEPT\ntouch {mark}\nCOMMIT\n",
+    "here-document-tabs": "if true; then\n\tcat > {copy} <<-'EOF'\n"
+                          "\tipchains -A input -s 192.0.2.1 -j ACCEPT\n"
+                          "\tipchains -A input -s 192.0.2.2 -j ACCEPT\n\ttouch {mark}\n\tEOF\nfi\n",
+}
+
+
+@pytest.mark.parametrize("how", sorted(DATA_AS_BASH_READS_IT))
+def test_the_script_format_keeps_data_data(tmp_path, netns_host, how):
+    mark, copy = tmp_path / "ran", tmp_path / "copy"
+    script = tmp_path / "fw.sh"
+    text = (DATA_AS_BASH_READS_IT[how].format(mark=mark, copy=copy) +
+            "ipchains -A input -s 192.0.2.3 -j ACCEPT\n")
+    script.write_text(text)
+    original = tmp_path / "original.sh"
+    original.write_text("ipchains() { :; }\n" + text)
+    netns_host.run("bash", str(original), check=False)
+    expected = copy.read_text() if copy.exists() else None
+    assert not mark.exists()
+    status, out, err = run_tool(["--to=iptables", str(script)])
+    assert status == 0, err
+    translated = tmp_path / "translated.sh"
+    translated.write_text(out)
+    netns_host.sh("nft flush ruleset")
+    netns_host.run("bash", str(translated), check=False)
+    assert not mark.exists(), out
+    assert (copy.read_text() if copy.exists() else None) == expected
+    assert "-A in-input -s 192.0.2.3/32" in netns_host.sh("iptables -S in-input").stdout

@@ -175,6 +175,11 @@ def run_items(name, text, defines):
             items.append(Invocation([rec.kind] + rec.argv, src, None))
         elif rec.kind == "restore":
             items.extend(restore_items(rec, src))
+        elif rec.kind in sandbox.FOREIGN:
+            # Its rules would be missing from a ruleset that loads: fail closed.
+            items.append(Remark("error", src, "%s command left out: only ipchains is "
+                                "translated, and the rules this loads are not in the "
+                                "translation" % rec.kind))
         else:
             words = [Word(w, None, line) for w in [rec.kind] + rec.argv]
             remark = module_remark(Cmd(words, [], line, line), {}, src)

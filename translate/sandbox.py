@@ -36,9 +36,11 @@ MAX_SOURCE = 16 << 20       # bytes of a sourced file read back to cite its line
 # Places the sandbox has its own of: a file there on the host is not the one bash ran.
 PRIVATE = ("/tmp", "/run", "/var/tmp", "/dev", "/proc", "/sys")
 INSIDE = "/tmp/ipchains-translate"
-RECORDED = ("ipchains", "ipchains-restore", "ipmasqadm", "modprobe", "insmod")
+# Other firewall tools: what the script loads with them is not in the translation.
+FOREIGN = ("iptables", "iptables-restore", "ip6tables", "ipfwadm", "nft")
+RECORDED = ("ipchains", "ipchains-restore", "ipmasqadm", "modprobe", "insmod") + FOREIGN
 SILENT = ("ifconfig", "route", "ip", "sleep", "depmod", "rmmod", "lsmod", "logger",
-          "ipchains-save", "ipfwadm", "ifup", "ifdown", "iptables", "tc", "arp", "hostname")
+          "ipchains-save", "ifup", "ifdown", "tc", "arp", "hostname")
 BIN_DIRS = ("/sbin", "/usr/sbin", "/usr/local/sbin", "/bin", "/usr/bin", "/usr/local/bin",
             "/usr/local/ipchains")
 PATH_WORD = re.compile(r"(?:/[\w.+-]+)+/(?:%s)\b" % "|".join(

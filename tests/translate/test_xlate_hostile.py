@@ -294,3 +294,19 @@ def test_the_script_format_keeps_data_data(tmp_path, netns_host, how):
     assert not mark.exists(), out
     assert (copy.read_text() if copy.exists() else None) == expected
     assert "-A in-input -s 192.0.2.3/32" in netns_host.sh("iptables -S in-input").stdout
+
+
+@pytest.mark.parametrize("fmt", ["nft", "iptables-restore"])
+def test_other_firewall_tools_in_the_script_fail_closed(bwrap, tmp_path, fmt):
+    # The DROP rules loaded with iptables were missing from a ruleset that
+    # loaded with exit 0, accepting what the script dropped.
+    script = tmp_path / "mixed.sh"
+    script.write_text("iptables -P INPUT DROP\n"
+                      "/sbin/iptables -A INPUT -s 192.0.2.0/24 -j DROP\n"
+                      "ipchains -A input -s 192.0.2.7 -j ACCEPT\n")
+    status, out, err = run_tool(["--to=" + fmt, str(script)])
+    assert status == 1
+    assert "mixed.sh:1: error: iptables command left out" in err
+    assert "mixed.sh:2: error: iptables command left out" in err
+    first = [line for line in out.split("\n") if not line.startswith("#!")][0]
+    assert first.startswith("ipchains-translate: incomplete translation")

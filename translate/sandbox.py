@@ -16,10 +16,12 @@ called the stand-in (BASH_SOURCE/BASH_LINENO).
 in execution order and how the script ended.  Sandbox.error carries why the
 sandbox could not run at all.
 """
+import glob
 import os
 import re
 import selectors
 import stat
+import struct
 import shutil
 import subprocess
 import tempfile
@@ -36,6 +38,11 @@ MAX_SOURCE = 16 << 20       # bytes of a sourced file read back to cite its line
 # Places the sandbox has its own of: a file there on the host is not the one bash ran.
 PRIVATE = ("/tmp", "/run", "/var/tmp", "/dev", "/proc", "/sys")
 INSIDE = "/tmp/ipchains-translate"
+# What root may read and no firewall script needs: hidden, as what the script
+# reads can reach the output through a value or a message.
+SECRET_DIRS = ("/root", "/home", "/etc/ssl/private", "/etc/sudoers.d")
+SECRET_FILES = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
+                "/etc/ssh/ssh_host_*key")
 # Other firewall tools: what the script loads with them is not in the translation.
 FOREIGN = ("iptables", "iptables-restore", "ip6tables", "ipfwadm", "nft")
 RECORDED = ("ipchains", "ipchains-restore", "ipmasqadm", "modprobe", "insmod") + FOREIGN
@@ -178,8 +185,7 @@ def bwrap_argv(tmp, timeout):
     # would let the script fill the host's memory.
     return [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--remount-ro", "/dev",
             "--proc", "/proc", "--size", size, "--tmpfs", "/tmp", "--size", size,
-            "--tmpfs", "/run", "--size", size, "--tmpfs", "/var/tmp",
-            "--ro-bind", os.path.join(tmp, "in"), INSIDE + "/in",
+            "--tmpfs", "/run", "--size", size, "--tmpfs", "/var/tmp"] + hiding() + [
             "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--chdir", os.getcwd(), "--clearenv",
             "--setenv", "PATH", BIN + ":/usr/sbin:/usr/bin:/sbin:/bin",
@@ -187,6 +193,92 @@ def bwrap_argv(tmp, timeout):
             "--setenv", "HOME", "/tmp", "--setenv", "LC_ALL", "C.UTF-8",
             "--", "prlimit", "--as=%d" % MEMORY, "--core=0", "--",
             "timeout", "-k", "2", str(timeout), "/bin/bash"]
+
+
+def hiding():
+    """Return the bwrap options hiding the SECRET_DIRS and SECRET_FILES that exist here
+    (the script's and the working directory are bound again after them)."""
+    out = []
+    for path in SECRET_DIRS:
+        if os.path.isdir(path) and not os.path.islink(path):
+            out += ["--size", "65536", "--tmpfs", path]
+    for pattern in SECRET_FILES:
+        for path in sorted(glob.glob(pattern)):
+            if os.path.isfile(path) and not os.path.islink(path):
+                out += ["--ro-bind", "/dev/null", path]
+    return out
+
+
+def shown(path):
+    """Return the bwrap options showing, read-only, the working directory and the
+    directory of script PATH where the root's view lacks them.
+
+    A directory that is or holds a place the sandbox has its own of (/, /tmp,
+    /var, /run...) is not bound: that would show the host's /tmp and /run
+    (where root's tmux, Docker's and systemd's sockets live) and hide the
+    stand-ins; a script directly in such a place is bound alone.
+    """
+    def below(path, top):
+        return path == top or path.startswith(top.rstrip("/") + "/")
+
+    def bindable(d):
+        return not any(below(p, d) for p in PRIVATE) and \
+            not any(below(d, p) for p in ("/dev", "/proc", "/sys"))
+    out = ["--ro-bind", os.getcwd(), os.getcwd()] if bindable(os.getcwd()) else []
+    if not path.startswith(INSIDE + "/"):
+        here = os.path.dirname(path)
+        if bindable(here):
+            out += ["--ro-bind", here, here]
+        elif any(below(here, p) for p in PRIVATE):
+            out += ["--ro-bind", path, path]
+    return out
+
+
+# Classic BPF for seccomp: the native architecture's socket(AF_UNIX, ...)
+# fails with EACCES and io_uring (which opens sockets too) with ENOSYS; any
+# other architecture's calls (x32, i386 on x86-64) fail with ENOSYS.
+SECCOMP_ARCHES = {
+    # machine: (AUDIT_ARCH_*, socket, io_uring_setup, lowest foreign syscall number)
+    "x86_64": (0xc000003e, 41, 425, 0x40000000),
+    "aarch64": (0xc00000b7, 198, 425, None),
+}
+
+
+def seccomp_program(machine):
+    """Return the seccomp filter for MACHINE (uname -m) as bytes, or None if unknown."""
+    if machine not in SECCOMP_ARCHES:
+        return None
+    arch, socket_nr, uring_nr, foreign = SECCOMP_ARCHES[machine]
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, errno = 0x7fff0000, 0x00050000
+    eacces, enosys, af_unix = 13, 38, 1
+    prog = [
+        (ld, 0, 0, 4),                      # arch
+        (jeq, 1, 0, arch),
+        (ret, 0, 0, errno | enosys),
+        (ld, 0, 0, 0),                      # syscall number
+        (jge, 0, 1, foreign if foreign is not None else 0xffffffff),
+        (ret, 0, 0, errno | enosys),
+        (jeq, 0, 1, uring_nr),
+        (ret, 0, 0, errno | enosys),
+        (jeq, 0, 3, socket_nr),
+        (ld, 0, 0, 16),                     # socket's domain (low half of args[0])
+        (jeq, 0, 1, af_unix),
+        (ret, 0, 0, errno | eacces),
+        (ret, 0, 0, allow),
+    ]
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+
+
+def seccomp_fd(tmp):
+    """Return a readable descriptor of the seccomp filter (file in TMP), or None."""
+    program = seccomp_program(os.uname().machine)
+    if program is None:
+        return None
+    path = os.path.join(tmp, "seccomp")
+    with open(path, "wb") as f:
+        f.write(program)
+    return os.open(path, os.O_RDONLY)
 
 
 def run(name, text, positional=(), forced=None, timeout=None):
@@ -204,20 +296,26 @@ def run(name, text, positional=(), forced=None, timeout=None):
             f.write(text)
         write_inside(tmp, text, forced)
         path, names = INSIDE + "/in/script", {INSIDE + "/in/script": name}
-        # The working directory (relative paths in the script) is seen read-only.
-        binds = ["--ro-bind", os.getcwd(), os.getcwd()]
         if os.path.isfile(name):
             path = os.path.abspath(name)
             names = {path: name}
-            binds += ["--ro-bind", os.path.dirname(path), os.path.dirname(path)]
+        # The stand-ins are bound last: nothing the user's directories show covers them.
+        binds = shown(path) + ["--ro-bind", os.path.join(tmp, "in"), INSIDE + "/in"]
         base = bwrap_argv(tmp, timeout)
         cut = base.index("--unshare-all")
+        filter_fd = seccomp_fd(tmp)
+        if filter_fd is not None:
+            binds += ["--seccomp", str(filter_fd)]
         argv = base[:cut] + binds + base[cut:] + [path] + list(positional)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE)
+                                    stderr=subprocess.PIPE,
+                                    pass_fds=() if filter_fd is None else (filter_fd,))
         except OSError as exc:
             raise SandboxError("cannot run the sandbox: %s" % exc)
+        finally:
+            if filter_fd is not None:
+                os.close(filter_fd)
         with proc:
             try:
                 out, head, tail = collect(proc, timeout + 10)

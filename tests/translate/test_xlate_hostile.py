@@ -310,3 +310,63 @@ def test_other_firewall_tools_in_the_script_fail_closed(bwrap, tmp_path, fmt):
     assert "mixed.sh:2: error: iptables command left out" in err
     first = [line for line in out.split("\n") if not line.startswith("#!")][0]
     assert first.startswith("ipchains-translate: incomplete translation")
+
+
+def test_secrets_of_the_host_are_hidden(bwrap, tmp_path):
+    # The script runs as root (no capabilities, but owner of root's files):
+    # what it reads can reach the output, through a value or a message.
+    secrets = [p for p in ("/etc/shadow", "/etc/gshadow") if os.path.isfile(p)]
+    if not secrets:
+        pytest.skip("no /etc/shadow here")
+    with open(secrets[0]) as f:
+        first = f.readline().split(":")[0] + ":"
+    script = tmp_path / "nosy.sh"
+    script.write_text("".join('ipchains -A input -i "$(head -c 30 %s)" -j ACCEPT\n' % p
+                              for p in secrets) +
+                      'ipchains -A input -i "$(ls -A /root | head -c 100)x" -j ACCEPT\n'
+                      "ipchains -A input -s 192.0.2.1 -j ACCEPT\n")
+    status, out, err = run_tool(["--to=nft", "--partial", str(script)])
+    assert first not in out + err
+    assert ".bashrc" not in out + err and ".profile" not in out + err
+
+
+CONNECTS = ('python3 -c "import socket, sys; s = socket.socket(socket.AF_UNIX); '
+            's.connect(sys.argv[1]); s.send(b\'out\')" %s\n')
+
+
+def test_no_unix_socket_of_the_host_is_reached(bwrap, tmp_path):
+    # Sockets answer connect() on a read-only mount: one in the script's
+    # directory (or the host's /tmp, where tmux keeps root's) was reached.
+    import socket
+    path = str(tmp_path / "listening")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        listener.setblocking(False)
+        script = tmp_path / "fw.sh"
+        script.write_text(CONNECTS % path + "ipchains -A input -s 192.0.2.1 -j ACCEPT\n")
+        status, out, err = run_tool(["--to=nft", str(script)])
+        assert status == 0, err
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+
+
+@pytest.mark.parametrize("where", ["/", "/tmp", "/run"])
+def test_the_working_directory_does_not_open_private_places(bwrap, tmp_path, monkeypatch,
+                                                              where):
+    # Run from / or /tmp, the working directory was bound over the sandbox's
+    # own /tmp: the stand-ins vanished and the host's /tmp and /run showed.
+    hidden = "/tmp/ipchains-translate-test-%d" % os.getpid()
+    with open(hidden, "w") as f:
+        f.write("SECRET_IN_HOST_TMP\n")
+    try:
+        script = tmp_path / "fw.sh"
+        script.write_text('ipchains -A input -i "$(cat %s)x" -j ACCEPT\n'
+                          "ipchains -A input -s 192.0.2.1 -j ACCEPT\n" % hidden)
+        monkeypatch.chdir(where)
+        status, out, err = run_tool(["--to=nft", str(script)])
+    finally:
+        os.unlink(hidden)
+    assert status == 0, err
+    assert "ip saddr 192.0.2.1 accept" in out
+    assert "SECRET_IN_HOST_TMP" not in out + err

@@ -9,6 +9,7 @@ in place, reading it statically.
 """
 import gc
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from typing import List
@@ -57,6 +58,9 @@ class Result:
 # ---------------------------------------------------------------- reading
 
 
+SAVE_CHAIN = re.compile(r":[^\s:]+\s+\S+")
+
+
 def save_to_script(text):
     """Return ipchains-save TEXT as a script of ipchains commands (same lines)."""
     out = []
@@ -83,7 +87,8 @@ def is_save_file(text):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        return stripped.startswith(":") or stripped.startswith("-A ")
+        # ":chain POLICY"; the shell's ":" command has a blank after it.
+        return bool(SAVE_CHAIN.match(stripped)) or stripped.startswith("-A ")
     return False
 
 

@@ -370,3 +370,15 @@ def test_the_working_directory_does_not_open_private_places(bwrap, tmp_path, mon
     assert status == 0, err
     assert "ip saddr 192.0.2.1 accept" in out
     assert "SECRET_IN_HOST_TMP" not in out + err
+
+
+def test_a_script_starting_with_the_colon_command_runs_in_bash(bwrap, tmp_path):
+    # ': ${EXTIF:=eth0}' made the script an ipchains-save file: no shell ran.
+    script = tmp_path / "colon.sh"
+    script.write_text("#!/bin/sh\n: ${EXTIF:=eth0}\nipchains -P input DENY\nOPEN=no\n"
+                      'if [ "$OPEN" = yes ]; then\n  ipchains -A input -s 0/0 -j ACCEPT\nfi\n'
+                      "ipchains -A input -i $EXTIF -s 192.0.2.0/24 -j ACCEPT\n")
+    status, out, err = run_tool(["--to=nft", str(script)])
+    assert status == 0, err
+    assert 'iifname "eth0" ip saddr 192.0.2.0/24 accept' in out
+    assert "colon.sh:6" not in out + err

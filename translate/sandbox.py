@@ -57,6 +57,7 @@ NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # where bash's functions do not reach (env, xargs, nice, exec, sh scripts).
 BIN = INSIDE + "/in/bin"
 UNSEEN = "unseen"
+LOST = "ipchains-translate:lost-record"
 
 
 class SandboxError(Exception):
@@ -106,14 +107,18 @@ def standins(text):
         # records on the same pipe, found through __XL_FD.
         "if builtin [ -z \"$__XL_FD\" ]; then exec {__xl_fd}>&1 >/dev/null; "
         "export __XL_FD=$__xl_fd; else __xl_fd=$__XL_FD; fi",
+        # A record that cannot be written (the script closed the channel)
+        # ends the sandbox: the commands after it would be lost unseen.
+        "__xl_lost() { builtin echo %s >&2; builtin kill -9 -1; builtin kill -9 $BASHPID; }"
+        % LOST,
         # FUNCNAME: [__xl_rec, stand-in, caller...]: the caller's file and line.
         "__xl_rec() { local kind=$1; shift; printf '%s\\0%s\\0%s\\0%s\\0' \"$kind\" "
-        "\"${BASH_SOURCE[2]}\" \"${BASH_LINENO[1]}\" \"$#\" >&$__xl_fd; "
-        "builtin [ $# -eq 0 ] || printf '%s\\0' \"$@\" >&$__xl_fd; return 0; }",
+        "\"${BASH_SOURCE[2]}\" \"${BASH_LINENO[1]}\" \"$#\" >&$__xl_fd || __xl_lost; "
+        "builtin [ $# -eq 0 ] || printf '%s\\0' \"$@\" >&$__xl_fd || __xl_lost; return 0; }",
         "__xl_restore() { local from data; from=$(readlink /proc/self/fd/0 2>/dev/null); "
         "builtin [ -f \"$from\" ] || from=; data=$(cat); "
         "printf '%s\\0%s\\0%s\\0%s\\0%s\\0%s\\0' restore \"${BASH_SOURCE[2]}\" "
-        "\"${BASH_LINENO[1]}\" 2 \"$from\" \"$data\" >&$__xl_fd; return 0; }",
+        "\"${BASH_LINENO[1]}\" 2 \"$from\" \"$data\" >&$__xl_fd || __xl_lost; return 0; }",
         # [ -x /sbin/ipchains ] and test -f .../ipmasqadm are true, as on the
         # host the script was written for.
         "__xl_ours() { case \"$1\" in */ipchains|*/ipchains-restore|*/ipmasqadm|ipchains|"
@@ -134,7 +139,7 @@ def standins(text):
             # One printf per command (a big firewall makes 100,000 calls):
             # kind, the caller's file and line, argc, argv.
             body = ("printf '%%s\\0' %s \"${BASH_SOURCE[1]}\" \"${BASH_LINENO[0]}\" "
-                    "$# \"$@\" >&$__xl_fd; return 0" % prog)
+                    "$# \"$@\" >&$__xl_fd || __xl_lost; return 0" % prog)
         else:
             body = "return 0"
         lines.append("%s() { %s; }" % (name, body))
@@ -328,6 +333,9 @@ def run(name, text, positional=(), forced=None, timeout=None):
             finally:
                 stop(proc)
         stderr = tail.decode("utf-8", "replace")
+        if LOST.encode() in tail:
+            raise SandboxError("%s: the script closed the stand-ins' record channel (a "
+                               "descriptor above 2); nothing translated" % name)
         if proc.returncode in (124, 137):
             raise SandboxError("%s: the script ran longer than %d s in the sandbox"
                                % (name, timeout))

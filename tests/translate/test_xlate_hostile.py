@@ -382,3 +382,15 @@ def test_a_script_starting_with_the_colon_command_runs_in_bash(bwrap, tmp_path):
     assert status == 0, err
     assert 'iifname "eth0" ip saddr 192.0.2.0/24 accept' in out
     assert "colon.sh:6" not in out + err
+
+
+def test_a_closed_record_channel_fails_closed(bwrap, tmp_path):
+    # A script that closes every descriptor above 2 (as daemons do) lost the
+    # records of the commands after it: their DENY rules were missing.
+    script = tmp_path / "closer.sh"
+    script.write_text("ipchains -A input -s 198.51.100.7 -j ACCEPT\n"
+                      "for fd in $(ls /proc/$$/fd); do [ $fd -gt 2 ] && eval \"exec $fd>&-\"; done\n"
+                      "ipchains -A input -s 192.0.2.0/24 -j DENY\n")
+    status, out, err = run_tool(["--to=nft", str(script)])
+    assert status == 2 and out == ""
+    assert "closer.sh: the script closed the stand-ins' record channel" in err

@@ -11,7 +11,9 @@ from dataclasses import replace
 
 from .ir import Addr, Command, PortForward, Ports, Raw, Rule
 
-BAD_CHAIN_CHARS = re.compile(r"[\s\"'\\\x00-\x1f\x7f-\x9f]")
+# A chain name is written bare into nft (where ';', '{', '}' and '#' are
+# syntax) and into iptables-restore lines: only these characters carry over.
+BAD_CHAIN_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
 BUILTIN = ("input", "output", "forward")
 HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})")
@@ -386,10 +388,8 @@ class _Parser:
         if self.chain is not None and len(self.chain) > 8:
             raise ParseError("chain name '%s' is longer than 8 characters" % self.chain)
         if self.chain is not None and BAD_CHAIN_CHARS.search(self.chain):
-            # No translation can carry these: iptables-restore and nft end a
-            # line at a newline and a word at a blank or quote.
-            raise ParseError("bad chain name '%s': blanks, quotes, backslashes and control "
-                             "characters cannot be carried over" % self.chain)
+            raise ParseError("bad chain name '%s': only letters, digits, '_', '.' and '-' "
+                             "carry over to iptables and nft" % self.chain)
         if op == "I" and is_number(self.w.peek()):
             self.num = self.positive(self.w.take(word))
         elif op == "R":

@@ -72,7 +72,7 @@ def test_untranslated_values_stay_commented_in_every_format(tmp_path):
         assert not [line for line in lines_of(err) if line.startswith("touch")], err
 
 
-@pytest.mark.parametrize("name", ["a\n-F", "a b", "a\"b", "a\x7f"])
+@pytest.mark.parametrize("name", ["a\n-F", "a b", "a\"b", "a\x7f", "a;accept", "c{}#"])
 def test_chain_names_with_control_characters_or_blanks_are_refused(name):
     status, out, err = run_tool(["--to=iptables-restore", "--partial", "-"],
                                 stdin="ipchains -N %s\n" % quote_for_sh(name))

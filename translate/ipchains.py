@@ -86,11 +86,22 @@ class Names:
         self.hosts = dict(hosts or {})
         self.keep_hosts = keep_hosts
         self._cache = {}
+        # The texts bash read, when the names come from a script run in the
+        # sandbox: only names written there are given to the resolver.
+        self.written = None
 
     def host(self, name):
         """Return the IPv4 addresses of NAME (mapping first, then the resolver)."""
         if name in self.hosts:
             return self.hosts[name]
+        if name not in self._cache and self.written is not None and \
+                not any(name in text for text in self.written):
+            # Looked up outside the sandbox, a name the script built from
+            # what it read would carry that out in a DNS query.
+            self._cache[name] = None
+        if name in self._cache and self._cache[name] is None:
+            raise ParseError("host name '%s' was computed by the script; it is not looked up "
+                             "(give --host %s=ADDRESS)" % (name, name))
         if name not in self._cache:
             try:
                 infos = socket.getaddrinfo(name, None, socket.AF_INET)

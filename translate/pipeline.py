@@ -153,7 +153,8 @@ def understand(items, names):
 
 
 def run_items(name, text, defines):
-    """Return the items of script TEXT as bash runs it in the sandbox (sandbox.py).
+    """Return the items of script TEXT as bash runs it in the sandbox (sandbox.py), and
+    the texts of the files it ran (TEXT and those it sourced).
 
     InputError when the sandbox cannot run, or when bash ran no ipchains
     command with these values (an empty translation would open the firewall).
@@ -195,7 +196,7 @@ def run_items(name, text, defines):
             "no positional parameters (give them as -D 1=start ...)"
         raise InputError("%s: bash ran no ipchains command with %s (the script exited "
                          "%d); nothing to translate" % (name, given, ran.status))
-    return items
+    return items, origins.texts_read()
 
 
 def restore_items(rec, src):
@@ -239,7 +240,9 @@ def read_inputs(sources, defines, names, flat):
     inputs, diags = [], []
     for name, text in sources:
         if flat and name != "-e" and not is_save_file(text):
-            parsed, more = understand(run_items(name, text, defines), names)
+            items, texts = run_items(name, text, defines)
+            names.written = (names.written or []) + texts
+            parsed, more = understand(items, names)
             inputs.append((None, parsed))
             diags.extend(more)
             continue

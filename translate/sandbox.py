@@ -435,6 +435,10 @@ class Origins:
         self.shown = shown             # directories bound into the sandbox as they are
         self.spans = {}
 
+    def texts_read(self):
+        """Return the texts of the files given or read so far."""
+        return list(self.texts.values()) + ["\n".join(lines) for lines, _ in self.spans.values()]
+
     def span(self, file, line):
         """Return (first line, text of the command) around LINE of FILE."""
         if file not in self.spans:

@@ -394,3 +394,21 @@ def test_a_closed_record_channel_fails_closed(bwrap, tmp_path):
     status, out, err = run_tool(["--to=nft", str(script)])
     assert status == 2 and out == ""
     assert "closer.sh: the script closed the stand-ins' record channel" in err
+
+
+def test_host_names_the_script_computes_are_not_looked_up(bwrap, tmp_path):
+    # The translator resolves names outside the sandbox: a name built from
+    # what the script read ($(cat FILE).attacker.example) would carry it out
+    # in a DNS query.  Names written in the script's text are looked up.
+    script = tmp_path / "dns.sh"
+    script.write_text('ipchains -A input -s "$(echo bG9jYWxob3N0 | base64 -d)" -j DENY\n'
+                      "ipchains -A input -s 192.0.2.1 -j ACCEPT\n")
+    status, out, err = run_tool(["--to=nft", str(script)])
+    assert status == 1
+    assert ("dns.sh:1: error: host name 'localhost' was computed by the script; it is not "
+            "looked up (give --host localhost=ADDRESS)") in err
+    written = tmp_path / "written.sh"
+    written.write_text("H=localhost\nipchains -A input -s $H -j ACCEPT\n")
+    status, out, err = run_tool(["--to=nft", str(written)])
+    assert status == 0, err
+    assert "ip saddr 127.0.0.1 accept" in out

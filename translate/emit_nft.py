@@ -176,7 +176,8 @@ def chain_name(table, name):
 
 def render(plan, table_name="ipchains", header=()):
     """Return PLAN as an nft -f file (loadable twice: the table is replaced)."""
-    lines = ["#!/usr/sbin/nft -f"] + ["# %s" % printable(h) for h in header] + plan.header_comments()
+    lines = (["#!/usr/sbin/nft -f"] + ["# %s" % printable(h) for h in header] +
+             plan.header_comments())
     lines += ["table ip %s" % table_name, "delete table ip %s" % table_name,
               "table ip %s {" % table_name]
     first = True

@@ -389,7 +389,8 @@ def test_a_closed_record_channel_fails_closed(bwrap, tmp_path):
     # records of the commands after it: their DENY rules were missing.
     script = tmp_path / "closer.sh"
     script.write_text("ipchains -A input -s 198.51.100.7 -j ACCEPT\n"
-                      "for fd in $(ls /proc/$$/fd); do [ $fd -gt 2 ] && eval \"exec $fd>&-\"; done\n"
+                      "for fd in $(ls /proc/$$/fd); do\n"
+                      "  [ $fd -gt 2 ] && eval \"exec $fd>&-\"\ndone\n"
                       "ipchains -A input -s 192.0.2.0/24 -j DENY\n")
     status, out, err = run_tool(["--to=nft", str(script)])
     assert status == 2 and out == ""

@@ -173,6 +173,36 @@ def restore_word(word, _cache={}):
     return quoted
 
 
+class Quoted(dict):
+    """Memo of QUOTE(word) for plain-str words: looked up from C by quoted()."""
+
+    def __init__(self, quote):
+        super().__init__()
+        self.quote = quote
+
+    def __missing__(self, word):
+        text = self.quote(word)
+        if len(self) < 100000:
+            self[word] = text
+        return text
+
+
+def quoted(words, memo):
+    """Return WORDS quoted by MEMO.quote, joined by spaces.
+
+    Hundreds of thousands of words go through here: when all are plain str
+    (not Raw, which hashes like its text but is quoted differently) they
+    are looked up in MEMO without a Python call per word.
+    """
+    if {*map(type, words)} == _PLAIN:
+        return " ".join(map(memo.__getitem__, words))
+    return " ".join(map(memo.quote, words))
+
+
+_PLAIN = {str}
+RESTORE_QUOTED = Quoted(restore_word)
+
+
 def owned(chain):
     """Return the chain of ours standing for netfilter CHAIN: built-ins get a
     chain of their own (hooked from the built-in), so nothing else is touched."""
@@ -197,13 +227,14 @@ def restore_tables(plan, hooks=True):
         for chain in chains.values():
             lines.append(":%s - [0:0]" % owned(chain.name))
         for chain in chains.values():
+            own = owned(chain.name)
             for entry in chain.entries:
                 if isinstance(entry, Untranslated):
                     lines.append(entry.comment())
                     continue
                 for args in rule_args(entry):
-                    lines.append(" ".join(["-A", owned(chain.name)] +
-                                          [restore_word(w) for w in args]))
+                    lines.append(" ".join(["-A", own, quoted(args, RESTORE_QUOTED)])
+                                 if args else "-A " + own)
         for chain in chains.values():
             if hooks and chain.name in BUILTIN_CHAINS:
                 lines.append(" ".join(["-A"] + hook_args(chain.name)))
@@ -255,9 +286,10 @@ class CommandLine(str):
 def command(table, args, prog="iptables"):
     """Return one iptables command line for TABLE with ARGS (a CommandLine)."""
     words = [prog] + (["-t", table] if table != "filter" else []) + list(args)
-    return CommandLine(" ".join(shell_word(w) for w in words), table, list(args))
+    return CommandLine(quoted(words, SHELL_QUOTED), table, list(args))
 
 
+SHELL_QUOTED = Quoted(shell_word)
 HEREDOC = "IPCHAINS_TRANSLATE"
 
 
@@ -274,6 +306,9 @@ def heredoc_word(word, _cache={}):
         if len(_cache) < 100000:
             _cache[word] = text
     return text
+
+
+HEREDOC_QUOTED = Quoted(heredoc_word)
 
 
 def batch(commands):
@@ -297,7 +332,7 @@ def batch(commands):
             # one existing chain must not fail the whole batch.
             out.append(":%s - [0:0]" % heredoc_word(cmd.args[1]))
             continue
-        out.append(" ".join(heredoc_word(w) for w in cmd.args))
+        out.append(quoted(cmd.args, HEREDOC_QUOTED))
     out += ["COMMIT", HEREDOC]
     return out
 

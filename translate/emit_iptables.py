@@ -196,7 +196,7 @@ def quoted(words, memo):
     """
     if {*map(type, words)} == _PLAIN:
         return " ".join(map(memo.__getitem__, words))
-    return " ".join(map(memo.quote, words))
+    return " ".join([memo[w] if type(w) is str else memo.quote(w) for w in words])
 
 
 _PLAIN = {str}

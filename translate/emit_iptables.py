@@ -283,10 +283,14 @@ class CommandLine(str):
         return "%s  # %s" % (self, self.origin) if self.origin else str(self)
 
 
-def command(table, args, prog="iptables"):
+def command(table, args, prog="iptables", _heads={}):
     """Return one iptables command line for TABLE with ARGS (a CommandLine)."""
-    words = [prog] + (["-t", table] if table != "filter" else []) + list(args)
-    return CommandLine(quoted(words, SHELL_QUOTED), table, list(args))
+    args = list(args)
+    head = _heads.get((prog, table))
+    if head is None:
+        head = _heads[prog, table] = quoted(
+            [prog] + (["-t", table] if table != "filter" else []), SHELL_QUOTED)
+    return CommandLine(head + " " + quoted(args, SHELL_QUOTED) if args else head, table, args)
 
 
 SHELL_QUOTED = Quoted(shell_word)

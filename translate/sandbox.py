@@ -172,8 +172,13 @@ def run(name, text, positional=(), forced=None, timeout=None):
         cut = base.index("--unshare-all")
         argv = base[:cut] + binds + base[cut:] + [path] + list(positional)
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=timeout + 10)
+            # Records go to a file read once bash is done: through a pipe the
+            # translator would wake for every record (100,000 in a big script).
+            with tempfile.TemporaryFile(dir=tmp) as out:
+                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                      stderr=subprocess.PIPE, timeout=timeout + 10)
+                out.seek(0)
+                data = out.read()
         except subprocess.TimeoutExpired:
             raise SandboxError("%s: the script ran longer than %d s in the sandbox"
                                % (name, timeout))
@@ -185,7 +190,7 @@ def run(name, text, positional=(), forced=None, timeout=None):
                                % (name, timeout))
         if stderr.startswith("bwrap:"):
             raise SandboxError("cannot run the sandbox: %s" % stderr.strip().split("\n")[0])
-    records = parse_records(proc.stdout, names)
+    records = parse_records(data, names)
     return Run(records, proc.returncode, stderr[-2000:])
 
 

@@ -182,8 +182,11 @@ class Quoted(dict):
 
     def __missing__(self, word):
         text = self.quote(word)
-        if len(self) < 100000:
-            self[word] = text
+        if len(self) >= 100000:
+            # Bounded, but a big script (more distinct words: ports, origins)
+            # keeps hitting: the words it uses now are memoized again.
+            self.clear()
+        self[word] = text
         return text
 
 

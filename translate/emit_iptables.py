@@ -173,6 +173,39 @@ def restore_word(word, _cache={}):
     return quoted
 
 
+class Quoted(dict):
+    """Memo of QUOTE(word) for plain-str words: looked up from C by quoted()."""
+
+    def __init__(self, quote):
+        super().__init__()
+        self.quote = quote
+
+    def __missing__(self, word):
+        text = self.quote(word)
+        if len(self) >= 100000:
+            # Bounded, but a big script (more distinct words: ports, origins)
+            # keeps hitting: the words it uses now are memoized again.
+            self.clear()
+        self[word] = text
+        return text
+
+
+def quoted(words, memo):
+    """Return WORDS quoted by MEMO.quote, joined by spaces.
+
+    Hundreds of thousands of words go through here: when all are plain str
+    (not Raw, which hashes like its text but is quoted differently) they
+    are looked up in MEMO without a Python call per word.
+    """
+    if {*map(type, words)} == _PLAIN:
+        return " ".join(map(memo.__getitem__, words))
+    return " ".join([memo[w] if type(w) is str else memo.quote(w) for w in words])
+
+
+_PLAIN = {str}
+RESTORE_QUOTED = Quoted(restore_word)
+
+
 def owned(chain):
     """Return the chain of ours standing for netfilter CHAIN: built-ins get a
     chain of their own (hooked from the built-in), so nothing else is touched."""
@@ -197,13 +230,14 @@ def restore_tables(plan, hooks=True):
         for chain in chains.values():
             lines.append(":%s - [0:0]" % owned(chain.name))
         for chain in chains.values():
+            own = owned(chain.name)
             for entry in chain.entries:
                 if isinstance(entry, Untranslated):
                     lines.append(entry.comment())
                     continue
                 for args in rule_args(entry):
-                    lines.append(" ".join(["-A", owned(chain.name)] +
-                                          [restore_word(w) for w in args]))
+                    lines.append(" ".join(["-A", own, quoted(args, RESTORE_QUOTED)])
+                                 if args else "-A " + own)
         for chain in chains.values():
             if hooks and chain.name in BUILTIN_CHAINS:
                 lines.append(" ".join(["-A"] + hook_args(chain.name)))
@@ -252,12 +286,17 @@ class CommandLine(str):
         return "%s  # %s" % (self, self.origin) if self.origin else str(self)
 
 
-def command(table, args, prog="iptables"):
+def command(table, args, prog="iptables", _heads={}):
     """Return one iptables command line for TABLE with ARGS (a CommandLine)."""
-    words = [prog] + (["-t", table] if table != "filter" else []) + list(args)
-    return CommandLine(" ".join(shell_word(w) for w in words), table, list(args))
+    args = list(args)
+    head = _heads.get((prog, table))
+    if head is None:
+        head = _heads[prog, table] = quoted(
+            [prog] + (["-t", table] if table != "filter" else []), SHELL_QUOTED)
+    return CommandLine(head + " " + quoted(args, SHELL_QUOTED) if args else head, table, args)
 
 
+SHELL_QUOTED = Quoted(shell_word)
 HEREDOC = "IPCHAINS_TRANSLATE"
 
 
@@ -295,6 +334,9 @@ def batchable(line):
         isinstance(w, Raw) and HEREDOC_UNSAFE.search(w) for w in line.args)
 
 
+HEREDOC_QUOTED = Quoted(heredoc_word)
+
+
 def batch(commands):
     """Return shell lines loading CommandLines COMMANDS with one iptables-restore
     --noflush (iptables-nft reads the whole ruleset for every command, so one
@@ -316,7 +358,7 @@ def batch(commands):
             # one existing chain must not fail the whole batch.
             out.append(":%s - [0:0]" % heredoc_word(cmd.args[1]))
             continue
-        out.append(" ".join(heredoc_word(w) for w in cmd.args))
+        out.append(quoted(cmd.args, HEREDOC_QUOTED))
     out += ["COMMIT", HEREDOC]
     return out
 

@@ -161,10 +161,23 @@ def parse_mask(text):
     return bits
 
 
-def parse_addresses(text, names):
+def parse_addresses(text, names, _numeric={}):
     """Return the 'a.b.c.d/len' networks of an ipchains address (many for a name)."""
     if isinstance(text, Raw):
         return [text]
+    # Scripts repeat their addresses; numeric ones mean the same whatever NAMES says.
+    known = _numeric.get(text)
+    if known is not None:
+        return list(known)
+    nets = _parse_addresses(text, names)
+    host = text.partition("/")[0]
+    if len(_numeric) < 100000 and (parse_ipv4(host) is not None or host in ("any", "0")):
+        _numeric[text] = tuple(nets)
+    return nets
+
+
+def _parse_addresses(text, names):
+    """parse_addresses() of a word that is not Raw."""
     host, _, mask = text.partition("/")
     if not host:
         raise ParseError("empty address in '%s'" % text)
@@ -269,13 +282,14 @@ class _Words:
     def __init__(self, words):
         self.words = list(words)
         self.i = 0
+        self.n = len(self.words)
 
     def more(self):
-        return self.i < len(self.words)
+        return self.i < self.n
 
     def peek(self, ahead=0):
         j = self.i + ahead
-        return self.words[j] if j < len(self.words) else None
+        return self.words[j] if j < self.n else None
 
     def take(self, what):
         if not self.more():

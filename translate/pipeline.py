@@ -437,9 +437,10 @@ class ShellTranslator:
         return [(ctx, semantics.table_of(ctx, self.opts), semantics.chain_name(ctx, chain))
                 for ctx in self.contexts.get(chain, ())]
 
-    def rule_lines(self, rule, chain, ctx, table, nf_chain, op="-A", first=None):
-        """Return the commands adding (or deleting) RULE in one context."""
-        tr = semantics.translate_rule(rule, chain, ctx, self.opts)
+    def rule_lines(self, rule, chain, ctx, table, nf_chain, op="-A", first=None, cache=None):
+        """Return the commands adding (or deleting) RULE in one context (CACHE: kept
+        for RULE across its contexts, see semantics.translate_rule)."""
+        tr = semantics.translate_rule(rule, chain, ctx, self.opts, cache)
         for d in tr.diags:
             self.diag(d.level, d.src, d.message)
         if tr.untranslated is not None:
@@ -467,17 +468,21 @@ class ShellTranslator:
 
     def do_append(self, cmd, effect):
         lines = []
+        caches = [{} for _ in effect.rules]
         for ctx, table, nf_chain in self.ctx_chains(cmd.chain):
-            for rule in effect.rules:
-                lines.extend(self.rule_lines(rule, cmd.chain, ctx, table, nf_chain)[0])
+            for rule, cache in zip(effect.rules, caches):
+                lines.extend(self.rule_lines(rule, cmd.chain, ctx, table, nf_chain,
+                                             cache=cache)[0])
         return lines
 
     def do_insert(self, cmd, effect):
         lines = []
+        caches = [{} for _ in effect.rules]
         for ctx, table, nf_chain in self.ctx_chains(cmd.chain):
             pos = 1
-            for rule in effect.rules:
-                more, count = self.rule_lines(rule, cmd.chain, ctx, table, nf_chain, "-I", pos)
+            for rule, cache in zip(effect.rules, caches):
+                more, count = self.rule_lines(rule, cmd.chain, ctx, table, nf_chain, "-I", pos,
+                                              cache)
                 lines.extend(more)
                 pos += count
         return lines

@@ -974,7 +974,9 @@ class Reader:
             prog = program_of(words[0], env)
             src = self.src(node)
             if prog in ("ipchains", "ipmasqadm"):
-                argv = [prog] + [_keep(w, self.defines, env) for w in words[1:]]
+                # Plain words (most) are their text: no call per word for them.
+                argv = [prog] + [w.raw if w._parts is None and "$" not in w.raw
+                                 else _keep(w, self.defines, env) for w in words[1:]]
                 error = None
                 if not node.alone:
                     error = ("shares its line with other shell commands; put it on a "

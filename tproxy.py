@@ -851,44 +851,74 @@ class OwnUpstreams:
     """The upstream sockets of every process of this server, by inode, in shared memory.
 
     An OUTPUT-chain REDIRECT can catch tproxy's own connection to a target
-    and bring it back as a new client, one more per hop. Each child or
-    worker has a slot in a shared board, where it writes its upstream
-    socket's inode before connecting; a new client from a local address is
-    looked up in /proc/net/tcp (its source and original destination name
-    the upstream socket that made it), and refused when that socket's inode
-    is on the board. Without a board (inetd mode) nothing is recognised.
+    and bring it back as a new client, one more per hop. Each connection
+    (a fork child, a prefork worker, a session of a --workers worker) has a
+    slot in a shared board, where its upstream socket's inode is written
+    before connecting; a new client from a local address is looked up in
+    /proc/net/tcp (its source and original destination name the upstream
+    socket that made it), and refused when that socket's inode is on the
+    board. Reading /proc/net/tcp costs time in proportion to every socket of
+    the namespace (TIME_WAIT included), so a second board holds each slot's
+    local port (UNKNOWN from before connect() until the port is known): only
+    a client whose port is there, or while some port is unknown, is looked
+    up. Without a board (inetd mode) nothing is recognised.
     """
+
+    UNKNOWN = 0xFFFF
 
     def __init__(self):
         self.board = None       # memoryview of unsigned 64-bit inodes, one per slot
+        self.ports = None       # mmap of 16-bit local ports, one per slot (0: free)
         self.slot = None        # this process's slot, or None in the parent
 
     def create(self, slots):
         """Make the shared board for SLOTS processes (in the parent, before forking)."""
         import mmap
         self.board = memoryview(mmap.mmap(-1, 8 * max(slots, 1))).cast("Q")
+        self.ports = mmap.mmap(-1, 2 * max(slots, 1))
 
     def take(self, slot):
         """Use SLOT from now on (in a child or worker)."""
         self.slot = slot
-        if self.board is not None:
-            self.board[slot] = 0
+        self.release(slot)
 
     def add(self, sock, slot=None):
         """Record SOCK, about to connect, as the upstream of SLOT (default: this process's)."""
         slot = self.slot if slot is None else slot
         if self.board is not None and slot is not None:
+            struct.pack_into("=H", self.ports, 2 * slot, self.UNKNOWN)
             self.board[slot] = os.fstat(sock.fileno()).st_ino
+
+    def connecting(self, sock, slot=None):
+        """SOCK of SLOT has called connect(): its local port is known now."""
+        slot = self.slot if slot is None else slot
+        if self.board is not None and slot is not None:
+            try:
+                port = sock.getsockname()[1]
+            except OSError:
+                return
+            struct.pack_into("=H", self.ports, 2 * slot, port)
 
     def release(self, slot=None):
         """Forget the upstream of SLOT (default: this process's own)."""
         slot = self.slot if slot is None else slot
         if self.board is not None and slot is not None:
             self.board[slot] = 0
+            struct.pack_into("=H", self.ports, 2 * slot, 0)
+
+    def holds_port(self, port):
+        """Return True when some slot's local port is PORT."""
+        needle = struct.pack("=H", port)
+        at = self.ports.find(needle)
+        while at >= 0:
+            if at % 2 == 0:
+                return True
+            at = self.ports.find(needle, at + 1)
+        return False
 
     def is_own(self, client, orig):
         """Return True when the connection CLIENT -> ORIG is one of this server's upstreams."""
-        if self.board is None or not any(self.board):
+        if self.board is None or not (self.holds_port(client[1]) or self.holds_port(self.UNKNOWN)):
             return False
         host = plain_ip(client[0]).split("%", 1)[0]      # a link-local scope is not in /proc
         if not is_local_address(host):
@@ -1044,6 +1074,7 @@ class Dialer:
                                                self.ports)
                 sock.setblocking(False)
                 err = sock.connect_ex(self.sockaddr)
+                own_upstreams.connecting(sock, self.slot)
             except OSError as exc:
                 self.fail("connect to %s: %s" % (show_addr(self.sockaddr), exc.strerror or exc))
                 continue

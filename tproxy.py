@@ -3592,7 +3592,10 @@ class WorkerPool(Supervisor):
     """--workers=N: N processes, each an EventLoop serving many connections at once.
 
     Every worker watches the shared listeners with EPOLLEXCLUSIVE (a new
-    client wakes one worker, not all). --max-conns is split into equal
+    client wakes one worker, not all). One SO_REUSEPORT listener per worker
+    measured the same (relaybench, bench/results/2026-11-29-relaybench-workers-
+    reuseport-vs-exclusive.md) and would not work with the one socket systemd
+    passes, nor keep a dead worker's queued clients. --max-conns is split into equal
     shares, one per worker (a worker at its share stops accepting, so
     clients wait in the listen queue or go to another worker);
     --max-per-client counts across the pool (ClientCounts). A worker that

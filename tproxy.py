@@ -2351,6 +2351,7 @@ class Session:
     def flush(self, reply, now):
         """-> flush: send REPLY to the client, then close without a reset (linger_close)."""
         if self.upstream is not None:
+            self.dropped.append(self.upstream.fileno())
             try:
                 self.upstream.close()
             except OSError:

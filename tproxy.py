@@ -858,35 +858,38 @@ class OwnUpstreams:
     /proc/net/tcp (its source and original destination name the upstream
     socket that made it), and refused when that socket's inode is on the
     board. Reading /proc/net/tcp costs time in proportion to every socket of
-    the namespace (TIME_WAIT included), so a second board holds each slot's
-    local port (UNKNOWN from before connect() until the port is known): only
-    a client whose port is there, or while some port is unknown, is looked
-    up. Without a board (inetd mode) nothing is recognised.
+    the namespace (TIME_WAIT included: milliseconds under load), so two more
+    boards say which clients can be ours at all: each slot's local port once
+    connect() has chosen it, and until then the port it connects to. Only a
+    client whose port is a slot's local port, or whose original destination
+    port is a port being connected to, is looked up. Without a board (inetd
+    mode) nothing is recognised.
     """
-
-    UNKNOWN = 0xFFFF
 
     def __init__(self):
         self.board = None       # memoryview of unsigned 64-bit inodes, one per slot
-        self.ports = None       # mmap of 16-bit local ports, one per slot (0: free)
+        self.ports = None       # mmap of 16-bit local ports, one per slot (0: not known)
+        self.pending = None     # mmap of 16-bit destination ports while the local one is not known
         self.slot = None        # this process's slot, or None in the parent
 
     def create(self, slots):
-        """Make the shared board for SLOTS processes (in the parent, before forking)."""
+        """Make the shared boards for SLOTS connections (in the parent, before forking)."""
         import mmap
         self.board = memoryview(mmap.mmap(-1, 8 * max(slots, 1))).cast("Q")
         self.ports = mmap.mmap(-1, 2 * max(slots, 1))
+        self.pending = mmap.mmap(-1, 2 * max(slots, 1))
 
     def take(self, slot):
         """Use SLOT from now on (in a child or worker)."""
         self.slot = slot
         self.release(slot)
 
-    def add(self, sock, slot=None):
-        """Record SOCK, about to connect, as the upstream of SLOT (default: this process's)."""
+    def add(self, sock, dest_port, slot=None):
+        """Record SOCK, about to connect to DEST_PORT, as the upstream of SLOT (default: ours)."""
         slot = self.slot if slot is None else slot
         if self.board is not None and slot is not None:
-            struct.pack_into("=H", self.ports, 2 * slot, self.UNKNOWN)
+            struct.pack_into("=H", self.ports, 2 * slot, 0)
+            struct.pack_into("=H", self.pending, 2 * slot, dest_port)
             self.board[slot] = os.fstat(sock.fileno()).st_ino
 
     def connecting(self, sock, slot=None):
@@ -898,6 +901,7 @@ class OwnUpstreams:
             except OSError:
                 return
             struct.pack_into("=H", self.ports, 2 * slot, port)
+            struct.pack_into("=H", self.pending, 2 * slot, 0)
 
     def release(self, slot=None):
         """Forget the upstream of SLOT (default: this process's own)."""
@@ -905,20 +909,23 @@ class OwnUpstreams:
         if self.board is not None and slot is not None:
             self.board[slot] = 0
             struct.pack_into("=H", self.ports, 2 * slot, 0)
+            struct.pack_into("=H", self.pending, 2 * slot, 0)
 
-    def holds_port(self, port):
-        """Return True when some slot's local port is PORT."""
+    @staticmethod
+    def holds(ports, port):
+        """Return True when some slot of the 16-bit board PORTS holds PORT."""
         needle = struct.pack("=H", port)
-        at = self.ports.find(needle)
+        at = ports.find(needle)
         while at >= 0:
             if at % 2 == 0:
                 return True
-            at = self.ports.find(needle, at + 1)
+            at = ports.find(needle, at + 1)
         return False
 
     def is_own(self, client, orig):
         """Return True when the connection CLIENT -> ORIG is one of this server's upstreams."""
-        if self.board is None or not (self.holds_port(client[1]) or self.holds_port(self.UNKNOWN)):
+        if self.board is None or not (self.holds(self.ports, client[1]) or
+                                      self.holds(self.pending, orig[1])):
             return False
         host = plain_ip(client[0]).split("%", 1)[0]      # a link-local scope is not in /proc
         if not is_local_address(host):
@@ -1067,7 +1074,7 @@ class Dialer:
                 sock = socket.socket(family, type_, proto)
             except OSError as exc:  # no descriptor or memory left: say so, do not crash
                 raise ConnectionFailed("no socket for the target: %s" % exc.strerror) from None
-            own_upstreams.add(sock, self.slot)
+            own_upstreams.add(sock, self.sockaddr[1], self.slot)
             self.sock = sock
             try:
                 self.transparent = bind_source(sock, family, self.source, self.client, self.log,

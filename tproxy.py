@@ -1339,12 +1339,19 @@ class Pump:
 
 
 class CopyPump(Pump):
-    """A pump through a userspace buffer (recv_into and send)."""
+    """A pump through a userspace buffer (recv_into and send).
+
+    The read buffer is one for every pump of the process: what is read is
+    taken (copied out) at once, so a held connection does not keep 64 KiB.
+    """
+
+    buf = view = None
 
     def __init__(self, src, dst, src_side, dst_side, initial=b""):
         super().__init__(src, dst, src_side, dst_side)
-        self.buf = bytearray(CHUNK)
-        self.view = memoryview(self.buf)
+        if CopyPump.buf is None:
+            CopyPump.buf = bytearray(CHUNK)
+            CopyPump.view = memoryview(CopyPump.buf)
         self.out = bytearray(initial)
 
     def pending(self):

@@ -76,11 +76,15 @@ Options:
                           from LOW-HIGH (for example 40000-40999), so that
                           servers can route replies to this node by port; not
                           with --source=client-port.
+  --workers=N             Serve with N worker processes ("auto": one per CPU),
+                          each relaying many connections at once, instead of
+                          one fork per connection. Needs -s.
 """
 
 __version__ = "1.1.0"
 
 import errno
+import heapq
 import math
 import os
 import select
@@ -163,6 +167,7 @@ class Config:
     max_per_client = 64
     request_timeout = 10.0
     prefork = None          # (min, max) workers
+    workers = None          # --workers: how many event-loop worker processes
     proxy_auth = None       # bytes "user:password"
     send_proxy = None       # "v1" or "v2"
     source = None           # "client", "client-port", or an address string
@@ -278,7 +283,7 @@ def quick_parse(argv):
 def build_config(args):
     """Turn docopt's ARGS into a Config, checking every value; raise Fatal."""
     cfg = Config()
-    standalone_only = [o for o in ("-b", "-r", "-P", "--prefork") if args[o]]
+    standalone_only = [o for o in ("-b", "-r", "-P", "--prefork", "--workers") if args[o]]
     if args["-d"]:
         standalone_only.append("-d")
     cfg.activated = socket_activated()
@@ -323,6 +328,10 @@ def build_config(args):
     cfg.request_timeout = parse_seconds(args["--request-timeout"], "--request-timeout")
     if args["--prefork"]:
         cfg.prefork = parse_prefork(args["--prefork"])
+    if args["--workers"]:
+        if args["--prefork"]:
+            raise Fatal("--prefork and --workers exclude each other", EX_USAGE)
+        cfg.workers = parse_workers(args["--workers"])
     if args["--send-proxy"]:
         if args["--send-proxy"] not in ("v1", "v2"):
             raise Fatal("--send-proxy takes v1 or v2, not %r" % args["--send-proxy"], EX_USAGE)
@@ -392,6 +401,16 @@ def parse_prefork(text):
     if high < low:
         raise Fatal("--prefork: MAX %d is below N %d" % (high, low), EX_USAGE)
     return low, high
+
+
+def parse_workers(text):
+    """Parse --workers N ("auto": the CPUs this process may run on); raise Fatal."""
+    if text == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return os.cpu_count() or 1
+    return parse_count(text, "--workers")
 
 
 def parse_source(text):
@@ -832,43 +851,81 @@ class OwnUpstreams:
     """The upstream sockets of every process of this server, by inode, in shared memory.
 
     An OUTPUT-chain REDIRECT can catch tproxy's own connection to a target
-    and bring it back as a new client, one more per hop. Each child or
-    worker has a slot in a shared board, where it writes its upstream
-    socket's inode before connecting; a new client from a local address is
-    looked up in /proc/net/tcp (its source and original destination name
-    the upstream socket that made it), and refused when that socket's inode
-    is on the board. Without a board (inetd mode) nothing is recognised.
+    and bring it back as a new client, one more per hop. Each connection
+    (a fork child, a prefork worker, a session of a --workers worker) has a
+    slot in a shared board, where its upstream socket's inode is written
+    before connecting; a new client from a local address is looked up in
+    /proc/net/tcp (its source and original destination name the upstream
+    socket that made it), and refused when that socket's inode is on the
+    board. Reading /proc/net/tcp costs time in proportion to every socket of
+    the namespace (TIME_WAIT included: milliseconds under load), so two more
+    boards say which clients can be ours at all: each slot's local port once
+    connect() has chosen it, and until then the port it connects to. Only a
+    client whose port is a slot's local port, or whose original destination
+    port is a port being connected to, is looked up. Without a board (inetd
+    mode) nothing is recognised.
     """
 
     def __init__(self):
         self.board = None       # memoryview of unsigned 64-bit inodes, one per slot
+        self.ports = None       # mmap of 16-bit local ports, one per slot (0: not known)
+        self.pending = None     # mmap of 16-bit destination ports while the local one is not known
         self.slot = None        # this process's slot, or None in the parent
 
     def create(self, slots):
-        """Make the shared board for SLOTS processes (in the parent, before forking)."""
+        """Make the shared boards for SLOTS connections (in the parent, before forking)."""
         import mmap
         self.board = memoryview(mmap.mmap(-1, 8 * max(slots, 1))).cast("Q")
+        self.ports = mmap.mmap(-1, 2 * max(slots, 1))
+        self.pending = mmap.mmap(-1, 2 * max(slots, 1))
 
     def take(self, slot):
         """Use SLOT from now on (in a child or worker)."""
         self.slot = slot
-        if self.board is not None:
-            self.board[slot] = 0
+        self.release(slot)
 
-    def add(self, sock):
-        """Record SOCK, about to connect, as this process's upstream."""
-        if self.board is not None and self.slot is not None:
-            self.board[self.slot] = os.fstat(sock.fileno()).st_ino
+    def add(self, sock, dest_port, slot=None):
+        """Record SOCK, about to connect to DEST_PORT, as the upstream of SLOT (default: ours)."""
+        slot = self.slot if slot is None else slot
+        if self.board is not None and slot is not None:
+            struct.pack_into("=H", self.ports, 2 * slot, 0)
+            struct.pack_into("=H", self.pending, 2 * slot, dest_port)
+            self.board[slot] = os.fstat(sock.fileno()).st_ino
+
+    def connecting(self, sock, slot=None):
+        """SOCK of SLOT has called connect(): its local port is known now."""
+        slot = self.slot if slot is None else slot
+        if self.board is not None and slot is not None:
+            try:
+                port = sock.getsockname()[1]
+            except OSError:
+                return
+            struct.pack_into("=H", self.ports, 2 * slot, port)
+            struct.pack_into("=H", self.pending, 2 * slot, 0)
 
     def release(self, slot=None):
         """Forget the upstream of SLOT (default: this process's own)."""
         slot = self.slot if slot is None else slot
         if self.board is not None and slot is not None:
             self.board[slot] = 0
+            struct.pack_into("=H", self.ports, 2 * slot, 0)
+            struct.pack_into("=H", self.pending, 2 * slot, 0)
+
+    @staticmethod
+    def holds(ports, port):
+        """Return True when some slot of the 16-bit board PORTS holds PORT."""
+        needle = struct.pack("=H", port)
+        at = ports.find(needle)
+        while at >= 0:
+            if at % 2 == 0:
+                return True
+            at = ports.find(needle, at + 1)
+        return False
 
     def is_own(self, client, orig):
         """Return True when the connection CLIENT -> ORIG is one of this server's upstreams."""
-        if self.board is None or not any(self.board):
+        if self.board is None or not (self.holds(self.ports, client[1]) or
+                                      self.holds(self.pending, orig[1])):
             return False
         host = plain_ip(client[0]).split("%", 1)[0]      # a link-local scope is not in /proc
         if not is_local_address(host):
@@ -982,38 +1039,108 @@ def _capset(mask):
 # Reaching the target: source address, CONNECT, PROXY protocol
 # ---------------------------------------------------------------------------
 
-def connect(addrs, timeout, source=None, client=None, log=None, verbose=False, ports=None):
-    """Connect to the first reachable of ADDRS (getaddrinfo tuples); return the socket.
+class Dialer:
+    """A non-blocking connect to the first reachable of ADDRS (getaddrinfo tuples).
 
-    SOURCE is the --source spec, CLIENT the client's sockaddr and PORTS the
-    --source-ports (low, high). Raise ConnectionFailed naming the last failure.
+    SOURCE is the --source spec, CLIENT the client's sockaddr, PORTS the
+    --source-ports (low, high) and SLOT the loop guard's slot for the socket.
+    `start()` and `advance()` leave `sock` connected, or wait on `waits()`
+    until `due`; they raise ConnectionFailed naming the last failure.
+    Descriptors of failed attempts are listed in `dropped` (an event loop
+    must forget them).
     """
-    last = "no address"
-    for family, type_, proto, _, sockaddr in addrs:
-        try:
-            sock = socket.socket(family, type_, proto)
-        except OSError as exc:      # no descriptor or memory left: say so, do not crash
-            raise ConnectionFailed("no socket for the target: %s" % exc.strerror) from None
-        own_upstreams.add(sock)
-        transparent = False
-        try:
-            transparent = bind_source(sock, family, source, client, log, ports)
-            sock.settimeout(timeout)
-            sock.connect(sockaddr)
-            sock.settimeout(None)
-            if ports:
-                check_source_port(sock, ports)
-            return sock
-        except socket.timeout:
-            last = "connect to %s timed out after %gs" % (show_addr(sockaddr), timeout)
-            if transparent:
+
+    def __init__(self, addrs, timeout, source=None, client=None, log=None, verbose=False,
+                 ports=None, slot=None):
+        self.addrs = list(addrs)
+        self.timeout, self.source, self.client = timeout, source, client
+        self.log, self.verbose, self.ports, self.slot = log, verbose, ports, slot
+        self.last = "no address"
+        self.sock = None            # the attempt in progress, then the connected socket
+        self.connected = False
+        self.due = None
+        self.sockaddr = None
+        self.transparent = False
+        self.dropped = []
+
+    def waits(self):
+        return {self.sock.fileno(): select.POLLOUT} if self.sock and not self.connected else {}
+
+    def start(self, now):
+        """Begin the next attempt; raise ConnectionFailed when no address is left."""
+        while self.addrs:
+            family, type_, proto, _, self.sockaddr = self.addrs.pop(0)
+            try:
+                sock = socket.socket(family, type_, proto)
+            except OSError as exc:  # no descriptor or memory left: say so, do not crash
+                raise ConnectionFailed("no socket for the target: %s" % exc.strerror) from None
+            own_upstreams.add(sock, self.sockaddr[1], self.slot)
+            self.sock = sock
+            try:
+                self.transparent = bind_source(sock, family, self.source, self.client, self.log,
+                                               self.ports)
+                sock.setblocking(False)
+                err = sock.connect_ex(self.sockaddr)
+                own_upstreams.connecting(sock, self.slot)
+            except OSError as exc:
+                self.fail("connect to %s: %s" % (show_addr(self.sockaddr), exc.strerror or exc))
+                continue
+            if err == 0:
+                return self.established()
+            if err == errno.EINPROGRESS:
+                self.due = now + self.timeout
+                return
+            self.fail("connect to %s: %s" % (show_addr(self.sockaddr), os.strerror(err)))
+        raise ConnectionFailed(self.last)
+
+    def advance(self, fired, now):
+        """The attempt's socket is writable (FIRED) or its deadline may have passed."""
+        if self.sock.fileno() in fired:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 0:
+                return self.established()
+            self.fail("connect to %s: %s" % (show_addr(self.sockaddr), os.strerror(err)))
+        elif now >= self.due:
+            last = "connect to %s timed out after %gs" % (show_addr(self.sockaddr), self.timeout)
+            if self.transparent:
                 last += " (transparent source: are replies routed back through this host?)"
-        except OSError as exc:
-            last = "connect to %s: %s" % (show_addr(sockaddr), exc.strerror or exc)
-        sock.close()
-        if verbose and log:
-            log.message(last)
-    raise ConnectionFailed(last)
+            self.fail(last)
+        else:
+            return
+        self.start(now)
+
+    def established(self):
+        self.connected = True
+        self.due = None
+        if self.ports:
+            check_source_port(self.sock, self.ports)
+
+    def fail(self, last):
+        self.last = last
+        self.dropped.append(self.sock.fileno())
+        self.sock.close()
+        self.sock = None
+        if self.verbose and self.log:
+            self.log.message(last)
+
+
+def connect(addrs, timeout, source=None, client=None, log=None, verbose=False, ports=None):
+    """Connect to the first reachable of ADDRS, waiting; return the (blocking) socket.
+
+    The blocking face of Dialer (same arguments); raise ConnectionFailed.
+    """
+    dialer = Dialer(addrs, timeout, source, client, log, verbose, ports)
+    dialer.start(time.monotonic())
+    poller = select.poll()
+    while not dialer.connected:
+        fd = dialer.sock.fileno()
+        poller.register(fd, select.POLLOUT)
+        left = dialer.due - time.monotonic()
+        ready = poller.poll(min(max(0, math.ceil(left * 1000)), POLL_MAX_MS))
+        poller.unregister(fd)
+        dialer.advance({f for f, _ in ready}, time.monotonic())
+    dialer.sock.setblocking(True)
+    return dialer.sock
 
 
 def bind_source(sock, family, source, client, log, ports=None):
@@ -1114,36 +1241,25 @@ def ports_within(ports, outer):
     return outer is not None and outer[0] <= ports[0] and ports[1] <= outer[1]
 
 
-def http_connect(sock, dest, auth, timeout):
-    """Ask the HTTP proxy on SOCK for a tunnel to DEST; return bytes read past its reply.
-
-    Raise ConnectionFailed with the proxy's status line unless it answers 2xx.
-    """
+def connect_request(dest, auth):
+    """Return the CONNECT request asking an HTTP proxy for a tunnel to DEST (with AUTH)."""
     authority = ("[%s]:%d" if ":" in dest[0] else "%s:%d") % (dest[0], dest[1])
     head = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (authority, authority)
     if auth:
         import base64
         head += "Proxy-Authorization: Basic %s\r\n" % base64.b64encode(auth).decode()
-    sock.sendall(head.encode() + b"\r\n")
-    deadline = time.monotonic() + timeout       # for the whole reply, not for each read
-    reply = bytearray()
-    try:
-        while b"\r\n\r\n" not in reply:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout()
-            sock.settimeout(left)
-            data = sock.recv(CHUNK)
-            if not data:
-                raise ConnectionFailed("proxy closed the connection after CONNECT")
-            reply += data
-            if len(reply) > MAX_HEAD:
-                raise ConnectionFailed("proxy reply to CONNECT too long")
-    except socket.timeout:
-        raise ConnectionFailed("proxy did not answer CONNECT within %gs" % timeout) from None
-    except OSError as exc:
-        raise ConnectionFailed("proxy CONNECT failed: %s" % exc.strerror) from None
-    sock.settimeout(None)
+    return head.encode() + b"\r\n"
+
+
+def connect_reply(reply):
+    """Return the bytes past the proxy's complete reply REPLY, or None while it is incomplete.
+
+    Raise ConnectionFailed with the proxy's status line unless it answers 2xx.
+    """
+    if b"\r\n\r\n" not in reply:
+        if len(reply) > MAX_HEAD:
+            raise ConnectionFailed("proxy reply to CONNECT too long")
+        return None
     head, _, rest = bytes(reply).partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0]
     words = status_line.split(None, 2)
@@ -1223,12 +1339,19 @@ class Pump:
 
 
 class CopyPump(Pump):
-    """A pump through a userspace buffer (recv_into and send)."""
+    """A pump through a userspace buffer (recv_into and send).
+
+    The read buffer is one for every pump of the process: what is read is
+    taken (copied out) at once, so a held connection does not keep 64 KiB.
+    """
+
+    buf = view = None
 
     def __init__(self, src, dst, src_side, dst_side, initial=b""):
         super().__init__(src, dst, src_side, dst_side)
-        self.buf = bytearray(CHUNK)
-        self.view = memoryview(self.buf)
+        if CopyPump.buf is None:
+            CopyPump.buf = bytearray(CHUNK)
+            CopyPump.view = memoryview(CopyPump.buf)
         self.out = bytearray(initial)
 
     def pending(self):
@@ -1361,49 +1484,6 @@ class Cut(Exception):
 
 
 POLL_MAX_MS = 2 ** 31 - 1      # poll(2) takes an int: about 24.8 days
-
-
-def relay(pumps, idle_timeout):
-    """Run PUMPS until every one is done; raise Reset or Idle.
-
-    A pump's own deadline (`deadline()`) ends its wait early: it is told
-    (`expire()`) and stepped.
-    """
-    poller = select.poll()
-    for pump in pumps:
-        pump.step()
-    idle_at = time.monotonic() + idle_timeout
-    while True:
-        waits = {}
-        for pump in pumps:
-            want = pump.wanted()
-            if want:
-                waits[want[0]] = waits.get(want[0], 0) | want[1]
-        if not waits:
-            return
-        due = [d for d in (pump.deadline() for pump in pumps) if d is not None]
-        wake = min([idle_at] + due)
-        for fd, events in waits.items():
-            poller.register(fd, events)
-        # poll takes milliseconds as a C int: round up (no busy loop), cap (no overflow).
-        ready = poller.poll(min(max(0, math.ceil((wake - time.monotonic()) * 1000)), POLL_MAX_MS))
-        for fd in waits:
-            poller.unregister(fd)
-        now = time.monotonic()
-        if ready:
-            idle_at = now + idle_timeout
-        elif now >= idle_at:
-            raise Idle()
-        fired = {fd for fd, _ in ready}
-        for pump in pumps:
-            deadline = pump.deadline()
-            if deadline is not None and now >= deadline:
-                pump.expire()
-                pump.step()
-                continue
-            want = pump.wanted()
-            if want and want[0] in fired:
-                pump.step()
 
 
 def abort(sock):
@@ -1925,41 +2005,12 @@ def authority(host, orig):
     return (text if orig[1] == 80 else "%s:%d" % (text, orig[1])).encode()
 
 
-def http_error(conn, status, reason):
-    """Send a short HTTP error response to the client, best effort."""
+def http_error_bytes(status, reason):
+    """Return a short HTTP error response (it closes the connection)."""
     body = ("<html><body><h1>%d %s</h1></body></html>\n" % (status, reason)).encode()
     head = ("HTTP/1.1 %d %s\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
             "Connection: close\r\n\r\n" % (status, reason, len(body))).encode()
-    try:
-        conn.setblocking(True)
-        conn.settimeout(5)
-        conn.sendall(head + body)
-    except OSError:
-        pass
-    linger_close(conn)
-
-
-def linger_close(conn, seconds=2.0, limit=1 << 20):
-    """Half-close CONN and read what the client still sends, so the close sends no reset.
-
-    A close with unread bytes resets the connection and can destroy the
-    response the client has not read yet (Apache's "lingering close").
-    """
-    try:
-        conn.shutdown(socket.SHUT_WR)
-        conn.setblocking(True)
-        deadline = time.monotonic() + seconds
-        while limit > 0:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            conn.settimeout(left)
-            data = conn.recv(CHUNK)
-            if not data:
-                break
-            limit -= len(data)
-    except OSError:
-        pass
+    return head + body
 
 
 # ---------------------------------------------------------------------------
@@ -1986,81 +2037,410 @@ class Server:
         return list(addrs[start:]) + list(addrs[:start])
 
 
-def serve(conn, server):
-    """Serve one accepted client connection from start to end; return an exit status."""
-    cfg, log = server.cfg, server.log
-    try:
-        client = conn.getpeername()
-    except OSError:
-        return EX_OK            # gone before we looked
-    record = Record(client, cfg.mode)
-    status = EX_OK
-    upstream = None
-    try:
-        if not acl_allows(cfg.acl, client):
-            record.outcome = "denied by access list"
-            return EX_OK
-        record.orig = original_destination(conn)
-        if own_upstreams.is_own(client, record.orig):
-            raise ConnectionFailed("refused: a loop: %s is this proxy's own connection to %s "
-                                   "coming back" % (show_addr(client), show_addr(record.orig)))
-        framer, items = None, ()
-        if cfg.mode == "http":
-            # The cache is connected only for a complete, acceptable first request.
-            framer = RequestFramer()
-            items = read_first_request(conn, framer, cfg.request_timeout, record)
-            if items is None:
-                return EX_OK
-        upstream, initial, rewrite = open_upstream(conn, server, record)
-        conn.setblocking(False)
-        upstream.setblocking(False)
-        pumps = make_pumps(conn, upstream, server, record, rewrite, initial, framer, items)
+class Session:
+    """One client connection as a non-blocking state machine; never blocks.
+
+    accepted -> checked (ACL, original destination, loop guard) -> head (HTTP:
+    the first complete request head within --request-timeout) -> connecting
+    (--source, --source-ports, each address in turn, the HTTP fallback) ->
+    handshake (CONNECT, with one deadline for the reply) -> relay (the pumps;
+    a PROXY header goes first) -> flush (an error reply, or the lingering
+    close after a refused request) -> done (one record, logged once).
+    A driver calls `start(now)`, then waits on `waits` ({fd: poll events})
+    until `due` (monotonic time, or None) and calls `advance(fired fds, now)`;
+    `cut()` ends the session at once (shutdown's grace is over). `status` is
+    the exit status of a process serving only this connection. Descriptors
+    the session closed while running are listed in `dropped`.
+    """
+
+    FLUSH_SEND = 5.0        # seconds to send an error reply
+    LINGER = 2.0            # seconds, and bytes below, to read after it (linger_close)
+    LINGER_BYTES = 1 << 20
+
+    def __init__(self, conn, server, slot=None):
+        self.conn, self.server, self.cfg = conn, server, server.cfg
+        self.slot = slot                # the loop guard's slot (None: the process's own)
+        self.record = None
+        self.upstream = None
+        self.framer, self.items = None, ()
+        self.dialer = None
+        self.rewrite = self.cfg.mode == "http"
+        self.pumps = ()
+        self.stage = None               # the unbound method run by advance()
+        self.waits, self.due = {}, None
+        self.dropped = []
+        self.settled = False
+        self.done = False
+        self.status = EX_OK
+        self.before_record = None       # called just before the record is logged
+
+    # -- driving ------------------------------------------------------------
+
+    def start(self, now):
+        self.run(Session.check, (), now)
+
+    def advance(self, fired, now):
+        self.run(self.stage, fired, now)
+
+    def run(self, stage, fired, now):
+        """Run STAGE; turn how it ended into the record's outcome, as one place."""
+        cfg = self.cfg
         try:
-            relay(pumps, cfg.idle_timeout)
-        finally:
-            record.up, record.down = pumps[0].count, pumps[1].count
-            for pump in pumps:
-                pump.close()
-            refused = getattr(pumps[0], "failed", None)
-            if refused is not None:     # kept when a reset or idle timeout follows
-                record.outcome = "%d %s: %s; closed after the responses to %d earlier " \
-                    "request(s)" % (refused.status, refused.reason, refused, framer.requests)
-        if refused is not None:
-            linger_close(conn)
-    except ConnectionFailed as exc:
-        record.outcome = str(exc)
-        status = EX_UNAVAILABLE
-    except BadRequest as exc:
-        record.outcome = "%d %s: %s" % (exc.status, exc.reason, exc)
-        http_error(conn, exc.status, exc.reason)
-    except Reset as exc:
-        record.outcome = then(record.outcome, "reset by %s" % exc.side)
-        abort(conn if exc.side == "server" else upstream)
-    except Idle:
-        record.outcome = then(record.outcome, "idle timeout (%gs)" % cfg.idle_timeout)
-    except Cut:
-        record.outcome = "cut at shutdown after the %gs grace period" % cfg.grace
-        cut_short(conn, upstream)
-        status = EX_UNAVAILABLE
-    except OSError as exc:      # what the kernel refused mid-way (a descriptor, memory)
-        record.outcome = "error: %s" % (exc.strerror or exc)
-        cut_short(conn, upstream)
-        status = EX_UNAVAILABLE
-    except Exception as exc:    # a bug: still one honest record, and a reset, not a clean end
-        record.outcome = "internal error: %s: %s" % (type(exc).__name__, exc)
-        cut_short(conn, upstream)
-        status = EX_SOFTWARE
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)     # a grace period ending now cuts nothing
-        for sock in (upstream, conn):
+            stage(self, fired, now)
+            if not self.done:
+                self.refresh()
+            return
+        except ConnectionFailed as exc:
+            self.record.outcome = str(exc)
+            self.status = EX_UNAVAILABLE
+            self.settle()
+        except BadRequest as exc:
+            self.settle()
+            self.record.outcome = "%d %s: %s" % (exc.status, exc.reason, exc)
+            return self.flush(http_error_bytes(exc.status, exc.reason), now)
+        except Reset as exc:
+            self.settle()
+            self.record.outcome = then(self.record.outcome, "reset by %s" % exc.side)
+            abort(self.conn if exc.side == "server" else self.upstream)
+        except Idle:
+            self.settle()
+            self.record.outcome = then(self.record.outcome, "idle timeout (%gs)" % cfg.idle_timeout)
+        except Cut:
+            return self.cut()
+        except OSError as exc:  # what the kernel refused mid-way (a descriptor, memory)
+            self.settle()
+            self.record.outcome = "error: %s" % (exc.strerror or exc)
+            cut_short(self.conn, self.upstream)
+            self.status = EX_UNAVAILABLE
+        except Exception as exc:    # a bug: still one honest record, and a reset, not a clean end
+            if self.record is None:
+                self.record = Record(("?", 0), cfg.mode)
+            self.settle()
+            self.record.outcome = "internal error: %s: %s" % (type(exc).__name__, exc)
+            cut_short(self.conn, self.upstream)
+            self.status = EX_SOFTWARE
+        self.finish()
+
+    def cut(self):
+        """Shutdown: the grace period is over; reset both sides (never a clean-looking end)."""
+        if self.done:
+            return
+        self.settle()
+        if self.record is not None:
+            self.record.outcome = "cut at shutdown after the %gs grace period" % self.cfg.grace
+        cut_short(self.conn, self.upstream)
+        self.status = EX_UNAVAILABLE
+        self.finish()
+
+    def refresh(self):
+        """Recompute what the current stage waits on and until when."""
+        if self.dialer is not None and self.dialer.dropped:
+            self.dropped += self.dialer.dropped
+            self.dialer.dropped = []
+        if self.stage is Session.relaying:
+            waits = {}
+            for pump in self.pumps:
+                want = pump.wanted()
+                if want:
+                    waits[want[0]] = waits.get(want[0], 0) | want[1]
+            self.waits = waits
+            due = [d for d in (pump.deadline() for pump in self.pumps) if d is not None]
+            self.due = min([self.idle_at] + due)
+        elif self.stage is Session.connecting:
+            self.waits, self.due = self.dialer.waits(), self.dialer.due
+
+    def finish(self):
+        """Close both sides and log the record, once."""
+        if self.dialer is not None and self.upstream is None and self.dialer.sock is not None:
+            self.upstream = self.dialer.sock
+        for sock in (self.upstream, self.conn):
             if sock is not None:
                 try:
                     sock.close()
                 except OSError:
                     pass
-        log.connection(record.line())
-        server.on_record(record)
-    return status
+        self.done, self.waits, self.due = True, {}, None
+        if self.slot is not None:
+            own_upstreams.release(self.slot)
+        if self.record is not None:
+            if self.before_record:
+                self.before_record()
+            self.server.log.connection(self.record.line())
+            self.server.on_record(self.record)
+
+    # -- stages -------------------------------------------------------------
+
+    def check(self, fired, now):
+        """accepted -> checked: ACL, original destination, loop guard."""
+        cfg, conn = self.cfg, self.conn
+        try:
+            client = conn.getpeername()
+        except OSError:
+            self.finish()       # gone before we looked: nothing to record
+            return
+        self.record = record = Record(client, cfg.mode)
+        conn.setblocking(False)
+        if not acl_allows(cfg.acl, client):
+            record.outcome = "denied by access list"
+            self.finish()
+            return
+        record.orig = original_destination(conn)
+        if own_upstreams.is_own(client, record.orig):
+            raise ConnectionFailed("refused: a loop: %s is this proxy's own connection to %s "
+                                   "coming back" % (show_addr(client), show_addr(record.orig)))
+        if cfg.mode == "http":
+            # The cache is connected only for a complete, acceptable first request.
+            self.framer = RequestFramer()
+            self.stage = Session.reading_head
+            self.head_due = now + cfg.request_timeout
+            self.waits, self.due = {conn.fileno(): select.POLLIN}, self.head_due
+            return
+        self.dial(now)
+
+    def reading_head(self, fired, now):
+        """head: read until the first request head is complete (or refused, or late)."""
+        record = self.record
+        if not fired:
+            if now < self.head_due:
+                return
+            if self.framer.mid_head:
+                raise BadRequest(408, "Request Timeout", "no complete request head within %gs"
+                                 % self.cfg.request_timeout)
+            record.outcome = "no request within %gs" % self.cfg.request_timeout
+            return self.finish()
+        try:
+            data = self.conn.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            record.outcome = "reset by client"
+            return self.finish()
+        if not data:
+            self.framer.eof()
+            if self.framer.error is not None:
+                raise self.framer.error
+            record.outcome = "closed by client before a request"
+            return self.finish()
+        self.items = self.framer.feed(data)
+        if self.framer.error is not None and not self.items:
+            raise self.framer.error
+        if self.items:
+            self.dial(now)
+
+    def dial(self, now):
+        """checked/head -> connecting: to the target, or to the original destination."""
+        cfg, server, record = self.cfg, self.server, self.record
+        orig = record.orig
+        needs_orig = cfg.mode != "http" and not (cfg.mode == "raw" and cfg.target)
+        if needs_orig and is_self(orig, server.listen_port):
+            raise ConnectionFailed("refused: original destination %s is this proxy itself"
+                                   % show_addr(orig))
+        addrs = resolve_quiet(orig) if cfg.mode == "raw" and not cfg.target \
+            else server.target_addrs()
+        self.dialer = Dialer(addrs, cfg.connect_timeout, cfg.source, record.client, server.log,
+                             cfg.verbose, cfg.source_ports, self.slot)
+        self.stage = Session.connecting
+        self.fallen_back = False
+        try:
+            self.dialer.start(now)
+        except ConnectionFailed as exc:
+            self.fall_back(exc, now)
+        self.connected_maybe(now)
+
+    def connecting(self, fired, now):
+        try:
+            self.dialer.advance(fired, now)
+        except ConnectionFailed as exc:
+            self.fall_back(exc, now)
+        self.connected_maybe(now)
+
+    def fall_back(self, exc, now):
+        """HTTP mode: the cache cannot be reached; go direct (unless -p); else raise EXC."""
+        cfg, orig = self.cfg, self.record.orig
+        self.dropped += self.dialer.dropped
+        if cfg.mode != "http" or cfg.no_fallback or self.fallen_back:
+            raise exc
+        if is_self(orig, self.server.listen_port):
+            raise ConnectionFailed("%s; no fallback: original destination is this proxy"
+                                   % exc) from None
+        self.server.log.message("cache unreachable (%s); going direct to %s"
+                                % (exc, show_addr(orig)))
+        self.fallen_back, self.rewrite = True, False
+        self.dialer = Dialer(resolve_quiet(orig), cfg.connect_timeout, cfg.source,
+                             self.record.client, self.server.log, False, cfg.source_ports,
+                             self.slot)
+        self.dialer.start(now)
+
+    def connected_maybe(self, now):
+        """connecting -> handshake (CONNECT) or relay, once the dialer has a connection."""
+        if not self.dialer.connected:
+            return
+        self.upstream = self.dialer.sock
+        if self.cfg.mode == "connect":
+            self.stage = Session.handshaking
+            self.out = connect_request(self.record.orig, self.cfg.proxy_auth)
+            self.reply = bytearray()
+            self.due = now + self.cfg.connect_timeout    # for the whole reply, not each read
+            self.waits = {self.upstream.fileno(): select.POLLOUT}
+            return
+        self.relay(b"", now)
+
+    def handshaking(self, fired, now):
+        """handshake: send CONNECT, read the proxy's reply within --connect-timeout."""
+        if not fired:
+            if now >= self.due:
+                raise ConnectionFailed("proxy did not answer CONNECT within %gs"
+                                       % self.cfg.connect_timeout)
+            return
+        try:
+            if self.out:
+                self.out = self.out[self.upstream.send(self.out):]
+                if not self.out:
+                    self.waits = {self.upstream.fileno(): select.POLLIN}
+                return
+            data = self.upstream.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise ConnectionFailed("proxy CONNECT failed: %s" % exc.strerror) from None
+        if not data:
+            raise ConnectionFailed("proxy closed the connection after CONNECT")
+        self.reply += data
+        rest = connect_reply(self.reply)
+        if rest is not None:
+            self.relay(rest, now)
+
+    def relay(self, initial, now):
+        """-> relay: INITIAL (bytes past the CONNECT reply) go to the client first."""
+        cfg, record = self.cfg, self.record
+        record.target = self.upstream.getpeername()
+        header = proxy_header(cfg.send_proxy, record.client, record.orig) \
+            if cfg.send_proxy else b""
+        self.pumps = make_pumps(self.conn, self.upstream, self.server, record, self.rewrite,
+                                initial, self.framer, self.items, header)
+        self.stage = Session.relaying
+        self.idle_at = now + cfg.idle_timeout
+        for pump in self.pumps:
+            pump.step()
+        self.relaying(None, now)
+
+    def relaying(self, fired, now):
+        """relay: step the pumps whose descriptors fired or whose deadline passed."""
+        if fired:
+            self.idle_at = now + self.cfg.idle_timeout
+        elif fired is not None and now >= self.idle_at:
+            raise Idle()
+        for pump in self.pumps:
+            deadline = pump.deadline()
+            if deadline is not None and now >= deadline:
+                pump.expire()
+                pump.step()
+                continue
+            if fired:
+                want = pump.wanted()
+                if want and want[0] in fired:
+                    pump.step()
+        if any(pump.wanted() for pump in self.pumps):
+            return
+        refused = self.settle()
+        if refused is not None:
+            return self.flush(b"", now)
+        self.finish()
+
+    def settle(self):
+        """Take the byte counts from the pumps and release them, once; return the refusal."""
+        if not self.pumps or self.settled:
+            return None
+        self.settled = True
+        record = self.record
+        record.up, record.down = self.pumps[0].count, self.pumps[1].count
+        for pump in self.pumps:
+            pump.close()
+        refused = getattr(self.pumps[0], "failed", None)
+        if refused is not None:     # kept when a reset or idle timeout follows
+            record.outcome = "%d %s: %s; closed after the responses to %d earlier request(s)" \
+                % (refused.status, refused.reason, refused, self.framer.requests)
+        return refused
+
+    def flush(self, reply, now):
+        """-> flush: send REPLY to the client, then close without a reset (linger_close)."""
+        if self.upstream is not None:
+            self.dropped.append(self.upstream.fileno())
+            try:
+                self.upstream.close()
+            except OSError:
+                pass
+        self.stage = Session.flushing
+        self.out = reply
+        self.linger_left = self.LINGER_BYTES
+        self.due = now + self.FLUSH_SEND
+        if not reply:
+            return self.linger(now)
+        self.waits = {self.conn.fileno(): select.POLLOUT}
+        self.flushing(self.waits, now)
+
+    def flushing(self, fired, now):
+        """flush: the reply goes out, then what the client still sends is read and dropped.
+
+        A close with unread bytes resets the connection and can destroy the
+        response the client has not read yet (Apache's "lingering close").
+        """
+        if not fired:
+            if now >= self.due:
+                self.finish()
+            return
+        conn = self.conn
+        try:
+            if self.out:
+                self.out = self.out[conn.send(self.out):]
+                if not self.out:
+                    self.linger(now)
+                return
+            while self.linger_left > 0:
+                data = conn.recv(CHUNK)
+                if not data:
+                    break
+                self.linger_left -= len(data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self.finish()
+
+    def linger(self, now):
+        try:
+            self.conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            return self.finish()
+        self.due = now + self.LINGER
+        self.waits = {self.conn.fileno(): select.POLLIN}
+
+
+def run_session(session):
+    """Drive SESSION to its end in this process (a fork child, inetd, a prefork worker).
+
+    A Cut (SIGALRM: shutdown's grace is over) ends it with resets. Return
+    its exit status.
+    """
+    session.before_record = lambda: signal.setitimer(signal.ITIMER_REAL, 0)
+    poller = select.poll()
+    try:
+        session.start(time.monotonic())
+        while not session.done:
+            waits = session.waits
+            for fd, events in waits.items():
+                poller.register(fd, events)
+            timeout = -1 if session.due is None else \
+                min(max(0, math.ceil((session.due - time.monotonic()) * 1000)), POLL_MAX_MS)
+            ready = poller.poll(timeout)
+            for fd in waits:
+                poller.unregister(fd)
+            session.advance({fd for fd, _ in ready}, time.monotonic())
+    except Cut:
+        session.cut()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)     # a grace period ending now cuts nothing
+    return session.status
 
 
 def cut_short(conn, upstream):
@@ -2068,49 +2448,6 @@ def cut_short(conn, upstream):
     for sock in (conn, upstream):
         if sock is not None:
             abort(sock)
-
-
-def open_upstream(conn, server, record):
-    """Connect where this connection should go; return (socket, bytes for client, rewrite).
-
-    Raise ConnectionFailed when nothing can be reached.
-    """
-    cfg, log = server.cfg, server.log
-    orig, client = record.orig, record.client
-    needs_orig = cfg.mode != "http" and not (cfg.mode == "raw" and cfg.target)
-    if needs_orig and is_self(orig, server.listen_port):
-        raise ConnectionFailed("refused: original destination %s is this proxy itself"
-                               % show_addr(orig))
-    initial = b""
-    rewrite = cfg.mode == "http"
-    if cfg.mode == "raw" and not cfg.target:
-        addrs = resolve_quiet(orig)
-        upstream = connect(addrs, cfg.connect_timeout, cfg.source, client, log, cfg.verbose,
-                           ports=cfg.source_ports)
-    else:
-        try:
-            upstream = connect(server.target_addrs(), cfg.connect_timeout, cfg.source, client,
-                               log, cfg.verbose, ports=cfg.source_ports)
-        except ConnectionFailed as exc:
-            if cfg.mode != "http" or cfg.no_fallback:
-                raise
-            if is_self(orig, server.listen_port):
-                raise ConnectionFailed("%s; no fallback: original destination is this proxy"
-                                       % exc) from None
-            log.message("cache unreachable (%s); going direct to %s" % (exc, show_addr(orig)))
-            upstream = connect(resolve_quiet(orig), cfg.connect_timeout, cfg.source, client, log,
-                               ports=cfg.source_ports)
-            rewrite = False
-        if cfg.mode == "connect":
-            try:
-                initial = http_connect(upstream, orig, cfg.proxy_auth, cfg.connect_timeout)
-            except ConnectionFailed:
-                upstream.close()
-                raise
-    record.target = upstream.getpeername()
-    if cfg.send_proxy:
-        upstream.sendall(proxy_header(cfg.send_proxy, client, orig))
-    return upstream, initial, rewrite
 
 
 def resolve_quiet(dest):
@@ -2125,45 +2462,11 @@ def then(outcome, ending):
     return ending if outcome == "ok" else "%s; then %s" % (outcome, ending)
 
 
-def read_first_request(conn, framer, timeout, record):
-    """Read from CONN into FRAMER until a first request head is complete; return its items.
+def make_pumps(conn, upstream, server, record, rewrite, initial, framer=None, items=(), header=b""):
+    """Return [client->server pump, server->client pump] for this connection's mode.
 
-    Return None (RECORD's outcome set) when the client leaves or sends
-    nothing within TIMEOUT; raise BadRequest for a bad head or one still
-    incomplete after TIMEOUT (408).
+    INITIAL goes to the client first, HEADER (a PROXY header) to the target first.
     """
-    deadline = time.monotonic() + timeout
-    poller = select.poll()
-    poller.register(conn, select.POLLIN)
-    items = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not poller.poll(min(max(1, math.ceil(left * 1000)), 2 ** 31 - 1)):
-            if framer.mid_head:
-                raise BadRequest(408, "Request Timeout",
-                                 "no complete request head within %gs" % timeout)
-            record.outcome = "no request within %gs" % timeout
-            return None
-        try:
-            data = conn.recv(CHUNK)
-        except OSError:
-            record.outcome = "reset by client"
-            return None
-        if not data:
-            framer.eof()
-            if framer.error is not None:
-                raise framer.error
-            record.outcome = "closed by client before a request"
-            return None
-        items += framer.feed(data)
-        if framer.error is not None and not items:
-            raise framer.error
-        if items:
-            return items
-
-
-def make_pumps(conn, upstream, server, record, rewrite, initial, framer=None, items=()):
-    """Return [client->server pump, server->client pump] for this connection's mode."""
     cfg = server.cfg
     if cfg.mode == "http":
         def on_request(method, target, host):
@@ -2178,7 +2481,7 @@ def make_pumps(conn, upstream, server, record, rewrite, initial, framer=None, it
         if up.framer.switch_method is not None:
             return [up, SniffingPump(upstream, conn, "server", "client", initial, up.switched)]
     else:
-        up = RawPump(conn, upstream, "client", "server")
+        up = RawPump(conn, upstream, "client", "server", header)
     down = RawPump(upstream, conn, "server", "client", initial)
     return [up, down]
 
@@ -2204,7 +2507,7 @@ def run_inetd(cfg):
         if conn is None:
             return EX_OK
     finish_within_grace(cfg.grace)
-    return serve(conn, Server(cfg, log, port))
+    return run_session(Session(conn, Server(cfg, log, port)))
 
 
 def accept_one(listener, log):
@@ -2381,7 +2684,7 @@ def run_standalone(cfg):
         show_addr(cfg.target) if cfg.target else "original destination",
         " (socket from systemd)" if cfg.activated else ""))
     notify_ready()
-    shape = PreforkPool if cfg.prefork else ForkingServer
+    shape = WorkerPool if cfg.workers else PreforkPool if cfg.prefork else ForkingServer
     supervisor = shape(listeners, server)
     if pidfile:
         supervisor.on_stop = pidfile.remove
@@ -2856,7 +3159,7 @@ class ForkingServer(Supervisor):
             sock.close()
         own_upstreams.take(slot)
         self.set_title("tproxy child", "tproxy: " + connection_title(conn))
-        return serve(conn, self.server)
+        return run_session(Session(conn, self.server))
 
 
 def client_key(peer):
@@ -3108,7 +3411,7 @@ class PreforkPool(Supervisor):
                     pass                            # it has been asked already
             self.server.rotation += 1
             self.set_title("tproxy worker", "tproxy: worker %d, %s" % (slot, connection_title(conn)))
-            serve(conn, self.server)
+            run_session(Session(conn, self.server))
             self.set_title(*idle_title)
             own_upstreams.release()
             self.board[slot] = IDLE
@@ -3132,6 +3435,363 @@ class PreforkPool(Supervisor):
         states, addrs = self.board[:self.high], self.board[base:]
         return sum(1 for other in range(self.high) if other != slot and states[other] == BUSY
                    and addrs[16 * other:16 * other + 16] == key)
+
+
+class EventLoop:
+    """Drives many Sessions in one process: epoll for their descriptors, a heap for their deadlines.
+
+    The heap is lazy: a session has at most one entry that matters (the
+    earliest it asked for); when an entry comes due early, the session is
+    pushed again for its current deadline. Entries of ended sessions are
+    dropped when they come up, or all at once when they outnumber the live.
+    """
+
+    def __init__(self):
+        self.epoll = select.epoll()
+        self.by_fd = {}         # fd -> session waiting on it
+        self.timers = []        # heap of (due, sequence number, session)
+        self.seq = 0
+        self.sessions = set()
+        self.handlers = {}      # fd -> callable(events): listeners, the signal pipe
+
+    def watch(self, fd, handler, events=select.EPOLLIN):
+        self.epoll.register(fd, events)
+        self.handlers[fd] = handler
+
+    def forget(self, fd):
+        if self.handlers.pop(fd, None) is not None:
+            try:
+                self.epoll.unregister(fd)
+            except OSError:
+                pass
+
+    def add(self, session, now):
+        """Start SESSION and keep driving it until it is done."""
+        session.registered = {}
+        session.timer_at = None
+        self.sessions.add(session)
+        session.start(now)
+        self.sync(session)
+
+    def sync(self, session):
+        """Bring epoll and the heap in line with what SESSION now waits on."""
+        old = session.registered
+        for fd in session.dropped:      # closed: epoll forgot it with the descriptor
+            old.pop(fd, None)
+            self.by_fd.pop(fd, None)
+        session.dropped = []
+        if session.done:
+            for fd in old:
+                self.by_fd.pop(fd, None)    # closed by the session
+            session.registered = {}
+            self.sessions.discard(session)
+            self.ended(session)
+            return
+        new = session.waits
+        for fd in [fd for fd in old if fd not in new]:
+            del old[fd]
+            self.by_fd.pop(fd, None)
+            try:
+                self.epoll.unregister(fd)
+            except OSError:
+                pass
+        for fd, events in new.items():
+            was = old.get(fd)
+            if was == events:
+                continue
+            if was is None:
+                self.epoll.register(fd, events)
+            else:
+                self.epoll.modify(fd, events)
+            old[fd] = events
+            self.by_fd[fd] = session
+        due = session.due
+        if due is not None and (session.timer_at is None or due < session.timer_at):
+            session.timer_at = due
+            self.seq += 1
+            heapq.heappush(self.timers, (due, self.seq, session))
+            if len(self.timers) > 2 * len(self.sessions) + 64:
+                self.timers = [t for t in self.timers
+                               if not t[2].done and t[0] == t[2].timer_at]
+                heapq.heapify(self.timers)
+
+    def ended(self, session):
+        """Called once per session that is done (the owner's bookkeeping)."""
+
+    def timeout(self, now):
+        """Return seconds until the earliest deadline (-1: none)."""
+        if not self.timers:
+            return -1
+        return max(0.0, self.timers[0][0] - now)
+
+    def poll(self, limit=None):
+        """Wait for events or the next deadline (at most LIMIT seconds) and handle them."""
+        timeout = self.timeout(time.monotonic())
+        if limit is not None and (timeout < 0 or timeout > limit):
+            timeout = limit
+        try:
+            ready = self.epoll.poll(timeout)
+        except InterruptedError:
+            ready = []
+        now = time.monotonic()
+        fired = {}
+        for fd, events in ready:
+            handler = self.handlers.get(fd)
+            if handler is not None:
+                handler(events)
+                continue
+            session = self.by_fd.get(fd)
+            if session is not None:
+                fired.setdefault(session, set()).add(fd)
+        for session, fds in fired.items():
+            if not session.done:
+                session.advance(fds, now)
+                self.sync(session)
+        self.expire(time.monotonic())
+
+    def expire(self, now):
+        """Advance every session whose deadline has come."""
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            due, _, session = heapq.heappop(timers)
+            if session.done or due != session.timer_at:
+                continue
+            session.timer_at = None
+            if session.due is not None and session.due <= now:
+                session.advance(set(), now)
+            self.sync(session)
+
+    def cut_all(self):
+        """Shutdown's grace is over: end every live session with resets."""
+        for session in list(self.sessions):
+            session.cut()
+            self.sync(session)
+
+
+class ClientCounts:
+    """Live connections per client address across a pool of workers, in shared memory.
+
+    Each worker counts in its own row, so no two processes ever write the
+    same word; a client's count is its bucket summed over the rows. An
+    address is hashed into one of BUCKETS buckets (the low 16 bits of an
+    IPv4 address pick its bucket directly, so the clients of one /16 never
+    share one); clients whose buckets collide share their cap.
+    """
+
+    BUCKETS = 1 << 16
+
+    def __init__(self, rows):
+        import mmap
+        self.rows = rows
+        self.map = mmap.mmap(-1, 4 * self.BUCKETS * rows)
+        self.counts = memoryview(self.map).cast("I")
+
+    def bucket(self, key):
+        """Return the bucket of the 16-byte address KEY (see client_key)."""
+        import zlib
+        return (int.from_bytes(key[12:], "big") ^ zlib.crc32(key[:12])) & (self.BUCKETS - 1)
+
+    def held(self, bucket):
+        return sum(self.counts[row * self.BUCKETS + bucket] for row in range(self.rows))
+
+    def add(self, row, bucket, change):
+        self.counts[row * self.BUCKETS + bucket] += change
+
+    def clear(self, row):
+        """Forget a row (its worker has died)."""
+        size = 4 * self.BUCKETS
+        self.map[size * row:size * (row + 1)] = bytes(size)
+
+
+class WorkerPool(Supervisor):
+    """--workers=N: N processes, each an EventLoop serving many connections at once.
+
+    Every worker watches the shared listeners with EPOLLEXCLUSIVE (a new
+    client wakes one worker, not all). One SO_REUSEPORT listener per worker
+    measured the same (relaybench, bench/results/2026-11-29-relaybench-workers-
+    reuseport-vs-exclusive.md) and would not work with the one socket systemd
+    passes, nor keep a dead worker's queued clients. --max-conns is split into equal
+    shares, one per worker (a worker at its share stops accepting, so
+    clients wait in the listen queue or go to another worker);
+    --max-per-client counts across the pool (ClientCounts). A worker that
+    dies is replaced.
+    """
+
+    RESPAWN_AFTER = 1.0     # seconds between replacing workers that died
+
+    def __init__(self, listeners, server):
+        super().__init__(listeners, server)
+        cfg = server.cfg
+        self.count = cfg.workers
+        self.share = -(-cfg.max_conns // self.count)
+        own_upstreams.create(self.share * self.count)
+        self.clients = ClientCounts(self.count)
+        self.workers = {}           # pid -> worker index
+        self.respawn_at = 0.0
+
+    def run(self):
+        """Keep N workers running until SIGTERM; return the exit status."""
+        self.install_signals()
+        self.set_title("tproxy parent", "tproxy: parent, %d workers, %s"
+                       % (self.count, self.listening_on()))
+        self.freeze_heap()
+        self.staff()
+        while not self.stopping:
+            try:
+                select.select([self.wake_r], [], [], 1.0)
+            except InterruptedError:
+                pass
+            drain(self.wake_r)
+            for pid in self.reap():
+                index = self.workers.pop(pid, None)
+                if index is not None and not self.stopping:
+                    self.log.message("worker %d (pid %d) ended unexpectedly; replacing it"
+                                     % (index, pid), error=True)
+                    self.clients.clear(index)
+                    for slot in range(index * self.share, (index + 1) * self.share):
+                        own_upstreams.release(slot)
+            if self.reload:
+                self.reopen()
+                for pid in self.workers:
+                    signal_quietly(pid, signal.SIGHUP)
+                self.log.message("SIGHUP: log reopened, target re-resolved, workers told")
+            if self.status:
+                self.status = False
+                self.log.message("status: parent workers=%d" % len(self.workers))
+                for pid in self.workers:
+                    signal_quietly(pid, signal.SIGUSR1)
+            if not self.stopping and time.monotonic() >= self.respawn_at:
+                self.staff()
+        self.stop_accepting()
+        self.log.message("SIGTERM: stopped accepting; %d worker(s) get %gs to finish"
+                         % (len(self.workers), self.server.cfg.grace))
+        return self.wind_down(self.workers)
+
+    def staff(self):
+        """Start the missing workers."""
+        missing = set(range(self.count)) - set(self.workers.values())
+        if missing:
+            self.respawn_at = time.monotonic() + self.RESPAWN_AFTER
+        for index in sorted(missing):
+            pid = self.fork(lambda: self.worker(index))
+            if pid is None:
+                return
+            self.workers[pid] = index
+
+    def worker(self, index):
+        """Serve connections from the listeners with one event loop until told to stop."""
+        return Worker(self, index).run()
+
+
+class Worker(EventLoop):
+    """One process of a WorkerPool: accepts and drives Sessions until SIGTERM and its grace end."""
+
+    ACCEPT_BATCH = 64       # clients taken per wakeup, so a flood cannot starve the others
+    ACCEPT_PAUSE = 0.5      # seconds without accepting after accept(2) failed (EMFILE...)
+
+    def __init__(self, pool, index):
+        super().__init__()
+        import gc
+        gc.enable()     # fork() disabled it for short-lived children; a worker lives long
+        self.pool, self.index = pool, index
+        self.server, self.log = pool.server, pool.log
+        self.cfg = self.server.cfg
+        first = index * pool.share
+        self.free = list(range(first + pool.share - 1, first - 1, -1))     # loop guard slots
+        self.stats = Stats()
+        self.server.on_record = self.stats.add_record
+        self.flags = set()          # what signals asked: "stop", "cut", "hup", "status"
+        self.listening = False
+        self.paused_until = 0.0
+
+    def run(self):
+        pool = self.pool
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        self.watch(wake_r, lambda events: drain(wake_r))
+        for sig, flag in ((signal.SIGTERM, "stop"), (signal.SIGALRM, "cut"),
+                          (signal.SIGHUP, "hup"), (signal.SIGUSR1, "status")):
+            signal.signal(sig, lambda *_, flag=flag: self.flags.add(flag))
+        pool.set_title("tproxy worker", "tproxy: worker %d of %d, %s"
+                       % (self.index, pool.count, pool.listening_on()))
+        if os.getppid() != pool.parent_pid:     # died before PR_SET_PDEATHSIG was set
+            self.flags.add("stop")
+        grace_at = None
+        while True:
+            now = time.monotonic()
+            if "stop" in self.flags and grace_at is None:
+                self.stop_listening(close=True)
+                grace_at = now + self.cfg.grace
+            if grace_at is not None and not self.sessions:
+                return EX_OK
+            if "cut" in self.flags or (grace_at is not None and now >= grace_at):
+                self.cut_all()
+                return EX_OK
+            if "hup" in self.flags:
+                self.flags.discard("hup")
+                pool.reopen()
+            if "status" in self.flags:
+                self.flags.discard("status")
+                self.log.message(self.stats.line("worker %d" % self.index, len(self.sessions)))
+            if grace_at is None:
+                want = len(self.sessions) < pool.share and now >= self.paused_until
+                if want and not self.listening:
+                    self.start_listening()
+                elif not want and self.listening:
+                    self.stop_listening()
+            limit = None
+            if grace_at is not None:
+                limit = grace_at - now
+            elif self.paused_until > now:
+                limit = self.paused_until - now
+            self.poll(limit)
+
+    def start_listening(self):
+        exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
+        for sock in self.pool.listeners:
+            self.watch(sock.fileno(), lambda events, sock=sock: self.accept(sock),
+                       select.EPOLLIN | exclusive)
+        self.listening = True
+
+    def stop_listening(self, close=False):
+        for sock in self.pool.listeners:
+            if sock.fileno() >= 0:
+                self.forget(sock.fileno())
+                if close:
+                    sock.close()
+        self.listening = False
+
+    def accept(self, listener):
+        """Take waiting clients (up to ACCEPT_BATCH, and this worker's share) and start them."""
+        pool, server = self.pool, self.server
+        now = time.monotonic()
+        for _ in range(self.ACCEPT_BATCH):
+            if len(self.sessions) >= pool.share:
+                return
+            try:
+                conn, peer = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                self.log.message("accept: %s" % exc.strerror, error=True)
+                self.paused_until = now + self.ACCEPT_PAUSE
+                self.stop_listening()
+                return
+            key = client_key(peer)
+            bucket = pool.clients.bucket(key)
+            held = pool.clients.held(bucket)
+            if held >= self.cfg.max_per_client:
+                refuse_over_cap(conn, peer, held, server)
+                continue
+            pool.clients.add(self.index, bucket, 1)
+            server.rotation += 1
+            session = Session(conn, server, self.free.pop())
+            session.bucket = bucket
+            self.add(session, now)
+
+    def ended(self, session):
+        self.pool.clients.add(self.index, session.bucket, -1)
+        self.free.append(session.slot)
 
 
 def listen_queue(sock):

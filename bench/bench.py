@@ -4,14 +4,16 @@
 Usage: bench.py [--quick] [--relaybench PATH] [--skip-relaybench] [--out DIR]
 
 1. relaybench (../shared/bench/relaybench.py): bulk, connection rate, idle
-   memory for tproxy -t (fork per connection) and tproxy -t --prefork, next
-   to direct, socat, haproxy and haproxy with splice, started together.
+   memory for tproxy -t (fork per connection), tproxy -t --prefork and
+   tproxy -t --workers 2, next to direct, socat, haproxy and haproxy with
+   splice, started together.
 2. inetd start: time from exec to the first byte relayed, tproxy in inetd
    mode (fd 0 is the client, as inetd gives it) against a bare
    `python3 -c pass` on the same interpreter.
 3. HTTP translate: connection rate for one short request per connection,
-   tproxy in its default mode against tproxy -t, both in front of the same
-   HAProxy that answers every request itself.
+   tproxy in its default mode against tproxy -t, fork per connection and
+   --workers 2, all in front of the same HAProxy that answers every request
+   itself.
 4. ipchains-translate: bench/translate_bench.py (10,000 and 100,000 rules).
 
 Everything listens on 127.0.0.1 only, every loop is bounded in count and
@@ -75,6 +77,8 @@ def run_relaybench(path, quick, out, tp):
         # N = 4 per CPU: the pool size that serves short connections fastest (tproxy(8)).
         "tproxy-prefork": tp + " -d -t --prefork %d:1100 --max-per-client 1100 -s {listen_port} -b 127.0.0.1 "
                                "{target_host} {target_port}" % (4 * os.cpu_count()),
+        "tproxy-workers": tp + " -d -t --workers 2 --max-conns 2200 --max-per-client 2200 -s {listen_port} "
+                               "-b 127.0.0.1 {target_host} {target_port}",
     }
     md = os.path.join(out, "relaybench.md")
     cmd = [sys.executable, path, "--md", md, "--json", os.path.join(out, "relaybench.json"),
@@ -135,12 +139,13 @@ def http_rate(tmp, tp, seconds, rounds):
                 "content-type text/plain string ok\n" % origin)
     procs = [subprocess.Popen(["haproxy", "-db", "-f", cfg], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)]
-    ports = {"http-translate": free_port(), "raw": free_port()}
+    modes = {"http-translate": [], "raw": ["-t"], "http-translate-workers": ["--workers", "2"],
+             "raw-workers": ["-t", "--workers", "2"]}
+    ports = {mode: free_port() for mode in modes}
     tp = tp + ["-d", "-b", "127.0.0.1"]
-    procs.append(subprocess.Popen(tp + ["-s", str(ports["http-translate"]), "127.0.0.1", str(origin)],
-                                  stderr=subprocess.DEVNULL))
-    procs.append(subprocess.Popen(tp + ["-t", "-s", str(ports["raw"]), "127.0.0.1", str(origin)],
-                                  stderr=subprocess.DEVNULL))
+    for mode, extra in modes.items():
+        procs.append(subprocess.Popen(tp + extra + ["-s", str(ports[mode]), "127.0.0.1", str(origin)],
+                                      stderr=subprocess.DEVNULL))
     request = b"GET /x HTTP/1.1\r\nHost: bench.example\r\nConnection: close\r\n\r\n"
     try:
         time.sleep(1.0)
@@ -192,9 +197,11 @@ def main():
         rates = http_rate(tmp, tp, 1.0 if args.quick else 3.0, 2 if args.quick else 5)
         if rates:
             lines += ["## HTTP translate, one short request per connection (c=1, median conn/s)", "",
-                      "| http translate | raw -t | ratio |", "|---:|---:|---:|",
-                      "| %.0f | %.0f | %.2f× |" % (rates["http-translate"], rates["raw"],
-                                                  rates["http-translate"] / rates["raw"]), ""]
+                      "| serving | http translate | raw -t | ratio |", "|---|---:|---:|---:|"]
+            for name, suffix in (("fork per connection", ""), ("--workers 2", "-workers")):
+                http, raw = rates["http-translate" + suffix], rates["raw" + suffix]
+                lines.append("| %s | %.0f | %.0f | %.2f× |" % (name, http, raw, http / raw))
+            lines.append("")
         if not args.skip_relaybench:
             if os.path.exists(args.relaybench):
                 md = run_relaybench(args.relaybench, args.quick, out, tp)

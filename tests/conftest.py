@@ -16,6 +16,26 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+SERVING_MODES = {"fork": (), "workers": ("--workers=2",)}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "every_mode: run the test once per serving mode "
+                            "(fork per connection, --workers); book and box start tproxy so")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("every_mode") and \
+            "serving" in metafunc.fixturenames:
+        metafunc.parametrize("serving", list(SERVING_MODES), indirect=True)
+
+
+@pytest.fixture
+def serving(request):
+    """The serving mode's options for a standalone tproxy (none: fork per connection)."""
+    return SERVING_MODES[getattr(request, "param", "fork")]
+
+
 @pytest.fixture
 def lab():
     """A fresh Lab, closed (processes stopped, namespaces deleted) afterwards."""
@@ -34,13 +54,15 @@ def open_tmp():
 
 
 @pytest.fixture
-def book(lab, open_tmp):
+def book(lab, open_tmp, serving):
     """The book's lab (see BookLab), torn down afterwards."""
-    return BookLab(lab, open_tmp)
+    book = BookLab(lab, open_tmp)
+    book.serving = serving
+    return book
 
 
 @pytest.fixture
-def box(lab, open_tmp):
+def box(lab, open_tmp, serving):
     """One namespace with an echo target; returns a helper to start tproxy there."""
     host = lab.host("box")
     host.popen(PYTHON, "-c", ECHO_SERVER, TARGET)
@@ -52,7 +74,8 @@ def box(lab, open_tmp):
         err = open_tmp / ("tproxy-%d.err" % len(lab.processes))
         with open(str(err), "wb") as f:
             proc = host.popen(*wrapper, *tproxy_cmd("-d", "-s", port, "-b", "127.0.0.1",
-                                                    "-r", user, "--grace=%g" % grace, *args, *target),
+                                                    "-r", user, "--grace=%g" % grace, *serving,
+                                                    *args, *target),
                               stdout=f, stderr=f)
         host.wait_listening(port)
         return proc, err

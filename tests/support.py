@@ -139,11 +139,14 @@ class BookLab:
         self.router.run("iptables", "-t", "nat", "-A", "PREROUTING", "-i", self.router_if,
                         "-p", "tcp", "--dport", port, "-j", "REDIRECT", "--to-ports", to)
 
+    serving = ()        # options of the serving mode (conftest's `serving`): fork, --workers
+
     def tproxy(self, *args, port=12970, wait=True):
         """Start tproxy in the foreground (-d) on the router; return (Popen, stderr path)."""
         err = str(self.tmp / ("tproxy-%d.err" % len(self.lab.processes)))
         with open(err, "wb") as f:
-            proc = self.router.popen(*tproxy_cmd("-d", "-s", port, *args), stdout=f, stderr=f)
+            proc = self.router.popen(*tproxy_cmd("-d", "-s", port, *self.serving, *args),
+                                     stdout=f, stderr=f)
         if wait:
             try:
                 self.router.wait_listening(port)

@@ -284,12 +284,13 @@ def test_systemd_units_carry_the_promised_settings():
     assert uncommented_settings(service) == [] and uncommented_settings(template) == []
 
 
+@pytest.mark.every_mode
 def test_socket_activation_with_shipped_service(book, notify):
     """tproxy.service's ExecStart under systemd-socket-activate: passed sockets used, READY=1."""
     if not have("systemd-socket-activate"):
         pytest.skip("systemd-socket-activate is not installed (Debian package systemd)")
     web80 = book.web(book.cow, 80)
-    argv = exec_argv(shipped("systemd/tproxy.service", target=book.COW))
+    argv = exec_argv(shipped("systemd/tproxy.service", target=book.COW)) + list(book.serving)
     err = book.tmp / "activated.err"
     with open(err, "wb") as f:
         # Two sockets, as ListenStream=12970 would give on a dual-stack host

@@ -68,6 +68,7 @@ def test_plain_run_as_user_keeps_no_capability_and_no_new_privileges(box):
     assert status["NoNewPrivs"] == "1"
 
 
+@pytest.mark.every_mode
 def test_connect_reply_timeout_is_for_the_whole_reply(box):
     proxy = 3129
     box.popen(PYTHON, "-c", DRIBBLER, proxy)
@@ -81,7 +82,8 @@ def test_connect_reply_timeout_is_for_the_whole_reply(box):
              what="the CONNECT timeout logged")
 
 
-@pytest.mark.parametrize("mode", [(), ("--prefork=2:4",)], ids=["fork", "prefork"])
+@pytest.mark.parametrize("mode", [(), ("--prefork=2:4",), ("--workers=2",)],
+                         ids=["fork", "prefork", "workers"])
 def test_own_upstream_connection_coming_back_is_refused(box, mode):
     """An OUTPUT REDIRECT also catching tproxy's own connection: one hop refused, no multiplying."""
     redirect_local_port(box)
@@ -98,6 +100,7 @@ def test_own_upstream_connection_coming_back_is_refused(box, mode):
     assert text.count("outcome=") <= 2, text
 
 
+@pytest.mark.every_mode
 def test_idle_timeout_beyond_what_poll_takes(box):
     proc, err = box.start("--idle-timeout=3000000")     # 34.7 days: poll(2) takes 24.8 at most
     client = box.connect(PORT)

@@ -54,6 +54,7 @@ def tap_records(path):
     return [bytes.fromhex(r["data"]) for r in requests_seen(path)]
 
 
+@pytest.mark.every_mode
 def test_smuggling_and_injection_matrix(book):
     tap_log = str(book.tmp / "tap.jsonl")
     book.cow.popen(PYTHON, PEERS, "tap", 8080, tap_log, "--lifetime", 300)
@@ -81,6 +82,7 @@ def test_smuggling_and_injection_matrix(book):
     assert "closed after the responses to 1 earlier request(s)" in log
 
 
+@pytest.mark.every_mode
 def test_pipelined_bad_request_is_answered_after_earlier_responses(book):
     cow_log = book.web(book.cow)
     book.redirect()
@@ -94,6 +96,7 @@ def test_pipelined_bad_request_is_answered_after_earlier_responses(book):
         ["GET http://h/a HTTP/1.1", "GET http://h/b HTTP/1.1"]
 
 
+@pytest.mark.every_mode
 def test_refused_connect_parses_again(book):
     cow_log = book.web(book.cow)
     book.redirect()
@@ -105,6 +108,7 @@ def test_refused_connect_parses_again(book):
         "CONNECT refused.example:443 HTTP/1.1", "GET http://h/after HTTP/1.1"]
 
 
+@pytest.mark.every_mode
 def test_upgrade_with_101_becomes_a_tunnel(book):
     cow_log = book.web(book.cow)
     book.redirect()
@@ -139,6 +143,7 @@ def cache_connections(book, port):
     return len(out.splitlines())
 
 
+@pytest.mark.every_mode
 def test_cache_is_connected_only_after_a_complete_head(book):
     book.web(book.cow)
     book.redirect()
@@ -263,11 +268,14 @@ print(alive, flush=True)
 """
 
 
-def test_prefork_caps_connections_per_client_address(book):
+@pytest.mark.parametrize("pool", [("--prefork", "4:8"), ("--workers=2",)],
+                         ids=["prefork", "workers"])
+def test_pool_caps_connections_per_client_address(book, pool):
+    """The cap counts across the pool's processes, and frees as connections end."""
     book.cow.popen(PYTHON, PEERS, "sink", 80, "--lifetime", 300)
     book.cow.wait_listening(80)
     book.redirect()
-    _, err = book.tproxy("-t", "-r", "nobody", "--prefork", "4:8", "--max-per-client", 2, book.COW, 80)
+    _, err = book.tproxy("-t", "-r", "nobody", *pool, "--max-per-client", 2, book.COW, 80)
     holder = subprocess.Popen(book.client.cmd(PYTHON, "-c", HOLDER, 5), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
     book.lab.processes.append(holder)
@@ -310,6 +318,7 @@ print(first.split(b" ")[1].decode(), "ended" if ended else "open", "%.1f" % (end
 """
 
 
+@pytest.mark.every_mode
 def test_later_head_on_keep_alive_has_its_own_deadline(book):
     """A second head trickled on a kept-alive connection is cut, though it is never idle."""
     book.web(book.cow)

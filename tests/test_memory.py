@@ -1,4 +1,6 @@
-"""Memory stays bounded with 1,000 held connections, and is given back when they close."""
+"""Memory stays bounded with held connections (1,000 forked, 10,000 in --workers), and is given back."""
+import pytest
+
 from support import PEERS, PYTHON, tproxy_cmd, wait_for
 
 HELD = 1000
@@ -56,4 +58,94 @@ def test_thousand_held_connections_bounded_and_released(lab, open_tmp):
     wait_for(lambda: not open("/proc/%d/task/%d/children" % (tproxy_pid, tproxy_pid)).read().split(),
              timeout=60, what="every child gone")
     assert tree_pss_kib(tproxy_pid) < idle + 1024
+    assert server.poll() is None
+
+
+HELD_MANY = 10000
+
+# Holds HELD_MANY connections through tproxy, each checked by an echo; prints "held N".
+HOLD_AND_ECHO = """
+import resource, socket, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d))
+socks, verified = [], 0
+for i in range(%d):
+    s = socket.create_connection(("192.0.2.1", 12970), timeout=30)
+    socks.append(s)
+for i, s in enumerate(socks):
+    s.sendall(b"%%08d" %% i)
+for i, s in enumerate(socks):
+    got = b""
+    while len(got) < 8:
+        more = s.recv(8 - len(got))
+        if not more:
+            break
+        got += more
+    verified += got == b"%%08d" %% i
+print("held", verified, flush=True)
+sys.stdin.read()                        # hold until told to let go
+""" % (HELD_MANY + 1000, HELD_MANY + 1000, HELD_MANY)
+
+# An epoll echo server for many connections (the peers are one thread per connection).
+EPOLL_ECHO = """
+import resource, select, socket
+resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d))
+listener = socket.create_server(("127.0.0.1", 9000), backlog=4096)
+listener.setblocking(False)
+ep = select.epoll()
+ep.register(listener.fileno(), select.EPOLLIN)
+conns = {}
+while True:
+    for fd, _ in ep.poll():
+        if fd == listener.fileno():
+            while True:
+                try:
+                    c, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                c.setblocking(False)
+                conns[c.fileno()] = c
+                ep.register(c.fileno(), select.EPOLLIN)
+            continue
+        c = conns[fd]
+        try:
+            data = c.recv(65536)
+        except OSError:
+            data = b""
+        if data:
+            c.send(data)
+        else:
+            ep.unregister(fd)
+            del conns[fd]
+            c.close()
+""" % (HELD_MANY + 1000, HELD_MANY + 1000)
+
+
+def test_ten_thousand_held_connections_in_workers_mode(lab, open_tmp):
+    """--workers=2: 10,000 connections held at once, each verified by an echo, in <= 64 MiB Pss."""
+    import resource
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < HELD_MANY + 1000:
+        pytest.skip("the hard descriptor limit is below %d" % (HELD_MANY + 1000))
+    client, proxy = lab.host("client"), lab.host("proxy")
+    lab.link(proxy, client, ["192.0.2.1/24"], ["192.0.2.10/24"])
+    proxy.popen(PYTHON, "-c", EPOLL_ECHO)
+    proxy.wait_listening(9000)
+    # Each worker serves half (its share of --max-conns): two descriptors per connection.
+    limit = "--nofile=%d:%d" % (HELD_MANY + 1000, HELD_MANY + 1000)
+    server = proxy.popen("prlimit", limit, *tproxy_cmd(
+        "-d", "-t", "-s", 12970, "--workers=2", "--max-conns", HELD_MANY + 2,
+        "--max-per-client", HELD_MANY + 2, "127.0.0.1", 9000),
+        stderr=open(str(open_tmp / "err"), "wb"))
+    proxy.wait_listening(12970)
+    tproxy_pid = server.pid         # ip netns exec and prlimit exec: the Popen is tproxy itself
+    import subprocess
+    holder = subprocess.Popen(client.cmd(PYTHON, "-c", HOLD_AND_ECHO), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    lab.processes.append(holder)
+    assert holder.stdout.readline().strip() == "held %d" % HELD_MANY
+    total = tree_pss_kib(tproxy_pid)
+    assert total <= 64 * 1024, "%d KiB Pss for %d held connections" % (total, HELD_MANY)
+    holder.stdin.close()
+    holder.wait(60)
+    wait_for(lambda: open(str(open_tmp / "err")).read().count("outcome=ok") == HELD_MANY,
+             timeout=60, what="every connection ended and logged")
     assert server.poll() is None

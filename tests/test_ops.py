@@ -350,3 +350,34 @@ def test_sigusr1_prefork_each_worker_logs_its_own_line(tmp_path):
     assert sorted(int(m.group(3)) for m in worker_lines) == [0, 1]     # active
     assert sum(int(m.group(4)) for m in worker_lines) == 3              # served, ended ones only
     assert sum(int(m.group(7)) for m in worker_lines) == 12             # up: 3 x 4 bytes
+
+
+def test_sigusr1_workers_each_worker_logs_its_own_line(tmp_path):
+    """--workers=2: the parent logs the pool, each worker its own counters while serving."""
+    target = socket.create_server(("127.0.0.1", 0))
+    server = Running(tmp_path, "--workers=2", "127.0.0.1", target.getsockname()[1])
+    try:
+        workers = wait_for(lambda: len(children_of(server.proc.pid)) == 2 and
+                           children_of(server.proc.pid), what="two workers")
+        for _ in range(3):
+            server.exchange(target)
+        server.wait_line("outcome=", 3)
+        comms = sorted(read_proc(pid, "comm") for pid in workers)
+        with server.client() as held:                   # one live connection meanwhile
+            served, _ = target.accept()
+            with served:
+                held.sendall(b"held")
+                assert served.recv(4) == b"held"
+                os.kill(server.proc.pid, signal.SIGUSR1)
+                lines = server.wait_line("status:", 3)
+    finally:
+        server.stop()
+        target.close()
+    assert comms == ["tproxy worker", "tproxy worker"]
+    assert lines[0].endswith("status: parent workers=2"), lines
+    worker_lines = [STATUS_LINE.match(line) for line in lines[1:]]
+    assert all(worker_lines), lines
+    assert sorted(int(m.group(1)) for m in worker_lines) == sorted(workers)
+    assert sum(int(m.group(3)) for m in worker_lines) == 1             # active
+    assert sum(int(m.group(4)) for m in worker_lines) == 3             # served, ended ones only
+    assert sum(int(m.group(7)) for m in worker_lines) == 12            # up: 3 x 4 bytes

@@ -11,6 +11,7 @@ from support import PEERS, PYTHON, process_uid, requests_seen, tproxy_cmd, wait_
 GET = b"GET /index.html HTTP/1.1\r\nHost: moose.mancill.com\r\nConnection: close\r\n\r\n"
 
 
+@pytest.mark.every_mode
 def test_http_translate_sends_absolute_requests_to_cache(book):
     cow_log = book.web(book.cow)
     book.redirect()
@@ -36,6 +37,7 @@ def test_http_translate_without_host_uses_original_destination(book):
         ["GET http://198.51.100.10/old HTTP/1.0"]
 
 
+@pytest.mark.every_mode
 def test_raw_fixed_target_is_the_books_setup(book):
     cow_log = book.web(book.cow)
     book.redirect()
@@ -45,6 +47,7 @@ def test_raw_fixed_target_is_the_books_setup(book):
     assert [r["request_line"] for r in requests_seen(cow_log)] == ["GET /index.html HTTP/1.1"]
 
 
+@pytest.mark.every_mode
 def test_raw_without_target_goes_to_original_destination(book):
     moose_log = book.web(book.moose)
     book.redirect()
@@ -56,6 +59,7 @@ def test_raw_without_target_goes_to_original_destination(book):
     assert seen[0]["peer"] == "198.51.100.1"
 
 
+@pytest.mark.every_mode
 def test_cache_down_falls_back_to_origin_unless_p(book):
     moose_log = book.web(book.moose)
     book.redirect()
@@ -66,6 +70,7 @@ def test_cache_down_falls_back_to_origin_unless_p(book):
     assert [r["request_line"] for r in requests_seen(moose_log)] == ["GET /index.html HTTP/1.1"]
 
 
+@pytest.mark.every_mode
 def test_cache_down_with_p_closes_client(book):
     moose_log = book.web(book.moose)
     book.redirect()
@@ -75,6 +80,7 @@ def test_cache_down_with_p_closes_client(book):
     wait_for(lambda: "Connection refused" in open(err).read(), what="refusal logged")
 
 
+@pytest.mark.every_mode
 def test_acl_allows_and_denies(book):
     cow_log = book.web(book.cow)
     book.redirect(80, 12970)
@@ -87,6 +93,7 @@ def test_acl_allows_and_denies(book):
     wait_for(lambda: "outcome=denied by access list" in open(err).read(), what="denial logged")
 
 
+@pytest.mark.every_mode
 def test_keepalive_chunked_and_pipelined_requests(book):
     cow_log = book.web(book.cow)
     book.redirect()
@@ -111,6 +118,7 @@ def test_keepalive_chunked_and_pipelined_requests(book):
     assert seen[1]["body_sha256"] == seen[2]["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
+@pytest.mark.every_mode
 def test_connect_through_a_real_tinyproxy_cache(book):
     pytest.importorskip("json")
     conf = book.tmp / "tinyproxy.conf"
@@ -156,6 +164,7 @@ def test_malformed_requests_get_4xx_and_are_logged(book, request_bytes, status):
     wait_for(lambda: "outcome=%s" % status.decode() in open(err).read(), what="4xx logged")
 
 
+@pytest.mark.every_mode
 def test_raw_half_close_and_100_mb_integrity(book):
     book.cow.popen(PYTHON, PEERS, "sink", 9000, "--lifetime", 300)
     book.cow.wait_listening(9000)
@@ -169,6 +178,7 @@ def test_raw_half_close_and_100_mb_integrity(book):
     assert report["received"] == n and report["received_ok"]
 
 
+@pytest.mark.every_mode
 def test_reset_is_passed_on(book):
     """A server that resets makes the client see a reset, not a clean close."""
     script = ("import socket,struct,time\n"

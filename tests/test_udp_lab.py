@@ -1,0 +1,170 @@
+"""tproxy --udp in a namespace lab: DNS-port interception with TPROXY, flows, expiry, loops.
+
+client 192.0.2.10 -- router (tproxy --udp) -- moose 198.51.100.10, answering
+every datagram with the peer and local address it saw (peers.py udp-who).
+"""
+import os
+import re
+import socket
+import time
+
+import pytest
+
+from support import BookLab, PEERS, PYTHON, REPO, wait_for
+from lab import have
+
+RECIPES = os.path.join(REPO, "contrib", "firewall")
+PROXY_PORT, DNS = 5300, 53
+CLIENT_PORTS = 36           # "dozens of client ports"
+IDLE = 3                    # --idle-timeout of the lab's tproxy: flows expire within the test
+
+pytestmark = pytest.mark.skipif(not have("iptables"), reason="iptables is needed")
+
+
+@pytest.fixture(params=["fork", "workers"])
+def gateway(request, lab, open_tmp):
+    """The book's lab with moose answering UDP 53 and the router intercepting it for tproxy."""
+    book = BookLab(lab, open_tmp)
+    book.serving = ("--workers=2",) if request.param == "workers" else ()
+    book.moose.popen(PYTHON, PEERS, "udp-who", DNS, book.MOOSE, book.MOOSE6, "--lifetime", 300)
+    book.moose.wait_listening(DNS, proto="udp")
+    for name, args in (("proxy-return-path", ["--udp"]),
+                       ("tproxy-intercept", ["--port", DNS, "--to", PROXY_PORT, "--udp"])):
+        book.router.run("sh", os.path.join(RECIPES, name), "add", *args)
+    return book
+
+
+def start(book, *args, port=PROXY_PORT):
+    """Start tproxy --udp on the router; return (Popen, stderr path) once it listens."""
+    proc, err = book.tproxy("--udp", "--idle-timeout=%d" % IDLE, "-r", "nobody", *args,
+                            port=port, wait=False)
+    book.router.wait_listening(port, proto="udp")
+    return proc, err
+
+
+def ask(sock, dest, payload, tries=5):
+    """Send PAYLOAD to DEST from SOCK until an answer comes; return (answer words, source)."""
+    sock.settimeout(2.0)
+    for _ in range(tries):
+        sock.sendto(payload, dest)
+        try:
+            data, source = sock.recvfrom(65536)
+        except socket.timeout:
+            continue
+        peer, peer_port, local, local_port, echoed = data.split(b" ", 4)
+        assert echoed == payload
+        return (peer.decode(), int(peer_port), local.decode(), int(local_port)), source[:2]
+    raise AssertionError("no answer to %r from %s after %d tries" % (payload, dest, tries))
+
+
+def client_sockets(book, family, count):
+    addr = book.CLIENT6 if family == socket.AF_INET6 else book.CLIENT
+    socks = []
+    for _ in range(count):
+        sock = book.client.socket(family, socket.SOCK_DGRAM)
+        sock.bind((addr, 0))
+        socks.append(sock)
+    return socks
+
+
+def children(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+        return [int(p) for p in f.read().split()]
+
+
+def fd_count(pid):
+    """Descriptors held by PID and its children (the workers)."""
+    pids = [pid] + children(pid)
+    return sum(len(os.listdir("/proc/%d/fd" % p)) for p in pids)
+
+
+def records(err):
+    with open(err) as f:
+        return [line for line in f if " mode=udp " in line]
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_intercepted_dns_keeps_destination_and_flows_expire(gateway, family):
+    """Every datagram answered from the server's own address and port; flows reused, then gone."""
+    book = gateway
+    six = family == socket.AF_INET6
+    server = book.MOOSE6 if six else book.MOOSE
+    router = "2001:db8:2::1" if six else "198.51.100.1"
+    proc, err = start(book)
+    wait_for(lambda: len(children(proc.pid)) == (2 if book.serving else 1), what="tproxy's workers")
+    idle_fds = fd_count(proc.pid)
+    socks = client_sockets(book, family, CLIENT_PORTS)
+    upstream_ports = {}
+    for round_ in range(2):
+        for i, sock in enumerate(socks):
+            seen, source = ask(sock, (server, DNS), b"q%d-%d" % (i, round_))
+            assert source == (server, DNS)          # the answer comes from what the client asked
+            assert seen[0] == router and seen[2:] == (server, DNS)
+            upstream_ports.setdefault(i, set()).add(seen[1])
+    assert all(len(ports) == 1 for ports in upstream_ports.values())   # one flow per client port
+    assert len({p for ports in upstream_ports.values() for p in ports}) == CLIENT_PORTS
+    assert fd_count(proc.pid) >= idle_fds + 2 * CLIENT_PORTS            # two sockets per flow
+    flows = wait_for(lambda: len(records(err)) >= CLIENT_PORTS and records(err),
+                     timeout=IDLE + 30, what="a record per flow after --idle-timeout")
+    assert len(flows) == CLIENT_PORTS
+    for line in flows:
+        assert re.search(r"orig=%s target=%s mode=udp up=\d+ down=\d+ time=\S+ "
+                         r"datagrams_up=2 datagrams_down=2 outcome=ok$" % (
+                             re.escape(("[%s]:53" if six else "%s:53") % server),
+                             re.escape(("[%s]:53" if six else "%s:53") % server)), line), line
+    wait_for(lambda: fd_count(proc.pid) == idle_fds, timeout=10,
+             what="the descriptors back to their count before the flows")
+    seen, _ = ask(socks[0], (server, DNS), b"again")       # a new flow after expiry
+    assert seen[1] not in upstream_ports[0]
+    for sock in socks:
+        sock.close()
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_source_client_port_keeps_the_clients_address_and_port(gateway, family):
+    book = gateway
+    server = book.MOOSE6 if family == socket.AF_INET6 else book.MOOSE
+    start(book, "--source=client-port")
+    for sock in client_sockets(book, family, 8):
+        seen, source = ask(sock, (server, DNS), b"who")
+        assert source == (server, DNS)
+        assert seen[:2] == sock.getsockname()[:2]
+        sock.close()
+    sock = client_sockets(book, family, 1)[0]
+    seen, _ = ask(sock, (server, DNS), b"who")
+    sock.close()
+
+
+def test_source_client_keeps_the_clients_address(gateway):
+    book = gateway
+    start(book, "--source=client")
+    sock = client_sockets(book, socket.AF_INET, 1)[0]
+    seen, source = ask(sock, (book.MOOSE, DNS), b"who")
+    assert source == (book.MOOSE, DNS) and seen[0] == book.CLIENT
+    sock.close()
+
+
+def test_datagram_to_the_proxy_port_is_not_relayed_in_a_loop(gateway):
+    book = gateway
+    proc, err = start(book)
+    sock = client_sockets(book, socket.AF_INET, 1)[0]
+    sock.sendto(b"loop?", (book.ROUTER_IN, PROXY_PORT))
+    sock.settimeout(IDLE + 2)
+    with pytest.raises(socket.timeout):
+        sock.recvfrom(65536)
+    [line] = wait_for(lambda: records(err), timeout=IDLE + 30, what="the refused flow's record")
+    assert "orig=%s:%d" % (book.ROUTER_IN, PROXY_PORT) in line and "target=-" in line
+    assert "datagrams_up=1 datagrams_down=0 outcome=loop" in line
+    assert proc.poll() is None
+    sock.close()
+
+
+def test_fixed_target_answers_from_the_proxy_port(gateway):
+    book = gateway
+    start(book, book.MOOSE, DNS, port=PROXY_PORT + 1)
+    socks = client_sockets(book, socket.AF_INET, 4)
+    for i, sock in enumerate(socks):
+        seen, source = ask(sock, (book.ROUTER_IN, PROXY_PORT + 1), b"fixed%d" % i)
+        assert source == (book.ROUTER_IN, PROXY_PORT + 1)
+        assert seen[0] == "198.51.100.1" and seen[2:] == (book.MOOSE, DNS)
+        sock.close()

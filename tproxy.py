@@ -3913,6 +3913,9 @@ class Flow:
     Driven by an EventLoop like a Session (waits, due, advance, cut).
     """
 
+    __slots__ = ("relay", "client", "orig", "record", "upstream", "reply", "waits", "dropped",
+                 "done", "last", "registered", "timer_at")     # many idle flows: no __dict__ each
+
     def __init__(self, relay, client, orig, now):
         self.relay = relay
         self.client, self.orig = client, orig

@@ -6,11 +6,11 @@ every datagram with the peer and local address it saw (peers.py udp-who).
 import os
 import re
 import socket
-import time
+import subprocess
 
 import pytest
 
-from support import BookLab, PEERS, PYTHON, REPO, wait_for
+from support import BookLab, PEERS, PYTHON, REPO, tproxy_cmd, wait_for
 from lab import have
 
 RECIPES = os.path.join(REPO, "contrib", "firewall")
@@ -18,12 +18,40 @@ PROXY_PORT, DNS = 5300, 53
 CLIENT_PORTS = 36           # "dozens of client ports"
 IDLE = 3                    # --idle-timeout of the lab's tproxy: flows expire within the test
 
-pytestmark = pytest.mark.skipif(not have("iptables"), reason="iptables is needed")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--udp"], "--udp needs -s PORT (standalone mode)"),
+    (["--udp", "192.0.2.1", "53"], "--udp needs -s PORT (standalone mode)"),
+    (["--udp", "-s", "5300", "-f", "http://x/"], "--udp and -f exclude each other"),
+    (["--udp", "-s", "5300", "-p", "192.0.2.1", "53"], "--udp and -p exclude each other"),
+    (["--udp", "-s", "5300", "--connect", "192.0.2.1", "3128"], "--udp and --connect exclude each other"),
+    (["--udp", "-s", "5300", "--send-proxy=v2"], "--udp and --send-proxy exclude each other"),
+    (["--udp", "-s", "5300", "--prefork=2"], "--udp and --prefork exclude each other"),
+    (["--udp", "-s", "5300", "--idle-timeout=0"], "--idle-timeout: '0' is not a number of seconds"),
+])
+def test_udp_refuses_options_without_meaning(args, message):
+    """--udp with an option made for TCP or inetd: one line, status 64 (EX_USAGE)."""
+    proc = subprocess.run(tproxy_cmd(*args), capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 64, proc.stderr
+    assert proc.stderr == "tproxy: %s\n" % message and proc.stdout == ""
+
+
+def test_udp_idle_timeout_has_its_own_default():
+    """30 s for flows unless --idle-timeout is given; connections keep 120 s."""
+    import tproxy
+    assert tproxy.parse_args(["--udp", "-s", "5300"]).idle_timeout == 30
+    assert tproxy.parse_args(["--udp", "-s", "5300", "--idle-timeout=120"]).idle_timeout == 120
+    assert tproxy.parse_args(["-t", "-s", "5300"]).idle_timeout == 120
+    assert tproxy.parse_args(["--udp", "-s", "5300", "-t", "192.0.2.1", "53"]).mode == "udp"
 
 
 @pytest.fixture(params=["fork", "workers"])
 def gateway(request, lab, open_tmp):
     """The book's lab with moose answering UDP 53 and the router intercepting it for tproxy."""
+    if not have("iptables"):
+        pytest.skip("iptables is needed (tools/install-deps installs it)")
     book = BookLab(lab, open_tmp)
     book.serving = ("--workers=2",) if request.param == "workers" else ()
     book.moose.popen(PYTHON, PEERS, "udp-who", DNS, book.MOOSE, book.MOOSE6, "--lifetime", 300)

@@ -204,3 +204,19 @@ def test_fixed_target_answers_from_the_proxy_port(gateway):
         assert source == (book.ROUTER_IN, PROXY_PORT + 1)
         assert seen[0] == "198.51.100.1" and seen[2:] == (book.MOOSE, DNS)
         sock.close()
+
+
+def test_access_list_refuses_a_flow_and_logs_it_once(gateway):
+    """-a decides per datagram source: an unlisted client gets nothing, and one record per flow."""
+    book = gateway
+    proc, err = start(book, "-a", "203.0.113.0/24")
+    sock = client_sockets(book, socket.AF_INET, 1)[0]
+    for _ in range(3):
+        sock.sendto(b"let me in", (book.MOOSE, DNS))
+    sock.settimeout(IDLE + 2)
+    with pytest.raises(socket.timeout):
+        sock.recvfrom(65536)
+    [line] = wait_for(lambda: records(err), timeout=IDLE + 30, what="the refused flow's record")
+    assert "client=%s:%d orig=%s:53 target=-" % (book.CLIENT, sock.getsockname()[1], book.MOOSE) in line
+    assert line.endswith("datagrams_up=3 datagrams_down=0 outcome=denied by access list\n")
+    sock.close()

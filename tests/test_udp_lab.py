@@ -220,3 +220,16 @@ def test_access_list_refuses_a_flow_and_logs_it_once(gateway):
     assert "client=%s:%d orig=%s:53 target=-" % (book.CLIENT, sock.getsockname()[1], book.MOOSE) in line
     assert line.endswith("datagrams_up=3 datagrams_down=0 outcome=denied by access list\n")
     sock.close()
+
+
+def test_source_ports_pick_the_upstream_port(gateway):
+    """--source-ports: every flow's upstream socket has a port of the range, one per flow."""
+    book = gateway
+    start(book, "--source-ports=40000-40099")
+    ports = set()
+    for i, sock in enumerate(client_sockets(book, socket.AF_INET, 6)):
+        seen, source = ask(sock, (book.MOOSE, DNS), b"port%d" % i)
+        assert source == (book.MOOSE, DNS) and 40000 <= seen[1] <= 40099
+        ports.add(seen[1])
+        sock.close()
+    assert len(ports) == 6

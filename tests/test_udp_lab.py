@@ -233,3 +233,15 @@ def test_source_ports_pick_the_upstream_port(gateway):
         ports.add(seen[1])
         sock.close()
     assert len(ports) == 6
+
+
+def test_icmp_port_unreachable_ends_the_flow(gateway):
+    """No server on the target port: the ICMP error ends the flow with its reason, tproxy lives on."""
+    book = gateway
+    proc, err = start(book, book.MOOSE, 9, port=PROXY_PORT + 2)
+    sock = client_sockets(book, socket.AF_INET, 1)[0]
+    sock.sendto(b"anyone?", (book.ROUTER_IN, PROXY_PORT + 2))
+    [line] = wait_for(lambda: records(err), timeout=30, what="the flow ended by the ICMP error")
+    assert line.endswith("datagrams_up=1 datagrams_down=0 outcome=target refused (ICMP port unreachable)\n")
+    assert proc.poll() is None
+    sock.close()

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from support import BookLab, PEERS, PYTHON, REPO, tproxy_cmd, wait_for
+from support import BookLab, PEERS, PYTHON, REPO, proc_status, tproxy_cmd, wait_for
 from lab import have
 
 RECIPES = os.path.join(REPO, "contrib", "firewall")
@@ -245,3 +245,15 @@ def test_icmp_port_unreachable_ends_the_flow(gateway):
     assert line.endswith("datagrams_up=1 datagrams_down=0 outcome=target refused (ICMP port unreachable)\n")
     assert proc.poll() is None
     sock.close()
+
+
+def test_workers_keep_only_transparency_and_low_ports_as_nobody(gateway):
+    """-r nobody: a UDP worker keeps CAP_NET_RAW and CAP_NET_BIND_SERVICE, nothing else."""
+    book = gateway
+    proc, _ = start(book)
+    workers = wait_for(lambda: children(proc.pid), what="tproxy's workers")
+    for pid in workers:
+        status = proc_status(pid)
+        assert int(status["CapEff"], 16) == 1 << 13 | 1 << 10       # CAP_NET_RAW, CAP_NET_BIND_SERVICE
+        assert int(status["CapBnd"], 16) == 1 << 13 | 1 << 10
+        assert status["Uid"] != "0"

@@ -257,3 +257,27 @@ def test_workers_keep_only_transparency_and_low_ports_as_nobody(gateway):
         assert int(status["CapEff"], 16) == 1 << 13 | 1 << 10       # CAP_NET_RAW, CAP_NET_BIND_SERVICE
         assert int(status["CapBnd"], 16) == 1 << 13 | 1 << 10
         assert status["Uid"] != "0"
+
+
+def test_max_conns_counts_flows(gateway):
+    """--max-conns=2: a third flow waits in the listener's buffer until one of the two expires."""
+    book = gateway
+    if book.serving:
+        pytest.skip("with --workers the cap is split per worker, and the kernel picks the worker")
+    proc, err = start(book, "--max-conns=2")
+    first, second, third = client_sockets(book, socket.AF_INET, 3)
+    ask(first, (book.MOOSE, DNS), b"one")
+    ask(second, (book.MOOSE, DNS), b"two")
+    third.sendto(b"three", (book.MOOSE, DNS))
+    third.settimeout(0.5)
+    for i in range(3):                          # not served while the two flows live
+        ask(first, (book.MOOSE, DNS), b"one%d" % i)
+        ask(second, (book.MOOSE, DNS), b"two%d" % i)
+        with pytest.raises(socket.timeout):
+            third.recvfrom(65536)
+    third.settimeout(IDLE + 30)
+    data, source = third.recvfrom(65536)        # served from the buffer once they have expired
+    assert source == (book.MOOSE, DNS) and data.endswith(b" three")
+    assert len(records(err)) >= 2 and "--max-conns: 2 flows" in open(err).read()
+    for sock in (first, second, third):
+        sock.close()

@@ -52,7 +52,8 @@ Options:
   --grace=SECS            On SIGTERM, let live connections run up to SECS
                           seconds (0 or more), then reset them [default: 10].
   --idle-timeout=SECS     Close a connection when neither side has sent
-                          anything for SECS seconds [default: 120].
+                          anything for SECS seconds (default: 120; with --udp,
+                          a flow ends after 30).
   --max-conns=N           Serve at most N connections at once; further clients
                           wait in the listen queue [default: 512].
   --max-per-client=N      Serve at most N connections at once from one client
@@ -76,6 +77,8 @@ Options:
                           from LOW-HIGH (for example 40000-40999), so that
                           servers can route replies to this node by port; not
                           with --source=client-port.
+  --udp                   Relay UDP datagrams, flow by flow, instead of TCP
+                          connections (see UDP in tproxy(8)). Needs -s.
   --workers=N             Serve with N worker processes ("auto": one per CPU),
                           each relaying many connections at once, instead of
                           one fork per connection. Needs -s.
@@ -116,6 +119,7 @@ SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
 F_SETPIPE_SZ = 1031
 CAP_NET_RAW = 13
+CAP_NET_BIND_SERVICE = 10
 
 DEFAULT_PIDFILE = "/var/run/tproxy.pid"
 MAX_HEAD = 16384        # bytes of one HTTP request head, as most servers allow
@@ -124,6 +128,8 @@ PIPE_SIZE = 1 << 20     # splice pipe capacity; larger pipes mean fewer wakeups
 # Non-blocking zero-copy moves; 0 where os.splice is missing (Python < 3.10): pumps copy.
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
 LISTEN_BACKLOG = 1024
+TCP_IDLE_TIMEOUT = 120      # --idle-timeout for connections
+UDP_IDLE_TIMEOUT = 30       # --idle-timeout for --udp flows: conntrack's nf_conntrack_udp_timeout
 
 
 class Fatal(Exception):
@@ -173,6 +179,7 @@ class Config:
     source = None           # "client", "client-port", or an address string
     source_ports = None     # (low, high) local ports for upstream connections
     activated = False       # started by systemd with a listening socket (LISTEN_FDS)
+    udp = False             # --udp: relay datagrams (mode "udp")
 
 
 def parse_args(argv):
@@ -289,17 +296,22 @@ def build_config(args):
     cfg.activated = socket_activated()
     if args["-s"] is None and standalone_only and not cfg.activated:
         raise Fatal("%s needs -s PORT (standalone mode)" % standalone_only[0], EX_USAGE)
+    if args["--udp"]:
+        check_udp_options(args, cfg.activated)
+        cfg.udp = True
     modes = [m for m, on in (("-t", args["-t"]), ("--connect", args["--connect"])) if on]
     if len(modes) > 1:
         raise Fatal("-t and --connect exclude each other", EX_USAGE)
     if args["-p"] and (args["-t"] or args["--connect"]):
         raise Fatal("-p applies to HTTP translate mode only", EX_USAGE)
     cfg.mode = "raw" if args["-t"] else "connect" if args["--connect"] else "http"
+    if cfg.udp:
+        cfg.mode = "udp"
     if args["PROXYHOST"] is not None and args["PROXYPORT"] is None:
         raise Fatal("PROXYHOST %s needs a PROXYPORT after it" % args["PROXYHOST"], EX_USAGE)
     if args["PROXYHOST"] is not None:
         cfg.target = (args["PROXYHOST"], parse_port(args["PROXYPORT"], "PROXYPORT"))
-    elif cfg.mode != "raw":
+    elif cfg.mode not in ("raw", "udp"):
         raise Fatal("PROXYHOST PROXYPORT are needed unless -t is given", EX_USAGE)
     if args["-f"]:
         if cfg.mode != "http":
@@ -320,7 +332,10 @@ def build_config(args):
     cfg.pidfile = args["-P"] or (DEFAULT_PIDFILE if cfg.port and not cfg.foreground else None)
     cfg.pidfile_given = bool(args["-P"])
     cfg.verbose = bool(args["-v"])
-    cfg.idle_timeout = parse_seconds(args["--idle-timeout"], "--idle-timeout")
+    idle = args["--idle-timeout"]
+    if idle is None:            # no docopt default: the TCP and UDP defaults differ
+        idle = str(UDP_IDLE_TIMEOUT if cfg.udp else TCP_IDLE_TIMEOUT)
+    cfg.idle_timeout = parse_seconds(idle, "--idle-timeout")
     cfg.connect_timeout = parse_seconds(args["--connect-timeout"], "--connect-timeout")
     cfg.grace = parse_seconds(args["--grace"], "--grace", allow_zero=True)
     cfg.max_conns = parse_count(args["--max-conns"], "--max-conns")
@@ -355,6 +370,16 @@ def build_config(args):
     if cfg.target:
         cfg.target_addrs = resolve(cfg.target[0], cfg.target[1])
     return cfg
+
+
+def check_udp_options(args, activated):
+    """Refuse --udp without -s, or with an option that has no meaning for datagrams; raise Fatal."""
+    if args["-s"] is None:
+        raise Fatal("--udp needs -s PORT (standalone mode)" if not activated else
+                    "--udp cannot use a socket from systemd (tproxy.socket is TCP)", EX_USAGE)
+    for option in ("-f", "-p", "--connect", "--send-proxy", "--prefork", "--proxy-auth-file"):
+        if args[option]:
+            raise Fatal("--udp and %s exclude each other" % option, EX_USAGE)
 
 
 def parse_port(text, what):
@@ -969,11 +994,13 @@ def proc_net_address(addr):
 # Privileges: switch user, keep one capability
 # ---------------------------------------------------------------------------
 
-def drop_privileges(user, keep_net_raw):
+def drop_privileges(user, keep_net_raw, bind_low_ports=False):
     """Become USER (name, uid, gid) with no supplementary groups.
 
     With KEEP_NET_RAW, keep CAP_NET_RAW (and nothing else) in the permitted
-    and effective sets, so transparent sockets still work. Every other
+    and effective sets, so transparent sockets still work; with
+    BIND_LOW_PORTS also CAP_NET_BIND_SERVICE (--udp reply sockets bind the
+    original destination's port, often below 1024). Every other
     capability leaves the bounding set, and NoNewPrivs is set, so nothing
     this process runs can gain privileges again. Raise Fatal on failure.
     """
@@ -983,6 +1010,7 @@ def drop_privileges(user, keep_net_raw):
         if os.geteuid() == 0:
             for cap in range(0, 64):
                 if not (keep_net_raw and cap == CAP_NET_RAW) and \
+                        not (bind_low_ports and cap == CAP_NET_BIND_SERVICE) and \
                         libc.prctl(24, cap, 0, 0, 0) != 0:                      # PR_CAPBSET_DROP
                     if _errno() == errno.EINVAL:
                         break       # past the last capability this kernel knows
@@ -995,7 +1023,7 @@ def drop_privileges(user, keep_net_raw):
         os.setgid(gid)
         os.setuid(uid)
         if keep_net_raw:
-            _capset(1 << CAP_NET_RAW)
+            _capset(1 << CAP_NET_RAW | (1 << CAP_NET_BIND_SERVICE if bind_low_ports else 0))
         if libc.prctl(38, 1, 0, 0, 0) != 0:      # PR_SET_NO_NEW_PRIVS: no setuid gains root
             raise OSError(_errno(), os.strerror(_errno()))
     except OSError as exc:
@@ -2644,6 +2672,8 @@ def run_standalone(cfg):
         cfg.port = listeners[0].getsockname()[1]
     if any(is_self(a[4], cfg.port) for a in cfg.target_addrs):
         raise Fatal("target %s:%d is this proxy itself" % cfg.target, EX_USAGE)
+    if cfg.udp:
+        listeners = open_udp_listeners(cfg, cfg.workers or 1)
     listeners = listeners or open_listeners(cfg)
     pidfile = PidFile(cfg.pidfile, cfg.user, cfg.pidfile_given) if cfg.pidfile else None
     if cfg.source in ("client", "client-port"):
@@ -2652,8 +2682,8 @@ def run_standalone(cfg):
         report_source_ports(cfg.source_ports, cfg.max_conns, log)
     preload(cfg)
     if cfg.user:
-        drop_privileges(cfg.user, keep_net_raw=cfg.source is not None and
-                        cfg.source.startswith("client"))
+        drop_privileges(cfg.user, keep_net_raw=cfg.udp or cfg.source is not None and
+                        cfg.source.startswith("client"), bind_low_ports=cfg.udp)
     if not cfg.foreground:
         import daemon
         keep = [s.fileno() for s in listeners]
@@ -2685,6 +2715,8 @@ def run_standalone(cfg):
         " (socket from systemd)" if cfg.activated else ""))
     notify_ready()
     shape = WorkerPool if cfg.workers else PreforkPool if cfg.prefork else ForkingServer
+    if cfg.udp:
+        shape = UdpPool
     supervisor = shape(listeners, server)
     if pidfile:
         supervisor.on_stop = pidfile.remove
@@ -3810,6 +3842,370 @@ def drain(fd):
             pass
     except (BlockingIOError, InterruptedError):
         pass
+
+
+# ---------------------------------------------------------------------------
+# UDP relay (--udp): datagrams in flows, each flow with its own sockets
+# ---------------------------------------------------------------------------
+
+IP_RECVORIGDSTADDR = 20     # SOL_IP: a datagram's original destination as ancillary data
+IPV6_RECVORIGDSTADDR = 74   # SOL_IPV6: the same for IPv6
+UDP_BUFFER = 65535 + 1      # a datagram longer than 65535 bytes shows as MSG_TRUNC, never split
+UDP_RCVBUF = 4 << 20        # a listener's receive buffer: the default holds ~256 small datagrams
+UDP_BATCH = 64              # datagrams read from one socket per wakeup, so none starves the rest
+UDP_ANCILLARY = socket.CMSG_SPACE(28)
+SO_RCVBUFFORCE = 33         # SO_RCVBUF beyond net.core.rmem_max, with CAP_NET_ADMIN
+UDP_SEND_FULL = (errno.EAGAIN, errno.EINTR, errno.ENOBUFS)     # a datagram lost, the flow kept
+
+
+def open_udp_listeners(cfg, count):
+    """Bind COUNT UDP sockets on -b ADDR (or every address) and -s PORT; raise Fatal.
+
+    More than one form an SO_REUSEPORT group, one per worker: the kernel
+    hashes each datagram's addresses and ports to one of them, so every
+    first datagram of a flow reaches the same worker. SO_REUSEADDR lets
+    reply sockets bind the listener's own address and port (fixed target).
+    """
+    if cfg.bind:
+        try:
+            info = socket.getaddrinfo(cfg.bind, cfg.port, type=socket.SOCK_DGRAM,
+                                      flags=socket.AI_PASSIVE)[0]
+        except (socket.gaierror, UnicodeError) as exc:
+            raise Fatal("-b: cannot resolve %s: %s" % (cfg.bind, getattr(exc, "strerror", exc)),
+                        EX_NOHOST) from None
+        candidates = [(info[0], info[4])]
+    else:
+        candidates = [(socket.AF_INET6, ("::", cfg.port)), (socket.AF_INET, ("0.0.0.0", cfg.port))]
+    last = None
+    for family, sockaddr in candidates:
+        socks = []
+        try:
+            for _ in range(count):
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                socks.append(sock)
+                prepare_udp_listener(sock, family, dual_stack=not cfg.bind)
+                sock.bind(sockaddr)
+            return socks
+        except OSError as exc:
+            for sock in socks:
+                sock.close()
+            last = exc
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                break
+    where = "%s UDP port %d" % (cfg.bind or "*", cfg.port)
+    status = EX_NOPERM if last.errno in (errno.EACCES, errno.EPERM) else EX_OSERR
+    raise Fatal("cannot listen on %s: %s" % (where, last.strerror), status)
+
+
+def prepare_udp_listener(sock, family, dual_stack):
+    """Set SOCK's options before bind: sharing, transparency, original destinations, buffer."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        if dual_stack:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(SOL_IPV6, IPV6_RECVORIGDSTADDR, 1)
+    # On a dual-stack socket IPv4 datagrams carry theirs only with the SOL_IP option too.
+    sock.setsockopt(SOL_IP, IP_RECVORIGDSTADDR, 1)
+    make_transparent(sock, family)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, UDP_RCVBUF)
+    except OSError:             # without CAP_NET_ADMIN: as much as net.core.rmem_max allows
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+    sock.setblocking(False)
+
+
+def datagram_destination(ancillary, fallback):
+    """Return the (host, port) a datagram was sent to, from its recvmsg ANCILLARY data.
+
+    Without IP_ORIGDSTADDR data (no TPROXY, no transparent socket) it is
+    FALLBACK, the receiving socket's own address.
+    """
+    for level, kind, data in ancillary:
+        if level == SOL_IP and kind == IP_RECVORIGDSTADDR and len(data) >= 8:
+            return socket.inet_ntoa(data[4:8]), struct.unpack_from("!H", data, 2)[0]
+        if level == SOL_IPV6 and kind == IPV6_RECVORIGDSTADDR and len(data) >= 24:
+            host = plain_ip(socket.inet_ntop(socket.AF_INET6, data[8:24]))
+            return host, struct.unpack_from("!H", data, 2)[0]
+    return plain_ip(fallback[0]), fallback[1]
+
+
+class UdpRecord(Record):
+    """What happened to one flow: a connection's record plus datagrams counted each way."""
+
+    def __init__(self, client):
+        super().__init__(client, "udp")
+        self.datagrams_up = self.datagrams_down = 0
+        self.truncated = 0      # longer than UDP_BUFFER (MSG_TRUNC): counted, not relayed
+        self.dropped = 0        # a socket's send buffer was full: the datagram was lost
+
+    def line(self):
+        """Return the connection line with the datagram counts before the outcome."""
+        head, _, outcome = super().line().rpartition(" outcome=")
+        extra = " datagrams_up=%d datagrams_down=%d" % (self.datagrams_up, self.datagrams_down)
+        if self.truncated or self.dropped:
+            extra += " truncated=%d dropped=%d" % (self.truncated, self.dropped)
+        return "%s%s outcome=%s" % (head, extra, outcome)
+
+
+class Flow:
+    """One UDP flow: a client's datagrams to one original destination, and the answers.
+
+    It has an upstream socket (connected to the target, bound as --source
+    says) and a reply socket bound (IP_TRANSPARENT) to the address and port
+    the client sent to and connected to the client: the answers leave from
+    there, and the client's later datagrams arrive there, not on the
+    listener. A refused flow (access list, loop) has no sockets; it only
+    counts what it drops until it goes idle. It ends when idle for
+    --idle-timeout, at an ICMP error for the upstream socket (the client's
+    next datagram starts a new flow), or at shutdown; it is logged once.
+    Driven by an EventLoop like a Session (waits, due, advance, cut).
+    """
+
+    __slots__ = ("relay", "client", "orig", "record", "upstream", "reply", "waits", "dropped",
+                 "done", "last", "registered", "timer_at")     # many idle flows: no __dict__ each
+
+    def __init__(self, relay, client, orig, now):
+        self.relay = relay
+        self.client, self.orig = client, orig
+        self.record = UdpRecord(client)
+        self.record.orig = orig
+        self.upstream = self.reply = None
+        self.waits = {}
+        self.dropped = []       # descriptors closed since the loop last looked (EventLoop)
+        self.done = False
+        self.last = now
+
+    @property
+    def due(self):
+        return None if self.done else self.last + self.relay.cfg.idle_timeout
+
+    def start(self, now):
+        """EventLoop.add's hook: the sockets are already open."""
+
+    def open(self, target):
+        """Open the upstream and reply sockets for TARGET; raise OSError or ConnectionFailed."""
+        cfg = self.relay.cfg
+        self.record.target = target
+        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        self.upstream = socket.socket(family, socket.SOCK_DGRAM)
+        self.upstream.setblocking(False)
+        if cfg.source or cfg.source_ports:
+            bind_source(self.upstream, family, cfg.source, self.client, None, cfg.source_ports)
+        self.upstream.connect(target)
+        if cfg.source_ports and cfg.source != "client-port":
+            check_source_port(self.upstream, cfg.source_ports)
+        family = socket.AF_INET6 if ":" in self.orig[0] else socket.AF_INET
+        self.reply = socket.socket(family, socket.SOCK_DGRAM)
+        self.reply.setblocking(False)
+        self.reply.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        make_transparent(self.reply, family)
+        self.reply.bind(self.orig)
+        self.reply.connect(self.client)
+        self.waits = {self.upstream.fileno(): select.EPOLLIN, self.reply.fileno(): select.EPOLLIN}
+
+    def send_up(self, data, size, now):
+        """Relay one client datagram of SIZE bytes (DATA holds at most UDP_BUFFER) to the target."""
+        record = self.record
+        self.last = now
+        if size > UDP_BUFFER - 1:
+            record.truncated += 1
+            return
+        if self.upstream is None:       # refused: counted, dropped
+            record.datagrams_up += 1
+            record.up += size
+            return
+        try:
+            self.upstream.send(data[:size])
+        except OSError as exc:
+            if exc.errno in UDP_SEND_FULL:
+                record.dropped += 1
+            else:                       # an ICMP error for an earlier datagram
+                self.finish(icmp_outcome(exc))
+            return
+        record.datagrams_up += 1
+        record.up += size
+
+    def advance(self, fds, now):
+        """Relay what is waiting on the ready FDS; end the flow when it has been idle long enough."""
+        if not fds:
+            if now >= self.due:
+                self.finish("ok")
+            return
+        if self.reply.fileno() in fds:
+            self.from_reply_socket(now)
+        if not self.done and self.upstream.fileno() in fds:
+            self.from_upstream(now)
+
+    def from_upstream(self, now):
+        """Send the target's answers to the client, one datagram each, from the reply socket."""
+        buf, view, record = self.relay.buffer, self.relay.view, self.record
+        for _ in range(UDP_BATCH):
+            try:
+                size = self.upstream.recv_into(buf, UDP_BUFFER, socket.MSG_TRUNC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:      # an ICMP error for an earlier datagram
+                self.finish(icmp_outcome(exc))
+                return
+            self.last = now
+            if size > UDP_BUFFER - 1:
+                record.truncated += 1
+                continue
+            try:
+                self.reply.send(view[:size])
+            except OSError:             # buffer full, or an ICMP error from the client: it may retry
+                record.dropped += 1
+                continue
+            record.datagrams_down += 1
+            record.down += size
+
+    def from_reply_socket(self, now):
+        """Take the client's later datagrams, and any other client's that arrived before connect()."""
+        buf, view = self.relay.buffer, self.relay.view
+        for _ in range(UDP_BATCH):
+            try:
+                size, source = self.reply.recvfrom_into(buf, UDP_BUFFER, socket.MSG_TRUNC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue        # an ICMP error for an answer sent to the client
+            if (plain_ip(source[0]), source[1]) == self.client:
+                self.send_up(view, size, now)
+            else:
+                self.relay.dispatch(view, size, source, self.orig, now)
+            if self.done:
+                return
+
+    def finish(self, outcome):
+        """Close the sockets and log the flow once."""
+        if self.done:
+            return
+        self.done = True
+        for sock in (self.upstream, self.reply):
+            if sock is not None:
+                self.dropped.append(sock.fileno())
+                sock.close()
+        self.waits = {}
+        if self.record.outcome == "ok":
+            self.record.outcome = outcome
+        self.relay.server.log.connection(self.record.line())
+        self.relay.server.on_record(self.record)
+
+    def cut(self):
+        """Shutdown's grace is over."""
+        self.finish("cut at shutdown" if self.record.outcome == "ok" else self.record.outcome)
+
+
+def icmp_outcome(exc):
+    """Return a flow's outcome for an error on its upstream socket (an ICMP error, mostly)."""
+    if exc.errno == errno.ECONNREFUSED:
+        return "target refused (ICMP port unreachable)"
+    return "upstream error: %s" % (exc.strerror or exc)
+
+
+class UdpPool(WorkerPool):
+    """--udp: one worker process relaying flows (--workers=N: N), each on its own listener.
+
+    The listeners form an SO_REUSEPORT group, so a flow's first datagrams
+    always reach the same worker, and its later ones reach the reply socket
+    that worker owns: a flow never moves between workers. A worker that
+    dies takes its flows with it; its replacement reads the same listener.
+    """
+
+    def __init__(self, listeners, server):
+        server.cfg.workers = len(listeners)         # one listener per worker
+        super().__init__(listeners, server)
+
+    def worker(self, index):
+        return UdpWorker(self, index).run()
+
+
+class UdpWorker(Worker):
+    """One process of a UdpPool: reads its listener and drives Flows until SIGTERM and its grace end."""
+
+    def __init__(self, pool, index):
+        super().__init__(pool, index)
+        self.flows = {}         # (client, original destination) -> Flow
+        self.buffer = bytearray(UDP_BUFFER)
+        self.view = memoryview(self.buffer)
+        self.listener = pool.listeners[index % len(pool.listeners)]
+        self.listen_at = self.listener.getsockname()
+        self.full_logged = False
+
+    def start_listening(self):
+        self.watch(self.listener.fileno(), lambda events: self.receive())
+        self.listening = True
+        self.full_logged = False
+
+    def stop_listening(self, close=False):
+        if self.listener.fileno() >= 0:
+            self.forget(self.listener.fileno())
+        if close:
+            for sock in self.pool.listeners:
+                sock.close()
+        elif not self.full_logged:
+            self.full_logged = True
+            self.log.message("--max-conns: %d flows in worker %d; new flows wait in the "
+                             "listener's buffer" % (len(self.sessions), self.index), error=True)
+        self.listening = False
+
+    def receive(self):
+        """Read waiting datagrams from the listener and hand each to its flow."""
+        view, now = self.view, time.monotonic()
+        for _ in range(UDP_BATCH):
+            if len(self.sessions) >= self.pool.share:
+                return
+            try:
+                size, ancillary, flags, source = self.listener.recvmsg_into(
+                    [view], UDP_ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            if flags & socket.MSG_TRUNC:
+                size = UDP_BUFFER       # its true length is lost; counted as truncated
+            self.dispatch(view, size, source, datagram_destination(ancillary, self.listen_at), now)
+
+    def dispatch(self, data, size, source, orig, now):
+        """Relay one datagram from SOURCE to ORIG through its flow, starting the flow if new."""
+        client = (plain_ip(source[0]), source[1])
+        flow = self.flows.get((client, orig))
+        if flow is None:
+            flow = self.new_flow(client, orig, now)
+            if flow is None:
+                return
+        flow.send_up(data, size, now)
+        if flow.done:
+            self.sync(flow)
+
+    def new_flow(self, client, orig, now):
+        """Start and return the flow CLIENT -> ORIG, or None (its failure logged)."""
+        cfg, server = self.cfg, self.server
+        flow = Flow(self, client, orig, now)
+        if not acl_allows(cfg.acl, client):
+            flow.record.outcome = "denied by access list"
+        elif cfg.target is None and is_self(orig, server.listen_port):
+            flow.record.outcome = "loop: the original destination is this proxy itself"
+        else:
+            if cfg.target is None:
+                target = orig
+            else:
+                server.rotation += 1
+                target = server.target_addrs()[0][4][:2]
+            try:
+                flow.open((plain_ip(target[0]), target[1]))
+            except (OSError, ConnectionFailed) as exc:
+                flow.record.outcome = str(exc) if isinstance(exc, ConnectionFailed) else \
+                    "cannot open the flow: %s" % (exc.strerror or exc)
+                flow.finish(flow.record.outcome)
+                return None
+        self.flows[(client, orig)] = flow
+        self.add(flow, now)
+        return flow
+
+    def ended(self, flow):
+        self.flows.pop((flow.client, flow.orig), None)
 
 
 # ---------------------------------------------------------------------------

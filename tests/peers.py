@@ -8,6 +8,9 @@ Roles:
   who-echo PORT        Sends the same line, then echoes what it reads until EOF.
   tap PORT LOGFILE     Reads each connection to EOF and records exactly what it
                        received as a JSON line {"peer", "data" (hex)}; answers nothing.
+  udp-who PORT ADDR... Answers each UDP datagram to ADDR:PORT (one socket per
+                       address) with "PEER_IP PEER_PORT LOCAL_IP LOCAL_PORT "
+                       and the datagram itself, from the address it was sent to.
   sink PORT            Reads to EOF, replies with the sha256 hex of what it read,
                        then N bytes (N from the first line "SEND n\\n" if given).
 
@@ -187,6 +190,23 @@ def who_echo(port, lifetime):
     serve_forever(listen(port), handle, lifetime)
 
 
+def udp_who(port, addrs, lifetime):
+    """Answer every datagram with who sent it, where it arrived, and the datagram itself."""
+    import select
+    socks = []
+    for addr in addrs:
+        sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((addr, port))
+        socks.append(sock)
+    deadline = time.monotonic() + lifetime
+    while time.monotonic() < deadline:
+        for sock in select.select(socks, [], [], 1.0)[0]:
+            data, peer = sock.recvfrom(65536)
+            local = sock.getsockname()
+            sock.sendto(("%s %d %s %d " % (plain(peer[0]), peer[1], plain(local[0]), local[1]))
+                        .encode() + data, peer)
+
+
 def sink(port, lifetime):
     def handle(conn):
         digest = hashlib.sha256()
@@ -286,6 +306,8 @@ def main(argv):
         who(int(args[0]), lifetime)
     elif role == "who-echo":
         who_echo(int(args[0]), lifetime)
+    elif role == "udp-who":
+        udp_who(int(args[0]), args[1:], lifetime)
     elif role == "sink":
         sink(int(args[0]), lifetime)
     elif role == "send":

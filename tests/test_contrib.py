@@ -477,6 +477,24 @@ RECIPE_CASES = {
         ("nft inet tproxy_rp", "socket transparent 1 meta mark set 0x00000001"),
         ("rule-4", "fwmark 0x1 lookup 100"), ("rule-6", "fwmark 0x1 lookup 100"),
         ("route-4 table 100", "local default dev lo"), ("route-6 table 100", "local default dev lo")]),
+    "proxy-return-path-both-iptables": ("proxy-return-path", ["--both"], 100, [
+        ("iptables-save", "-A PREROUTING", "-p tcp", "--transparent", "MARK --set-xmark 0x1/"),
+        ("iptables-save", "-A PREROUTING", "-p udp", "--transparent", "MARK --set-xmark 0x1/"),
+        ("ip6tables-save", "-A PREROUTING", "-p tcp", "--transparent", "MARK --set-xmark 0x1/"),
+        ("ip6tables-save", "-A PREROUTING", "-p udp", "--transparent", "MARK --set-xmark 0x1/"),
+        ("rule-4", "fwmark 0x1 lookup 100"), ("rule-6", "fwmark 0x1 lookup 100"),
+        ("route-4 table 100", "local default dev lo"), ("route-6 table 100", "local default dev lo")]),
+    "proxy-return-path-udp-nft": ("proxy-return-path", ["--nft", "--udp"], 100, [
+        ("nft inet tproxy_rp", "udp", "socket transparent 1 meta mark set 0x00000001"),
+        ("rule-4", "fwmark 0x1 lookup 100"), ("rule-6", "fwmark 0x1 lookup 100"),
+        ("route-4 table 100", "local default dev lo"), ("route-6 table 100", "local default dev lo")]),
+    "tproxy-intercept-udp-iptables": ("tproxy-intercept",
+                                      ["--port", "53", "--to", "5353", "--udp"], None, [
+        ("iptables-save", "-p udp", "--dport 53", "-j TPROXY --on-port 5353", "0x1/0x1"),
+        ("ip6tables-save", "-p udp", "--dport 53", "-j TPROXY --on-port 5353", "0x1/0x1")]),
+    "tproxy-intercept-both-nft": ("tproxy-intercept",
+                                  ["--port", "53", "--to", "5353", "--both", "--nft"], None, [
+        ("nft inet tproxy_53", "th dport 53 tproxy to :5353", "tcp", "udp", "accept")]),
     "tproxy-intercept-iptables": ("tproxy-intercept",
                                   ["--port", "80", "--to", "12970", "--in", "veth0"], None, [
         ("iptables-save", "-i veth0", "--dport 80", "-j TPROXY --on-port 12970", "0x1/0x1"),

@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""UDP relay figures: tproxy --udp against socat, in one run, on loopback.
+
+Usage: udp_bench.py [--seconds S] [--window W] [--idle-flows N] [--out DIR]
+
+For each relay in front of the same UDP echo server on 127.0.0.1:
+  rate   answered datagrams per second, 16-byte datagrams, with 1 and with 32
+         flows (client ports), each keeping W datagrams in flight;
+  memory Pss (all the relay's processes, /proc/PID/smaps_rollup) per idle
+         flow: after N flows have each sent one datagram and had its answer,
+         minus the Pss before, divided by N.
+Relays: tproxy --udp (one worker, fixed target), socat UDP-RECVFROM:PORT,fork
+(the form the issue names: a child per datagram) and socat UDP-LISTEN:PORT,fork
+(a child per client). Everything listens on 127.0.0.1; every loop is bounded
+in count and time; every process started here is stopped by pid.
+"""
+import argparse
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+PAYLOAD = b"0123456789abcdef"
+ECHO = """
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+s.bind(("127.0.0.1", %d))
+s.settimeout(1.0)
+end = time.monotonic() + %f
+while time.monotonic() < end:
+    try:
+        data, peer = s.recvfrom(65536)
+    except socket.timeout:
+        continue
+    s.sendto(data, peer)
+"""
+
+
+def free_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def relays(echo_port):
+    """Return {name: argv(port, idle seconds)} for the relays compared.
+
+    socat UDP-RECVFROM,fork forks a child per datagram, which lives -T
+    seconds: the rate phase gives it a short idle time so that the children
+    stay a few hundred, the memory phase a long one, as tproxy's flows get.
+    """
+    tproxy = [sys.executable, os.path.join(REPO, "tproxy.py"), "-d", "--udp",
+              "--max-conns=4096", "-b", "127.0.0.1", "-s"]
+    return {
+        "tproxy --udp": lambda port, idle: tproxy + [
+            str(port), "--idle-timeout=%g" % idle, "127.0.0.1", str(echo_port)],
+        "socat UDP-RECVFROM,fork": lambda port, idle: [
+            "socat", "-T", "%g" % idle, "UDP4-RECVFROM:%d,bind=127.0.0.1,fork" % port,
+            "UDP4:127.0.0.1:%d" % echo_port],
+        "socat UDP-LISTEN,fork": lambda port, idle: [
+            "socat", "-T", "%g" % idle, "UDP4-LISTEN:%d,bind=127.0.0.1,fork,reuseaddr" % port,
+            "UDP4:127.0.0.1:%d" % echo_port],
+    }
+
+
+def tree(pid):
+    """Return PID and all its descendants."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        try:
+            with open("/proc/%d/task/%d/children" % (pids[i], pids[i])) as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+        i += 1
+    return pids
+
+
+def pss_kib(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            with open("/proc/%d/smaps_rollup" % p) as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def wait_answering(port, timeout=10.0):
+    """Wait until a datagram to PORT is answered; raise RuntimeError if not."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s.sendto(b"ping", ("127.0.0.1", port))
+            try:
+                s.recvfrom(64)
+                return
+            except OSError:
+                time.sleep(0.05)
+    raise RuntimeError("nothing answers on UDP port %d" % port)
+
+
+def rate(port, flows, window, seconds):
+    """Return answered datagrams per second with FLOWS client sockets, WINDOW in flight each."""
+    socks = []
+    ep = select.epoll()
+    for _ in range(flows):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setblocking(False)
+        s.connect(("127.0.0.1", port))
+        socks.append(s)
+        ep.register(s.fileno(), select.EPOLLIN)
+    by_fd = {s.fileno(): s for s in socks}
+    inflight = {s.fileno(): 0 for s in socks}
+
+    def fill(s):
+        while inflight[s.fileno()] < window:
+            try:
+                s.send(PAYLOAD)
+            except OSError:
+                return
+            inflight[s.fileno()] += 1
+
+    for s in socks:         # the first datagram makes the flow; then the window
+        s.send(PAYLOAD)
+    time.sleep(0.5)
+    for s in socks:
+        try:
+            while s.recv(64):
+                pass
+        except OSError:
+            pass
+        inflight[s.fileno()] = 0
+        fill(s)
+    answered, start = 0, time.monotonic()
+    end, refill = start + seconds, start + 0.2
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        if now >= refill:       # lost datagrams must not shrink the window for good
+            for s in socks:
+                inflight[s.fileno()] = 0
+                fill(s)
+            refill = now + 0.2
+        for fd, _ in ep.poll(0.05):
+            s = by_fd[fd]
+            for _ in range(64):
+                try:
+                    s.recv(64)
+                except OSError:
+                    break
+                answered += 1
+                inflight[fd] = max(0, inflight[fd] - 1)
+            fill(s)
+    elapsed = time.monotonic() - start
+    for s in socks:
+        s.close()
+    ep.close()
+    return answered / elapsed
+
+
+def idle_memory(pid, port, flows):
+    """Return Pss KiB per idle flow after FLOWS flows each had one answered datagram."""
+    time.sleep(0.5)
+    before = pss_kib(pid)
+    socks = []
+    for _ in range(flows):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2.0)
+        s.connect(("127.0.0.1", port))
+        for _ in range(5):
+            s.send(PAYLOAD)
+            try:
+                s.recv(64)
+                break
+            except OSError:
+                continue
+        socks.append(s)
+    time.sleep(1.0)
+    after = pss_kib(pid)
+    for s in socks:
+        s.close()
+    return (after - before) / flows, len(tree(pid))
+
+
+def stop(proc):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def measure(name, argv, args):
+    """Start one relay twice (rates, then memory on a fresh one); return its figures."""
+    figures = {}
+    for phase in ("rate", "memory"):
+        port = free_udp_port()
+        idle = 0.5 if phase == "rate" else 60
+        proc = subprocess.Popen(argv(port, idle), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.3)
+            if phase == "rate":
+                wait_answering(port)
+                for flows in (1, 32):
+                    figures["rate_%d" % flows] = rate(port, flows, args.window, args.seconds)
+            else:
+                time.sleep(0.5)
+                figures["pss_per_flow"], figures["processes"] = \
+                    idle_memory(proc.pid, port, args.idle_flows)
+        finally:
+            stop(proc)
+    return figures
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--idle-flows", type=int, default=200)
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args()
+    echo_port = free_udp_port()
+    lifetime = 60 + 12 * args.seconds
+    echo = subprocess.Popen([sys.executable, "-c", ECHO % (echo_port, lifetime)],
+                            start_new_session=True)
+    load = open("/proc/loadavg").read().split()[:3]
+    results = {}
+    try:
+        wait_answering(echo_port)
+        for name, argv in relays(echo_port).items():
+            results[name] = measure(name, argv, args)
+            print(name, results[name], flush=True)
+    finally:
+        stop(echo)
+    base = results["socat UDP-RECVFROM,fork"]
+    lines = ["# UDP relay: tproxy --udp against socat, %s" % time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             "",
+             "bench/udp_bench.py --seconds %g --window %d --idle-flows %d; loopback, one "
+             "Python UDP echo server; load average at start %s; %d CPUs shared with "
+             "other work." % (args.seconds, args.window, args.idle_flows, " ".join(load),
+                              os.cpu_count()),
+             "",
+             "| relay | datagrams/s, 1 flow | datagrams/s, 32 flows | Pss KiB per idle flow | processes with %d flows |" % args.idle_flows,
+             "|---|---:|---:|---:|---:|"]
+    for name, f in results.items():
+        lines.append("| %s | %.0f | %.0f | %.1f | %d |" % (
+            name, f["rate_1"], f["rate_32"], f["pss_per_flow"], f["processes"]))
+    tp = results["tproxy --udp"]
+    lines += ["", "Ratios, tproxy --udp / socat UDP-RECVFROM,fork: rate 1 flow %.2fx, 32 flows %.2fx, "
+              "memory per flow %.3fx (target: rate >= 1.0x, memory <= 1.0x)." % (
+                  tp["rate_1"] / base["rate_1"], tp["rate_32"] / base["rate_32"],
+                  tp["pss_per_flow"] / base["pss_per_flow"] if base["pss_per_flow"] else float("nan"))]
+    other = results["socat UDP-LISTEN,fork"]
+    lines += ["Against socat UDP-LISTEN,fork: rate 1 flow %.2fx, 32 flows %.2fx, memory per flow %.3fx." % (
+        tp["rate_1"] / other["rate_1"], tp["rate_32"] / other["rate_32"],
+        tp["pss_per_flow"] / other["pss_per_flow"] if other["pss_per_flow"] else float("nan"))]
+    report = "\n".join(lines) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, time.strftime("%Y-%m-%d", time.gmtime()) + "-udp.md")
+    with open(path, "w") as f:
+        f.write(report)
+    print(report)
+    print("written to", path)
+
+
+if __name__ == "__main__":
+    main()

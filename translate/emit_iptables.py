@@ -330,8 +330,14 @@ def batchable(line):
     stays an iptables command of its own, where the shell reads the word as
     the script's own command did.
     """
-    return isinstance(line, CommandLine) and not any(
-        isinstance(w, Raw) and HEREDOC_UNSAFE.search(w) for w in line.args)
+    if not isinstance(line, CommandLine):
+        return False
+    safe = getattr(line, "batch_safe", None)       # asked about twice per command
+    if safe is None:
+        # Most commands hold no Raw word at all: tell that at C speed first.
+        safe = line.batch_safe = Raw not in map(type, line.args) or not any(
+            isinstance(w, Raw) and HEREDOC_UNSAFE.search(w) for w in line.args)
+    return safe
 
 
 HEREDOC_QUOTED = Quoted(heredoc_word)

@@ -55,12 +55,13 @@ Options:
                           anything for SECS seconds (default: 120; with --udp,
                           a flow ends after 30).
   --max-conns=N           Serve at most N connections at once; further clients
-                          wait in the listen queue [default: 512].
+                          wait in the listen queue (default: 512, or MAX
+                          given to --prefork).
   --max-per-client=N      Serve at most N connections at once from one client
                           address; further ones are reset and logged
                           [default: 64].
-  --prefork=N[:MAX]       Serve with a pool of N worker processes (growing up to
-                          MAX) instead of one fork per connection. Needs -s.
+  --prefork=N[:MAX]       The same as --workers=N, and MAX as --max-conns
+                          unless that is given (kept from 1.0). Needs -s.
   --proxy-auth-file=FILE  With --connect, read "user:password" for the proxy's
                           Proxy-Authorization from FILE.
   --request-timeout=SECS  HTTP translate mode: answer 408 and close when a
@@ -172,7 +173,7 @@ class Config:
     max_conns = 512
     max_per_client = 64
     request_timeout = 10.0
-    prefork = None          # (min, max) workers
+    prefork = None          # --prefork as given (it runs --workers): said once at start-up
     workers = None          # --workers: how many event-loop worker processes
     proxy_auth = None       # bytes "user:password"
     send_proxy = None       # "v1" or "v2"
@@ -338,14 +339,18 @@ def build_config(args):
     cfg.idle_timeout = parse_seconds(idle, "--idle-timeout")
     cfg.connect_timeout = parse_seconds(args["--connect-timeout"], "--connect-timeout")
     cfg.grace = parse_seconds(args["--grace"], "--grace", allow_zero=True)
-    cfg.max_conns = parse_count(args["--max-conns"], "--max-conns")
+    if args["--max-conns"] is not None:     # no docopt default: --prefork's MAX may set it
+        cfg.max_conns = parse_count(args["--max-conns"], "--max-conns")
     cfg.max_per_client = parse_count(args["--max-per-client"], "--max-per-client")
     cfg.request_timeout = parse_seconds(args["--request-timeout"], "--request-timeout")
     if args["--prefork"]:
-        cfg.prefork = parse_prefork(args["--prefork"])
-    if args["--workers"]:
-        if args["--prefork"]:
+        if args["--workers"]:
             raise Fatal("--prefork and --workers exclude each other", EX_USAGE)
+        cfg.prefork = args["--prefork"]
+        cfg.workers, most = parse_prefork(args["--prefork"])
+        if most is not None and args["--max-conns"] is None:
+            cfg.max_conns = most
+    if args["--workers"]:
         cfg.workers = parse_workers(args["--workers"])
     if args["--send-proxy"]:
         if args["--send-proxy"] not in ("v1", "v2"):
@@ -419,10 +424,17 @@ def is_digits(text):
 
 
 def parse_prefork(text):
-    """Return (min, max) workers from "N" or "N:MAX"; raise Fatal."""
-    low, _, high = text.partition(":")
+    """Return (workers, max connections or None) from --prefork "N" or "N:MAX"; raise Fatal.
+
+    The prefork pool served one connection per process, at most MAX (N
+    without it) at once; --workers serve many each, so N counts processes
+    and MAX becomes --max-conns, the same cap on connections at once.
+    """
+    low, colon, high = text.partition(":")
     low = parse_count(low, "--prefork")
-    high = parse_count(high, "--prefork") if high else low
+    if not colon:
+        return low, None
+    high = parse_count(high, "--prefork")
     if high < low:
         raise Fatal("--prefork: MAX %d is below N %d" % (high, low), EX_USAGE)
     return low, high
@@ -877,7 +889,7 @@ class OwnUpstreams:
 
     An OUTPUT-chain REDIRECT can catch tproxy's own connection to a target
     and bring it back as a new client, one more per hop. Each connection
-    (a fork child, a prefork worker, a session of a --workers worker) has a
+    (a fork child, a session of a --workers worker) has a
     slot in a shared board, where its upstream socket's inode is written
     before connecting; a new client from a local address is looked up in
     /proc/net/tcp (its source and original destination name the upstream
@@ -2445,7 +2457,7 @@ class Session:
 
 
 def run_session(session):
-    """Drive SESSION to its end in this process (a fork child, inetd, a prefork worker).
+    """Drive SESSION to its end in this process (a fork child, inetd).
 
     A Cut (SIGALRM: shutdown's grace is over) ends it with resets. Return
     its exit status.
@@ -2681,6 +2693,10 @@ def run_standalone(cfg):
     if cfg.source_ports:
         report_source_ports(cfg.source_ports, cfg.max_conns, log)
     preload(cfg)
+    # The terminal that started a daemon sees the notice before the log moves to syslog.
+    told_terminal = bool(cfg.prefork) and not cfg.log_to_stderr and os.isatty(2)
+    if told_terminal:
+        log.message(prefork_notice(cfg))
     if cfg.user:
         drop_privileges(cfg.user, keep_net_raw=cfg.udp or cfg.source is not None and
                         cfg.source.startswith("client"), bind_low_ports=cfg.udp)
@@ -2713,8 +2729,10 @@ def run_standalone(cfg):
         ", ".join(show_addr(s.getsockname()) for s in listeners), cfg.mode,
         show_addr(cfg.target) if cfg.target else "original destination",
         " (socket from systemd)" if cfg.activated else ""))
+    if cfg.prefork and not (told_terminal and log.to_stderr):
+        log.message(prefork_notice(cfg))
     notify_ready()
-    shape = WorkerPool if cfg.workers else PreforkPool if cfg.prefork else ForkingServer
+    shape = WorkerPool if cfg.workers else ForkingServer
     if cfg.udp:
         shape = UdpPool
     supervisor = shape(listeners, server)
@@ -2725,6 +2743,13 @@ def run_standalone(cfg):
     finally:
         if pidfile:
             pidfile.remove()
+
+
+def prefork_notice(cfg):
+    """Return the start-up message saying what --prefork runs since the prefork pool was retired."""
+    return ("--prefork %s: the prefork pool is retired; running %d event-driven worker(s), as "
+            "--workers=%d --max-conns=%d (see tproxy(8))"
+            % (cfg.prefork, cfg.workers, cfg.workers, cfg.max_conns))
 
 
 def socket_activated():
@@ -3246,229 +3271,6 @@ def signal_quietly(pid, sig):
         pass
 
 
-IDLE, BUSY, EMPTY = 0, 1, 2      # prefork scoreboard states
-
-
-class PreforkPool(Supervisor):
-    """A pool of workers that accept in turn, each serving one connection at a time.
-
-    Like Apache's prefork: N workers to start with. The pool grows (1, 2, 4
-    ... workers at a time, up to MAX) only while a client waits in the
-    listen queue longer than GROW_AFTER, not merely when every worker is
-    busy: a few busy workers drain a queue faster than many that wake each
-    other, so a saturated machine keeps a small pool. A worker beyond N that
-    stays idle for IDLE_RETIRE seconds leaves. A shared scoreboard says, per
-    slot, whether the worker is busy and how many connections it took.
-    """
-
-    IDLE_RETIRE = 5.0
-    GROW_AFTER = 0.02
-    GROW_MAX_STEP = 32
-
-    def __init__(self, listeners, server):
-        super().__init__(listeners, server)
-        import mmap
-        self.low, self.high = server.cfg.prefork
-        # Slot i: state byte at i, accept counter (mod 256) at MAX + i, the client's
-        # address (16 bytes, for --max-per-client) at 2 MAX + 16 i; shared with workers.
-        self.board = mmap.mmap(-1, 18 * self.high)
-        self.board[:] = bytes([EMPTY]) * self.high + bytes(17 * self.high)
-        self.slots = {}                              # pid -> slot (the parent's view)
-        own_upstreams.create(self.high)
-        self.grow_step, self.short_at = 1, 0.0     # next growth; when a client last waited
-
-    def run(self):
-        """Keep the pool staffed until SIGTERM; return the exit status."""
-        self.install_signals()
-        self.set_title("tproxy parent", "tproxy: parent, prefork pool, %s" % self.listening_on())
-        self.busy_r, self.busy_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.freeze_heap()
-        poller = select.poll()
-        poller.register(self.wake_r, select.POLLIN)
-        poller.register(self.busy_r, select.POLLIN)
-        self.staff(self.low)
-        waiting = None          # the listen queue as last seen while no worker was idle
-        while not self.stopping:
-            for fd, _ in poller.poll(1000 if waiting is None else self.GROW_AFTER * 1000):
-                drain(fd)
-            for pid in self.reap():
-                slot = self.slots.pop(pid, None)
-                if slot is not None:
-                    self.board[slot] = EMPTY
-            if self.reload:
-                self.reopen()
-                for pid in self.slots:
-                    os.kill(pid, signal.SIGHUP)
-                self.log.message("SIGHUP: log reopened, target re-resolved, workers told")
-            if self.status:
-                self.status = False
-                self.tell_workers_status()
-            if not self.stopping:
-                self.staff(self.low)
-                watched, waiting = waiting, self.grow(waiting)
-                # While the queue is watched on a timer, workers' requests need not wake us.
-                if watched is None and waiting is not None:
-                    poller.unregister(self.busy_r)
-                elif watched is not None and waiting is None:
-                    drain(self.busy_r)
-                    poller.register(self.busy_r, select.POLLIN)
-        self.stop_accepting()
-        # Idle workers leave at once; busy ones close their listeners and finish first.
-        self.log.message("SIGTERM: stopped accepting; %d worker(s) get %gs to finish"
-                         % (len(self.slots), self.server.cfg.grace))
-        return self.wind_down(self.slots)
-
-    def tell_workers_status(self):
-        """SIGUSR1: log the pool's line and have each worker log its own."""
-        busy = self.board[:self.high].count(BUSY)
-        self.log.message("status: parent workers=%d busy=%d" % (len(self.slots), busy))
-        for pid in self.slots:
-            try:
-                os.kill(pid, signal.SIGUSR1)
-            except ProcessLookupError:
-                pass
-
-    def staff(self, count):
-        """Start workers until COUNT are alive (never more than MAX)."""
-        while len(self.slots) < min(count, self.high):
-            slot = self.board.find(bytes([EMPTY]), 0, self.high)     # fewer than MAX live
-            self.board[slot] = IDLE
-            pid = self.fork(lambda: self.worker(slot))
-            if pid is None:
-                self.board[slot] = EMPTY
-                return
-            self.slots[pid] = slot
-
-    def grow(self, last):
-        """Add workers if a client has waited GROW_AFTER in the listen queue; return what was seen.
-
-        LAST is (time, queued, counters) from the previous look, or None. A
-        client has waited that long when, since a look GROW_AFTER ago that
-        saw Q queued, workers accepted fewer than Q connections. Each growth
-        doubles the next (up to GROW_MAX_STEP) until a second passes with no
-        client waiting.
-        """
-        if IDLE in self.board[:self.high] or len(self.slots) >= self.high:
-            return None
-        # Looking goes on while every worker is busy, even with nobody queued:
-        # no worker would notice a client arriving now.
-        queued = sum(listen_queue(sock) for sock in self.listeners)
-        now, counters = time.monotonic(), self.board[self.high:2 * self.high]
-        if queued:
-            if now - self.short_at > 1.0:
-                self.grow_step = 1
-            self.short_at = now
-        if last is None:
-            return now, queued, counters
-        then, queued_then, counters_then = last
-        if now - then < self.GROW_AFTER:
-            return last
-        accepted = sum((a - b) % 256 for a, b in zip(counters, counters_then))
-        if accepted < queued_then:
-            self.staff(len(self.slots) + self.grow_step)
-            self.grow_step = min(2 * self.grow_step, self.GROW_MAX_STEP)
-        return now, queued, counters
-
-    def worker(self, slot):
-        """Accept and serve connections one at a time until told to stop or retired."""
-        own_upstreams.take(slot)
-        os.close(self.busy_r)
-        state = {"busy": False, "stop": False, "hup": False}
-
-        begin_grace = signal.getsignal(signal.SIGTERM)     # finish_within_grace's
-
-        def on_term(*_):
-            for sock in self.listeners:     # stop accepting before anything else
-                sock.close()
-            if not state["busy"]:
-                os._exit(EX_OK)
-            state["stop"] = True
-            begin_grace()
-
-        def on_hup(*_):
-            state["hup"] = True
-        stats = Stats()
-        self.server.on_record = stats.add_record
-
-        def on_usr1(*_):            # a busy worker answers too: handlers run between bytecodes
-            self.log.message(stats.line("worker %d" % slot, int(state["busy"])))
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGHUP, on_hup)
-        signal.signal(signal.SIGUSR1, on_usr1)
-        idle_title = ("tproxy worker", "tproxy: worker %d, idle" % slot)
-        self.set_title(*idle_title)
-        if os.getppid() != self.parent_pid:     # died before PR_SET_PDEATHSIG was set
-            on_term()
-        # One epoll per worker with EPOLLEXCLUSIVE: a new client wakes one idle worker, not all.
-        poller = select.epoll()
-        exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
-        for sock in self.listeners:
-            poller.register(sock.fileno(), select.EPOLLIN | exclusive)
-        by_fd = {s.fileno(): s for s in self.listeners}
-        idle_since = time.monotonic()
-        while not state["stop"]:
-            ready = poller.poll(1.0)
-            if state["hup"]:
-                state["hup"] = False
-                self.reopen()
-            if not ready:
-                if slot >= self.low and time.monotonic() - idle_since > self.IDLE_RETIRE:
-                    return EX_OK
-                continue
-            state["busy"] = True    # a SIGTERM from here on lets an accepted client be served
-            try:
-                conn, peer = by_fd[ready[0][0]].accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                state["busy"] = False
-                continue            # another worker took it
-            except OSError as exc:
-                state["busy"] = False
-                if state["stop"]:
-                    break           # SIGTERM closed the listener under us
-                self.log.message("accept: %s" % exc.strerror, error=True)
-                time.sleep(0.5)
-                continue
-            held = self.claim(slot, client_key(peer))
-            counter = self.high + slot      # taken from the queue, served or not
-            self.board[counter] = (self.board[counter] + 1) % 256
-            if held >= self.server.cfg.max_per_client:
-                refuse_over_cap(conn, peer, held, self.server)
-                self.board[slot] = IDLE
-                state["busy"] = False
-                continue
-            if IDLE not in self.board[:self.high]:
-                try:
-                    os.write(self.busy_w, b"!")     # ask the parent to watch the queue
-                except BlockingIOError:
-                    pass                            # it has been asked already
-            self.server.rotation += 1
-            self.set_title("tproxy worker", "tproxy: worker %d, %s" % (slot, connection_title(conn)))
-            run_session(Session(conn, self.server))
-            self.set_title(*idle_title)
-            own_upstreams.release()
-            self.board[slot] = IDLE
-            state["busy"] = False
-            idle_since = time.monotonic()
-        return EX_OK
-
-    def claim(self, slot, key):
-        """Mark SLOT busy serving the client address KEY; return how many other slots serve it.
-
-        Each worker writes its own slot and then counts: two workers
-        accepting the same address at the same instant may each count the
-        other (both refuse) or, rarely, neither (the cap is passed by one);
-        the cap is approximate by that much.
-        """
-        base = 2 * self.high
-        self.board[base + 16 * slot:base + 16 * slot + 16] = key
-        self.board[slot] = BUSY
-        if self.server.cfg.max_per_client >= self.high:
-            return 0
-        states, addrs = self.board[:self.high], self.board[base:]
-        return sum(1 for other in range(self.high) if other != slot and states[other] == BUSY
-                   and addrs[16 * other:16 * other + 16] == key)
-
-
 class EventLoop:
     """Drives many Sessions in one process: epoll for their descriptors, a heap for their deadlines.
 
@@ -3824,15 +3626,6 @@ class Worker(EventLoop):
     def ended(self, session):
         self.pool.clients.add(self.index, session.bucket, -1)
         self.free.append(session.slot)
-
-
-def listen_queue(sock):
-    """Return how many connections wait in listening SOCK's accept queue (0 if unknown)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
-    except OSError:
-        return 0
-    return struct.unpack_from("I", info, 24)[0]    # tcpi_unacked: the queue, on a listener
 
 
 def drain(fd):

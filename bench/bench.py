@@ -4,9 +4,9 @@
 Usage: bench.py [--quick] [--relaybench PATH] [--skip-relaybench] [--out DIR]
 
 1. relaybench (../shared/bench/relaybench.py): bulk, connection rate, idle
-   memory for tproxy -t (fork per connection), tproxy -t --prefork and
-   tproxy -t --workers 2, next to direct, socat, haproxy and haproxy with
-   splice, started together.
+   memory for tproxy -t (fork per connection) and tproxy -t --workers 2,
+   next to direct, socat, haproxy and haproxy with splice, started together
+   (--prefork runs --workers since its pool was retired).
 2. inetd start: time from exec to the first byte relayed, tproxy in inetd
    mode (fd 0 is the client, as inetd gives it) against a bare
    `python3 -c pass` on the same interpreter.
@@ -74,9 +74,6 @@ def run_relaybench(path, quick, out, tp):
         # Limits above relaybench's 1,000 held idle connections, so all of them are served.
         "tproxy-fork": tp + " -d -t --max-conns 1100 --max-per-client 1100 -s {listen_port} -b 127.0.0.1 "
                             "{target_host} {target_port}",
-        # N = 4 per CPU: the pool size that serves short connections fastest (tproxy(8)).
-        "tproxy-prefork": tp + " -d -t --prefork %d:1100 --max-per-client 1100 -s {listen_port} -b 127.0.0.1 "
-                               "{target_host} {target_port}" % (4 * os.cpu_count()),
         "tproxy-workers": tp + " -d -t --workers 2 --max-conns 2200 --max-per-client 2200 -s {listen_port} "
                                "-b 127.0.0.1 {target_host} {target_port}",
     }

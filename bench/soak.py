@@ -4,7 +4,7 @@
 Usage: soak.py [--connections N] [--concurrency C] [--seed S]
 
 Starts, on 127.0.0.1 only, an echo target and three tproxy servers in the
-foreground: fork per connection (-t), a prefork pool (-t --prefork=4:16),
+foreground: fork per connection (-t), event-driven workers (-t --workers=2),
 and one whose target is down. N client connections (default 100,000) are
 spread over them with these kinds:
 
@@ -131,7 +131,7 @@ async def drive(total, concurrency, ports, seed):
     async def worker(wid):
         wrng = random.Random(seed * 1000 + wid)
         for i, kind in queue:
-            port = ports["down"] if kind == "down" else ports["fork" if i % 2 else "prefork"]
+            port = ports["down"] if kind == "down" else ports["fork" if i % 2 else "workers"]
             try:
                 reason = await asyncio.wait_for(one(kind, port, wrng), DEADLINE)
             except asyncio.TimeoutError:
@@ -199,12 +199,12 @@ def main():
     target = free_port()
     procs.append(subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, %r); "
                                    "import soak; soak.run_target(%d)" % (HERE, target)]))
-    ports = {"fork": free_port(), "prefork": free_port(), "down": free_port()}
+    ports = {"fork": free_port(), "workers": free_port(), "down": free_port()}
     dead_target = free_port()        # nothing listens there
     common = [sys.executable, TPROXY, "-d", "-b", "127.0.0.1", "--max-conns=256", "-t"]
     servers = {
         "fork": common + ["-s", str(ports["fork"]), "127.0.0.1", str(target)],
-        "prefork": common + ["-s", str(ports["prefork"]), "--prefork=4:16", "127.0.0.1",
+        "workers": common + ["-s", str(ports["workers"]), "--workers=2", "127.0.0.1",
                              str(target)],
         "down": common + ["-s", str(ports["down"]), "--connect-timeout=2", "127.0.0.1",
                           str(dead_target)],
@@ -230,7 +230,7 @@ def main():
         took = time.monotonic() - started
         # Children finish after the client has its answer: wait (bounded) for them to go.
         for _ in range(200):
-            if all(children_count(pids[n]) <= (16 if n == "prefork" else 0) for n in pids):
+            if all(children_count(pids[n]) <= (2 if n == "workers" else 0) for n in pids):
                 break
             time.sleep(0.05)
         after = {name: health(pid) for name, pid in pids.items()}

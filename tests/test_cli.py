@@ -44,6 +44,9 @@ def run(*args, stdin=subprocess.DEVNULL, env=None):
     # Digits that str.isdigit() takes but int() or a port cannot.
     (["-s", "\u00b2", "-t"], 64, "tproxy: -s: unknown port or service '\u00b2'"),
     (["--prefork=\u2460", "-s", "80", "-t"], 64, "tproxy: --prefork: '\u2460' is not a positive whole number"),
+    (["--prefork=8:2", "-s", "80", "-t"], 64, "tproxy: --prefork: MAX 2 is below N 8"),
+    (["--prefork=2", "--workers=2", "-s", "80", "-t"], 64, "tproxy: --prefork and --workers exclude each other"),
+    (["--prefork=2:8", "-t"], 64, "tproxy: --prefork needs -s PORT (standalone mode)"),
     (["-t", "--max-conns=\u0661\u0662"], 64, "tproxy: --max-conns: '\u0661\u0662' is not a positive whole number"),
     (["-t", "--idle-timeout=\u0661\u0662"], 64, "tproxy: --idle-timeout: '\u0661\u0662' is not a number of seconds"),
     (["-s", "8080", "-r", "#4294967296", "-t"], 67, "tproxy: -r: unknown user '#4294967296'"),
@@ -80,6 +83,18 @@ def test_option_order_does_not_matter():
     a = tproxy.parse_args(["-t", "-s", "12970", "-r", "nobody", "192.0.2.1", "80"])
     b = tproxy.parse_args(["192.0.2.1", "80", "-r", "nobody", "-s", "12970", "-t"])
     assert vars(a) == vars(b) and a.port == 12970 and a.user[0] == "nobody"
+
+
+@pytest.mark.parametrize("argv, workers, max_conns", [
+    (["--prefork=8:1100"], 8, 1100),            # the pool's MAX capped connections at once
+    (["--prefork=8"], 8, 512),                  # no MAX: --max-conns keeps its default
+    (["--prefork=2:8", "--max-conns=9"], 2, 9),     # --max-conns given wins over MAX
+    (["--max-conns=512", "--prefork=2:8"], 2, 512),
+])
+def test_prefork_is_workers_with_max_as_max_conns(argv, workers, max_conns):
+    """--prefork N[:MAX] (tproxy 1.0's pool) runs --workers N; MAX is --max-conns unless given."""
+    cfg = tproxy.parse_args(argv + ["-s", "12970", "-t"])
+    assert (cfg.workers, cfg.max_conns) == (workers, max_conns)
 
 
 def test_help_and_version():

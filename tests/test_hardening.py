@@ -82,8 +82,7 @@ def test_connect_reply_timeout_is_for_the_whole_reply(box):
              what="the CONNECT timeout logged")
 
 
-@pytest.mark.parametrize("mode", [(), ("--prefork=2:4",), ("--workers=2",)],
-                         ids=["fork", "prefork", "workers"])
+@pytest.mark.parametrize("mode", [(), ("--workers=2",)], ids=["fork", "workers"])
 def test_own_upstream_connection_coming_back_is_refused(box, mode):
     """An OUTPUT REDIRECT also catching tproxy's own connection: one hop refused, no multiplying."""
     redirect_local_port(box)
@@ -173,8 +172,8 @@ def test_inetd_error_with_undecodable_bytes_reaches_syslog(box):
         sock.close()
 
 
-def test_prefork_worker_out_of_descriptors_lives_on_with_an_honest_record(box):
-    proc, err = box.start("--prefork=1")
+def test_worker_out_of_descriptors_lives_on_with_an_honest_record(box):
+    proc, err = box.start("--workers=1")
     worker = wait_for(lambda: children(proc.pid), what="the worker")[0]
     used = {int(fd) for fd in os.listdir("/proc/%d/fd" % worker)}
     free = [fd for fd in range(len(used) + 2) if fd not in used][:2]

@@ -201,6 +201,86 @@ def test_without_syslog_inetd_mode_writes_messages_to_the_l_file_not_the_client(
         [True, False], lines
     assert lines[1].endswith("outcome=" + refused), lines
 
+# Run as [PYTHON, "-c", SYSLOG_THEN, LOG or "-", COMMAND...] in a private /dev: with LOG,
+# a datagram socket at /dev/log writes what it gets to LOG until the server stops accepting.
+SYSLOG_THEN = r"""
+import socket, subprocess, sys, time
+log, command = sys.argv[1], sys.argv[2:]
+sink = None
+if log != "-":
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind("/dev/log")
+    sink.settimeout(1.0)
+subprocess.run(command, check=True)         # returns once the server is in the background
+deadline = time.monotonic() + 60
+while sink and time.monotonic() < deadline:
+    try:
+        line = sink.recv(4096).decode("utf-8", "replace")
+    except socket.timeout:
+        continue
+    with open(log, "a") as out:
+        out.write(line + "\n")
+    if "SIGTERM: stopped accepting" in line:
+        break
+"""
+
+
+def read_terminal(master, timeout=30.0):
+    """Return what reached the pty MASTER, once every writer has closed its side (lines, no CR)."""
+    import select
+    got = b""
+    while select.select([master], [], [], timeout)[0]:
+        try:
+            data = os.read(master, 4096)
+        except OSError:             # EIO: nobody holds the terminal any more
+            return got.decode().replace("\r\n", "\n").splitlines()
+        got += data
+    raise AssertionError("the terminal was still held after %gs: %r" % (timeout, got))
+
+
+@UNSHARE_NEEDS
+@pytest.mark.parametrize("syslog", [True, False], ids=["syslog", "no-syslog"])
+def test_prefork_from_a_terminal_says_once_that_it_runs_workers(tmp_path, syslog):
+    """--prefork in the background: the notice on the terminal once, in the log once (or both at once)."""
+    import pty
+    master, slave = pty.openpty()
+    log, pidfile = tmp_path / "syslog", tmp_path / "tproxy.pid"
+    port = free_port()
+    with socket.create_server(("127.0.0.1", 0)) as target:
+        starter = subprocess.Popen(["unshare", "-m", "sh", "-c", PRIVATE_DEV, "sh", PYTHON, "-c",
+                                    SYSLOG_THEN, str(log) if syslog else "-", PYTHON, TPROXY,
+                                    "--prefork=1:3", "-t", "-s", str(port), "-b", "127.0.0.1",
+                                    "-P", str(pidfile), "127.0.0.1", str(target.getsockname()[1])],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=slave, start_new_session=True)
+        os.close(slave)
+        try:
+            pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(),
+                               what="the pid file"))
+            try:
+                relay_one(port, target)
+            finally:
+                stop_daemon(pid)
+            assert starter.wait(30) == 0
+        finally:
+            stop(starter)
+    terminal = read_terminal(master)
+    os.close(master)
+    notice = ("--prefork 1:3: the prefork pool is retired; running 1 event-driven worker(s), "
+              "as --workers=1 --max-conns=3 (see tproxy(8))")
+    said = [line for line in terminal if "prefork" in line]
+    assert len(said) == 1, terminal
+    assert said[0].endswith("]: " + notice), terminal
+    if syslog:
+        logged = log.read_text().splitlines()
+        assert [line for line in logged if "prefork" in line][0].endswith("[%d]: %s" % (pid, notice))
+        assert sum("prefork" in line for line in logged) == 1, logged
+        assert any("listening on" in line for line in logged), logged
+        assert not any("listening on" in line for line in terminal), terminal
+    else:
+        assert any("listening on 127.0.0.1:%d" % port in line for line in terminal), terminal
+
+
 # ---------------------------------------------------------------------------
 # SIGUSR1 status lines and process titles
 # ---------------------------------------------------------------------------
@@ -319,37 +399,6 @@ def test_fork_mode_titles_tell_parent_from_child(tmp_path):
         assert cmdline[child] == "tproxy: %s -> 127.0.0.1:%d" % (client_addr, server.port)
         assert cmdline[server.proc.pid] == \
             "tproxy: parent, fork per connection, 127.0.0.1:%d" % server.port
-
-
-def test_sigusr1_prefork_each_worker_logs_its_own_line(tmp_path):
-    """--prefork=2: the parent logs the pool, each worker its own counters (a busy one too)."""
-    target = socket.create_server(("127.0.0.1", 0))
-    server = Running(tmp_path, "--prefork=2", "127.0.0.1", target.getsockname()[1])
-    try:
-        workers = wait_for(lambda: len(children_of(server.proc.pid)) == 2 and
-                           children_of(server.proc.pid), what="two workers")
-        for _ in range(3):
-            server.exchange(target)
-        server.wait_line("outcome=", 3)
-        comms = sorted(read_proc(pid, "comm") for pid in workers)
-        with server.client() as held:                   # keeps one worker busy meanwhile
-            served, _ = target.accept()
-            with served:
-                held.sendall(b"held")
-                assert served.recv(4) == b"held"
-                os.kill(server.proc.pid, signal.SIGUSR1)
-                lines = server.wait_line("status:", 3)
-    finally:
-        server.stop()
-        target.close()
-    assert comms == ["tproxy worker", "tproxy worker"]
-    assert lines[0].endswith("status: parent workers=2 busy=1"), lines
-    worker_lines = [STATUS_LINE.match(line) for line in lines[1:]]
-    assert all(worker_lines), lines
-    assert sorted(int(m.group(1)) for m in worker_lines) == sorted(workers)
-    assert sorted(int(m.group(3)) for m in worker_lines) == [0, 1]     # active
-    assert sum(int(m.group(4)) for m in worker_lines) == 3              # served, ended ones only
-    assert sum(int(m.group(7)) for m in worker_lines) == 12             # up: 3 x 4 bytes
 
 
 def test_sigusr1_workers_each_worker_logs_its_own_line(tmp_path):

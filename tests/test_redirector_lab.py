@@ -290,55 +290,48 @@ time.sleep(60)
 """
 
 
-def settled(book, server, err):
-    """Return once the server's loop has run past everything before now (a SIGHUP round trip).
-
-    The pool grows only in that loop, by forks it finishes before it reads
-    signals again; so after the acknowledgement, every growth already
-    decided is visible as a worker.
-    """
-    done = open(err).read().count("workers told")
-    os.kill(server, 1)
-    wait_logged(err, "workers told", count=done + 1)
+def listen_queue(host, port):
+    """Return how many clients wait in HOST's accept queues for PORT (ss: a listener's Recv-Q)."""
+    listeners = host.run("ss", "-Hltn", "sport = :%d" % port).stdout.splitlines()
+    return sum(int(line.split()[1]) for line in listeners)
 
 
-def test_prefork_pool_serves_grows_and_stops(book):
+def test_prefork_runs_workers_and_its_max_caps_connections(book):
+    """--prefork 2:4, tproxy 1.0's pool: two event-driven workers, at most 4 connections at once."""
     cow_log = book.web(book.cow)
     book.redirect()
-    proc, err = book.tproxy("-t", "--prefork", "2:5", "-r", "nobody", book.COW, 80)
+    proc, err = book.tproxy("-t", "--prefork", "2:4", "-r", "nobody", book.COW, 80)
     server = proc.pid
+    notice = ("tproxy[%d]: --prefork 2:4: the prefork pool is retired; running 2 event-driven "
+              "worker(s), as --workers=2 --max-conns=4 (see tproxy(8))\n" % server)
+    assert wait_logged(err, notice).count(notice) == 1
 
     def workers():
         return book.router.run("pgrep", "-P", server, check=False).stdout.split()
-    wait_for(lambda: len(workers()) == 2, what="two idle workers")
+    wait_for(lambda: len(workers()) == 2, what="two workers")
     for pid in workers():
         assert process_uid(int(pid)) == 65534
-    # One client at a time is served by the idle workers: the pool does not grow.
-    for _ in range(10):
-        assert book.send(book.MOOSE, 80, GET).startswith(b"HTTP/1.1 200")
-    settled(book, server, err)
-    assert len(workers()) == 2
-    # Eight clients send a request and hold their connections: five are served (the pool at
-    # its maximum), three wait in the listen queue with their requests unanswered...
-    marks = [book.tmp / ("holder-%d" % i) for i in range(8)]
+    # Six clients send a request and hold their connections: MAX (4) are served, two wait in
+    # the listen queue with their requests unanswered...
+    marks = [book.tmp / ("holder-%d" % i) for i in range(6)]
     holders = [book.client.popen(PYTHON, "-c", HOLDER, mark) for mark in marks]
     answered = lambda: [m for m in marks if m.exists() and m.read_text()]   # noqa: E731
-    wait_for(lambda: len(answered()) == 5, what="five holders answered")
-    settled(book, server, err)
-    assert len(workers()) == 5 and len(answered()) == 5
+    wait_for(lambda: len(answered()) == 4 and listen_queue(book.router, 12970) == 2,
+             what="four holders answered and two in the listen queue")
     first = answered()
     assert all(m.read_text() == "HTTP/1.1 200 OK" for m in first)
-    # ...and those three waiting clients themselves are answered once the first five leave.
+    # ...and those two are answered once the first four leave.
     for mark, holder in zip(marks, holders):
         if mark in first:
             holder.kill()
-    wait_for(lambda: len(answered()) == 8, what="the three waiting clients answered")
-    assert len(requests_seen(cow_log)) == 18
+    wait_for(lambda: len(answered()) == 6, what="the two waiting clients answered")
+    assert len(requests_seen(cow_log)) == 6
     for holder in holders:
         holder.kill()
     proc.terminate()
     assert proc.wait(10) == 0
     wait_for(lambda: not workers(), what="workers gone after SIGTERM")
+    assert open(err).read().count("the prefork pool is retired") == 1
 
 
 def test_restart_while_old_connections_still_run(book):

@@ -9,7 +9,7 @@ import pytest
 
 from support import GRACE, PORT, TARGET, tproxy_cmd, wait_for, wait_logged
 
-MODES = {"fork": (), "prefork": ("--prefork=2",), "workers": ("--workers=2",)}
+MODES = {"fork": (), "workers": ("--workers=2",)}
 
 
 def echoed(sock, data=b"ping"):

@@ -3863,8 +3863,11 @@ def open_udp_listeners(cfg, count):
 
     More than one form an SO_REUSEPORT group, one per worker: the kernel
     hashes each datagram's addresses and ports to one of them, so every
-    first datagram of a flow reaches the same worker. SO_REUSEADDR lets
-    reply sockets bind the listener's own address and port (fixed target).
+    first datagram of a flow reaches the same worker. The first is bound
+    with neither SO_REUSEADDR nor SO_REUSEPORT, so that any socket already
+    on the port (another tproxy too, even one of the same user, which
+    SO_REUSEPORT alone would let join the group) makes it fail as TCP's
+    bind does; see share_udp_port for what is set after.
     """
     if cfg.bind:
         try:
@@ -3884,7 +3887,10 @@ def open_udp_listeners(cfg, count):
                 sock = socket.socket(family, socket.SOCK_DGRAM)
                 socks.append(sock)
                 prepare_udp_listener(sock, family, dual_stack=not cfg.bind)
+                if len(socks) > 1:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(sockaddr)
+                share_udp_port(sock)
             return socks
         except OSError as exc:
             for sock in socks:
@@ -3897,10 +3903,22 @@ def open_udp_listeners(cfg, count):
     raise Fatal("cannot listen on %s: %s" % (where, last.strerror), status)
 
 
-def prepare_udp_listener(sock, family, dual_stack):
-    """Set SOCK's options before bind: sharing, transparency, original destinations, buffer."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def share_udp_port(sock):
+    """Once SOCK is bound: let the pool's next listeners and this server's reply sockets share its port.
+
+    The kernel checks SO_REUSEPORT and SO_REUSEADDR of the sockets already
+    bound when a new one binds (udp_lib_lport_inuse): set now, they admit
+    the group's other listeners (SO_REUSEPORT, same user) and reply sockets
+    bound to an address on this port (SO_REUSEADDR: a fixed target's, or a
+    TPROXY flow's to this port on another host), while a new tproxy's first
+    listener, which has neither, still finds the port in use.
+    """
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
+def prepare_udp_listener(sock, family, dual_stack):
+    """Set SOCK's options before bind: transparency, original destinations, buffer."""
     if family == socket.AF_INET6:
         if dual_stack:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

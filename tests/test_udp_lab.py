@@ -281,3 +281,36 @@ def test_max_conns_counts_flows(gateway):
     assert len(records(err)) >= 2 and "--max-conns: 2 flows" in open(err).read()
     for sock in (first, second, third):
         sock.close()
+
+
+@pytest.mark.parametrize("serving", [(), ("--workers=2",)], ids=["one-worker", "workers"])
+def test_a_second_tproxy_cannot_bind_the_same_udp_port(lab, serving):
+    """A second `tproxy --udp -s PORT` (same user, same options) fails as TCP does: status 71.
+
+    SO_REUSEADDR on both, or SO_REUSEPORT on both from one user, would let
+    the kernel give the port to both (udp_lib_lport_inuse), each then
+    getting a share of the flows.
+    """
+    host = lab.host("router")
+    argv = tproxy_cmd("-d", "--udp", "-s", PROXY_PORT, *serving, "127.0.0.1", DNS)
+    first = host.popen(*argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    host.wait_listening(PROXY_PORT, proto="udp")
+    for again in (argv, argv[:-2] + ["-b", "127.0.0.1", "127.0.0.1", str(DNS)]):
+        second = host.run(*again, check=False)
+        where = "127.0.0.1" if "-b" in again else "*"
+        assert (second.returncode, second.stderr) == (
+            71, "tproxy: cannot listen on %s UDP port %d: Address already in use\n" % (
+                where, PROXY_PORT))
+    assert first.poll() is None
+
+
+def test_a_udp_port_held_with_so_reuseaddr_is_in_use(lab):
+    """Another program's socket with SO_REUSEADDR on the port: tproxy --udp does not share it."""
+    host = lab.host("router")
+    holder = host.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", PROXY_PORT))
+    proc = host.run(*tproxy_cmd("-d", "--udp", "-s", PROXY_PORT, "192.0.2.1", DNS), check=False)
+    holder.close()
+    assert (proc.returncode, proc.stderr) == (
+        71, "tproxy: cannot listen on * UDP port %d: Address already in use\n" % PROXY_PORT)

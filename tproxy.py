@@ -374,9 +374,11 @@ def build_config(args):
 
 def check_udp_options(args, activated):
     """Refuse --udp without -s, or with an option that has no meaning for datagrams; raise Fatal."""
-    if args["-s"] is None:
-        raise Fatal("--udp needs -s PORT (standalone mode)" if not activated else
-                    "--udp cannot use a socket from systemd (tproxy.socket is TCP)", EX_USAGE)
+    if args["-s"] is None and not activated:
+        raise Fatal("--udp needs -s PORT (standalone mode)", EX_USAGE)
+    if activated and args["--workers"]:
+        raise Fatal("--udp and --workers exclude each other with sockets from systemd: "
+                    "each passed UDP socket gets one worker", EX_USAGE)
     for option in ("-f", "-p", "--connect", "--send-proxy", "--prefork", "--proxy-auth-file"):
         if args[option]:
             raise Fatal("--udp and %s exclude each other" % option, EX_USAGE)
@@ -2667,12 +2669,12 @@ class PidFile:
 def run_standalone(cfg):
     """Listen, switch user, go to the background, and serve until SIGTERM."""
     log = open_log(cfg.logfile, cfg.user)
-    listeners = inherited_listeners() if cfg.activated else None
+    listeners = inherited_listeners(cfg.udp) if cfg.activated else None
     if listeners:
         cfg.port = listeners[0].getsockname()[1]
     if any(is_self(a[4], cfg.port) for a in cfg.target_addrs):
         raise Fatal("target %s:%d is this proxy itself" % cfg.target, EX_USAGE)
-    if cfg.udp:
+    if cfg.udp and not listeners:
         listeners = open_udp_listeners(cfg, cfg.workers or 1)
     listeners = listeners or open_listeners(cfg)
     pidfile = PidFile(cfg.pidfile, cfg.user, cfg.pidfile_given) if cfg.pidfile else None
@@ -2733,8 +2735,13 @@ def socket_activated():
         is_digits(os.environ.get("LISTEN_FDS", "0")) and int(os.environ["LISTEN_FDS"]) > 0
 
 
-def inherited_listeners():
-    """Return the listening sockets systemd passed from fd 3 on; raise Fatal if unusable."""
+def inherited_listeners(udp=False):
+    """Return the listening sockets systemd passed from fd 3 on; raise Fatal if unusable.
+
+    They are TCP listeners, or with UDP bound UDP sockets (ListenDatagram=),
+    told apart by SO_TYPE: a socket of the other kind is an error, not a
+    silent switch of protocol.
+    """
     count = int(os.environ.get("LISTEN_FDS", "0"))
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)      # children must not think the sockets are theirs
@@ -2744,14 +2751,30 @@ def inherited_listeners():
             sock = socket.socket(fileno=fd)
         except OSError as exc:
             raise Fatal("socket activation: fd %d: %s" % (fd, exc.strerror), EX_USAGE) from None
-        if sock.family not in (socket.AF_INET, socket.AF_INET6) or \
-                sock.type != socket.SOCK_STREAM or \
+        inet = sock.family in (socket.AF_INET, socket.AF_INET6)
+        datagram = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_DGRAM
+        if udp:
+            if not (inet and datagram):
+                raise Fatal("socket activation: fd %d is not a UDP socket (--udp needs a "
+                            "socket unit with ListenDatagram=PORT)" % fd, EX_USAGE)
+            if sock.getsockname()[1] == 0:
+                raise Fatal("socket activation: fd %d is a UDP socket bound to no port" % fd,
+                            EX_USAGE)
+        elif inet and datagram:
+            raise Fatal("socket activation: fd %d is a UDP socket (serve it with --udp; "
+                        "for TCP, tproxy.socket needs ListenStream=PORT and Accept=no)" % fd,
+                        EX_USAGE)
+        elif not inet or sock.type != socket.SOCK_STREAM or \
                 not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise Fatal("socket activation: fd %d is not a listening TCP socket "
                         "(tproxy.socket needs ListenStream=PORT and Accept=no)" % fd, EX_USAGE)
         os.set_inheritable(fd, False)
-        sock.setblocking(False)
-        make_transparent(sock, sock.family)
+        if udp:
+            prepare_udp_listener(sock, sock.family, dual_stack=False)   # bound: V6ONLY is fixed
+            share_udp_port(sock)
+        else:
+            sock.setblocking(False)
+            make_transparent(sock, sock.family)
         socks.append(sock)
     return socks
 

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from support import BookLab, PEERS, PYTHON, REPO, proc_status, tproxy_cmd, wait_for
+from support import BookLab, LAUNCH, PEERS, PYTHON, REPO, proc_status, tproxy_cmd, wait_for
 from lab import have
 
 RECIPES = os.path.join(REPO, "contrib", "firewall")
@@ -47,15 +47,21 @@ def test_udp_idle_timeout_has_its_own_default():
     assert tproxy.parse_args(["--udp", "-s", "5300", "-t", "192.0.2.1", "53"]).mode == "udp"
 
 
+def answering_lab(lab, open_tmp):
+    """The book's lab with moose answering UDP 53 (peers.py udp-who)."""
+    book = BookLab(lab, open_tmp)
+    book.moose.popen(PYTHON, PEERS, "udp-who", DNS, book.MOOSE, book.MOOSE6, "--lifetime", 300)
+    book.moose.wait_listening(DNS, proto="udp")
+    return book
+
+
 @pytest.fixture(params=["fork", "workers"])
 def gateway(request, lab, open_tmp):
     """The book's lab with moose answering UDP 53 and the router intercepting it for tproxy."""
     if not have("iptables"):
         pytest.skip("iptables is needed (tools/install-deps installs it)")
-    book = BookLab(lab, open_tmp)
+    book = answering_lab(lab, open_tmp)
     book.serving = ("--workers=2",) if request.param == "workers" else ()
-    book.moose.popen(PYTHON, PEERS, "udp-who", DNS, book.MOOSE, book.MOOSE6, "--lifetime", 300)
-    book.moose.wait_listening(DNS, proto="udp")
     for name, args in (("proxy-return-path", ["--udp"]),
                        ("tproxy-intercept", ["--port", DNS, "--to", PROXY_PORT, "--udp"])):
         book.router.run("sh", os.path.join(RECIPES, name), "add", *args)
@@ -314,3 +320,67 @@ def test_a_udp_port_held_with_so_reuseaddr_is_in_use(lab):
     holder.close()
     assert (proc.returncode, proc.stderr) == (
         71, "tproxy: cannot listen on * UDP port %d: Address already in use\n" % PROXY_PORT)
+
+
+def test_socket_activation_with_datagram_sockets(lab, open_tmp):
+    """Under `systemd-socket-activate --datagram` (ListenDatagram=): the passed sockets serve, none bound besides."""
+    if not have("systemd-socket-activate"):
+        pytest.skip("systemd-socket-activate is not installed (Debian package systemd)")
+    book = answering_lab(lab, open_tmp)
+    err = book.tmp / "activated.err"
+    with open(err, "wb") as f:
+        book.router.popen("systemd-socket-activate", "--datagram",
+                          "-l", "%s:%d" % (book.ROUTER_IN, PROXY_PORT),
+                          "-l", "[%s]:%d" % (book.ROUTER_IN6, PROXY_PORT),
+                          *tproxy_cmd("-d", "--udp", "--idle-timeout=%d" % IDLE, book.MOOSE, DNS),
+                          stdout=f, stderr=f)
+    book.router.wait_listening(PROXY_PORT, proto="udp")
+    # The first datagram starts tproxy, which then reads it from the passed socket.
+    for family, proxy in ((socket.AF_INET, book.ROUTER_IN), (socket.AF_INET6, book.ROUTER_IN6)):
+        sock = client_sockets(book, family, 1)[0]
+        seen, source = ask(sock, (proxy, PROXY_PORT), b"activated")
+        assert source == (proxy, PROXY_PORT), err.read_text()
+        assert seen[0] == "198.51.100.1" and seen[2:] == (book.MOOSE, DNS)
+        sock.close()
+    log = err.read_text()
+    assert "listening on %s:%d, [%s]:%d, udp mode" % (
+        book.ROUTER_IN, PROXY_PORT, book.ROUTER_IN6, PROXY_PORT) in log, log
+    assert "(socket from systemd)" in log
+    unconnected = book.router.run("ss", "-Hlun", "sport", "= :%d" % PROXY_PORT).stdout
+    assert len(unconnected.splitlines()) == 2, unconnected     # the reply sockets are connected
+    assert len(wait_for(lambda: records(err) or None, timeout=IDLE + 30,
+                        what="the flows' records")) >= 1
+
+
+def passed_socket(kind):
+    """Return a socket of KIND, as a misconfigured socket unit would pass it."""
+    if kind == "tcp-listener":
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if kind == "bound-udp":
+            sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.mark.parametrize("kind, args, message", [
+    ("tcp-listener", ["--udp"], "socket activation: fd 3 is not a UDP socket "
+     "(--udp needs a socket unit with ListenDatagram=PORT)"),
+    ("unbound-udp", ["--udp"], "socket activation: fd 3 is a UDP socket bound to no port"),
+    ("bound-udp", ["-t"], "socket activation: fd 3 is a UDP socket (serve it with --udp; "
+     "for TCP, tproxy.socket needs ListenStream=PORT and Accept=no)"),
+    ("bound-udp", ["--udp", "--workers=2"], "--udp and --workers exclude each other with "
+     "sockets from systemd: each passed UDP socket gets one worker"),
+], ids=["tcp-with-udp", "unbound-udp", "udp-without-udp", "udp-with-workers"])
+def test_socket_activation_refuses_the_wrong_kind_of_socket(kind, args, message):
+    """A stream socket with --udp, a datagram socket without it: one line, status 64."""
+    with passed_socket(kind) as sock:
+        # systemd-socket-activate passes only bound datagram sockets to a --datagram service.
+        proc = subprocess.run([PYTHON, "-c", LAUNCH, str(sock.fileno())] +
+                              tproxy_cmd("-d", *args, "192.0.2.20", DNS),
+                              env=dict(os.environ, LISTEN_FDS="1", LISTEN_PID="self"),
+                              pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stderr) == (64, "tproxy: %s\n" % message)

@@ -949,28 +949,29 @@ class OwnUpstreams:
             at = ports.find(needle, at + 1)
         return False
 
-    def is_own(self, client, orig):
-        """Return True when the connection CLIENT -> ORIG is one of this server's upstreams."""
+    def is_own(self, client, orig, proto="tcp"):
+        """Return True when the connection (PROTO "udp": the flow) CLIENT -> ORIG is one of this server's upstreams."""
         if self.board is None or not (self.holds(self.ports, client[1]) or
                                       self.holds(self.pending, orig[1])):
             return False
         host = plain_ip(client[0]).split("%", 1)[0]      # a link-local scope is not in /proc
         if not is_local_address(host):
             return False
-        inode = socket_inode((host, client[1]), (plain_ip(orig[0]).split("%", 1)[0], orig[1]))
+        inode = socket_inode((host, client[1]), (plain_ip(orig[0]).split("%", 1)[0], orig[1]),
+                             proto)
         return inode is not None and inode in self.board
 
 
 own_upstreams = OwnUpstreams()
 
 
-def socket_inode(local, remote):
-    """Return the inode of this namespace's TCP socket LOCAL -> REMOTE (from /proc/net), or None."""
+def socket_inode(local, remote, proto="tcp"):
+    """Return the inode of this namespace's PROTO ("tcp", "udp") socket LOCAL -> REMOTE (from /proc/net), or None."""
     wanted = {proc_net_address(local) + " " + proc_net_address(remote)}
     if ":" not in local[0] and ":" not in remote[0]:     # an AF_INET6 socket may hold it mapped
         wanted.add(proc_net_address(("::ffff:" + local[0], local[1])) + " " +
                    proc_net_address(("::ffff:" + remote[0], remote[1])))
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for name in ("/proc/net/" + proto, "/proc/net/%s6" % proto):
         try:
             with open(name) as f:
                 next(f, None)
@@ -4004,7 +4005,7 @@ class Flow:
     """
 
     __slots__ = ("relay", "client", "orig", "record", "upstream", "reply", "waits", "dropped",
-                 "done", "last", "registered", "timer_at")     # many idle flows: no __dict__ each
+                 "done", "last", "registered", "timer_at", "slot")   # many idle flows: no __dict__ each
 
     def __init__(self, relay, client, orig, now):
         self.relay = relay
@@ -4016,6 +4017,7 @@ class Flow:
         self.dropped = []       # descriptors closed since the loop last looked (EventLoop)
         self.done = False
         self.last = now
+        self.slot = None        # the loop guard's slot (OwnUpstreams) while the upstream is open
 
     @property
     def due(self):
@@ -4024,8 +4026,13 @@ class Flow:
     def start(self, now):
         """EventLoop.add's hook: the sockets are already open."""
 
-    def open(self, target):
-        """Open the upstream and reply sockets for TARGET; raise OSError or ConnectionFailed."""
+    def open(self, target, slot):
+        """Open the upstream and reply sockets for TARGET; raise OSError or ConnectionFailed.
+
+        The upstream socket goes on the loop guard's board in SLOT (None:
+        no slot left), so that its datagrams, if a rule brings them back
+        to the listener, are known for this server's own.
+        """
         cfg = self.relay.cfg
         self.record.target = target
         family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
@@ -4033,7 +4040,12 @@ class Flow:
         self.upstream.setblocking(False)
         if cfg.source or cfg.source_ports:
             bind_source(self.upstream, family, cfg.source, self.client, None, cfg.source_ports)
+        if slot is not None:
+            self.slot = slot
+            own_upstreams.add(self.upstream, target[1], slot)
         self.upstream.connect(target)
+        if slot is not None:
+            own_upstreams.connecting(self.upstream, slot)
         if cfg.source_ports and cfg.source != "client-port":
             check_source_port(self.upstream, cfg.source_ports)
         family = socket.AF_INET6 if ":" in self.orig[0] else socket.AF_INET
@@ -4228,6 +4240,9 @@ class UdpWorker(Worker):
             flow.record.outcome = "denied by access list"
         elif cfg.target is None and is_self(orig, server.listen_port):
             flow.record.outcome = "loop: the original destination is this proxy itself"
+        elif own_upstreams.is_own(client, orig, "udp"):
+            flow.record.outcome = "loop: %s is this proxy's own upstream socket to %s" % (
+                show_addr(client), show_addr(orig))
         else:
             if cfg.target is None:
                 target = orig
@@ -4235,11 +4250,12 @@ class UdpWorker(Worker):
                 server.rotation += 1
                 target = server.target_addrs()[0][4][:2]
             try:
-                flow.open((plain_ip(target[0]), target[1]))
+                flow.open((plain_ip(target[0]), target[1]), self.free.pop() if self.free else None)
             except (OSError, ConnectionFailed) as exc:
                 flow.record.outcome = str(exc) if isinstance(exc, ConnectionFailed) else \
                     "cannot open the flow: %s" % (exc.strerror or exc)
                 flow.finish(flow.record.outcome)
+                self.ended(flow)
                 return None
         self.flows[(client, orig)] = flow
         self.add(flow, now)
@@ -4247,6 +4263,10 @@ class UdpWorker(Worker):
 
     def ended(self, flow):
         self.flows.pop((flow.client, flow.orig), None)
+        if flow.slot is not None:
+            own_upstreams.release(flow.slot)
+            self.free.append(flow.slot)
+            flow.slot = None
 
 
 # ---------------------------------------------------------------------------

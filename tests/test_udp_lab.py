@@ -200,6 +200,34 @@ def test_datagram_to_the_proxy_port_is_not_relayed_in_a_loop(gateway):
     sock.close()
 
 
+def test_own_upstream_datagrams_coming_back_are_not_relayed(gateway):
+    """A rule that brings tproxy's own upstream datagrams back to it: refused once, no flow per hop.
+
+    The router marks its own datagrams to port 53 for the local route table
+    (as a recipe for the proxy host's own clients does, without leaving out
+    tproxy's user), so the upstream datagram comes back through lo to the
+    TPROXY rule: its source is the flow's upstream socket.
+    """
+    book = gateway
+    book.router.run("iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "udp", "--dport", DNS,
+                    "-j", "MARK", "--set-mark", "1")
+    proc, err = start(book, "--max-conns=8")
+    sock = client_sockets(book, socket.AF_INET, 1)[0]
+    sock.sendto(b"round and round", (book.MOOSE, DNS))
+    lines = wait_for(lambda: len(records(err)) >= 2 and records(err), timeout=IDLE + 30,
+                     what="the client's flow and the refused loop")
+    client = "client=%s:%d orig=%s:53 target=%s:53 " % (
+        book.CLIENT, sock.getsockname()[1], book.MOOSE, book.MOOSE)
+    [mine] = [line for line in lines if client in line]
+    assert "datagrams_up=1 datagrams_down=0 outcome=ok" in mine
+    [loop] = [line for line in lines if client not in line]
+    assert re.search(r"client=198\.51\.100\.1:(\d+) orig=198\.51\.100\.10:53 target=- .* "
+                     r"datagrams_up=1 datagrams_down=0 outcome=loop: 198\.51\.100\.1:\1 is this "
+                     r"proxy's own upstream socket to 198\.51\.100\.10:53$", loop), loop
+    assert len(records(err)) == 2 and proc.poll() is None
+    sock.close()
+
+
 def test_fixed_target_answers_from_the_proxy_port(gateway):
     """PROXYHOST PROXYPORT: clients address the proxy and get answers from its address and port."""
     book = gateway

@@ -4146,8 +4146,9 @@ class Flow:
         self.relay.server.on_record(self.record)
 
     def cut(self):
-        """Shutdown's grace is over."""
-        self.finish("cut at shutdown" if self.record.outcome == "ok" else self.record.outcome)
+        """Shutdown's grace is over (or a second SIGTERM ended it): the outcome says so, as a connection's."""
+        self.finish("cut at shutdown after the %gs grace period" % self.relay.cfg.grace
+                    if self.record.outcome == "ok" else self.record.outcome)
 
 
 def icmp_outcome(exc):

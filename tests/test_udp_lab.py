@@ -5,6 +5,7 @@ every datagram with the peer and local address it saw (peers.py udp-who).
 """
 import os
 import re
+import signal
 import socket
 import subprocess
 
@@ -29,6 +30,7 @@ IDLE = 3                    # --idle-timeout of the lab's tproxy: flows expire w
     (["--udp", "-s", "5300", "--send-proxy=v2"], "--udp and --send-proxy exclude each other"),
     (["--udp", "-s", "5300", "--prefork=2"], "--udp and --prefork exclude each other"),
     (["--udp", "-s", "5300", "--idle-timeout=0"], "--idle-timeout: '0' is not a number of seconds"),
+    (["--udp", "-d", "-s", "5300", "127.0.0.1", "5300"], "target 127.0.0.1:5300 is this proxy itself"),
 ])
 def test_udp_refuses_options_without_meaning(args, message):
     """--udp with an option made for TCP or inetd: one line, status 64 (EX_USAGE)."""
@@ -412,3 +414,56 @@ def test_socket_activation_refuses_the_wrong_kind_of_socket(kind, args, message)
                               pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=30)
     assert (proc.returncode, proc.stderr) == (64, "tproxy: %s\n" % message)
+
+
+def stop_with_grace(book, grace):
+    """Start tproxy --udp with --grace=GRACE and flows that outlive it; return (Popen, stderr path)."""
+    proc, err = book.tproxy("--udp", "--idle-timeout=600", "--grace=%d" % grace, "-r", "nobody",
+                            port=PROXY_PORT, wait=False)
+    book.router.wait_listening(PROXY_PORT, proto="udp")
+    return proc, err
+
+
+def test_sigterm_stops_new_flows_and_a_second_one_cuts_the_live(gateway):
+    """SIGTERM: no new flow from then on, the live flow relays on; a second SIGTERM cuts it, logged."""
+    book = gateway
+    proc, err = stop_with_grace(book, 600)
+    live, late = client_sockets(book, socket.AF_INET, 2)
+    seen, _ = ask(live, (book.MOOSE, DNS), b"before")
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "SIGTERM: stopped accepting" in open(err).read(), what="the first SIGTERM")
+    wait_for(lambda: not book.router.run("ss", "-Hlun", "sport", "= :%d" % PROXY_PORT).stdout,
+             what="every listener closed (parent and workers)")
+    late.sendto(b"too late", (book.MOOSE, DNS))
+    again, source = ask(live, (book.MOOSE, DNS), b"during the grace period")
+    assert source == (book.MOOSE, DNS) and again[1] == seen[1]      # the same flow, relayed on
+    late.settimeout(1.0)
+    with pytest.raises(socket.timeout):
+        late.recvfrom(65536)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0                   # not the 600 s of --grace
+    [line] = records(err)
+    assert "client=%s:%d " % (book.CLIENT, live.getsockname()[1]) in line
+    assert line.endswith(" datagrams_up=2 datagrams_down=2 "
+                         "outcome=cut at shutdown after the 600s grace period\n"), line
+    for sock in (live, late):
+        sock.close()
+
+
+def test_sigterm_lets_live_flows_run_for_the_grace_period(gateway):
+    """SIGTERM once: the workers exit when --grace ends, each live flow logged as cut."""
+    book = gateway
+    proc, err = stop_with_grace(book, 2)
+    socks = client_sockets(book, socket.AF_INET, 4)
+    for i, sock in enumerate(socks):
+        ask(sock, (book.MOOSE, DNS), b"flow%d" % i)
+    workers = children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert not [pid for pid in workers if os.path.exists("/proc/%d" % pid)]
+    lines = records(err)
+    assert len(lines) == 4 and all(line.endswith(
+        " datagrams_up=1 datagrams_down=1 outcome=cut at shutdown after the 2s grace period\n")
+        for line in lines), lines
+    for sock in socks:
+        sock.close()

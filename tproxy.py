@@ -3972,18 +3972,31 @@ def datagram_destination(ancillary, fallback):
     return plain_ip(fallback[0]), fallback[1]
 
 
-class UdpRecord(Record):
-    """What happened to one flow: a connection's record plus datagrams counted each way."""
+class UdpRecord:
+    """What happened to one flow: a connection's Record, in slots, plus datagrams counted each way.
+
+    Not a subclass: Record keeps its fields in a dict, which a flow that
+    lives for --idle-timeout with thousands of others cannot afford.
+    """
+
+    __slots__ = ("started", "client", "orig", "target", "up", "down", "outcome",
+                 "datagrams_up", "datagrams_down", "truncated", "dropped")
+    mode = "udp"
+    host = None
 
     def __init__(self, client):
-        super().__init__(client, "udp")
+        self.started = time.monotonic()
+        self.client = client
+        self.orig = self.target = None
+        self.up = self.down = 0
+        self.outcome = "ok"
         self.datagrams_up = self.datagrams_down = 0
         self.truncated = 0      # longer than UDP_BUFFER (MSG_TRUNC): counted, not relayed
         self.dropped = 0        # a socket's send buffer was full: the datagram was lost
 
     def line(self):
-        """Return the connection line with the datagram counts before the outcome."""
-        head, _, outcome = super().line().rpartition(" outcome=")
+        """Return the connection line (Record.line) with the datagram counts before the outcome."""
+        head, _, outcome = Record.line(self).rpartition(" outcome=")
         extra = " datagrams_up=%d datagrams_down=%d" % (self.datagrams_up, self.datagrams_down)
         if self.truncated or self.dropped:
             extra += " truncated=%d dropped=%d" % (self.truncated, self.dropped)
@@ -4001,11 +4014,13 @@ class Flow:
     counts what it drops until it goes idle. It ends when idle for
     --idle-timeout, at an ICMP error for the upstream socket (the client's
     next datagram starts a new flow), or at shutdown; it is logged once.
-    Driven by an EventLoop like a Session (waits, due, advance, cut).
+    Driven by a UdpWorker's EventLoop like a Session (due, advance, cut),
+    but registered once: both sockets wait for input for the flow's life
+    (see UdpWorker.add), so a flow keeps no dict of what it waits on.
     """
 
-    __slots__ = ("relay", "client", "orig", "record", "upstream", "reply", "waits", "dropped",
-                 "done", "last", "registered", "timer_at", "slot")   # many idle flows: no __dict__ each
+    __slots__ = ("relay", "client", "orig", "record", "upstream", "reply",
+                 "done", "last", "timer_at", "slot")   # many idle flows: no __dict__ each
 
     def __init__(self, relay, client, orig, now):
         self.relay = relay
@@ -4013,8 +4028,6 @@ class Flow:
         self.record = UdpRecord(client)
         self.record.orig = orig
         self.upstream = self.reply = None
-        self.waits = {}
-        self.dropped = []       # descriptors closed since the loop last looked (EventLoop)
         self.done = False
         self.last = now
         self.slot = None        # the loop guard's slot (OwnUpstreams) while the upstream is open
@@ -4022,9 +4035,6 @@ class Flow:
     @property
     def due(self):
         return None if self.done else self.last + self.relay.cfg.idle_timeout
-
-    def start(self, now):
-        """EventLoop.add's hook: the sockets are already open."""
 
     def open(self, target, slot):
         """Open the upstream and reply sockets for TARGET; raise OSError or ConnectionFailed.
@@ -4055,7 +4065,6 @@ class Flow:
         make_transparent(self.reply, family)
         self.reply.bind(self.orig)
         self.reply.connect(self.client)
-        self.waits = {self.upstream.fileno(): select.EPOLLIN, self.reply.fileno(): select.EPOLLIN}
 
     def send_up(self, data, size, now):
         """Relay one client datagram of SIZE bytes (DATA holds at most UDP_BUFFER) to the target."""
@@ -4137,9 +4146,8 @@ class Flow:
         self.done = True
         for sock in (self.upstream, self.reply):
             if sock is not None:
-                self.dropped.append(sock.fileno())
-                sock.close()
-        self.waits = {}
+                self.relay.by_fd.pop(sock.fileno(), None)
+                sock.close()            # epoll forgets it with the descriptor
         if self.record.outcome == "ok":
             self.record.outcome = outcome
         self.relay.server.log.connection(self.record.line())
@@ -4236,6 +4244,8 @@ class UdpWorker(Worker):
     def new_flow(self, client, orig, now):
         """Start and return the flow CLIENT -> ORIG, or None (its failure logged)."""
         cfg, server = self.cfg, self.server
+        # Flows from one host, or to one server, share its address string (interned while in use).
+        client, orig = (sys.intern(client[0]), client[1]), (sys.intern(orig[0]), orig[1])
         flow = Flow(self, client, orig, now)
         if not acl_allows(cfg.acl, client):
             flow.record.outcome = "denied by access list"
@@ -4261,6 +4271,33 @@ class UdpWorker(Worker):
         self.flows[(client, orig)] = flow
         self.add(flow, now)
         return flow
+
+    def add(self, flow, now):
+        """Drive FLOW until it ends: its sockets wait for input from now on, and its idle deadline."""
+        flow.timer_at = None
+        self.sessions.add(flow)
+        for sock in (flow.upstream, flow.reply):
+            if sock is not None:
+                self.epoll.register(sock.fileno(), select.EPOLLIN)
+                self.by_fd[sock.fileno()] = flow
+        self.sync(flow)
+
+    def sync(self, flow):
+        """EventLoop.sync for a flow: nothing to change in epoll; forget it once done, else keep its timer.
+
+        A flow's deadline only moves later, so it needs a new heap entry
+        only once the last one has come up (expire sets timer_at to None).
+        """
+        if flow.done:
+            self.sessions.discard(flow)
+            self.ended(flow)
+        elif flow.timer_at is None:
+            flow.timer_at = flow.due
+            self.seq += 1
+            heapq.heappush(self.timers, (flow.timer_at, self.seq, flow))
+            if len(self.timers) > 2 * len(self.sessions) + 64:    # flows ended early (ICMP)
+                self.timers = [t for t in self.timers if not t[2].done and t[0] == t[2].timer_at]
+                heapq.heapify(self.timers)
 
     def ended(self, flow):
         self.flows.pop((flow.client, flow.orig), None)

@@ -440,6 +440,11 @@ def test_sigterm_stops_new_flows_and_a_second_one_cuts_the_live(gateway):
     late.settimeout(1.0)
     with pytest.raises(socket.timeout):
         late.recvfrom(65536)
+    # The port is free for a new tproxy at once (the reply sockets are on port 53).
+    book.tproxy("--udp", "-r", "nobody", port=PROXY_PORT, wait=False)
+    book.router.wait_listening(PROXY_PORT, proto="udp")
+    _, source = ask(late, (book.MOOSE, DNS), b"the new one")
+    assert source == (book.MOOSE, DNS)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0                   # not the 600 s of --grace
     [line] = records(err)

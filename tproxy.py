@@ -4045,13 +4045,13 @@ class Flow:
         """
         cfg = self.relay.cfg
         self.record.target = target
+        self.slot = slot        # given back when the flow ends, whatever fails here
         family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
         self.upstream = socket.socket(family, socket.SOCK_DGRAM)
         self.upstream.setblocking(False)
         if cfg.source or cfg.source_ports:
             bind_source(self.upstream, family, cfg.source, self.client, None, cfg.source_ports)
         if slot is not None:
-            self.slot = slot
             own_upstreams.add(self.upstream, target[1], slot)
         self.upstream.connect(target)
         if slot is not None:

@@ -4300,7 +4300,8 @@ class UdpWorker(Worker):
                 heapq.heapify(self.timers)
 
     def ended(self, flow):
-        self.flows.pop((flow.client, flow.orig), None)
+        if self.flows.get((flow.client, flow.orig)) is flow:
+            del self.flows[(flow.client, flow.orig)]
         if flow.slot is not None:
             own_upstreams.release(flow.slot)
             self.free.append(flow.slot)

@@ -382,6 +382,41 @@ def test_socket_activation_with_datagram_sockets(lab, open_tmp):
                         what="the flows' records")) >= 1
 
 
+@pytest.mark.parametrize("gateway", ["fork"], indirect=True)     # --workers: refused (above)
+def test_socket_activation_intercepting_as_a_dynamic_user(gateway):
+    """As the example unit runs it: a root-bound socket, tproxy as nobody with two ambient capabilities.
+
+    The reply sockets (bound to port 53 by nobody) must share nothing with
+    the passed socket, and transparency is set by tproxy itself.
+    """
+    book = gateway
+    if not (have("systemd-socket-activate") and have("setpriv")):
+        pytest.skip("systemd-socket-activate and setpriv are needed (Debian systemd, util-linux)")
+    caps = "+net_raw,+net_bind_service"
+    err = book.tmp / "activated-nobody.err"
+    with open(err, "wb") as f:
+        book.router.popen("systemd-socket-activate", "--datagram", "-l", str(PROXY_PORT),
+                          "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                          "--inh-caps=" + caps, "--ambient-caps=" + caps,
+                          *tproxy_cmd("-d", "--udp", "--idle-timeout=%d" % IDLE),
+                          stdout=f, stderr=f)
+    book.router.wait_listening(PROXY_PORT, proto="udp")
+    # TPROXY delivers only to a transparent socket, and systemd-socket-activate
+    # has no Transparent=yes: the datagram that starts tproxy goes to the port
+    # itself (a loop, refused), and tproxy makes the socket transparent.
+    wake = client_sockets(book, socket.AF_INET, 1)[0]
+    wake.sendto(b"start", (book.ROUTER_IN, PROXY_PORT))
+    wait_for(lambda: "(socket from systemd)" in err.read_text(), timeout=30,
+             what="tproxy started by the first datagram")
+    wake.close()
+    for family, server in ((socket.AF_INET, book.MOOSE), (socket.AF_INET6, book.MOOSE6)):
+        for sock in client_sockets(book, family, 3):
+            seen, source = ask(sock, (server, DNS), b"who")
+            assert source == (server, DNS), err.read_text()
+            assert seen[2:] == (server, DNS)
+            sock.close()
+
+
 def passed_socket(kind):
     """Return a socket of KIND, as a misconfigured socket unit would pass it."""
     if kind == "tcp-listener":

@@ -379,9 +379,11 @@ def build_config(args):
 
 def check_udp_options(args, activated):
     """Refuse --udp without -s, or with an option that has no meaning for datagrams; raise Fatal."""
-    if args["-s"] is None:
-        raise Fatal("--udp needs -s PORT (standalone mode)" if not activated else
-                    "--udp cannot use a socket from systemd (tproxy.socket is TCP)", EX_USAGE)
+    if args["-s"] is None and not activated:
+        raise Fatal("--udp needs -s PORT (standalone mode)", EX_USAGE)
+    if activated and args["--workers"]:
+        raise Fatal("--udp and --workers exclude each other with sockets from systemd: "
+                    "each passed UDP socket gets one worker", EX_USAGE)
     for option in ("-f", "-p", "--connect", "--send-proxy", "--prefork", "--proxy-auth-file"):
         if args[option]:
             raise Fatal("--udp and %s exclude each other" % option, EX_USAGE)
@@ -959,28 +961,29 @@ class OwnUpstreams:
             at = ports.find(needle, at + 1)
         return False
 
-    def is_own(self, client, orig):
-        """Return True when the connection CLIENT -> ORIG is one of this server's upstreams."""
+    def is_own(self, client, orig, proto="tcp"):
+        """Return True when the connection (PROTO "udp": the flow) CLIENT -> ORIG is one of this server's upstreams."""
         if self.board is None or not (self.holds(self.ports, client[1]) or
                                       self.holds(self.pending, orig[1])):
             return False
         host = plain_ip(client[0]).split("%", 1)[0]      # a link-local scope is not in /proc
         if not is_local_address(host):
             return False
-        inode = socket_inode((host, client[1]), (plain_ip(orig[0]).split("%", 1)[0], orig[1]))
+        inode = socket_inode((host, client[1]), (plain_ip(orig[0]).split("%", 1)[0], orig[1]),
+                             proto)
         return inode is not None and inode in self.board
 
 
 own_upstreams = OwnUpstreams()
 
 
-def socket_inode(local, remote):
-    """Return the inode of this namespace's TCP socket LOCAL -> REMOTE (from /proc/net), or None."""
+def socket_inode(local, remote, proto="tcp"):
+    """Return the inode of this namespace's PROTO ("tcp", "udp") socket LOCAL -> REMOTE (from /proc/net), or None."""
     wanted = {proc_net_address(local) + " " + proc_net_address(remote)}
     if ":" not in local[0] and ":" not in remote[0]:     # an AF_INET6 socket may hold it mapped
         wanted.add(proc_net_address(("::ffff:" + local[0], local[1])) + " " +
                    proc_net_address(("::ffff:" + remote[0], remote[1])))
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for name in ("/proc/net/" + proto, "/proc/net/%s6" % proto):
         try:
             with open(name) as f:
                 next(f, None)
@@ -2679,12 +2682,12 @@ class PidFile:
 def run_standalone(cfg):
     """Listen, switch user, go to the background, and serve until SIGTERM."""
     log = open_log(cfg.logfile, cfg.user)
-    listeners = inherited_listeners() if cfg.activated else None
+    listeners = inherited_listeners(cfg.udp) if cfg.activated else None
     if listeners:
         cfg.port = listeners[0].getsockname()[1]
     if any(is_self(a[4], cfg.port) for a in cfg.target_addrs):
         raise Fatal("target %s:%d is this proxy itself" % cfg.target, EX_USAGE)
-    if cfg.udp:
+    if cfg.udp and not listeners:
         listeners = open_udp_listeners(cfg, cfg.workers or 1)
     listeners = listeners or open_listeners(cfg)
     pidfile = PidFile(cfg.pidfile, cfg.user, cfg.pidfile_given) if cfg.pidfile else None
@@ -2758,8 +2761,13 @@ def socket_activated():
         is_digits(os.environ.get("LISTEN_FDS", "0")) and int(os.environ["LISTEN_FDS"]) > 0
 
 
-def inherited_listeners():
-    """Return the listening sockets systemd passed from fd 3 on; raise Fatal if unusable."""
+def inherited_listeners(udp=False):
+    """Return the listening sockets systemd passed from fd 3 on; raise Fatal if unusable.
+
+    They are TCP listeners, or with UDP bound UDP sockets (ListenDatagram=),
+    told apart by SO_TYPE: a socket of the other kind is an error, not a
+    silent switch of protocol.
+    """
     count = int(os.environ.get("LISTEN_FDS", "0"))
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)      # children must not think the sockets are theirs
@@ -2769,14 +2777,30 @@ def inherited_listeners():
             sock = socket.socket(fileno=fd)
         except OSError as exc:
             raise Fatal("socket activation: fd %d: %s" % (fd, exc.strerror), EX_USAGE) from None
-        if sock.family not in (socket.AF_INET, socket.AF_INET6) or \
-                sock.type != socket.SOCK_STREAM or \
+        inet = sock.family in (socket.AF_INET, socket.AF_INET6)
+        datagram = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_DGRAM
+        if udp:
+            if not (inet and datagram):
+                raise Fatal("socket activation: fd %d is not a UDP socket (--udp needs a "
+                            "socket unit with ListenDatagram=PORT)" % fd, EX_USAGE)
+            if sock.getsockname()[1] == 0:
+                raise Fatal("socket activation: fd %d is a UDP socket bound to no port" % fd,
+                            EX_USAGE)
+        elif inet and datagram:
+            raise Fatal("socket activation: fd %d is a UDP socket (serve it with --udp; "
+                        "for TCP, tproxy.socket needs ListenStream=PORT and Accept=no)" % fd,
+                        EX_USAGE)
+        elif not inet or sock.type != socket.SOCK_STREAM or \
                 not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise Fatal("socket activation: fd %d is not a listening TCP socket "
                         "(tproxy.socket needs ListenStream=PORT and Accept=no)" % fd, EX_USAGE)
         os.set_inheritable(fd, False)
-        sock.setblocking(False)
-        make_transparent(sock, sock.family)
+        if udp:
+            prepare_udp_listener(sock, sock.family, dual_stack=False)   # bound: V6ONLY is fixed
+            share_udp_port(sock)
+        else:
+            sock.setblocking(False)
+            make_transparent(sock, sock.family)
         socks.append(sock)
     return socks
 
@@ -3656,8 +3680,11 @@ def open_udp_listeners(cfg, count):
 
     More than one form an SO_REUSEPORT group, one per worker: the kernel
     hashes each datagram's addresses and ports to one of them, so every
-    first datagram of a flow reaches the same worker. SO_REUSEADDR lets
-    reply sockets bind the listener's own address and port (fixed target).
+    first datagram of a flow reaches the same worker. The first is bound
+    with neither SO_REUSEADDR nor SO_REUSEPORT, so that any socket already
+    on the port (another tproxy too, even one of the same user, which
+    SO_REUSEPORT alone would let join the group) makes it fail as TCP's
+    bind does; see share_udp_port for what is set after.
     """
     if cfg.bind:
         try:
@@ -3677,7 +3704,10 @@ def open_udp_listeners(cfg, count):
                 sock = socket.socket(family, socket.SOCK_DGRAM)
                 socks.append(sock)
                 prepare_udp_listener(sock, family, dual_stack=not cfg.bind)
+                if len(socks) > 1:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(sockaddr)
+                share_udp_port(sock)
             return socks
         except OSError as exc:
             for sock in socks:
@@ -3690,10 +3720,22 @@ def open_udp_listeners(cfg, count):
     raise Fatal("cannot listen on %s: %s" % (where, last.strerror), status)
 
 
-def prepare_udp_listener(sock, family, dual_stack):
-    """Set SOCK's options before bind: sharing, transparency, original destinations, buffer."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def share_udp_port(sock):
+    """Once SOCK is bound: let the pool's next listeners and this server's reply sockets share its port.
+
+    The kernel checks SO_REUSEPORT and SO_REUSEADDR of the sockets already
+    bound when a new one binds (udp_lib_lport_inuse): set now, they admit
+    the group's other listeners (SO_REUSEPORT, same user) and reply sockets
+    bound to an address on this port (SO_REUSEADDR: a fixed target's, or a
+    TPROXY flow's to this port on another host), while a new tproxy's first
+    listener, which has neither, still finds the port in use.
+    """
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
+def prepare_udp_listener(sock, family, dual_stack):
+    """Set SOCK's options before bind: transparency, original destinations, buffer."""
     if family == socket.AF_INET6:
         if dual_stack:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -3723,18 +3765,31 @@ def datagram_destination(ancillary, fallback):
     return plain_ip(fallback[0]), fallback[1]
 
 
-class UdpRecord(Record):
-    """What happened to one flow: a connection's record plus datagrams counted each way."""
+class UdpRecord:
+    """What happened to one flow: a connection's Record, in slots, plus datagrams counted each way.
+
+    Not a subclass: Record keeps its fields in a dict, which a flow that
+    lives for --idle-timeout with thousands of others cannot afford.
+    """
+
+    __slots__ = ("started", "client", "orig", "target", "up", "down", "outcome",
+                 "datagrams_up", "datagrams_down", "truncated", "dropped")
+    mode = "udp"
+    host = None
 
     def __init__(self, client):
-        super().__init__(client, "udp")
+        self.started = time.monotonic()
+        self.client = client
+        self.orig = self.target = None
+        self.up = self.down = 0
+        self.outcome = "ok"
         self.datagrams_up = self.datagrams_down = 0
         self.truncated = 0      # longer than UDP_BUFFER (MSG_TRUNC): counted, not relayed
         self.dropped = 0        # a socket's send buffer was full: the datagram was lost
 
     def line(self):
-        """Return the connection line with the datagram counts before the outcome."""
-        head, _, outcome = super().line().rpartition(" outcome=")
+        """Return the connection line (Record.line) with the datagram counts before the outcome."""
+        head, _, outcome = Record.line(self).rpartition(" outcome=")
         extra = " datagrams_up=%d datagrams_down=%d" % (self.datagrams_up, self.datagrams_down)
         if self.truncated or self.dropped:
             extra += " truncated=%d dropped=%d" % (self.truncated, self.dropped)
@@ -3752,11 +3807,13 @@ class Flow:
     counts what it drops until it goes idle. It ends when idle for
     --idle-timeout, at an ICMP error for the upstream socket (the client's
     next datagram starts a new flow), or at shutdown; it is logged once.
-    Driven by an EventLoop like a Session (waits, due, advance, cut).
+    Driven by a UdpWorker's EventLoop like a Session (due, advance, cut),
+    but registered once: both sockets wait for input for the flow's life
+    (see UdpWorker.add), so a flow keeps no dict of what it waits on.
     """
 
-    __slots__ = ("relay", "client", "orig", "record", "upstream", "reply", "waits", "dropped",
-                 "done", "last", "registered", "timer_at")     # many idle flows: no __dict__ each
+    __slots__ = ("relay", "client", "orig", "record", "upstream", "reply",
+                 "done", "last", "timer_at", "slot")   # many idle flows: no __dict__ each
 
     def __init__(self, relay, client, orig, now):
         self.relay = relay
@@ -3764,28 +3821,34 @@ class Flow:
         self.record = UdpRecord(client)
         self.record.orig = orig
         self.upstream = self.reply = None
-        self.waits = {}
-        self.dropped = []       # descriptors closed since the loop last looked (EventLoop)
         self.done = False
         self.last = now
+        self.slot = None        # the loop guard's slot (OwnUpstreams) while the upstream is open
 
     @property
     def due(self):
         return None if self.done else self.last + self.relay.cfg.idle_timeout
 
-    def start(self, now):
-        """EventLoop.add's hook: the sockets are already open."""
+    def open(self, target, slot):
+        """Open the upstream and reply sockets for TARGET; raise OSError or ConnectionFailed.
 
-    def open(self, target):
-        """Open the upstream and reply sockets for TARGET; raise OSError or ConnectionFailed."""
+        The upstream socket goes on the loop guard's board in SLOT (None:
+        no slot left), so that its datagrams, if a rule brings them back
+        to the listener, are known for this server's own.
+        """
         cfg = self.relay.cfg
         self.record.target = target
+        self.slot = slot        # given back when the flow ends, whatever fails here
         family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
         self.upstream = socket.socket(family, socket.SOCK_DGRAM)
         self.upstream.setblocking(False)
         if cfg.source or cfg.source_ports:
             bind_source(self.upstream, family, cfg.source, self.client, None, cfg.source_ports)
+        if slot is not None:
+            own_upstreams.add(self.upstream, target[1], slot)
         self.upstream.connect(target)
+        if slot is not None:
+            own_upstreams.connecting(self.upstream, slot)
         if cfg.source_ports and cfg.source != "client-port":
             check_source_port(self.upstream, cfg.source_ports)
         family = socket.AF_INET6 if ":" in self.orig[0] else socket.AF_INET
@@ -3795,7 +3858,6 @@ class Flow:
         make_transparent(self.reply, family)
         self.reply.bind(self.orig)
         self.reply.connect(self.client)
-        self.waits = {self.upstream.fileno(): select.EPOLLIN, self.reply.fileno(): select.EPOLLIN}
 
     def send_up(self, data, size, now):
         """Relay one client datagram of SIZE bytes (DATA holds at most UDP_BUFFER) to the target."""
@@ -3877,17 +3939,17 @@ class Flow:
         self.done = True
         for sock in (self.upstream, self.reply):
             if sock is not None:
-                self.dropped.append(sock.fileno())
-                sock.close()
-        self.waits = {}
+                self.relay.by_fd.pop(sock.fileno(), None)
+                sock.close()            # epoll forgets it with the descriptor
         if self.record.outcome == "ok":
             self.record.outcome = outcome
         self.relay.server.log.connection(self.record.line())
         self.relay.server.on_record(self.record)
 
     def cut(self):
-        """Shutdown's grace is over."""
-        self.finish("cut at shutdown" if self.record.outcome == "ok" else self.record.outcome)
+        """Shutdown's grace is over (or a second SIGTERM ended it): the outcome says so, as a connection's."""
+        self.finish("cut at shutdown after the %gs grace period" % self.relay.cfg.grace
+                    if self.record.outcome == "ok" else self.record.outcome)
 
 
 def icmp_outcome(exc):
@@ -3975,11 +4037,16 @@ class UdpWorker(Worker):
     def new_flow(self, client, orig, now):
         """Start and return the flow CLIENT -> ORIG, or None (its failure logged)."""
         cfg, server = self.cfg, self.server
+        # Flows from one host, or to one server, share its address string (interned while in use).
+        client, orig = (sys.intern(client[0]), client[1]), (sys.intern(orig[0]), orig[1])
         flow = Flow(self, client, orig, now)
         if not acl_allows(cfg.acl, client):
             flow.record.outcome = "denied by access list"
         elif cfg.target is None and is_self(orig, server.listen_port):
             flow.record.outcome = "loop: the original destination is this proxy itself"
+        elif own_upstreams.is_own(client, orig, "udp"):
+            flow.record.outcome = "loop: %s is this proxy's own upstream socket to %s" % (
+                show_addr(client), show_addr(orig))
         else:
             if cfg.target is None:
                 target = orig
@@ -3987,18 +4054,51 @@ class UdpWorker(Worker):
                 server.rotation += 1
                 target = server.target_addrs()[0][4][:2]
             try:
-                flow.open((plain_ip(target[0]), target[1]))
+                flow.open((plain_ip(target[0]), target[1]), self.free.pop() if self.free else None)
             except (OSError, ConnectionFailed) as exc:
                 flow.record.outcome = str(exc) if isinstance(exc, ConnectionFailed) else \
                     "cannot open the flow: %s" % (exc.strerror or exc)
                 flow.finish(flow.record.outcome)
+                self.ended(flow)
                 return None
         self.flows[(client, orig)] = flow
         self.add(flow, now)
         return flow
 
+    def add(self, flow, now):
+        """Drive FLOW until it ends: its sockets wait for input from now on, and its idle deadline."""
+        flow.timer_at = None
+        self.sessions.add(flow)
+        for sock in (flow.upstream, flow.reply):
+            if sock is not None:
+                self.epoll.register(sock.fileno(), select.EPOLLIN)
+                self.by_fd[sock.fileno()] = flow
+        self.sync(flow)
+
+    def sync(self, flow):
+        """EventLoop.sync for a flow: nothing to change in epoll; forget it once done, else keep its timer.
+
+        A flow's deadline only moves later, so it needs a new heap entry
+        only once the last one has come up (expire sets timer_at to None).
+        """
+        if flow.done:
+            self.sessions.discard(flow)
+            self.ended(flow)
+        elif flow.timer_at is None:
+            flow.timer_at = flow.due
+            self.seq += 1
+            heapq.heappush(self.timers, (flow.timer_at, self.seq, flow))
+            if len(self.timers) > 2 * len(self.sessions) + 64:    # flows ended early (ICMP)
+                self.timers = [t for t in self.timers if not t[2].done and t[0] == t[2].timer_at]
+                heapq.heapify(self.timers)
+
     def ended(self, flow):
-        self.flows.pop((flow.client, flow.orig), None)
+        if self.flows.get((flow.client, flow.orig)) is flow:
+            del self.flows[(flow.client, flow.orig)]
+        if flow.slot is not None:
+            own_upstreams.release(flow.slot)
+            self.free.append(flow.slot)
+            flow.slot = None
 
 
 # ---------------------------------------------------------------------------

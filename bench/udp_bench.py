@@ -8,7 +8,10 @@ For each relay in front of the same UDP echo server on 127.0.0.1:
          flows (client ports), each keeping W datagrams in flight;
   memory Pss (all the relay's processes, /proc/PID/smaps_rollup) per idle
          flow: after N flows have each sent one datagram and had its answer,
-         minus the Pss before, divided by N.
+         minus the Pss before, divided by N; and, as root, the kernel's
+         socket memory per flow the same way (the slab caches a socket
+         takes, /proc/slabinfo: machine-wide, so other work adds noise;
+         a process's own kernel structures are not in it).
 Relays: tproxy --udp (one worker, fixed target), socat UDP-RECVFROM:PORT,fork
 (the form the issue names: a child per datagram) and socat UDP-LISTEN:PORT,fork
 (a child per client). Everything listens on 127.0.0.1; every loop is bounded
@@ -95,6 +98,27 @@ def pss_kib(pid):
     return total
 
 
+SOCKET_SLABS = ("UDP", "UDPv6", "sock_inode_cache", "filp", "dentry", "eventpoll_epi")
+
+
+def slab_kib():
+    """Return (KiB held in the slab caches a UDP socket takes, KiB of one client socket), or None (not root)."""
+    try:
+        with open("/proc/slabinfo") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    total, sizes = 0, {}
+    for line in lines:
+        fields = line.split()
+        if fields and fields[0] in SOCKET_SLABS:
+            sizes[fields[0]] = int(fields[3])
+            total += int(fields[1]) * int(fields[3])     # active objects x object size
+    # The bench's own client sockets (IPv4, not in any epoll set) are counted too.
+    client = sum(sizes.get(name, 0) for name in ("UDP", "sock_inode_cache", "filp", "dentry"))
+    return total / 1024, client / 1024
+
+
 def wait_answering(port, timeout=10.0):
     """Wait until a datagram to PORT is answered; raise RuntimeError if not."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -173,7 +197,7 @@ def rate(port, flows, window, seconds):
 def idle_memory(pid, port, flows):
     """Return Pss KiB per idle flow after FLOWS flows each had one answered datagram."""
     time.sleep(0.5)
-    before = pss_kib(pid)
+    before, slab_before = pss_kib(pid), slab_kib()
     socks = []
     for _ in range(flows):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -188,10 +212,14 @@ def idle_memory(pid, port, flows):
                 continue
         socks.append(s)
     time.sleep(1.0)
-    after = pss_kib(pid)
+    after, slab_after = pss_kib(pid), slab_kib()
+    processes = len(tree(pid))
     for s in socks:
         s.close()
-    return (after - before) / flows, len(tree(pid))
+    kernel = None
+    if slab_before is not None and slab_after is not None:
+        kernel = (slab_after[0] - slab_before[0]) / flows - slab_after[1]
+    return (after - before) / flows, kernel, processes
 
 
 def stop(proc):
@@ -223,7 +251,7 @@ def measure(name, argv, args):
                     figures["rate_%d" % flows] = rate(port, flows, args.window, args.seconds)
             else:
                 time.sleep(0.5)
-                figures["pss_per_flow"], figures["processes"] = \
+                figures["pss_per_flow"], figures["kernel_per_flow"], figures["processes"] = \
                     idle_memory(proc.pid, port, args.idle_flows)
         finally:
             stop(proc)
@@ -258,16 +286,22 @@ def main():
              "other work." % (args.seconds, args.window, args.idle_flows, " ".join(load),
                               os.cpu_count()),
              "",
-             "| relay | datagrams/s, 1 flow | datagrams/s, 32 flows | Pss KiB per idle flow | processes with %d flows |" % args.idle_flows,
-             "|---|---:|---:|---:|---:|"]
+             "| relay | datagrams/s, 1 flow | datagrams/s, 32 flows | Pss KiB per idle flow | "
+             "kernel socket KiB per idle flow | processes with %d flows |" % args.idle_flows,
+             "|---|---:|---:|---:|---:|---:|"]
     for name, f in results.items():
-        lines.append("| %s | %.0f | %.0f | %.1f | %d |" % (
-            name, f["rate_1"], f["rate_32"], f["pss_per_flow"], f["processes"]))
+        kernel = "n/a" if f["kernel_per_flow"] is None else "%.1f" % f["kernel_per_flow"]
+        lines.append("| %s | %.0f | %.0f | %.1f | %s | %d |" % (
+            name, f["rate_1"], f["rate_32"], f["pss_per_flow"], kernel, f["processes"]))
     tp = results["tproxy --udp"]
+    if base["processes"] > 1:
+        memory = "memory per flow %.3fx" % (tp["pss_per_flow"] / base["pss_per_flow"])
+    else:   # its children had all exited: nothing per flow to compare with
+        memory = ("memory per flow: no ratio, socat UDP-RECVFROM keeps no flow (its child "
+                  "per datagram had exited; %.1f KiB is noise)" % base["pss_per_flow"])
     lines += ["", "Ratios, tproxy --udp / socat UDP-RECVFROM,fork: rate 1 flow %.2fx, 32 flows %.2fx, "
-              "memory per flow %.3fx (target: rate >= 1.0x, memory <= 1.0x)." % (
-                  tp["rate_1"] / base["rate_1"], tp["rate_32"] / base["rate_32"],
-                  tp["pss_per_flow"] / base["pss_per_flow"] if base["pss_per_flow"] else float("nan"))]
+              "%s (target: rate >= 1.0x, memory <= 1.0x)." % (
+                  tp["rate_1"] / base["rate_1"], tp["rate_32"] / base["rate_32"], memory)]
     other = results["socat UDP-LISTEN,fork"]
     lines += ["Against socat UDP-LISTEN,fork: rate 1 flow %.2fx, 32 flows %.2fx, memory per flow %.3fx." % (
         tp["rate_1"] / other["rate_1"], tp["rate_32"] / other["rate_32"],

@@ -31,6 +31,19 @@ exec "$@"
 """
 
 
+# `PYTHON -c LAUNCH FD ARGV...` runs ARGV with descriptor FD moved to 3 and
+# LISTEN_PID set to the process's own pid where it is "self", as systemd
+# does between fork and exec (socket activation without systemd).
+LAUNCH = """import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+if os.environ.get("LISTEN_PID") == "self":
+    os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 def proc_status(pid):
     """Return {field: first word} of /proc/PID/status (Uid is the real uid, Cap* in hex)."""
     with open("/proc/%d/status" % pid) as f:

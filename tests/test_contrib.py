@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from support import PEERS, PYTHON, REPO, process_uid, requests_seen, wait_for
+from support import LAUNCH, PEERS, PYTHON, REPO, process_uid, requests_seen, wait_for
 from lab import LabError, have
 
 CONTRIB = os.path.join(REPO, "contrib")
@@ -334,16 +334,6 @@ def test_socket_activation_refuses_accept_yes(lab, open_tmp):
     assert "Traceback" not in err.read_text()
 
 
-# Launch ARGV with fd ARGV[1] moved to 3 and LISTEN_PID set to the process's own
-# pid ("self"), as systemd does between fork and exec.
-LAUNCH = """import os, sys
-fd = int(sys.argv[1])
-if fd != 3:
-    os.dup2(fd, 3)
-if os.environ.get("LISTEN_PID") == "self":
-    os.environ["LISTEN_PID"] = str(os.getpid())
-os.execv(sys.argv[2], sys.argv[2:])
-"""
 
 
 def udp_socket():
@@ -366,7 +356,8 @@ def tcp_listener():
 
 @pytest.mark.parametrize("make_fd, env, status, message", [
     (udp_socket, {"LISTEN_FDS": "1", "LISTEN_PID": "self"}, EX_USAGE,
-     "socket activation: fd 3 is not a listening TCP socket (tproxy.socket needs ListenStream=PORT and Accept=no)"),
+     "socket activation: fd 3 is a UDP socket (serve it with --udp; "
+     "for TCP, tproxy.socket needs ListenStream=PORT and Accept=no)"),
     (dev_null, {"LISTEN_FDS": "1", "LISTEN_PID": "self"}, EX_USAGE,
      "socket activation: fd 3: Socket operation on non-socket"),
     # Not activated (bogus count, or another process's sockets): the service's

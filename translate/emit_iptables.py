@@ -270,30 +270,44 @@ def shell_word(word, _cache={}):
     return quoted
 
 
-class CommandLine(str):
-    """One iptables command as shell text, keeping its table and arguments so
-    that runs of them can be batched into one iptables-restore call."""
+class CommandLine:
+    """One iptables command: its table and arguments, so that runs of them can
+    be batched into one iptables-restore call.  Its shell text (str()) is
+    made only when asked for: most commands of a script go into a batch,
+    where they are quoted for the here-document instead."""
 
-    def __new__(cls, text, table, args):
-        obj = super().__new__(cls, text)
-        obj.table = table
-        obj.args = args
-        obj.origin = None        # FILE:LINE for commands that carry no rule comment
-        return obj
+    __slots__ = ("table", "args", "prog", "origin", "batch_safe")
+
+    def __init__(self, table, args, prog="iptables"):
+        self.table = table
+        self.args = args
+        self.prog = prog
+        self.origin = None        # FILE:LINE for commands that carry no rule comment
+        self.batch_safe = None    # see batchable()
+
+    def __str__(self, _heads={}):
+        head = _heads.get((self.prog, self.table))
+        if head is None:
+            head = _heads[self.prog, self.table] = quoted(
+                [self.prog] + (["-t", self.table] if self.table != "filter" else []),
+                SHELL_QUOTED)
+        return head + " " + quoted(self.args, SHELL_QUOTED) if self.args else head
+
+    def __repr__(self):
+        return "CommandLine(%r)" % str(self)
+
+    def has_comment(self):
+        """True when the command carries a rule comment (its origin is in it)."""
+        return "--comment" in self.args
 
     def shell(self):
         """Return the command as a shell line (origin as a trailing comment)."""
         return "%s  # %s" % (self, self.origin) if self.origin else str(self)
 
 
-def command(table, args, prog="iptables", _heads={}):
-    """Return one iptables command line for TABLE with ARGS (a CommandLine)."""
-    args = list(args)
-    head = _heads.get((prog, table))
-    if head is None:
-        head = _heads[prog, table] = quoted(
-            [prog] + (["-t", table] if table != "filter" else []), SHELL_QUOTED)
-    return CommandLine(head + " " + quoted(args, SHELL_QUOTED) if args else head, table, args)
+def command(table, args, prog="iptables"):
+    """Return one iptables command for TABLE with ARGS (a CommandLine)."""
+    return CommandLine(table, list(args), prog)
 
 
 SHELL_QUOTED = Quoted(shell_word)
@@ -332,7 +346,7 @@ def batchable(line):
     """
     if not isinstance(line, CommandLine):
         return False
-    safe = getattr(line, "batch_safe", None)       # asked about twice per command
+    safe = line.batch_safe
     if safe is None:
         # Most commands hold no Raw word at all: tell that at C speed first.
         safe = line.batch_safe = Raw not in map(type, line.args) or not any(

@@ -581,17 +581,17 @@ def translate_shell(sources, opts, defines, names):
                 lines = [":", Untranslated(p.item.src, str(exc)).comment()]
             if not lines:
                 lines = [": # %s: %s" % (p.item.src, nothing_reason(p.command, tr))]
-            elif not all(line.startswith(": ") for line in lines):
+            elif not all(type(line) is str and line.startswith(": ") for line in lines):
                 # Lines that cannot carry a rule comment (-F, -N, -X,
                 # sysctl) say where they come from in a shell comment.
                 for i, line in enumerate(lines):
-                    if "--comment" in line:
-                        continue
-                    if isinstance(line, emit_iptables.CommandLine):
+                    if type(line) is str:
+                        if "--comment" not in line:
+                            lines[i] = "%s  # %s" % (line, p.item.src)
+                    elif not line.has_comment():
                         line.origin = p.item.src
-                    else:
-                        lines[i] = "%s  # %s" % (line, p.item.src)
-                runs.append((cmd, indent, lines))
+                runs.append((cmd, indent, lines,
+                             all(emit_iptables.batchable(line) for line in lines)))
                 continue
             replacements[cmd.line] = (cmd.end_line, [indent + line for line in lines], False)
         for first, commands in batch_runs(runs, reader.lines):
@@ -611,8 +611,9 @@ def translate_shell(sources, opts, defines, names):
 
 def batch_runs(runs, source):
     """Yield (first line, {line: replacement}) for the translated commands RUNS
-    ((Cmd, indent, lines) in script order), in runs the shell runs one after
-    the other: same indentation, nothing but blank and comment lines between.
+    ((Cmd, indent, lines, all lines batchable) in script order), in runs the
+    shell runs one after the other: same indentation, nothing but blank and
+    comment lines between.
 
     Our chains are built (SETUP) when the script's first ipchains command
     runs, not before its own guards.  A run of several commands becomes one
@@ -621,8 +622,7 @@ def batch_runs(runs, source):
     """
     group = []
     for item in runs + [None]:
-        if item is not None and group and _follows(group[-1], item, source) and \
-                all(emit_iptables.batchable(line) for line in item[2]):
+        if item is not None and group and item[3] and _follows(group[-1], item, source):
             group.append(item)
             continue
         if group:
@@ -632,9 +632,8 @@ def batch_runs(runs, source):
 
 def _follows(prev, item, source):
     """True when command ITEM runs right after PREV (see batch_runs)."""
-    (pcmd, pindent, plines), (cmd, indent, _) = prev, item
-    if indent != pindent or cmd.line <= pcmd.end_line or \
-            not all(emit_iptables.batchable(line) for line in plines):
+    (pcmd, pindent, _, psafe), (cmd, indent, _, _) = prev, item
+    if indent != pindent or cmd.line <= pcmd.end_line or not psafe:
         return False
     between = source[pcmd.end_line:cmd.line - 1]
     return all(not line.strip() or line.lstrip().startswith("#") for line in between)
@@ -644,13 +643,14 @@ def _run_replacements(group):
     """Return {line: (last line, new lines, False)} for one run of commands."""
     indent = group[0][1]
     if len(group) == 1:
-        cmd, _, lines = group[0]
-        new = [emit_iptables.SETUP] + [getattr(line, "shell", lambda: line)() for line in lines]
+        cmd, _, lines, _ = group[0]
+        new = [emit_iptables.SETUP] + [line if type(line) is str else line.shell()
+                                       for line in lines]
         return {cmd.line: (cmd.end_line, [indent + line for line in new], False)}
-    commands = [line for _, _, lines in group for line in lines]
+    commands = [line for _, _, lines, _ in group for line in lines]
     body = emit_iptables.batch(commands)
     out = {}
-    for k, (cmd, _, _) in enumerate(group):
+    for k, (cmd, _, _, _) in enumerate(group):
         new = [indent + emit_iptables.SETUP, indent + body[0]] + body[1:] if k == 0 else []
         out[cmd.line] = (cmd.end_line, new, False)
     return out

@@ -19,7 +19,7 @@ def test_raw_and_plain_words_of_one_text_are_quoted_apart():
     # sh: an unquoted $LAN expands, a single-quoted one is the four characters.
     for first, second in ((Raw("$LAN"), "$LAN"), ("$LAN", Raw("$LAN"))):
         SHELL_QUOTED.clear()
-        lines = [emit_iptables.command("filter", ["-s", w]) for w in (first, second)]
+        lines = [str(emit_iptables.command("filter", ["-s", w])) for w in (first, second)]
         expected = {Raw: "iptables -s $LAN", str: "iptables -s '$LAN'"}
         assert lines == [expected[type(first)], expected[type(second)]]
         for memo, quote in MEMOS:

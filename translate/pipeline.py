@@ -16,7 +16,7 @@ from typing import List
 
 from . import emit_iptables, emit_nft, semantics
 from .chains import ChainError, Chains
-from .ipchains import BUILTIN, VERDICTS, Names, ParseError, parse
+from .ipchains import BUILTIN, VERDICTS, HostNotYetSeen, Names, ParseError, parse
 from . import sandbox
 from .ir import Command, Diag, PortForward, SourceRef, Untranslated, printable
 from .shell import (MODERN_MODULES, Cmd, Invocation, Reader, Remark, ShellError, Word,
@@ -152,51 +152,109 @@ def understand(items, names):
     return out, diags
 
 
-def run_items(name, text, defines):
-    """Return the items of script TEXT as bash runs it in the sandbox (sandbox.py), and
-    the texts of the files it ran (TEXT and those it sourced).
+class RunReader:
+    """Turns the records of a script running in the sandbox into understood items,
+    record by record while bash still runs (sandbox.run's sink).
 
-    InputError when the sandbox cannot run, or when bash ran no ipchains
-    command with these values (an empty translation would open the firewall).
+    Host names are resolved only when written in a text bash read (Names);
+    a name not in the texts read so far may be in a file cited later, so
+    that command is understood again once the run is over.
     """
-    positional, forced = sandbox.split_positional(defines)
-    try:
-        ran = sandbox.run(name, text, positional, forced)
-    except sandbox.SandboxError as exc:
-        raise InputError(str(exc))
-    shown = [os.getcwd()] + ([os.path.dirname(os.path.abspath(name))]
-                             if os.path.isfile(name) else [])
-    origins = sandbox.Origins({name: text}, shown)
-    items = []
-    for rec in ran.records:
-        if rec.kind == sandbox.UNSEEN:
-            # Leaving it out would drop a rule bash ran: refuse the whole script.
-            raise InputError("%s: the script ran %s through another program (env, xargs, nice, "
-                             "exec, a script run by sh...), where the stand-ins cannot tell its "
-                             "line: '%s'; nothing translated (call it from the script itself)"
-                             % (name, rec.argv[0], printable(shlex.join(rec.argv))))
-        line, cited = origins.span(rec.file, rec.line)
+
+    def __init__(self, name, text, names):
+        shown = [os.getcwd()] + ([os.path.dirname(os.path.abspath(name))]
+                                 if os.path.isfile(name) else [])
+        self.name = name
+        self.origins = sandbox.Origins({name: text}, shown)
+        self.names = names
+        self.written = names.written or []
+        self.known = 0                  # files of origins.read given to names so far
+        self.slots = []                 # per item: (Parsed, [Diag]), or the item to redo
+        self.redo = []
+        self.unseen = None              # the first record run through another program
+        self.commands = False           # an ipchains command ran
+
+    def take(self, records):
+        """Understand RECORDS (sandbox.run's sink)."""
+        items = []
+        for rec in records:
+            if rec.kind == sandbox.UNSEEN:
+                self.unseen = self.unseen or rec
+                continue
+            items.extend(self.items_of(rec))
+        if len(self.origins.read) != self.known:
+            self.known = len(self.origins.read)
+            self.names.written = self.written + self.origins.texts_read()
+        self.names.provisional = True
+        try:
+            for item in items:
+                try:
+                    self.slots.append(understand([item], self.names))
+                except HostNotYetSeen:
+                    self.redo.append(len(self.slots))
+                    self.slots.append(item)
+        finally:
+            self.names.provisional = False
+
+    def items_of(self, rec):
+        """Return the items of one record (Invocations, remarks)."""
+        line, cited = self.origins.span(rec.file, rec.line)
         src = SourceRef(rec.file, line, cited)
         if rec.kind in ("ipchains", "ipmasqadm"):
-            items.append(Invocation([rec.kind] + rec.argv, src, None))
-        elif rec.kind == "restore":
-            items.extend(restore_items(rec, src))
-        elif rec.kind in sandbox.FOREIGN:
+            self.commands = True
+            return [Invocation([rec.kind] + rec.argv, src, None)]
+        if rec.kind == "restore":
+            items = restore_items(rec, src)
+            self.commands = self.commands or bool(items)
+            return items
+        if rec.kind in sandbox.FOREIGN:
             # Its rules would be missing from a ruleset that loads: fail closed.
-            items.append(Remark("error", src, "%s command left out: only ipchains is "
-                                "translated, and the rules this loads are not in the "
-                                "translation" % rec.kind))
-        else:
-            words = [Word(w, None, line) for w in [rec.kind] + rec.argv]
-            remark = module_remark(Cmd(words, [], line, line), {}, src)
-            if remark is not None:
-                items.append(remark)
-    if not any(isinstance(item, Invocation) for item in items):
+            return [Remark("error", src, "%s command left out: only ipchains is "
+                           "translated, and the rules this loads are not in the "
+                           "translation" % rec.kind)]
+        words = [Word(w, None, line) for w in [rec.kind] + rec.argv]
+        remark = module_remark(Cmd(words, [], line, line), {}, src)
+        return [remark] if remark is not None else []
+
+    def result(self):
+        """Return (Parsed values, diagnostics) in the order bash ran the commands."""
+        self.names.written = self.written + self.origins.texts_read()
+        for k in self.redo:
+            self.slots[k] = understand([self.slots[k]], self.names)
+        parsed, diags = [], []
+        for one, more in self.slots:
+            parsed.extend(one)
+            diags.extend(more)
+        return parsed, diags
+
+
+def run_understood(name, text, defines, names):
+    """Return (Parsed values, diagnostics) of script TEXT as bash runs it in the
+    sandbox (sandbox.py); NAMES learns the texts of the files it ran.
+
+    InputError when the sandbox cannot run, when the script ran ipchains
+    through another program, or when bash ran no ipchains command with
+    these values (an empty translation would open the firewall).
+    """
+    positional, forced = sandbox.split_positional(defines)
+    reader = RunReader(name, text, names)
+    try:
+        ran = sandbox.run(name, text, positional, forced, sink=reader.take)
+    except sandbox.SandboxError as exc:
+        raise InputError(str(exc))
+    if reader.unseen is not None:
+        # Leaving it out would drop a rule bash ran: refuse the whole script.
+        raise InputError("%s: the script ran %s through another program (env, xargs, nice, "
+                         "exec, a script run by sh...), where the stand-ins cannot tell its "
+                         "line: '%s'; nothing translated (call it from the script itself)"
+                         % (name, reader.unseen.argv[0],
+                            printable(shlex.join(reader.unseen.argv))))
+    if not reader.commands:
         given = "positional parameters %s" % " ".join(positional) if positional else \
             "no positional parameters (give them as -D 1=start ...)"
         raise InputError("%s: bash ran no ipchains command with %s (the script exited "
                          "%d); nothing to translate" % (name, given, ran.status))
-    return items, origins.texts_read()
+    return reader.result()
 
 
 def restore_items(rec, src):
@@ -240,9 +298,7 @@ def read_inputs(sources, defines, names, flat):
     inputs, diags = [], []
     for name, text in sources:
         if flat and name != "-e" and not is_save_file(text):
-            items, texts = run_items(name, text, defines)
-            names.written = (names.written or []) + texts
-            parsed, more = understand(items, names)
+            parsed, more = run_understood(name, text, defines, names)
             inputs.append((None, parsed))
             diags.extend(more)
             continue

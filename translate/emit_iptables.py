@@ -348,10 +348,25 @@ def batchable(line):
         return False
     safe = line.batch_safe
     if safe is None:
-        # Most commands hold no Raw word at all: tell that at C speed first.
+        # Most commands hold no Raw word at all: tell that at C speed first;
+        # the same few Raw words ($LAN...) recur in thousands of commands.
         safe = line.batch_safe = Raw not in map(type, line.args) or not any(
-            isinstance(w, Raw) and HEREDOC_UNSAFE.search(w) for w in line.args)
+            map(UNSAFE_RAW.__getitem__, filter(_is_raw, line.args)))
     return safe
+
+
+class _UnsafeRaw(dict):
+    """Memo: Raw word -> True when a here-document would read it otherwise."""
+
+    def __missing__(self, word):
+        if len(self) >= 100000:
+            self.clear()
+        unsafe = self[word] = HEREDOC_UNSAFE.search(word) is not None
+        return unsafe
+
+
+UNSAFE_RAW = _UnsafeRaw()       # keys are Raw words only (hashed like their text)
+_is_raw = Raw.__instancecheck__
 
 
 HEREDOC_QUOTED = Quoted(heredoc_word)

@@ -317,7 +317,7 @@ def count_commands(inputs):
 def static_view(parsed):
     """Return (chains ever created, union jump graph, Features) over all commands."""
     known, graph = set(), {}
-    redirect = masq = portfw = False
+    redirect = masq = portfw = udp = False
     for p in parsed:
         cmd = p.command
         if isinstance(cmd, PortForward):
@@ -330,12 +330,13 @@ def static_view(parsed):
             masq = True
         for rule in cmd.rules:
             redirect = redirect or rule.target == "REDIRECT"
+            udp = udp or semantics.redirect_takes_udp(rule)
             masq = masq or rule.target == "MASQ"
             if rule.target and rule.target not in VERDICTS and cmd.op != "D":
                 graph.setdefault(cmd.chain, [])
                 if rule.target not in graph[cmd.chain]:
                     graph[cmd.chain].append(rule.target)
-    return known, graph, semantics.Features(redirect, masq, portfw)
+    return known, graph, semantics.Features(redirect, masq, portfw, udp)
 
 
 def command_notes(cmd, flat):

@@ -146,6 +146,7 @@ class Features:
     redirect: bool = False
     masq: bool = False
     portfw: bool = False
+    redirect_udp: bool = False      # a REDIRECT may take UDP (-p udp, or $PROTO)
 
 
 class Untranslatable(Exception):
@@ -607,6 +608,16 @@ def nat_hooks(plan, features, opts):
                 plan.add(table, "tproxy-divert", divert)
                 pre.entries.append(NfRule(socket, (), Verdict("jump", "tproxy-divert"),
                                           divert.origin))
+            if features.redirect_udp:
+                # UDP too (a proxy's flow from the client's address gets the
+                # server's answers this way, else they are dropped), but
+                # marked without accept: a transparent UDP socket bound and
+                # not yet connected also matches other clients' first
+                # datagrams, which must still reach the TPROXY rule.
+                pre.entries.append(NfRule((MProto("udp"), MSocket()), divert.stmts,
+                                          Verdict(None),
+                                          note("TPROXY: UDP packets for transparent "
+                                               "sockets (marked, not accepted)")))
         pre.entries.append(NfRule((), (), Verdict("jump", "pre-input"),
                                   note("input rules deciding REDIRECT")))
         if opts.redirect == "tproxy":
@@ -635,13 +646,19 @@ def tproxy_notes(opts):
 
 def features_of(chains):
     """Return the Features a simulated firewall uses (final state)."""
-    redirect = masq = False
+    redirect = masq = udp = False
     for chain in chains.chains.values():
         for rule in chain.rules:
             redirect = redirect or rule.target == "REDIRECT"
+            udp = udp or redirect_takes_udp(rule)
             masq = masq or rule.target == "MASQ"
     masq = masq or chains.chains["forward"].policy == "MASQ"
-    return Features(redirect, masq, bool(chains.portfw))
+    return Features(redirect, masq, bool(chains.portfw), udp)
+
+
+def redirect_takes_udp(rule):
+    """True when RULE redirects UDP (-p udp, or a protocol only the script's run tells)."""
+    return rule.target == "REDIRECT" and (rule.proto == "udp" or isinstance(rule.proto, Raw))
 
 
 def graph_of(chains):

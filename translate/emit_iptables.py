@@ -245,12 +245,36 @@ def restore_tables(plan, hooks=True):
     return lines
 
 
+def hooked_chains(plan):
+    """Return the (table, built-in chain) pairs PLAN hooks its own chains into."""
+    return [(table, chain.name) for table in TABLE_ORDER
+            for chain in plan.tables.get(table, {}).values() if chain.name in BUILTIN_CHAINS]
+
+
+def tidy_hooks_command(plan):
+    """Return the shell command that leaves one hook rule per built-in chain of PLAN.
+
+    iptables-restore cannot test before it adds a rule, and no sequence of
+    its commands adds a rule when missing and none when present; so a load
+    over an earlier one leaves two identical hooks.  Run after each load,
+    this deletes the older ones (a first load has one: nothing is deleted).
+    """
+    pairs = " ".join("'%s %s'" % pair for pair in hooked_chains(plan))
+    return ("printf '%%s\\n' %s | while read t c; do h=\"%s -j %s$c\"; "
+            "while [ \"$(iptables -t $t -S $c | grep -cxF -- \"-A $c $h\")\" -gt 1 ]; do "
+            "iptables -t $t -D $c $h || break; done; done"
+            % (pairs, " ".join(hook_args("")[1:-2]), OWN_PREFIX))
+
+
 def render_restore(plan, header=()):
     """Return PLAN as input for 'iptables-restore --noflush': it declares (so
     replaces) only its own chains and adds one hook rule per built-in chain."""
     lines = ["# %s" % printable(h) for h in header] + [
         "# Load with: iptables-restore --noflush < FILE (without --noflush",
-        "# iptables-restore would flush every rule of these tables, not only ours)."
+        "# iptables-restore would flush every rule of these tables, not only ours).",
+        "# Each load adds a hook rule per built-in chain (iptables-restore cannot",
+        "# test first); after each load, this leaves one (the newest):",
+        "# after loading: %s" % tidy_hooks_command(plan),
     ] + plan.header_comments()
     return "\n".join(lines + restore_tables(plan)) + "\n"
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 TIMEOUT = 60
+PROCESSES = 512             # processes (and threads) the sandbox may hold at once
 MAX_RECORDS = 64 << 20      # bytes of records kept: 100,000 rules take about 8 MiB
 MEMORY = 1 << 30            # address space of each process in the sandbox
 TMPFS = 64 << 20            # size of each writable place (/tmp, /run, /var/tmp)
@@ -202,6 +203,44 @@ def bwrap_argv(tmp, timeout):
             "timeout", "-k", "2", str(timeout), "/bin/bash"]
 
 
+# bash's (and dash's) words when fork() fails: with the process bound, a
+# script hitting it (a fork bomb) is stopped at once rather than at TIMEOUT.
+FORK_FAILED = re.compile(rb"fork: (?:retry: )?Resource temporarily unavailable|Cannot fork")
+NO_BOUND = "ipchains-translate:no-process-bound"
+
+
+class ProcessLimit(Exception):
+    """The script hit the sandbox's process bound."""
+
+
+def pid_max_per_namespace(release=None):
+    """True when this kernel keeps kernel.pid_max per pid namespace (Linux >= 6.14)."""
+    release = release or os.uname().release
+    numbers = re.match(r"(\d+)\.(\d+)", release)
+    return numbers is not None and (int(numbers.group(1)), int(numbers.group(2))) >= (6, 14)
+
+
+def process_bound():
+    """Return the command words that run the sandbox with at most PROCESSES
+    processes, or [] where this cannot be done.
+
+    RLIMIT_NPROC does nothing for uid 0 (the script runs as root without
+    capabilities, so that it reads what root can), and a cgroup would mean
+    changing the host's.  Instead the sandbox runs in a pid namespace of its
+    own whose pid_max (per namespace since Linux 6.14) is PROCESSES: every
+    process of the sandbox, in bwrap's namespace below it too, takes a pid
+    there.  The shell that sets it checks that it is that namespace's
+    pid 1, and the kernel check keeps an older kernel's global pid_max from
+    being written; `unshare --kill-child` ends the namespace with it.
+    """
+    unshare = shutil.which("unshare")
+    if unshare is None or not pid_max_per_namespace():
+        return []
+    return [unshare, "--pid", "--fork", "--kill-child", "--", "/bin/sh", "-c",
+            '[ "$$" = 1 ] && echo %d > /proc/sys/kernel/pid_max || '
+            '{ echo %s >&2; exit 125; }; exec "$@"' % (PROCESSES, NO_BOUND), "sh"]
+
+
 def hiding():
     """Return the bwrap options hiding the SECRET_DIRS and SECRET_FILES that exist here
     (the script's and the working directory are bound again after them)."""
@@ -316,7 +355,8 @@ def run(name, text, positional=(), forced=None, timeout=None, sink=None):
         filter_fd = seccomp_fd(tmp)
         if filter_fd is not None:
             binds += ["--seccomp", str(filter_fd)]
-        argv = base[:cut] + binds + base[cut:] + [path] + list(positional)
+        bound = process_bound()
+        argv = bound + base[:cut] + binds + base[cut:] + [path] + list(positional)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE,
@@ -330,16 +370,23 @@ def run(name, text, positional=(), forced=None, timeout=None, sink=None):
         stream = RecordStream(names, sink or kept.extend)
         with proc:
             try:
-                head, tail = collect(proc, timeout + 10, stream.feed)
+                head, tail = collect(proc, timeout + 10, stream.feed, bool(bound))
             except subprocess.TimeoutExpired:
                 raise SandboxError("%s: the script ran longer than %d s in the sandbox"
                                    % (name, timeout))
             except OverflowError:
                 raise SandboxError("%s: the script recorded more than %d MiB of commands in "
                                    "the sandbox" % (name, MAX_RECORDS >> 20))
+            except ProcessLimit:
+                raise SandboxError("%s: the script ran more than %d processes at once in the "
+                                   "sandbox (a fork bomb?); stopped, nothing translated"
+                                   % (name, PROCESSES))
             finally:
                 stop(proc)
         stderr = tail.decode("utf-8", "replace")
+        if head.startswith(NO_BOUND.encode()):
+            raise SandboxError("cannot run the sandbox: its process bound (pid_max of its "
+                               "own pid namespace) could not be set")
         if LOST.encode() in tail:
             raise SandboxError("%s: the script closed the stand-ins' record channel (a "
                                "descriptor above 2); nothing translated" % name)
@@ -359,13 +406,14 @@ def run(name, text, positional=(), forced=None, timeout=None, sink=None):
 PIPE_SIZE = 1 << 20     # the record pipe's capacity: bash runs ahead while we parse
 
 
-def collect(proc, seconds, feed):
+def collect(proc, seconds, feed, bounded=False):
     """Give PROC's stdout to FEED as it comes and read its stderr, until both close;
     return (stderr's head, tail).
 
     At most MAX_RECORDS bytes of stdout are read (OverflowError past it), and
     only the ends of stderr are kept, however much the script writes; the
-    pipe itself holds at most PIPE_SIZE.  TimeoutExpired after SECONDS.
+    pipe itself holds at most PIPE_SIZE.  TimeoutExpired after SECONDS;
+    ProcessLimit when BOUNDED (process_bound) and a fork failed.
     The caller stops PROC.
     """
     size, head, tail = 0, b"", b""
@@ -391,6 +439,8 @@ def collect(proc, seconds, feed):
                         raise OverflowError
                     feed(chunk)
                 else:
+                    if bounded and FORK_FAILED.search(tail[-64:] + chunk):
+                        raise ProcessLimit
                     head = head or chunk[:STDERR_TAIL]
                     tail = (tail + chunk)[-4 * STDERR_TAIL:]
     proc.wait(max(0.0, deadline - time.monotonic()))

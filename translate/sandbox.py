@@ -32,6 +32,7 @@ from typing import List
 
 TIMEOUT = 60
 PROCESSES = 512             # processes (and threads) the sandbox may hold at once
+SAFE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_RECORDS = 64 << 20      # bytes of records kept: 100,000 rules take about 8 MiB
 MEMORY = 1 << 30            # address space of each process in the sandbox
 TMPFS = 64 << 20            # size of each writable place (/tmp, /run, /var/tmp)
@@ -236,9 +237,19 @@ def process_bound():
     unshare = shutil.which("unshare")
     if unshare is None or not pid_max_per_namespace():
         return []
-    return [unshare, "--pid", "--fork", "--kill-child", "--", "/bin/sh", "-c",
-            '[ "$$" = 1 ] && echo %d > /proc/sys/kernel/pid_max || '
-            '{ echo %s >&2; exit 125; }; exec "$@"' % (PROCESSES, NO_BOUND), "sh"]
+    return [unshare, "--pid", "--fork", "--kill-child", "--", "/bin/bash", "--norc",
+            "--noprofile", "-c", PID1 % (PROCESSES, NO_BOUND), "bash"]
+
+
+# Pid 1 of the sandbox's namespace: bounds it, runs bwrap ("$@"), and reaps
+# what bwrap leaves: bwrap does not wait for the init of its own namespace
+# below, which dies with it (--die-with-parent) and is orphaned to this
+# process.  Reaped here, its CPU time (the script's) is counted upwards;
+# left to the namespace's end, the kernel would drop it.
+PID1 = ('[ "$$" = 1 ] && echo %d > /proc/sys/kernel/pid_max || { echo %s >&2; exit 125; }; '
+        '"$@" & wait $!; status=$?; '
+        'for _ in {1..1000}; do read -r kids < /proc/thread-self/children; '
+        '[ -z "$kids" ] && break; done; exit $status')
 
 
 def hiding():
@@ -359,7 +370,7 @@ def run(name, text, positional=(), forced=None, timeout=None, sink=None):
         argv = bound + base[:cut] + binds + base[cut:] + [path] + list(positional)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env={"PATH": SAFE_PATH},
                                     pass_fds=() if filter_fd is None else (filter_fd,))
         except OSError as exc:
             raise SandboxError("cannot run the sandbox: %s" % exc)

@@ -146,9 +146,19 @@ def match_words(nf):
     return words
 
 
-def rule_args(nf):
-    """Return one argument list per iptables rule needed for NfRule NF."""
-    base = match_words(nf)
+def rule_args(nf, memo=None):
+    """Return one argument list per iptables rule needed for NfRule NF.
+
+    MEMO, a dict kept while one rule is emitted in several contexts, keeps
+    the words of the match tuples it shares between them (by identity: the
+    dict's owner keeps those tuples alive as long as MEMO).
+    """
+    if memo is None:
+        base = match_words(nf)
+    else:
+        base = memo.get(id(nf.matches))
+        if base is None:
+            base = memo[id(nf.matches)] = match_words(nf)
     comment = ["-m", "comment", "--comment", nf.origin] if nf.origin else []
     out = [base + comment + STATEMENTS[type(s)](s) for s in nf.stmts]
     target = verdict_words(nf.verdict)
@@ -222,6 +232,7 @@ def restore_tables(plan, hooks=True):
     or flushed when they exist, under --noflush), their rules, and with HOOKS
     one rule per built-in chain jumping to ours."""
     lines = []
+    words = {}          # match words by tuple (PLAN keeps every tuple alive)
     for table in TABLE_ORDER:
         chains = plan.tables.get(table)
         if not chains:
@@ -235,7 +246,7 @@ def restore_tables(plan, hooks=True):
                 if isinstance(entry, Untranslated):
                     lines.append(entry.comment())
                     continue
-                for args in rule_args(entry):
+                for args in rule_args(entry, words):
                     lines.append(" ".join(["-A", own, quoted(args, RESTORE_QUOTED)])
                                  if args else "-A " + own)
         for chain in chains.values():

@@ -503,8 +503,10 @@ class ShellTranslator:
         if tr.untranslated is not None:
             return [tr.untranslated.comment()], 0
         lines, count = [], 0
+        # The translate_rule cache holds the match tuples shared between contexts.
+        words = cache.setdefault("words", {}) if cache is not None else None
         for nf in tr.rules:
-            for args in emit_iptables.rule_args(nf):
+            for args in emit_iptables.rule_args(nf, words):
                 pos = [str(first + count)] if first is not None else []
                 lines.append(emit_iptables.command(table, [op, nf_chain] + pos + args))
                 count += 1

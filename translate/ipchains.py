@@ -370,10 +370,13 @@ class _Parser:
         self.rule_given = False
 
     def run(self):
-        if not self.w.more():
+        w = self.w
+        if not w.more():
             raise ParseError("no command given")
-        while self.w.more():
-            self.option(self.w.take("option"))
+        words, option = w.words, self.option
+        while w.i < w.n:
+            w.i += 1
+            option(words[w.i - 1])
         if self.op is None:
             raise ParseError("no command given (one of -A -I -R -D -P -N -X -F -Z -L -C -M)")
         if self.rule_given and self.op not in TAKES_RULE:

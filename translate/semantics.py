@@ -243,6 +243,25 @@ def masq_port_test(ports):
     return None
 
 
+_SHARED = {}
+
+
+def shared(cls, *args):
+    """Return the frozen match CLS(*ARGS), one object for equal arguments: rules
+    repeat the same few protocols, interfaces and addresses, and making a
+    frozen dataclass costs more than looking it up (bounded memo).  A Raw
+    word equals and hashes like its text but means another thing: never memoized."""
+    if Raw in map(type, args):
+        return cls(*args)
+    key = (cls,) + args
+    match = _SHARED.get(key)
+    if match is None:
+        if len(_SHARED) >= 100000:
+            _SHARED.clear()
+        match = _SHARED[key] = cls(*args)
+    return match
+
+
 def rule_matches(rule, ctx, opts=None):
     """Return the netfilter matches of RULE in context CTX, in emission order.
 
@@ -274,13 +293,13 @@ def rule_matches(rule, ctx, opts=None):
         sport = None
     out = []
     if rule.iface is not None:
-        out.append(MIface(iface_dir, rule.iface, rule.iface_neg))
+        out.append(shared(MIface, iface_dir, rule.iface, rule.iface_neg))
     if rule.proto is not None:
-        out.append(MProto(rule.proto, rule.proto_neg))
+        out.append(shared(MProto, rule.proto, rule.proto_neg))
     if saddr is not None:
-        out.append(MAddr("s", saddr.net, saddr.neg))
+        out.append(shared(MAddr, "s", saddr.net, saddr.neg))
     if rule.daddr is not None:
-        out.append(MAddr("d", rule.daddr.net, rule.daddr.neg, orig, reply))
+        out.append(shared(MAddr, "d", rule.daddr.net, rule.daddr.neg, orig, reply))
     proto = rule.proto
     if sport is not None:
         out.append(MPorts("s", sport, proto))

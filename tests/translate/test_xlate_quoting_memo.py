@@ -43,3 +43,14 @@ def test_a_full_memo_starts_afresh_and_still_quotes_right():
     assert quoted(words, memo) == one_by_one(words, shell_word)
     assert len(memo) <= 100000
     assert memo["a b"] == "'a b'"
+
+
+def test_shared_matches_keep_raw_and_plain_words_apart():
+    # An interface written '$EXTIF' (single-quoted: those characters) and one
+    # written $EXTIF (expanded when the script runs) are different matches.
+    from translate.ir import MIface
+    from translate.semantics import shared
+    for first, second in (("$EXTIF", Raw("$EXTIF")), (Raw("$EXTIF"), "$EXTIF")):
+        one, other = shared(MIface, "in", first, False), shared(MIface, "in", second, False)
+        assert type(one.name) is type(first) and type(other.name) is type(second)
+    assert shared(MIface, "in", "eth0", False) is shared(MIface, "in", "eth0", False)

@@ -216,6 +216,26 @@ _PLAIN = {str}
 RESTORE_QUOTED = Quoted(restore_word)
 
 
+def restore_rule_texts(nf, heads):
+    """Return the quoted arguments of each iptables-restore rule for NfRule NF
+    (what rule_args gives, quoted); HEADS memoizes the quoted matches and
+    comment, which a rule repeats in several contexts (keyed by the match
+    tuple's identity: the caller keeps the tuples alive as long as HEADS)."""
+    key = (id(nf.matches), nf.origin)
+    head = heads.get(key)
+    if head is None:
+        words = match_words(nf)
+        if nf.origin:
+            words += ["-m", "comment", "--comment", nf.origin]
+        head = heads[key] = quoted(words, RESTORE_QUOTED)
+    tails = [STATEMENTS[type(s)](s) for s in nf.stmts]
+    target = verdict_words(nf.verdict)
+    if target or not nf.stmts:
+        tails.append(target)
+    return [head + " " + quoted(tail, RESTORE_QUOTED) if head and tail else
+            head or quoted(tail, RESTORE_QUOTED) for tail in tails]
+
+
 def owned(chain):
     """Return the chain of ours standing for netfilter CHAIN: built-ins get a
     chain of their own (hooked from the built-in), so nothing else is touched."""
@@ -232,7 +252,7 @@ def restore_tables(plan, hooks=True):
     or flushed when they exist, under --noflush), their rules, and with HOOKS
     one rule per built-in chain jumping to ours."""
     lines = []
-    words = {}          # match words by tuple (PLAN keeps every tuple alive)
+    heads = {}          # quoted matches and comment (PLAN keeps every tuple alive)
     for table in TABLE_ORDER:
         chains = plan.tables.get(table)
         if not chains:
@@ -242,13 +262,13 @@ def restore_tables(plan, hooks=True):
             lines.append(":%s - [0:0]" % owned(chain.name))
         for chain in chains.values():
             own = owned(chain.name)
+            prefix = "-A %s " % own
             for entry in chain.entries:
                 if isinstance(entry, Untranslated):
                     lines.append(entry.comment())
                     continue
-                for args in rule_args(entry, words):
-                    lines.append(" ".join(["-A", own, quoted(args, RESTORE_QUOTED)])
-                                 if args else "-A " + own)
+                for text in restore_rule_texts(entry, heads):
+                    lines.append(prefix + text if text else prefix[:-1])
         for chain in chains.values():
             if hooks and chain.name in BUILTIN_CHAINS:
                 lines.append(" ".join(["-A"] + hook_args(chain.name)))

@@ -207,12 +207,30 @@ def quoted(words, memo):
     (not Raw, which hashes like its text but is quoted differently) they
     are looked up in MEMO without a Python call per word.
     """
-    if {*map(type, words)} == _PLAIN:
+    kinds = {*map(type, words)}
+    if kinds == _PLAIN:
         return " ".join(map(memo.__getitem__, words))
-    return " ".join([memo[w] if type(w) is str else memo.quote(w) for w in words])
+    if not kinds <= _PLAIN_OR_RAW:
+        return " ".join([memo[w] if type(w) is str else memo.quote(w) for w in words])
+    # A few Raw words ($LAN) among plain ones: those are quoted one by one,
+    # never looked up in MEMO (a Raw word finds its text's entry there).
+    types, plain, raws = [*map(type, words)], list(words), []
+    at = types.index(Raw)
+    while True:
+        raws.append(at)
+        plain[at] = ""
+        try:
+            at = types.index(Raw, at + 1)
+        except ValueError:
+            break
+    out = [*map(memo.__getitem__, plain)]
+    for at in raws:
+        out[at] = memo.quote(words[at])
+    return " ".join(out)
 
 
 _PLAIN = {str}
+_PLAIN_OR_RAW = {str, Raw}
 RESTORE_QUOTED = Quoted(restore_word)
 
 

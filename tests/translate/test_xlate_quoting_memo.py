@@ -54,3 +54,14 @@ def test_shared_matches_keep_raw_and_plain_words_apart():
         one, other = shared(MIface, "in", first, False), shared(MIface, "in", second, False)
         assert type(one.name) is type(first) and type(other.name) is type(second)
     assert shared(MIface, "in", "eth0", False) is shared(MIface, "in", "eth0", False)
+
+
+def test_raw_and_plain_words_of_one_text_in_one_command():
+    words = ["-s", Raw("$LAN"), "$LAN", "-d", Raw("$LAN"), "a b", Raw("$B"), "-j", "ACCEPT"]
+    for memo, quote in MEMOS:
+        for fresh in (True, False):     # empty memo, then filled from plain words first
+            if fresh:
+                memo.clear()
+            else:
+                quoted([w for w in words if type(w) is str], memo)
+            assert quoted(words, memo) == one_by_one(words, quote)

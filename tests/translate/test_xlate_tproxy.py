@@ -36,15 +36,20 @@ def load(host, fmt, path, text):
             host.run(*command.split())
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_tproxy_redirect_works_on_its_own(book, tmp_path, fmt):
+def translate_and_load(book, tmp_path, fmt, script):
+    """Translate SCRIPT with --redirect=tproxy to FMT and load it on the router alone."""
     src = tmp_path / "fw"
-    src.write_text(SCRIPT)
+    src.write_text(script)
     status, text, err = run_tool(["--to=" + fmt, "--redirect=tproxy", str(src)])
     assert status == 0, err
     path = tmp_path / "out"
     path.write_text(text)
     load(book.router, fmt, str(path), text)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tproxy_redirect_works_on_its_own(book, tmp_path, fmt):
+    translate_and_load(book, tmp_path, fmt, SCRIPT)
     book.moose.popen(PYTHON, PEERS, "who", 80, "--lifetime", 60)
     book.moose.wait_listening(80)
     _, log = book.tproxy("-t", "--source=client", "-r", "nobody")
@@ -63,13 +68,7 @@ def test_udp_tproxy_redirect_works_on_its_own(book, tmp_path, fmt):
     # Without the UDP socket-match rule the server's answers, addressed to the
     # client's own address, never reach the proxy's flow: no answer at all.
     from test_udp_lab import ask
-    src = tmp_path / "fw"
-    src.write_text(UDP_SCRIPT)
-    status, text, err = run_tool(["--to=" + fmt, "--redirect=tproxy", str(src)])
-    assert status == 0, err
-    path = tmp_path / "out"
-    path.write_text(text)
-    load(book.router, fmt, str(path), text)
+    translate_and_load(book, tmp_path, fmt, UDP_SCRIPT)
     book.moose.popen(PYTHON, PEERS, "udp-who", 53, book.MOOSE, "--lifetime", 60)
     book.moose.wait_listening(53, proto="udp")
     _, log = book.tproxy("--udp", "--source=client", "-r", "nobody", port=5300, wait=False)

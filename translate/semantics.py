@@ -435,14 +435,21 @@ VERDICT_HANDLERS = {"ACCEPT": _accept, "DENY": _deny, "REJECT": _reject,
 # ---------------------------------------------------------------- one rule
 
 
-@dataclass
 class Translation:
-    """RULE in one context: the rules for its chain, extras elsewhere, diagnostics."""
+    """RULE in one context: the rules for its chain, extras elsewhere, diagnostics.
 
-    rules: List = field(default_factory=list)
-    extras: List = field(default_factory=list)     # (table, chain, NfRule)
-    diags: List = field(default_factory=list)
-    untranslated: Optional[Untranslated] = None
+    rules and extras ((table, chain, NfRule)) and diags are sequences; a plain
+    class with empty tuples, as hundreds of thousands are made and most stay
+    empty.
+    """
+
+    __slots__ = ("rules", "extras", "diags", "untranslated")
+
+    def __init__(self):
+        self.rules = ()
+        self.extras = ()
+        self.diags = ()
+        self.untranslated = None        # an Untranslated when the rule is left out
 
 
 def translate_rule(rule, chain, ctx, opts, cache=None):
@@ -468,10 +475,10 @@ def translate_rule(rule, chain, ctx, opts, cache=None):
                 cache["stmts"] = rule_stmts(rule, chain, opts)
             stmts = cache["stmts"] + extra
         if rule.tos is not None and opts.fmt != "nft" and ctx in MANGLE_HOOKS:
-            result.extras.extend(tos_extras(rule, ctx, opts, origin))
+            result.extras = tos_extras(rule, ctx, opts, origin)
     except (Untranslatable, Invalid) as exc:
         level = "warning" if isinstance(exc, Untranslatable) else "error"
-        result.diags.append(Diag(level, rule.src, str(exc)))
+        result.diags = [Diag(level, rule.src, str(exc))]
         result.untranslated = Untranslated(rule.src, str(exc))
         return result
     if ctx == "pre" and verdict.kind is None:
@@ -483,13 +490,13 @@ def translate_rule(rule, chain, ctx, opts, cache=None):
         except NeverMatches:
             cache[key] = None
         except Untranslatable as exc:
-            result.diags.append(Diag("warning", rule.src, str(exc)))
+            result.diags = [Diag("warning", rule.src, str(exc))]
             result.untranslated = Untranslated(rule.src, str(exc))
             return result
     matches = cache[key]
     if matches is None:
         return result           # decided while translating: it never matches here
-    result.rules.append(NfRule(matches, stmts, verdict, origin))
+    result.rules = [NfRule(matches, stmts, verdict, origin)]
     return result
 
 
@@ -717,7 +724,7 @@ def plan_ruleset(chains, opts):
                     target.entries.append(tr.untranslated)
                 for table_x, chain_x, nf in tr.extras:
                     plan.chain(table_x, chain_x, (chain_x.lower(), "ACCEPT")).entries.append(nf)
-                for diag in tr.diags + list(rule_notes(rule, ctx, opts)):
+                for diag in [*tr.diags, *rule_notes(rule, ctx, opts)]:
                     key = (diag.src, diag.message)
                     if key not in seen:
                         seen.add(key)

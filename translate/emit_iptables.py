@@ -146,9 +146,19 @@ def match_words(nf):
     return words
 
 
-def rule_args(nf):
-    """Return one argument list per iptables rule needed for NfRule NF."""
-    base = match_words(nf)
+def rule_args(nf, memo=None):
+    """Return one argument list per iptables rule needed for NfRule NF.
+
+    MEMO, a dict kept while one rule is emitted in several contexts, keeps
+    the words of the match tuples it shares between them (by identity: the
+    dict's owner keeps those tuples alive as long as MEMO).
+    """
+    if memo is None:
+        base = match_words(nf)
+    else:
+        base = memo.get(id(nf.matches))
+        if base is None:
+            base = memo[id(nf.matches)] = match_words(nf)
     comment = ["-m", "comment", "--comment", nf.origin] if nf.origin else []
     out = [base + comment + STATEMENTS[type(s)](s) for s in nf.stmts]
     target = verdict_words(nf.verdict)
@@ -197,13 +207,51 @@ def quoted(words, memo):
     (not Raw, which hashes like its text but is quoted differently) they
     are looked up in MEMO without a Python call per word.
     """
-    if {*map(type, words)} == _PLAIN:
+    kinds = {*map(type, words)}
+    if kinds == _PLAIN:
         return " ".join(map(memo.__getitem__, words))
-    return " ".join([memo[w] if type(w) is str else memo.quote(w) for w in words])
+    if not kinds <= _PLAIN_OR_RAW:
+        return " ".join([memo[w] if type(w) is str else memo.quote(w) for w in words])
+    # A few Raw words ($LAN) among plain ones: those are quoted one by one,
+    # never looked up in MEMO (a Raw word finds its text's entry there).
+    types, plain, raws = [*map(type, words)], list(words), []
+    at = types.index(Raw)
+    while True:
+        raws.append(at)
+        plain[at] = ""
+        try:
+            at = types.index(Raw, at + 1)
+        except ValueError:
+            break
+    out = [*map(memo.__getitem__, plain)]
+    for at in raws:
+        out[at] = memo.quote(words[at])
+    return " ".join(out)
 
 
 _PLAIN = {str}
+_PLAIN_OR_RAW = {str, Raw}
 RESTORE_QUOTED = Quoted(restore_word)
+
+
+def restore_rule_texts(nf, heads):
+    """Return the quoted arguments of each iptables-restore rule for NfRule NF
+    (what rule_args gives, quoted); HEADS memoizes the quoted matches and
+    comment, which a rule repeats in several contexts (keyed by the match
+    tuple's identity: the caller keeps the tuples alive as long as HEADS)."""
+    key = (id(nf.matches), nf.origin)
+    head = heads.get(key)
+    if head is None:
+        words = match_words(nf)
+        if nf.origin:
+            words += ["-m", "comment", "--comment", nf.origin]
+        head = heads[key] = quoted(words, RESTORE_QUOTED)
+    tails = [STATEMENTS[type(s)](s) for s in nf.stmts]
+    target = verdict_words(nf.verdict)
+    if target or not nf.stmts:
+        tails.append(target)
+    return [head + " " + quoted(tail, RESTORE_QUOTED) if head and tail else
+            head or quoted(tail, RESTORE_QUOTED) for tail in tails]
 
 
 def owned(chain):
@@ -222,6 +270,7 @@ def restore_tables(plan, hooks=True):
     or flushed when they exist, under --noflush), their rules, and with HOOKS
     one rule per built-in chain jumping to ours."""
     lines = []
+    heads = {}          # quoted matches and comment (PLAN keeps every tuple alive)
     for table in TABLE_ORDER:
         chains = plan.tables.get(table)
         if not chains:
@@ -231,13 +280,13 @@ def restore_tables(plan, hooks=True):
             lines.append(":%s - [0:0]" % owned(chain.name))
         for chain in chains.values():
             own = owned(chain.name)
+            prefix = "-A %s " % own
             for entry in chain.entries:
                 if isinstance(entry, Untranslated):
                     lines.append(entry.comment())
                     continue
-                for args in rule_args(entry):
-                    lines.append(" ".join(["-A", own, quoted(args, RESTORE_QUOTED)])
-                                 if args else "-A " + own)
+                for text in restore_rule_texts(entry, heads):
+                    lines.append(prefix + text if text else prefix[:-1])
         for chain in chains.values():
             if hooks and chain.name in BUILTIN_CHAINS:
                 lines.append(" ".join(["-A"] + hook_args(chain.name)))
@@ -245,12 +294,36 @@ def restore_tables(plan, hooks=True):
     return lines
 
 
+def hooked_chains(plan):
+    """Return the (table, built-in chain) pairs PLAN hooks its own chains into."""
+    return [(table, chain.name) for table in TABLE_ORDER
+            for chain in plan.tables.get(table, {}).values() if chain.name in BUILTIN_CHAINS]
+
+
+def tidy_hooks_command(plan):
+    """Return the shell command that leaves one hook rule per built-in chain of PLAN.
+
+    iptables-restore cannot test before it adds a rule, and no sequence of
+    its commands adds a rule when missing and none when present; so a load
+    over an earlier one leaves two identical hooks.  Run after each load,
+    this deletes the older ones (a first load has one: nothing is deleted).
+    """
+    pairs = " ".join("'%s %s'" % pair for pair in hooked_chains(plan))
+    return ("printf '%%s\\n' %s | while read t c; do h=\"%s -j %s$c\"; "
+            "while [ \"$(iptables -t $t -S $c | grep -cxF -- \"-A $c $h\")\" -gt 1 ]; do "
+            "iptables -t $t -D $c $h || break; done; done"
+            % (pairs, " ".join(hook_args("")[1:-2]), OWN_PREFIX))
+
+
 def render_restore(plan, header=()):
     """Return PLAN as input for 'iptables-restore --noflush': it declares (so
     replaces) only its own chains and adds one hook rule per built-in chain."""
     lines = ["# %s" % printable(h) for h in header] + [
         "# Load with: iptables-restore --noflush < FILE (without --noflush",
-        "# iptables-restore would flush every rule of these tables, not only ours)."
+        "# iptables-restore would flush every rule of these tables, not only ours).",
+        "# Each load adds a hook rule per built-in chain (iptables-restore cannot",
+        "# test first); after each load, this leaves one (the newest):",
+        "# after loading: %s" % tidy_hooks_command(plan),
     ] + plan.header_comments()
     return "\n".join(lines + restore_tables(plan)) + "\n"
 
@@ -270,30 +343,44 @@ def shell_word(word, _cache={}):
     return quoted
 
 
-class CommandLine(str):
-    """One iptables command as shell text, keeping its table and arguments so
-    that runs of them can be batched into one iptables-restore call."""
+class CommandLine:
+    """One iptables command: its table and arguments, so that runs of them can
+    be batched into one iptables-restore call.  Its shell text (str()) is
+    made only when asked for: most commands of a script go into a batch,
+    where they are quoted for the here-document instead."""
 
-    def __new__(cls, text, table, args):
-        obj = super().__new__(cls, text)
-        obj.table = table
-        obj.args = args
-        obj.origin = None        # FILE:LINE for commands that carry no rule comment
-        return obj
+    __slots__ = ("table", "args", "prog", "origin", "batch_safe")
+
+    def __init__(self, table, args, prog="iptables"):
+        self.table = table
+        self.args = args
+        self.prog = prog
+        self.origin = None        # FILE:LINE for commands that carry no rule comment
+        self.batch_safe = None    # see batchable()
+
+    def __str__(self, _heads={}):
+        head = _heads.get((self.prog, self.table))
+        if head is None:
+            head = _heads[self.prog, self.table] = quoted(
+                [self.prog] + (["-t", self.table] if self.table != "filter" else []),
+                SHELL_QUOTED)
+        return head + " " + quoted(self.args, SHELL_QUOTED) if self.args else head
+
+    def __repr__(self):
+        return "CommandLine(%r)" % str(self)
+
+    def has_comment(self):
+        """True when the command carries a rule comment (its origin is in it)."""
+        return "--comment" in self.args
 
     def shell(self):
         """Return the command as a shell line (origin as a trailing comment)."""
         return "%s  # %s" % (self, self.origin) if self.origin else str(self)
 
 
-def command(table, args, prog="iptables", _heads={}):
-    """Return one iptables command line for TABLE with ARGS (a CommandLine)."""
-    args = list(args)
-    head = _heads.get((prog, table))
-    if head is None:
-        head = _heads[prog, table] = quoted(
-            [prog] + (["-t", table] if table != "filter" else []), SHELL_QUOTED)
-    return CommandLine(head + " " + quoted(args, SHELL_QUOTED) if args else head, table, args)
+def command(table, args, prog="iptables"):
+    """Return one iptables command for TABLE with ARGS (a CommandLine)."""
+    return CommandLine(table, list(args), prog)
 
 
 SHELL_QUOTED = Quoted(shell_word)
@@ -332,12 +419,27 @@ def batchable(line):
     """
     if not isinstance(line, CommandLine):
         return False
-    safe = getattr(line, "batch_safe", None)       # asked about twice per command
+    safe = line.batch_safe
     if safe is None:
-        # Most commands hold no Raw word at all: tell that at C speed first.
+        # Most commands hold no Raw word at all: tell that at C speed first;
+        # the same few Raw words ($LAN...) recur in thousands of commands.
         safe = line.batch_safe = Raw not in map(type, line.args) or not any(
-            isinstance(w, Raw) and HEREDOC_UNSAFE.search(w) for w in line.args)
+            map(UNSAFE_RAW.__getitem__, filter(_is_raw, line.args)))
     return safe
+
+
+class _UnsafeRaw(dict):
+    """Memo: Raw word -> True when a here-document would read it otherwise."""
+
+    def __missing__(self, word):
+        if len(self) >= 100000:
+            self.clear()
+        unsafe = self[word] = HEREDOC_UNSAFE.search(word) is not None
+        return unsafe
+
+
+UNSAFE_RAW = _UnsafeRaw()       # keys are Raw words only (hashed like their text)
+_is_raw = Raw.__instancecheck__
 
 
 HEREDOC_QUOTED = Quoted(heredoc_word)

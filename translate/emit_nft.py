@@ -153,9 +153,20 @@ def verdict_text(v):
     return ""
 
 
-def rule_text(nf):
-    """Return NfRule NF as one nft rule line."""
-    parts = [MATCHES[type(m)](m) for m in nf.matches]
+def rule_text(nf, memo=None):
+    """Return NfRule NF as one nft rule line.
+
+    MEMO, kept over one render, holds the text of each match tuple (by
+    identity: the plan keeps the tuples alive), which a rule repeats in
+    several contexts.
+    """
+    if memo is None:
+        parts = [MATCHES[type(m)](m) for m in nf.matches]
+    else:
+        text = memo.get(id(nf.matches))
+        if text is None:
+            text = memo[id(nf.matches)] = " ".join(MATCHES[type(m)](m) for m in nf.matches)
+        parts = [text] if text else []
     parts += [STATEMENTS[type(s)](s) for s in nf.stmts]
     verdict = verdict_text(nf.verdict)
     if verdict:
@@ -181,6 +192,7 @@ def render(plan, table_name="ipchains", header=()):
     lines += ["table ip %s" % table_name, "delete table ip %s" % table_name,
               "table ip %s {" % table_name]
     first = True
+    memo = {}
     for table in TABLE_ORDER:
         for chain in plan.tables.get(table, {}).values():
             if not first:
@@ -196,7 +208,7 @@ def render(plan, table_name="ipchains", header=()):
                 if isinstance(entry, Untranslated):
                     lines.append("\t\t" + entry.comment())
                 else:
-                    lines.append("\t\t" + rule_text(entry))
+                    lines.append("\t\t" + rule_text(entry, memo))
             lines.append("\t}")
     lines.append("}")
     return "\n".join(lines) + "\n"

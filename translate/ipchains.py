@@ -79,6 +79,10 @@ class ParseError(Exception):
     """The command is not valid ipchains; the message says why."""
 
 
+class HostNotYetSeen(Exception):
+    """A host name not in the texts the script read so far (Names.provisional)."""
+
+
 class Names:
     """Resolves host and service names; ``keep_hosts`` keeps names as written."""
 
@@ -89,6 +93,9 @@ class Names:
         # The texts bash read, when the names come from a script run in the
         # sandbox: only names written there are given to the resolver.
         self.written = None
+        # While the script still runs, a name not (yet) in those texts may
+        # be in a file it reads later: HostNotYetSeen, asked again after.
+        self.provisional = False
 
     def host(self, name):
         """Return the IPv4 addresses of NAME (mapping first, then the resolver)."""
@@ -96,6 +103,8 @@ class Names:
             return self.hosts[name]
         if name not in self._cache and self.written is not None and \
                 not any(name in text for text in self.written):
+            if self.provisional:
+                raise HostNotYetSeen(name)
             # Looked up outside the sandbox, a name the script built from
             # what it read would carry that out in a DNS query.
             self._cache[name] = None
@@ -361,10 +370,13 @@ class _Parser:
         self.rule_given = False
 
     def run(self):
-        if not self.w.more():
+        w = self.w
+        if not w.more():
             raise ParseError("no command given")
-        while self.w.more():
-            self.option(self.w.take("option"))
+        words, option = w.words, self.option
+        while w.i < w.n:
+            w.i += 1
+            option(words[w.i - 1])
         if self.op is None:
             raise ParseError("no command given (one of -A -I -R -D -P -N -X -F -Z -L -C -M)")
         if self.rule_given and self.op not in TAKES_RULE:

@@ -16,7 +16,7 @@ from typing import List
 
 from . import emit_iptables, emit_nft, semantics
 from .chains import ChainError, Chains
-from .ipchains import BUILTIN, VERDICTS, Names, ParseError, parse
+from .ipchains import BUILTIN, VERDICTS, HostNotYetSeen, Names, ParseError, parse
 from . import sandbox
 from .ir import Command, Diag, PortForward, SourceRef, Untranslated, printable
 from .shell import (MODERN_MODULES, Cmd, Invocation, Reader, Remark, ShellError, Word,
@@ -152,51 +152,109 @@ def understand(items, names):
     return out, diags
 
 
-def run_items(name, text, defines):
-    """Return the items of script TEXT as bash runs it in the sandbox (sandbox.py), and
-    the texts of the files it ran (TEXT and those it sourced).
+class RunReader:
+    """Turns the records of a script running in the sandbox into understood items,
+    record by record while bash still runs (sandbox.run's sink).
 
-    InputError when the sandbox cannot run, or when bash ran no ipchains
-    command with these values (an empty translation would open the firewall).
+    Host names are resolved only when written in a text bash read (Names);
+    a name not in the texts read so far may be in a file cited later, so
+    that command is understood again once the run is over.
     """
-    positional, forced = sandbox.split_positional(defines)
-    try:
-        ran = sandbox.run(name, text, positional, forced)
-    except sandbox.SandboxError as exc:
-        raise InputError(str(exc))
-    shown = [os.getcwd()] + ([os.path.dirname(os.path.abspath(name))]
-                             if os.path.isfile(name) else [])
-    origins = sandbox.Origins({name: text}, shown)
-    items = []
-    for rec in ran.records:
-        if rec.kind == sandbox.UNSEEN:
-            # Leaving it out would drop a rule bash ran: refuse the whole script.
-            raise InputError("%s: the script ran %s through another program (env, xargs, nice, "
-                             "exec, a script run by sh...), where the stand-ins cannot tell its "
-                             "line: '%s'; nothing translated (call it from the script itself)"
-                             % (name, rec.argv[0], printable(shlex.join(rec.argv))))
-        line, cited = origins.span(rec.file, rec.line)
+
+    def __init__(self, name, text, names):
+        shown = [os.getcwd()] + ([os.path.dirname(os.path.abspath(name))]
+                                 if os.path.isfile(name) else [])
+        self.name = name
+        self.origins = sandbox.Origins({name: text}, shown)
+        self.names = names
+        self.written = names.written or []
+        self.known = 0                  # files of origins.read given to names so far
+        self.slots = []                 # per item: (Parsed, [Diag]), or the item to redo
+        self.redo = []
+        self.unseen = None              # the first record run through another program
+        self.commands = False           # an ipchains command ran
+
+    def take(self, records):
+        """Understand RECORDS (sandbox.run's sink)."""
+        items = []
+        for rec in records:
+            if rec.kind == sandbox.UNSEEN:
+                self.unseen = self.unseen or rec
+                continue
+            items.extend(self.items_of(rec))
+        if len(self.origins.read) != self.known:
+            self.known = len(self.origins.read)
+            self.names.written = self.written + self.origins.texts_read()
+        self.names.provisional = True
+        try:
+            for item in items:
+                try:
+                    self.slots.append(understand([item], self.names))
+                except HostNotYetSeen:
+                    self.redo.append(len(self.slots))
+                    self.slots.append(item)
+        finally:
+            self.names.provisional = False
+
+    def items_of(self, rec):
+        """Return the items of one record (Invocations, remarks)."""
+        line, cited = self.origins.span(rec.file, rec.line)
         src = SourceRef(rec.file, line, cited)
         if rec.kind in ("ipchains", "ipmasqadm"):
-            items.append(Invocation([rec.kind] + rec.argv, src, None))
-        elif rec.kind == "restore":
-            items.extend(restore_items(rec, src))
-        elif rec.kind in sandbox.FOREIGN:
+            self.commands = True
+            return [Invocation([rec.kind] + rec.argv, src, None)]
+        if rec.kind == "restore":
+            items = restore_items(rec, src)
+            self.commands = self.commands or bool(items)
+            return items
+        if rec.kind in sandbox.FOREIGN:
             # Its rules would be missing from a ruleset that loads: fail closed.
-            items.append(Remark("error", src, "%s command left out: only ipchains is "
-                                "translated, and the rules this loads are not in the "
-                                "translation" % rec.kind))
-        else:
-            words = [Word(w, None, line) for w in [rec.kind] + rec.argv]
-            remark = module_remark(Cmd(words, [], line, line), {}, src)
-            if remark is not None:
-                items.append(remark)
-    if not any(isinstance(item, Invocation) for item in items):
+            return [Remark("error", src, "%s command left out: only ipchains is "
+                           "translated, and the rules this loads are not in the "
+                           "translation" % rec.kind)]
+        words = [Word(w, None, line) for w in [rec.kind] + rec.argv]
+        remark = module_remark(Cmd(words, [], line, line), {}, src)
+        return [remark] if remark is not None else []
+
+    def result(self):
+        """Return (Parsed values, diagnostics) in the order bash ran the commands."""
+        self.names.written = self.written + self.origins.texts_read()
+        for k in self.redo:
+            self.slots[k] = understand([self.slots[k]], self.names)
+        parsed, diags = [], []
+        for one, more in self.slots:
+            parsed.extend(one)
+            diags.extend(more)
+        return parsed, diags
+
+
+def run_understood(name, text, defines, names):
+    """Return (Parsed values, diagnostics) of script TEXT as bash runs it in the
+    sandbox (sandbox.py); NAMES learns the texts of the files it ran.
+
+    InputError when the sandbox cannot run, when the script ran ipchains
+    through another program, or when bash ran no ipchains command with
+    these values (an empty translation would open the firewall).
+    """
+    positional, forced = sandbox.split_positional(defines)
+    reader = RunReader(name, text, names)
+    try:
+        ran = sandbox.run(name, text, positional, forced, sink=reader.take)
+    except sandbox.SandboxError as exc:
+        raise InputError(str(exc))
+    if reader.unseen is not None:
+        # Leaving it out would drop a rule bash ran: refuse the whole script.
+        raise InputError("%s: the script ran %s through another program (env, xargs, nice, "
+                         "exec, a script run by sh...), where the stand-ins cannot tell its "
+                         "line: '%s'; nothing translated (call it from the script itself)"
+                         % (name, reader.unseen.argv[0],
+                            printable(shlex.join(reader.unseen.argv))))
+    if not reader.commands:
         given = "positional parameters %s" % " ".join(positional) if positional else \
             "no positional parameters (give them as -D 1=start ...)"
         raise InputError("%s: bash ran no ipchains command with %s (the script exited "
                          "%d); nothing to translate" % (name, given, ran.status))
-    return items, origins.texts_read()
+    return reader.result()
 
 
 def restore_items(rec, src):
@@ -240,9 +298,7 @@ def read_inputs(sources, defines, names, flat):
     inputs, diags = [], []
     for name, text in sources:
         if flat and name != "-e" and not is_save_file(text):
-            items, texts = run_items(name, text, defines)
-            names.written = (names.written or []) + texts
-            parsed, more = understand(items, names)
+            parsed, more = run_understood(name, text, defines, names)
             inputs.append((None, parsed))
             diags.extend(more)
             continue
@@ -261,7 +317,7 @@ def count_commands(inputs):
 def static_view(parsed):
     """Return (chains ever created, union jump graph, Features) over all commands."""
     known, graph = set(), {}
-    redirect = masq = portfw = False
+    redirect = masq = portfw = udp = False
     for p in parsed:
         cmd = p.command
         if isinstance(cmd, PortForward):
@@ -274,12 +330,13 @@ def static_view(parsed):
             masq = True
         for rule in cmd.rules:
             redirect = redirect or rule.target == "REDIRECT"
+            udp = udp or semantics.redirect_takes_udp(rule)
             masq = masq or rule.target == "MASQ"
             if rule.target and rule.target not in VERDICTS and cmd.op != "D":
                 graph.setdefault(cmd.chain, [])
                 if rule.target not in graph[cmd.chain]:
                     graph[cmd.chain].append(rule.target)
-    return known, graph, semantics.Features(redirect, masq, portfw)
+    return known, graph, semantics.Features(redirect, masq, portfw, udp)
 
 
 def command_notes(cmd, flat):
@@ -446,8 +503,10 @@ class ShellTranslator:
         if tr.untranslated is not None:
             return [tr.untranslated.comment()], 0
         lines, count = [], 0
+        # The translate_rule cache holds the match tuples shared between contexts.
+        words = cache.setdefault("words", {}) if cache is not None else None
         for nf in tr.rules:
-            for args in emit_iptables.rule_args(nf):
+            for args in emit_iptables.rule_args(nf, words):
                 pos = [str(first + count)] if first is not None else []
                 lines.append(emit_iptables.command(table, [op, nf_chain] + pos + args))
                 count += 1
@@ -581,17 +640,17 @@ def translate_shell(sources, opts, defines, names):
                 lines = [":", Untranslated(p.item.src, str(exc)).comment()]
             if not lines:
                 lines = [": # %s: %s" % (p.item.src, nothing_reason(p.command, tr))]
-            elif not all(line.startswith(": ") for line in lines):
+            elif not all(type(line) is str and line.startswith(": ") for line in lines):
                 # Lines that cannot carry a rule comment (-F, -N, -X,
                 # sysctl) say where they come from in a shell comment.
                 for i, line in enumerate(lines):
-                    if "--comment" in line:
-                        continue
-                    if isinstance(line, emit_iptables.CommandLine):
+                    if type(line) is str:
+                        if "--comment" not in line:
+                            lines[i] = "%s  # %s" % (line, p.item.src)
+                    elif not line.has_comment():
                         line.origin = p.item.src
-                    else:
-                        lines[i] = "%s  # %s" % (line, p.item.src)
-                runs.append((cmd, indent, lines))
+                runs.append((cmd, indent, lines,
+                             all(emit_iptables.batchable(line) for line in lines)))
                 continue
             replacements[cmd.line] = (cmd.end_line, [indent + line for line in lines], False)
         for first, commands in batch_runs(runs, reader.lines):
@@ -611,8 +670,9 @@ def translate_shell(sources, opts, defines, names):
 
 def batch_runs(runs, source):
     """Yield (first line, {line: replacement}) for the translated commands RUNS
-    ((Cmd, indent, lines) in script order), in runs the shell runs one after
-    the other: same indentation, nothing but blank and comment lines between.
+    ((Cmd, indent, lines, all lines batchable) in script order), in runs the
+    shell runs one after the other: same indentation, nothing but blank and
+    comment lines between.
 
     Our chains are built (SETUP) when the script's first ipchains command
     runs, not before its own guards.  A run of several commands becomes one
@@ -621,8 +681,7 @@ def batch_runs(runs, source):
     """
     group = []
     for item in runs + [None]:
-        if item is not None and group and _follows(group[-1], item, source) and \
-                all(emit_iptables.batchable(line) for line in item[2]):
+        if item is not None and group and item[3] and _follows(group[-1], item, source):
             group.append(item)
             continue
         if group:
@@ -632,9 +691,8 @@ def batch_runs(runs, source):
 
 def _follows(prev, item, source):
     """True when command ITEM runs right after PREV (see batch_runs)."""
-    (pcmd, pindent, plines), (cmd, indent, _) = prev, item
-    if indent != pindent or cmd.line <= pcmd.end_line or \
-            not all(emit_iptables.batchable(line) for line in plines):
+    (pcmd, pindent, _, psafe), (cmd, indent, _, _) = prev, item
+    if indent != pindent or cmd.line <= pcmd.end_line or not psafe:
         return False
     between = source[pcmd.end_line:cmd.line - 1]
     return all(not line.strip() or line.lstrip().startswith("#") for line in between)
@@ -644,13 +702,14 @@ def _run_replacements(group):
     """Return {line: (last line, new lines, False)} for one run of commands."""
     indent = group[0][1]
     if len(group) == 1:
-        cmd, _, lines = group[0]
-        new = [emit_iptables.SETUP] + [getattr(line, "shell", lambda: line)() for line in lines]
+        cmd, _, lines, _ = group[0]
+        new = [emit_iptables.SETUP] + [line if type(line) is str else line.shell()
+                                       for line in lines]
         return {cmd.line: (cmd.end_line, [indent + line for line in new], False)}
-    commands = [line for _, _, lines in group for line in lines]
+    commands = [line for _, _, lines, _ in group for line in lines]
     body = emit_iptables.batch(commands)
     out = {}
-    for k, (cmd, _, _) in enumerate(group):
+    for k, (cmd, _, _, _) in enumerate(group):
         new = [indent + emit_iptables.SETUP, indent + body[0]] + body[1:] if k == 0 else []
         out[cmd.line] = (cmd.end_line, new, False)
     return out

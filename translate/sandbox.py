@@ -16,6 +16,7 @@ called the stand-in (BASH_SOURCE/BASH_LINENO).
 in execution order and how the script ended.  Sandbox.error carries why the
 sandbox could not run at all.
 """
+import fcntl
 import glob
 import os
 import re
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import List
 
 TIMEOUT = 60
+PROCESSES = 512             # processes (and threads) the sandbox may hold at once
+SAFE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_RECORDS = 64 << 20      # bytes of records kept: 100,000 rules take about 8 MiB
 MEMORY = 1 << 30            # address space of each process in the sandbox
 TMPFS = 64 << 20            # size of each writable place (/tmp, /run, /var/tmp)
@@ -57,6 +60,7 @@ NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # where bash's functions do not reach (env, xargs, nice, exec, sh scripts).
 BIN = INSIDE + "/in/bin"
 UNSEEN = "unseen"
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 LOST = "ipchains-translate:lost-record"
 
 
@@ -200,6 +204,54 @@ def bwrap_argv(tmp, timeout):
             "timeout", "-k", "2", str(timeout), "/bin/bash"]
 
 
+# bash's (and dash's) words when fork() fails: with the process bound, a
+# script hitting it (a fork bomb) is stopped at once rather than at TIMEOUT.
+FORK_FAILED = re.compile(rb"fork: (?:retry: )?Resource temporarily unavailable|Cannot fork")
+NO_BOUND = "ipchains-translate:no-process-bound"
+
+
+class ProcessLimit(Exception):
+    """The script hit the sandbox's process bound."""
+
+
+def pid_max_per_namespace(release=None):
+    """True when this kernel keeps kernel.pid_max per pid namespace (Linux >= 6.14)."""
+    release = release or os.uname().release
+    numbers = re.match(r"(\d+)\.(\d+)", release)
+    return numbers is not None and (int(numbers.group(1)), int(numbers.group(2))) >= (6, 14)
+
+
+def process_bound():
+    """Return the command words that run the sandbox with at most PROCESSES
+    processes, or [] where this cannot be done.
+
+    RLIMIT_NPROC does nothing for uid 0 (the script runs as root without
+    capabilities, so that it reads what root can), and a cgroup would mean
+    changing the host's.  Instead the sandbox runs in a pid namespace of its
+    own whose pid_max (per namespace since Linux 6.14) is PROCESSES: every
+    process of the sandbox, in bwrap's namespace below it too, takes a pid
+    there.  The shell that sets it checks that it is that namespace's
+    pid 1, and the kernel check keeps an older kernel's global pid_max from
+    being written; `unshare --kill-child` ends the namespace with it.
+    """
+    unshare = shutil.which("unshare")
+    if unshare is None or not pid_max_per_namespace():
+        return []
+    return [unshare, "--pid", "--fork", "--kill-child", "--", "/bin/bash", "--norc",
+            "--noprofile", "-c", PID1 % (PROCESSES, NO_BOUND), "bash"]
+
+
+# Pid 1 of the sandbox's namespace: bounds it, runs bwrap ("$@"), and reaps
+# what bwrap leaves: bwrap does not wait for the init of its own namespace
+# below, which dies with it (--die-with-parent) and is orphaned to this
+# process.  Reaped here, its CPU time (the script's) is counted upwards;
+# left to the namespace's end, the kernel would drop it.
+PID1 = ('[ "$$" = 1 ] && echo %d > /proc/sys/kernel/pid_max || { echo %s >&2; exit 125; }; '
+        '"$@" & wait $!; status=$?; '
+        'for _ in {1..1000}; do read -r kids < /proc/thread-self/children; '
+        '[ -z "$kids" ] && break; done; exit $status')
+
+
 def hiding():
     """Return the bwrap options hiding the SECRET_DIRS and SECRET_FILES that exist here
     (the script's and the working directory are bound again after them)."""
@@ -286,12 +338,15 @@ def seccomp_fd(tmp):
     return os.open(path, os.O_RDONLY)
 
 
-def run(name, text, positional=(), forced=None, timeout=None):
+def run(name, text, positional=(), forced=None, timeout=None, sink=None):
     """Run script TEXT (called NAME) in the sandbox; return the Run (SandboxError if it cannot).
 
     A NAME that is a file runs from where it is (its directory is visible,
     read-only, so it can source its neighbours and read its $0); any other
-    (stdin) runs from a private copy.
+    (stdin) runs from a private copy.  With SINK, the records are not kept
+    in the Run but given to SINK (a list of Records at a time, in order)
+    while bash still runs, so the caller's work on them overlaps bash's;
+    a SandboxError after that means SINK's work is to be thrown away.
     """
     timeout = timeout or TIMEOUT
     with tempfile.TemporaryDirectory(prefix="ipchains-translate.") as tmp:
@@ -311,28 +366,38 @@ def run(name, text, positional=(), forced=None, timeout=None):
         filter_fd = seccomp_fd(tmp)
         if filter_fd is not None:
             binds += ["--seccomp", str(filter_fd)]
-        argv = base[:cut] + binds + base[cut:] + [path] + list(positional)
+        bound = process_bound()
+        argv = bound + base[:cut] + binds + base[cut:] + [path] + list(positional)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env={"PATH": SAFE_PATH},
                                     pass_fds=() if filter_fd is None else (filter_fd,))
         except OSError as exc:
             raise SandboxError("cannot run the sandbox: %s" % exc)
         finally:
             if filter_fd is not None:
                 os.close(filter_fd)
+        kept = []
+        stream = RecordStream(names, sink or kept.extend)
         with proc:
             try:
-                out, head, tail = collect(proc, timeout + 10)
+                head, tail = collect(proc, timeout + 10, stream.feed, bool(bound))
             except subprocess.TimeoutExpired:
                 raise SandboxError("%s: the script ran longer than %d s in the sandbox"
                                    % (name, timeout))
             except OverflowError:
                 raise SandboxError("%s: the script recorded more than %d MiB of commands in "
                                    "the sandbox" % (name, MAX_RECORDS >> 20))
+            except ProcessLimit:
+                raise SandboxError("%s: the script ran more than %d processes at once in the "
+                                   "sandbox (a fork bomb?); stopped, nothing translated"
+                                   % (name, PROCESSES))
             finally:
                 stop(proc)
         stderr = tail.decode("utf-8", "replace")
+        if head.startswith(NO_BOUND.encode()):
+            raise SandboxError("cannot run the sandbox: its process bound (pid_max of its "
+                               "own pid namespace) could not be set")
         if LOST.encode() in tail:
             raise SandboxError("%s: the script closed the stand-ins' record channel (a "
                                "descriptor above 2); nothing translated" % name)
@@ -345,19 +410,29 @@ def run(name, text, positional=(), forced=None, timeout=None):
         if b"cannot allocate" in tail or b"Cannot allocate" in tail:
             raise SandboxError("%s: the script ran out of memory in the sandbox (%d MiB)"
                                % (name, MEMORY >> 20))
-    records = parse_records(out, names)
-    return Run(records, proc.returncode, stderr[-STDERR_TAIL:])
+    stream.end()
+    return Run(kept, proc.returncode, stderr[-STDERR_TAIL:])
 
 
-def collect(proc, seconds):
-    """Read PROC's stdout and stderr until both close; return (stdout, stderr's head, tail).
+PIPE_SIZE = 1 << 20     # the record pipe's capacity: bash runs ahead while we parse
 
-    Only MAX_RECORDS bytes of stdout (OverflowError past it) and the ends of
-    stderr are kept, however much the script writes; TimeoutExpired after
-    SECONDS.  The caller stops PROC.
+
+def collect(proc, seconds, feed, bounded=False):
+    """Give PROC's stdout to FEED as it comes and read its stderr, until both close;
+    return (stderr's head, tail).
+
+    At most MAX_RECORDS bytes of stdout are read (OverflowError past it), and
+    only the ends of stderr are kept, however much the script writes; the
+    pipe itself holds at most PIPE_SIZE.  TimeoutExpired after SECONDS;
+    ProcessLimit when BOUNDED (process_bound) and a fork failed.
+    The caller stops PROC.
     """
-    out, head, tail = bytearray(), b"", b""
+    size, head, tail = 0, b"", b""
     deadline = time.monotonic() + seconds
+    try:
+        fcntl.fcntl(proc.stdout.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass                    # a smaller pipe only means more wake-ups
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ, "out")
         sel.register(proc.stderr, selectors.EVENT_READ, "err")
@@ -366,18 +441,21 @@ def collect(proc, seconds):
             if left <= 0:
                 raise subprocess.TimeoutExpired(proc.args, seconds)
             for key, _ in sel.select(left):
-                chunk = os.read(key.fileobj.fileno(), 1 << 16)
+                chunk = os.read(key.fileobj.fileno(), PIPE_SIZE)
                 if not chunk:
                     sel.unregister(key.fileobj)
                 elif key.data == "out":
-                    out += chunk
-                    if len(out) > MAX_RECORDS:
+                    size += len(chunk)
+                    if size > MAX_RECORDS:
                         raise OverflowError
+                    feed(chunk)
                 else:
+                    if bounded and FORK_FAILED.search(tail[-64:] + chunk):
+                        raise ProcessLimit
                     head = head or chunk[:STDERR_TAIL]
                     tail = (tail + chunk)[-4 * STDERR_TAIL:]
     proc.wait(max(0.0, deadline - time.monotonic()))
-    return bytes(out), head, tail
+    return head, tail
 
 
 def stop(proc):
@@ -387,29 +465,64 @@ def stop(proc):
         proc.wait()
 
 
-def parse_records(data, names):
-    """Return the Records of the NUL-separated DATA; file names mapped by NAMES."""
-    fields = data.decode("utf-8", "surrogateescape").split("\0")
-    out, i = [], 0
-    last = len(fields) - 1          # the data ends with NUL: fields[last] == ''
-    for _ in range(len(fields)):
-        if i >= last:
-            break
-        kind, file, line, argc = (fields[i:i + 4] + ["", "", "", ""])[:4]
-        if i + 4 > last or not argc.isdigit() or (line and not line.isdigit()) or \
-                i + 4 + int(argc) > last:
+class RecordStream:
+    """Parses the NUL-separated records (kind, file, line, argc, argv...) as they
+    arrive and gives each complete run of them to SINK; file names mapped by NAMES.
+
+    Malformed data (the script wrote into the record channel) stops the
+    parsing; end() raises it, and raises for a record left incomplete.
+    """
+
+    def __init__(self, names, sink):
+        self.names = names
+        self.sink = sink
+        self.rest = bytearray()     # bytes after the last NUL seen
+        self.fields = []            # whole fields not yet a whole record
+        self.bad = False
+
+    def feed(self, chunk):
+        """Take the next CHUNK of the stream."""
+        if self.bad:
+            return
+        cut = chunk.rfind(b"\0")
+        if cut < 0:
+            self.rest += chunk
+            return
+        data = bytes(self.rest) + chunk[:cut] if self.rest else chunk[:cut]
+        self.rest = bytearray(chunk[cut + 1:])
+        fields = self.fields
+        fields.extend(data.decode("utf-8", "surrogateescape").split("\0"))
+        records, i, n = [], 0, len(fields)
+        names, kind_restore = self.names, "restore"
+        while i + 4 <= n:
+            kind, file, line, argc = fields[i:i + 4]
+            if not (argc.isascii() and argc.isdigit()) or \
+                    (line and not (line.isascii() and line.isdigit())):
+                self.bad = True
+                break
+            end = i + 4 + int(argc)
+            if end > n:
+                break
+            args = fields[i + 4:end]
+            i = end
+            file = names.get(file, file)
+            if kind == kind_restore:
+                if len(args) != 2:
+                    self.bad = True
+                    break
+                records.append(Record(kind, file, int(line or 0), [], data=args[1],
+                                      data_file=args[0]))
+            else:
+                records.append(Record(kind, file, int(line or 0), args))
+        del fields[:i]
+        if records:
+            self.sink(records)
+
+    def end(self):
+        """Check that the stream ended with a whole record (SandboxError if not)."""
+        if self.bad or self.rest or self.fields:
             raise SandboxError("%s: the script wrote into the stand-ins' record stream; "
-                               "nothing translated" % ", ".join(names.values()))
-        n = int(argc)
-        args = fields[i + 4:i + 4 + n]
-        i += 4 + n
-        file = names.get(file, file)
-        if kind == "restore":
-            out.append(Record(kind, file, int(line or 0), [], data=args[1],
-                              data_file=args[0]))
-        else:
-            out.append(Record(kind, file, int(line or 0), args))
-    return out
+                               "nothing translated" % ", ".join(self.names.values()))
 
 
 def split_positional(defines):
@@ -434,10 +547,11 @@ class Origins:
         self.texts = dict(texts)       # file -> text (read from disk when missing)
         self.shown = shown             # directories bound into the sandbox as they are
         self.spans = {}
+        self.read = []                 # texts of the files read, in the order read
 
     def texts_read(self):
         """Return the texts of the files given or read so far."""
-        return list(self.texts.values()) + ["\n".join(lines) for lines, _ in self.spans.values()]
+        return list(self.texts.values()) + self.read
 
     def span(self, file, line):
         """Return (first line, text of the command) around LINE of FILE."""
@@ -461,6 +575,7 @@ class Origins:
         text = self.texts.get(file)
         if text is None:
             text = read_as_seen(file, self.shown)
+        self.read.append(text)
         lines = text.split("\n")
         starts = {}
         for n in range(2, len(lines) + 1):

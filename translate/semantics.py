@@ -146,6 +146,7 @@ class Features:
     redirect: bool = False
     masq: bool = False
     portfw: bool = False
+    redirect_udp: bool = False      # a REDIRECT may take UDP (-p udp, or $PROTO)
 
 
 class Untranslatable(Exception):
@@ -242,6 +243,25 @@ def masq_port_test(ports):
     return None
 
 
+_SHARED = {}
+
+
+def shared(cls, *args):
+    """Return the frozen match CLS(*ARGS), one object for equal arguments: rules
+    repeat the same few protocols, interfaces and addresses, and making a
+    frozen dataclass costs more than looking it up (bounded memo).  A Raw
+    word equals and hashes like its text but means another thing: never memoized."""
+    if Raw in map(type, args):
+        return cls(*args)
+    key = (cls,) + args
+    match = _SHARED.get(key)
+    if match is None:
+        if len(_SHARED) >= 100000:
+            _SHARED.clear()
+        match = _SHARED[key] = cls(*args)
+    return match
+
+
 def rule_matches(rule, ctx, opts=None):
     """Return the netfilter matches of RULE in context CTX, in emission order.
 
@@ -273,13 +293,13 @@ def rule_matches(rule, ctx, opts=None):
         sport = None
     out = []
     if rule.iface is not None:
-        out.append(MIface(iface_dir, rule.iface, rule.iface_neg))
+        out.append(shared(MIface, iface_dir, rule.iface, rule.iface_neg))
     if rule.proto is not None:
-        out.append(MProto(rule.proto, rule.proto_neg))
+        out.append(shared(MProto, rule.proto, rule.proto_neg))
     if saddr is not None:
-        out.append(MAddr("s", saddr.net, saddr.neg))
+        out.append(shared(MAddr, "s", saddr.net, saddr.neg))
     if rule.daddr is not None:
-        out.append(MAddr("d", rule.daddr.net, rule.daddr.neg, orig, reply))
+        out.append(shared(MAddr, "d", rule.daddr.net, rule.daddr.neg, orig, reply))
     proto = rule.proto
     if sport is not None:
         out.append(MPorts("s", sport, proto))
@@ -415,14 +435,21 @@ VERDICT_HANDLERS = {"ACCEPT": _accept, "DENY": _deny, "REJECT": _reject,
 # ---------------------------------------------------------------- one rule
 
 
-@dataclass
 class Translation:
-    """RULE in one context: the rules for its chain, extras elsewhere, diagnostics."""
+    """RULE in one context: the rules for its chain, extras elsewhere, diagnostics.
 
-    rules: List = field(default_factory=list)
-    extras: List = field(default_factory=list)     # (table, chain, NfRule)
-    diags: List = field(default_factory=list)
-    untranslated: Optional[Untranslated] = None
+    rules and extras ((table, chain, NfRule)) and diags are sequences; a plain
+    class with empty tuples, as hundreds of thousands are made and most stay
+    empty.
+    """
+
+    __slots__ = ("rules", "extras", "diags", "untranslated")
+
+    def __init__(self):
+        self.rules = ()
+        self.extras = ()
+        self.diags = ()
+        self.untranslated = None        # an Untranslated when the rule is left out
 
 
 def translate_rule(rule, chain, ctx, opts, cache=None):
@@ -448,10 +475,10 @@ def translate_rule(rule, chain, ctx, opts, cache=None):
                 cache["stmts"] = rule_stmts(rule, chain, opts)
             stmts = cache["stmts"] + extra
         if rule.tos is not None and opts.fmt != "nft" and ctx in MANGLE_HOOKS:
-            result.extras.extend(tos_extras(rule, ctx, opts, origin))
+            result.extras = tos_extras(rule, ctx, opts, origin)
     except (Untranslatable, Invalid) as exc:
         level = "warning" if isinstance(exc, Untranslatable) else "error"
-        result.diags.append(Diag(level, rule.src, str(exc)))
+        result.diags = [Diag(level, rule.src, str(exc))]
         result.untranslated = Untranslated(rule.src, str(exc))
         return result
     if ctx == "pre" and verdict.kind is None:
@@ -463,13 +490,13 @@ def translate_rule(rule, chain, ctx, opts, cache=None):
         except NeverMatches:
             cache[key] = None
         except Untranslatable as exc:
-            result.diags.append(Diag("warning", rule.src, str(exc)))
+            result.diags = [Diag("warning", rule.src, str(exc))]
             result.untranslated = Untranslated(rule.src, str(exc))
             return result
     matches = cache[key]
     if matches is None:
         return result           # decided while translating: it never matches here
-    result.rules.append(NfRule(matches, stmts, verdict, origin))
+    result.rules = [NfRule(matches, stmts, verdict, origin)]
     return result
 
 
@@ -607,6 +634,16 @@ def nat_hooks(plan, features, opts):
                 plan.add(table, "tproxy-divert", divert)
                 pre.entries.append(NfRule(socket, (), Verdict("jump", "tproxy-divert"),
                                           divert.origin))
+            if features.redirect_udp:
+                # UDP too (a proxy's flow from the client's address gets the
+                # server's answers this way, else they are dropped), but
+                # marked without accept: a transparent UDP socket bound and
+                # not yet connected also matches other clients' first
+                # datagrams, which must still reach the TPROXY rule.
+                pre.entries.append(NfRule((MProto("udp"), MSocket()), divert.stmts,
+                                          Verdict(None),
+                                          note("TPROXY: UDP packets for transparent "
+                                               "sockets (marked, not accepted)")))
         pre.entries.append(NfRule((), (), Verdict("jump", "pre-input"),
                                   note("input rules deciding REDIRECT")))
         if opts.redirect == "tproxy":
@@ -635,13 +672,19 @@ def tproxy_notes(opts):
 
 def features_of(chains):
     """Return the Features a simulated firewall uses (final state)."""
-    redirect = masq = False
+    redirect = masq = udp = False
     for chain in chains.chains.values():
         for rule in chain.rules:
             redirect = redirect or rule.target == "REDIRECT"
+            udp = udp or redirect_takes_udp(rule)
             masq = masq or rule.target == "MASQ"
     masq = masq or chains.chains["forward"].policy == "MASQ"
-    return Features(redirect, masq, bool(chains.portfw))
+    return Features(redirect, masq, bool(chains.portfw), udp)
+
+
+def redirect_takes_udp(rule):
+    """True when RULE redirects UDP (-p udp, or a protocol only the script's run tells)."""
+    return rule.target == "REDIRECT" and (rule.proto == "udp" or isinstance(rule.proto, Raw))
 
 
 def graph_of(chains):
@@ -681,7 +724,7 @@ def plan_ruleset(chains, opts):
                     target.entries.append(tr.untranslated)
                 for table_x, chain_x, nf in tr.extras:
                     plan.chain(table_x, chain_x, (chain_x.lower(), "ACCEPT")).entries.append(nf)
-                for diag in tr.diags + list(rule_notes(rule, ctx, opts)):
+                for diag in [*tr.diags, *rule_notes(rule, ctx, opts)]:
                     key = (diag.src, diag.message)
                     if key not in seen:
                         seen.add(key)

@@ -49,7 +49,8 @@ class Snippet:
         pos = ["1"] if op == "-I" else []
         for args in emit_iptables.rule_args(nf):
             if fmt == "iptables":
-                self.lines.append((table, emit_iptables.command(table, [op, chain] + pos + args)))
+                self.lines.append((table, str(emit_iptables.command(
+                    table, [op, chain] + pos + args))))
             else:
                 self.lines.append((table, " ".join([op, chain] + pos + [
                     emit_iptables.restore_word(w) for w in args])))
@@ -101,7 +102,7 @@ class Snippet:
         if self.opts.fmt == "nft":
             return "nft 'add chain ip %s %s'" % (self.opts.table, chain)
         if self.opts.fmt == "iptables":
-            return emit_iptables.command(table, ["-N", chain])
+            return str(emit_iptables.command(table, ["-N", chain]))
         return ":%s - [0:0]" % chain
 
     def text(self):

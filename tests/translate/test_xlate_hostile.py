@@ -413,3 +413,36 @@ def test_host_names_the_script_computes_are_not_looked_up(bwrap, tmp_path):
     status, out, err = run_tool(["--to=nft", str(written)])
     assert status == 0, err
     assert "ip saddr 127.0.0.1 accept" in out
+
+
+def test_a_host_name_written_in_a_file_cited_later_is_looked_up(bwrap, tmp_path):
+    # Records are understood while bash still runs; a name written only in
+    # a sourced file whose first command comes later (after a pause, so in a
+    # later read of the record pipe) is still one the script's texts hold.
+    (tmp_path / "lib.sh").write_text("peer() { echo localhost; }\n"
+                                     "late() { ipchains -A input -j DENY; }\n")
+    script = tmp_path / "main.sh"
+    script.write_text('. "$(dirname "$0")/lib.sh"\n'
+                      'ipchains -A input -s "$(peer)" -j ACCEPT\n'
+                      "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done\n"
+                      "late\n")
+    status, out, err = run_tool(["--to=nft", str(script)])
+    assert status == 0, err
+    assert "ip saddr 127.0.0.1 accept" in out and "main.sh:2" in out
+    assert "lib.sh:2" in out
+
+
+@pytest.mark.parametrize("record", [
+    # An ipchains-restore record carries two fields (its file, its data).
+    'restore\\0f\\0001\\0001\\0x\\0',
+    # A line number in other digits than ASCII ones.
+    'ipchains\\0f\\0\xb2\\0000\\0'])
+def test_malformed_forged_records_are_one_located_refusal(bwrap, tmp_path, record):
+    # Both were internal errors (IndexError, ValueError) before.
+    script = tmp_path / "forge.sh"
+    script.write_text('ipchains -A input -j ACCEPT\nprintf "%s" >&$__xl_fd\n' % record)
+    status, out, err = run_tool(["--to=nft", str(script)])
+    assert status == 2 and out == ""
+    assert err.strip().endswith("forge.sh: the script wrote into the stand-ins' record "
+                                "stream; nothing translated")
+    assert "internal error" not in err

@@ -36,6 +36,8 @@ status)
 esac
 """
 FLAT = "ipchains -P input DENY\nipchains -A input -s 192.0.2.0/24 -j ACCEPT\n"
+MASQ_REDIRECT = FLAT + ("ipchains -A forward -s 192.0.2.0/24 -j MASQ\n"
+                        "ipchains -A input -p tcp -d 0/0 80 -j REDIRECT 3128\n")
 BEFORE = """iptables -P INPUT DROP
 iptables -P FORWARD DROP
 iptables -A INPUT -s 203.0.113.9 -j ACCEPT
@@ -46,8 +48,9 @@ nft add table inet other
 nft add chain inet other keep
 nft add rule inet other keep ip saddr 203.0.113.10 counter
 """
-OURS = ("ipchains-INPUT", "ipchains-FORWARD", "ipchains-OUTPUT", "in-", "fi-", "fw-",
-        "out-", "fo-", "mr-", "pf-", "om-", "pol-", "stage-", "--comment ipchains-translate")
+OURS = ("ipchains-INPUT", "ipchains-FORWARD", "ipchains-OUTPUT", "ipchains-PREROUTING",
+        "ipchains-POSTROUTING", "in-", "fi-", "fw-", "out-", "fo-", "mr-", "pf-", "om-", "rd-",
+        "pre-", "pol-", "stage-", "--comment ipchains-translate")
 
 
 @pytest.fixture
@@ -115,16 +118,31 @@ def test_nft_keeps_other_tables(tmp_path, host):
     assert "table ip ipchains" in host.run("nft", "list", "tables").stdout
 
 
+def after_loading(path):
+    """Return the command the restore output names for after each load."""
+    marker = "# after loading: "
+    lines = [line[len(marker):] for line in open(path).read().split("\n")
+             if line.startswith(marker)]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
 def test_iptables_restore_noflush_keeps_other_rules(tmp_path, host):
-    path = translated(tmp_path, "iptables-restore", FLAT)
+    path = translated(tmp_path, "iptables-restore", MASQ_REDIRECT)
+    tidy = after_loading(path)
+    host.sh("iptables -t nat -A POSTROUTING -s 203.0.113.0/24 -j ACCEPT")    # theirs too
     before = state(host)
     host.sh("iptables-restore --noflush < %s" % path)
+    host.sh(tidy)                       # after a first load: nothing to delete
     once, _ = state(host)
-    host.sh("iptables-restore --noflush < %s" % path)
+    for _ in range(2):
+        host.sh("iptables-restore --noflush < %s && %s" % (path, tidy))
     rules, other = state(host)
     assert theirs(rules) == before[0] and other == before[1]
-    # Reloading replaces our chains; iptables-restore cannot test-and-add, so
-    # only the hook rule is repeated (documented in ipchains-translate(8)).
-    assert [r for r in rules if "ipchains-INPUT" not in r] == \
-        [r for r in once if "ipchains-INPUT" not in r] or \
-        sorted(set(rules)) == sorted(set(once))
+    # Reloading replaces our chains and, tidied, leaves one hook per built-in chain.
+    assert rules == once
+    for table, chain in (("filter", "INPUT"), ("filter", "FORWARD"), ("filter", "OUTPUT"),
+                         ("nat", "PREROUTING"), ("nat", "POSTROUTING")):
+        hook = "-A %s -m comment --comment ipchains-translate -j ipchains-%s" % (chain, chain)
+        assert host.run("iptables", "-t", table, "-S", chain).stdout.split("\n").count(hook) \
+            == 1, (table, chain)

@@ -52,6 +52,52 @@ def test_time_limit(tmp_path, monkeypatch):
     assert "loop.sh: the script ran longer than 2 s in the sandbox" in err
 
 
+needs_process_bound = pytest.mark.skipif(
+    not sandbox.process_bound(),
+    reason="the sandbox's process bound needs pid_max per pid namespace (Linux >= 6.14) "
+           "and unshare; without it a fork bomb would run unbounded here")
+
+
+@pytest.mark.parametrize("body", [
+    # Many processes at once, each waiting: bounded, they would wait until TIMEOUT.
+    "for i in $(seq 1 %d); do tail -f /dev/null & done\nwait\n" % (sandbox.PROCESSES + 200),
+    # The classic fork bomb.
+    "bomb() { bomb | bomb & }\nbomb\nwait\n"], ids=["many", "bomb"])
+@needs_process_bound
+def test_too_many_processes_stop_the_script_at_once(tmp_path, monkeypatch, body):
+    # Before, only the time limit ended them (and nothing bounded their number).
+    monkeypatch.setattr(sandbox, "TIMEOUT", 20)
+    script = tmp_path / "procs.sh"
+    script.write_text("ipchains -A input -j ACCEPT\n" + body)
+    status, out, err = run_tool(["--to=nft", str(script)])
+    assert status == 2 and out == ""
+    assert err.strip() == ("ipchains-translate: %s: the script ran more than %d processes at "
+                           "once in the sandbox (a fork bomb?); stopped, nothing translated"
+                           % (script, sandbox.PROCESSES))
+
+
+@needs_process_bound
+def test_processes_that_ended_do_not_count_against_the_bound(tmp_path):
+    # Orphans (a subshell's background job) are reaped by the sandbox's init:
+    # more of them over time than the bound holds at once is no fork bomb.
+    script = tmp_path / "orphans.sh"
+    script.write_text("for i in $(seq 1 %d); do (/bin/true &); done\n"
+                      "ipchains -A input -j ACCEPT\n" % (sandbox.PROCESSES + 200))
+    status, out, err = run_tool(["--to=nft", str(script)])
+    assert status == 0, err
+    assert "orphans.sh:2" in out
+
+
+def test_process_bound_only_where_pid_max_is_per_namespace():
+    # On an older kernel pid_max is global: writing it from the sandbox's
+    # namespace would change the host's.
+    assert not sandbox.pid_max_per_namespace("6.13.7-amd64")
+    assert not sandbox.pid_max_per_namespace("5.10.0-28-amd64")
+    assert sandbox.pid_max_per_namespace("6.14.0")
+    assert sandbox.pid_max_per_namespace("7.0.1")
+    assert not sandbox.pid_max_per_namespace("garbage")
+
+
 def test_no_command_run_with_these_values_is_refused(tmp_path):
     script = tmp_path / "init.sh"
     script.write_text('case "$1" in\nstart) ipchains -P input DENY ;;\nesac\n')

@@ -2,9 +2,11 @@
 --source=client behind it and nothing added by hand, a client's connection
 reaches the server from the client's own address (the servers' replies come
 back to the proxy through the socket-match rule, not forwarded past it).
+The same for a UDP redirect with tproxy --udp --source=client behind it.
 
 Lab (tests/support.py BookLab): client 192.0.2.10 -- router -- moose 198.51.100.10.
 """
+import socket
 import subprocess
 
 import pytest
@@ -34,15 +36,20 @@ def load(host, fmt, path, text):
             host.run(*command.split())
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_tproxy_redirect_works_on_its_own(book, tmp_path, fmt):
+def translate_and_load(book, tmp_path, fmt, script):
+    """Translate SCRIPT with --redirect=tproxy to FMT and load it on the router alone."""
     src = tmp_path / "fw"
-    src.write_text(SCRIPT)
+    src.write_text(script)
     status, text, err = run_tool(["--to=" + fmt, "--redirect=tproxy", str(src)])
     assert status == 0, err
     path = tmp_path / "out"
     path.write_text(text)
     load(book.router, fmt, str(path), text)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tproxy_redirect_works_on_its_own(book, tmp_path, fmt):
+    translate_and_load(book, tmp_path, fmt, SCRIPT)
     book.moose.popen(PYTHON, PEERS, "who", 80, "--lifetime", 60)
     book.moose.wait_listening(80)
     _, log = book.tproxy("-t", "--source=client", "-r", "nobody")
@@ -51,3 +58,29 @@ def test_tproxy_redirect_works_on_its_own(book, tmp_path, fmt):
     words = proc.stdout.decode().split()
     assert words[:1] == [book.CLIENT] and words[2:4] == [book.MOOSE, "80"], \
         (words, open(log).read())
+
+
+UDP_SCRIPT = "ipchains -A input -p udp -s 192.0.2.0/24 -d 198.51.100.10 53 -j REDIRECT 5300\n"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_udp_tproxy_redirect_works_on_its_own(book, tmp_path, fmt):
+    # Without the UDP socket-match rule the server's answers, addressed to the
+    # client's own address, never reach the proxy's flow: no answer at all.
+    from test_udp_lab import ask
+    translate_and_load(book, tmp_path, fmt, UDP_SCRIPT)
+    book.moose.popen(PYTHON, PEERS, "udp-who", 53, book.MOOSE, "--lifetime", 60)
+    book.moose.wait_listening(53, proto="udp")
+    _, log = book.tproxy("--udp", "--source=client", "-r", "nobody", port=5300, wait=False)
+    book.router.wait_listening(5300, proto="udp")
+    sock = book.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.bind((book.CLIENT, 0))
+        try:
+            seen, source = ask(sock, (book.MOOSE, 53), b"who-is-asking")
+        except AssertionError as exc:
+            raise AssertionError("%s; tproxy: %s" % (exc, open(log).read()))
+        assert source == (book.MOOSE, 53)
+        # The server saw the client's own address (--source=client; the port
+        # is the proxy's), at its own address.
+        assert seen[0] == book.CLIENT and seen[2:] == (book.MOOSE, 53)

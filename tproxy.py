@@ -92,6 +92,7 @@ import math
 import os
 import select
 import signal
+import _signal     # signal's C module: see set_handler
 import socket
 import struct
 import sys
@@ -1035,7 +1036,9 @@ def _libc(cache=[]):
     """Return the C library (loaded once: every fork child calls prctl)."""
     if not cache:
         import ctypes
-        cache.append(ctypes.CDLL(None, use_errno=True))
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl      # made once here, not in every child (about 150 KiB of pages each)
+        cache.append(libc)
     return cache[0]
 
 
@@ -3077,9 +3080,9 @@ class Supervisor:
             import gc
             gc.disable()
             signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            set_handler(signal.SIGCHLD, _signal.SIG_DFL)
             # Ctrl-C reaches the whole process group: the server turns it into SIGTERM for each.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            set_handler(signal.SIGINT, _signal.SIG_IGN)
             for fd in [self.wake_r, self.wake_w] + self.server.parent_fds:
                 os.close(fd)
             self.parent_pid = parent
@@ -3245,15 +3248,26 @@ def finish_within_grace(grace):
     which also ends a connection's wait for a parent that has died.
     """
     def begin(*_):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        set_handler(signal.SIGTERM, _signal.SIG_IGN)
         signal.setitimer(signal.ITIMER_REAL, max(grace, 0.001))
 
     def end(*_):
         raise Cut()
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGALRM, end)
-    signal.signal(signal.SIGTERM, begin)
+    set_handler(signal.SIGHUP, _signal.SIG_IGN)
+    set_handler(signal.SIGALRM, end)
+    set_handler(signal.SIGTERM, begin)
     return begin
+
+
+def set_handler(sig, handler):
+    """Set HANDLER (a function, or _signal's plain-int SIG_DFL or SIG_IGN) for SIG.
+
+    signal.signal() also turns the old handler into an enum, and when that
+    is a Python function (the parent's), the enum machinery raises and
+    catches a ValueError: in a fork child that first call alone touched
+    about 230 KiB of the parent's pages, copied for every connection.
+    """
+    _signal.signal(sig, handler)
 
 
 def die_with(parent):

@@ -3122,6 +3122,7 @@ class ForkingServer(Supervisor):
         server.on_record = self.reports.send        # called in the children
         server.parent_fds.append(self.reports.read_fd)
         self.client_of = {}     # child pid -> client address key (for --max-per-client)
+        self.per_client = {}    # client address key -> its children (for --max-per-client)
         self.held = None        # (conn, key) accepted when fork failed: it waits for the next try
         cap = server.cfg.max_conns
         own_upstreams.create(cap)
@@ -3136,6 +3137,7 @@ class ForkingServer(Supervisor):
         self.freeze_heap()
         poller = select.poll()
         poller.register(self.wake_r, select.POLLIN)
+        poller.register(self.reports.read_fd, select.POLLIN)
         listening = False
         by_fd = {s.fileno(): s for s in self.listeners}
         while not self.stopping:
@@ -3151,19 +3153,23 @@ class ForkingServer(Supervisor):
                     else:
                         poller.unregister(fd)
                 listening = want
+            reported = False
             for fd, _ in poller.poll(None if listening or not self.paused_until else 100):
                 if fd == self.wake_r:
                     drain(self.wake_r)
+                elif fd == self.reports.read_fd:
+                    reported = True
                 elif listening and not self.stopping:
                     self.accept(by_fd[fd])
             for pid in self.reap():
                 self.children.discard(pid)
-                self.client_of.pop(pid, None)
+                self.count_out(self.client_of.pop(pid, None))
                 slot = self.slot_of.pop(pid, None)
                 if slot is not None:
                     own_upstreams.release(slot)
                     self.free_slots.append(slot)
-            self.reports.collect(self.stats)
+            if reported:    # only then: an empty pipe's read raises, once per connection
+                self.reports.collect(self.stats)
             if self.status:
                 self.status = False
                 self.log.message(self.stats.line("parent", len(self.children)))
@@ -3190,10 +3196,11 @@ class ForkingServer(Supervisor):
             elif exc.errno not in (errno.EPROTO, errno.EPERM, errno.ECONNRESET):
                 self.log.message("accept: %s" % exc.strerror, error=True)
             return
-        key = client_key(peer)
+        key = None
         cap = self.server.cfg.max_per_client
         if cap < self.server.cfg.max_conns:
-            held = sum(1 for k in self.client_of.values() if k == key)
+            key = client_key(peer)
+            held = self.per_client.get(key, 0)
             if held >= cap:
                 refuse_over_cap(conn, peer, held, self.server)
                 return
@@ -3201,7 +3208,7 @@ class ForkingServer(Supervisor):
         self.start_child(conn, key)
 
     def start_child(self, conn, key):
-        """Fork a child for CONN (from client address KEY); if fork fails, hold it and retry in 0.5 s."""
+        """Fork a child for CONN (from address KEY, or None); if fork fails, hold it, retry in 0.5 s."""
         slot = self.free_slots.pop()
         pid = self.fork(lambda: self.child(conn, slot))
         if pid is None:
@@ -3213,7 +3220,16 @@ class ForkingServer(Supervisor):
         conn.close()
         self.children.add(pid)
         self.slot_of[pid] = slot
-        self.client_of[pid] = key
+        if key is not None:
+            self.client_of[pid] = key
+            self.per_client[key] = self.per_client.get(key, 0) + 1
+
+    def count_out(self, key):
+        """A child of client address KEY (None: not counted) has ended."""
+        if key is not None:
+            left = self.per_client.pop(key) - 1
+            if left:
+                self.per_client[key] = left
 
     def child(self, conn, slot):
         for sock in self.listeners:

@@ -268,10 +268,10 @@ print(alive, flush=True)
 """
 
 
-@pytest.mark.parametrize("pool", [("--prefork", "4:8"), ("--workers=2",)],
-                         ids=["prefork", "workers"])
+@pytest.mark.parametrize("pool", [(), ("--prefork", "4:8"), ("--workers=2",)],
+                         ids=["fork", "prefork", "workers"])
 def test_pool_caps_connections_per_client_address(book, pool):
-    """The cap counts across the pool's processes, and frees as connections end."""
+    """The cap counts across the children or the pool's processes, and frees as connections end."""
     book.cow.popen(PYTHON, PEERS, "sink", 80, "--lifetime", 300)
     book.cow.wait_listening(80)
     book.redirect()

@@ -842,7 +842,9 @@ def original_destination(conn):
     own address.
     """
     local = conn.getsockname()
-    if conn.family == socket.AF_INET6 and not local[0].startswith("::ffff:"):
+    # An AF_INET6 address is a 4-tuple: conn.family would build an enum, which
+    # in a fork child copies about 130 KiB of the parent's pages.
+    if len(local) == 4 and not local[0].startswith("::ffff:"):
         try:
             raw = conn.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
             port, = struct.unpack_from("!H", raw, 2)

@@ -2930,7 +2930,7 @@ def setproctitle_module():
 
     Not through the package: its __init__ imports logging, and logging
     imports threading, whose fork hooks then run in the parent and in
-    every child (os.register_at_fork): about 400 KiB more private memory
+    every child (os.register_at_fork): about 300 KiB more private memory
     and more CPU per fork-mode connection. setproctitle < 1.2 is the C
     module itself.
     """

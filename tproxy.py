@@ -93,6 +93,7 @@ import math
 import os
 import select
 import signal
+import _signal     # signal's C module: see set_handler
 import socket
 import struct
 import sys
@@ -855,7 +856,9 @@ def original_destination(conn):
     own address.
     """
     local = conn.getsockname()
-    if conn.family == socket.AF_INET6 and not local[0].startswith("::ffff:"):
+    # An AF_INET6 address is a 4-tuple: conn.family would build an enum, which
+    # in a fork child copies about 130 KiB of the parent's pages.
+    if len(local) == 4 and not local[0].startswith("::ffff:"):
         try:
             raw = conn.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
             port, = struct.unpack_from("!H", raw, 2)
@@ -1050,7 +1053,9 @@ def _libc(cache=[]):
     """Return the C library (loaded once: every fork child calls prctl)."""
     if not cache:
         import ctypes
-        cache.append(ctypes.CDLL(None, use_errno=True))
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl      # made once here, not in every child (about 150 KiB of pages each)
+        cache.append(libc)
     return cache[0]
 
 
@@ -2958,16 +2963,42 @@ def title_setter():
     setproctitle (optional) rewrites what ps shows for the command line; without
     it only the comm name (ps -e, top) changes, through PR_SET_NAME.
     """
-    try:
-        from setproctitle import setproctitle, setthreadtitle
-    except ImportError:
+    titles = setproctitle_module()
+    if titles is None:
         libc = _libc()
         return lambda short, long: libc.prctl(PR_SET_NAME, short.encode()[:15], 0, 0, 0)
 
     def set_title(short, long):
-        setproctitle(long)
-        setthreadtitle(short)       # the main thread's name is the process's comm
+        titles.setproctitle(long)
+        titles.setthreadtitle(short)       # the main thread's name is the process's comm
     return set_title
+
+
+def setproctitle_module():
+    """Return setproctitle's C module, or None when it is not installed (or cannot load).
+
+    Not through the package: its __init__ imports logging, and logging
+    imports threading, whose fork hooks then run in the parent and in
+    every child (os.register_at_fork): about 300 KiB more private memory
+    and more CPU per fork-mode connection. setproctitle < 1.2 is the C
+    module itself.
+    """
+    import importlib.machinery
+    finder = importlib.machinery.PathFinder
+    try:
+        spec = finder.find_spec("setproctitle")
+        if spec is not None and spec.submodule_search_locations is None:
+            import setproctitle
+            return setproctitle
+        if spec is not None:
+            spec = finder.find_spec("setproctitle._setproctitle", spec.submodule_search_locations)
+        if spec is None or spec.loader is None:
+            return None
+        module = spec.loader.create_module(spec)
+        spec.loader.exec_module(module)
+        return module
+    except (ImportError, OSError):
+        return None
 
 
 def connection_title(conn):
@@ -3100,9 +3131,9 @@ class Supervisor:
             import gc
             gc.disable()
             signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            set_handler(signal.SIGCHLD, _signal.SIG_DFL)
             # Ctrl-C reaches the whole process group: the server turns it into SIGTERM for each.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            set_handler(signal.SIGINT, _signal.SIG_IGN)
             for fd in [self.wake_r, self.wake_w] + self.server.parent_fds:
                 os.close(fd)
             self.parent_pid = parent
@@ -3142,6 +3173,7 @@ class ForkingServer(Supervisor):
         server.on_record = self.reports.send        # called in the children
         server.parent_fds.append(self.reports.read_fd)
         self.client_of = {}     # child pid -> client address key (for --max-per-client)
+        self.per_client = {}    # client address key -> its children (for --max-per-client)
         self.held = None        # (conn, key) accepted when fork failed: it waits for the next try
         cap = server.cfg.max_conns
         own_upstreams.create(cap)
@@ -3156,6 +3188,7 @@ class ForkingServer(Supervisor):
         self.freeze_heap()
         poller = select.poll()
         poller.register(self.wake_r, select.POLLIN)
+        poller.register(self.reports.read_fd, select.POLLIN)
         listening = False
         by_fd = {s.fileno(): s for s in self.listeners}
         while not self.stopping:
@@ -3171,19 +3204,23 @@ class ForkingServer(Supervisor):
                     else:
                         poller.unregister(fd)
                 listening = want
+            reported = False
             for fd, _ in poller.poll(None if listening or not self.paused_until else 100):
                 if fd == self.wake_r:
                     drain(self.wake_r)
+                elif fd == self.reports.read_fd:
+                    reported = True
                 elif listening and not self.stopping:
                     self.accept(by_fd[fd])
             for pid in self.reap():
                 self.children.discard(pid)
-                self.client_of.pop(pid, None)
+                self.count_out(self.client_of.pop(pid, None))
                 slot = self.slot_of.pop(pid, None)
                 if slot is not None:
                     own_upstreams.release(slot)
                     self.free_slots.append(slot)
-            self.reports.collect(self.stats)
+            if reported:    # only then: an empty pipe's read raises, once per connection
+                self.reports.collect(self.stats)
             if self.status:
                 self.status = False
                 self.log.message(self.stats.line("parent", len(self.children)))
@@ -3210,10 +3247,11 @@ class ForkingServer(Supervisor):
             elif exc.errno not in (errno.EPROTO, errno.EPERM, errno.ECONNRESET):
                 self.log.message("accept: %s" % exc.strerror, error=True)
             return
-        key = client_key(peer)
+        key = None
         cap = self.server.cfg.max_per_client
         if cap < self.server.cfg.max_conns:
-            held = sum(1 for k in self.client_of.values() if k == key)
+            key = client_key(peer)
+            held = self.per_client.get(key, 0)
             if held >= cap:
                 refuse_over_cap(conn, peer, held, self.server)
                 return
@@ -3221,7 +3259,7 @@ class ForkingServer(Supervisor):
         self.start_child(conn, key)
 
     def start_child(self, conn, key):
-        """Fork a child for CONN (from client address KEY); if fork fails, hold it and retry in 0.5 s."""
+        """Fork a child for CONN (from address KEY, or None); if fork fails, hold it, retry in 0.5 s."""
         slot = self.free_slots.pop()
         pid = self.fork(lambda: self.child(conn, slot))
         if pid is None:
@@ -3233,7 +3271,16 @@ class ForkingServer(Supervisor):
         conn.close()
         self.children.add(pid)
         self.slot_of[pid] = slot
-        self.client_of[pid] = key
+        if key is not None:
+            self.client_of[pid] = key
+            self.per_client[key] = self.per_client.get(key, 0) + 1
+
+    def count_out(self, key):
+        """A child of client address KEY (None: not counted) has ended."""
+        if key is not None:
+            left = self.per_client.pop(key) - 1
+            if left:
+                self.per_client[key] = left
 
     def child(self, conn, slot):
         for sock in self.listeners:
@@ -3268,15 +3315,26 @@ def finish_within_grace(grace):
     which also ends a connection's wait for a parent that has died.
     """
     def begin(*_):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        set_handler(signal.SIGTERM, _signal.SIG_IGN)
         signal.setitimer(signal.ITIMER_REAL, max(grace, 0.001))
 
     def end(*_):
         raise Cut()
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGALRM, end)
-    signal.signal(signal.SIGTERM, begin)
+    set_handler(signal.SIGHUP, _signal.SIG_IGN)
+    set_handler(signal.SIGALRM, end)
+    set_handler(signal.SIGTERM, begin)
     return begin
+
+
+def set_handler(sig, handler):
+    """Set HANDLER (a function, or _signal's plain-int SIG_DFL or SIG_IGN) for SIG.
+
+    signal.signal() also turns the old handler into an enum, and when that
+    is a Python function (the parent's), the enum machinery raises and
+    catches a ValueError: in a fork child that first call alone touched
+    about 230 KiB of the parent's pages, copied for every connection.
+    """
+    _signal.signal(sig, handler)
 
 
 def die_with(parent):

@@ -268,12 +268,13 @@ print(alive, flush=True)
 """
 
 
-def test_pool_caps_connections_per_client_address(book):
-    """The cap counts across the pool's processes, and frees as connections end."""
+@pytest.mark.parametrize("pool", [(), ("--workers=2",)], ids=["fork", "workers"])
+def test_pool_caps_connections_per_client_address(book, pool):
+    """The cap counts across the children or the pool's processes, and frees as connections end."""
     book.cow.popen(PYTHON, PEERS, "sink", 80, "--lifetime", 300)
     book.cow.wait_listening(80)
     book.redirect()
-    _, err = book.tproxy("-t", "-r", "nobody", "--workers=2", "--max-per-client", 2, book.COW, 80)
+    _, err = book.tproxy("-t", "-r", "nobody", *pool, "--max-per-client", 2, book.COW, 80)
     holder = subprocess.Popen(book.client.cmd(PYTHON, "-c", HOLDER, 5), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
     book.lab.processes.append(holder)

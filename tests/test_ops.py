@@ -401,6 +401,27 @@ def test_fork_mode_titles_tell_parent_from_child(tmp_path):
             "tproxy: parent, fork per connection, 127.0.0.1:%d" % server.port
 
 
+def test_fork_mode_imports_no_module_with_python_fork_hooks(tmp_path, monkeypatch):
+    """Neither threading nor logging is imported, in the parent or a child, with setproctitle too.
+
+    Their os.register_at_fork hooks run Python code in the parent and in
+    every child at each fork; setproctitle's package imports logging, which
+    imports threading: about 300 KiB more private memory per connection.
+    """
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")     # each import, a line on stderr
+    target = socket.create_server(("127.0.0.1", 0))
+    server = Running(tmp_path, "127.0.0.1", target.getsockname()[1])
+    try:
+        server.exchange(target)
+        server.wait_line("outcome=")
+    finally:
+        server.stop()
+        target.close()
+    imported = {line.rsplit("|", 1)[1].strip() for line in server.lines("import time:")}
+    assert "select" in imported and "ctypes" in imported     # the profile is there
+    assert imported & {"threading", "logging"} == set()
+
+
 def test_sigusr1_workers_each_worker_logs_its_own_line(tmp_path):
     """--workers=2: the parent logs the pool, each worker its own counters while serving."""
     target = socket.create_server(("127.0.0.1", 0))

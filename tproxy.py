@@ -767,8 +767,13 @@ def printable(text):
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+ESCAPE_FREE = bytes(b for b in range(0x20, 0x7F) if b not in (0x22, 0x5C))
+
+
 def escape(data, limit=200):
     """Return bytes from the network as printable ASCII, cut at LIMIT."""
+    if type(data) is bytes and len(data) <= limit and not data.translate(None, ESCAPE_FREE):
+        return data.decode("ascii")     # nothing to escape (a host name): at C speed
     out = []
     for byte in data[:limit]:
         if 0x20 <= byte < 0x7F and byte not in (0x22, 0x5C):
@@ -841,7 +846,7 @@ def original_destination(conn):
     own address.
     """
     local = conn.getsockname()
-    if conn.family == socket.AF_INET6 and not local[0].startswith("::ffff:"):
+    if len(local) == 4 and not local[0].startswith("::ffff:"):     # AF_INET6 (conn.family is slow)
         try:
             raw = conn.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
             port, = struct.unpack_from("!H", raw, 2)
@@ -1391,8 +1396,12 @@ class CopyPump(Pump):
     def pending(self):
         return len(self.out)
 
-    def step(self):
-        drained = False     # a short read emptied the source: wait to be woken, no EAGAIN read
+    def step(self, drained=False):
+        """Move what can be moved; DRAINED: the source was just read dry, wait to be woken for it.
+
+        After a short read the pump waits to be woken rather than read again
+        only to be told EAGAIN (a system call and an exception per wakeup).
+        """
         for _ in range(64):
             if self.out:
                 try:
@@ -1453,8 +1462,12 @@ class RawPump(Pump):
     def pending(self):
         return self.in_pipe or len(self.out)
 
-    def step(self):
-        drained = False     # a short read emptied the source: wait to be woken, no EAGAIN read
+    def step(self, drained=False):
+        """Move what can be moved; DRAINED: the source was just read dry, wait to be woken for it.
+
+        After a short read the pump waits to be woken rather than read again
+        only to be told EAGAIN (a system call and an exception per wakeup).
+        """
         for _ in range(64):
             if self.out:
                 try:
@@ -1588,6 +1601,7 @@ class Grammar:
 
 HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                        b"0123456789.-_~:[]%!$&'()*+,;=")
+HOST_CHAR_BYTES = bytes(sorted(HOST_CHARS))
 MAX_BLANK_LINES = 8     # empty lines tolerated before a request line (RFC 9112 section 2.2)
 
 
@@ -1651,7 +1665,7 @@ def parse_head(raw):
     if not hosts and version != b"HTTP/1.0":
         raise bad_request("no Host header in an %s request" % version.decode())
     host = hosts[0] if hosts else None
-    if host and not all(c in HOST_CHARS for c in host):
+    if host and host.translate(None, HOST_CHAR_BYTES):     # a byte outside HOST_CHARS is left
         raise bad_request('bad Host header "%s"' % escape(host))
     body = 0
     if codings:
@@ -2181,16 +2195,7 @@ class Session:
         if self.dialer is not None and self.dialer.dropped:
             self.dropped += self.dialer.dropped
             self.dialer.dropped = []
-        if self.stage is Session.relaying:
-            waits = {}
-            for pump in self.pumps:
-                want = pump.wanted()
-                if want:
-                    waits[want[0]] = waits.get(want[0], 0) | want[1]
-            self.waits = waits
-            due = [d for d in (pump.deadline() for pump in self.pumps) if d is not None]
-            self.due = min([self.idle_at] + due)
-        elif self.stage is Session.connecting:
+        if self.stage is Session.connecting:
             self.waits, self.due = self.dialer.waits(), self.dialer.due
 
     def finish(self):
@@ -2238,7 +2243,8 @@ class Session:
             self.stage = Session.reading_head
             self.head_due = now + cfg.request_timeout
             self.waits, self.due = {conn.fileno(): select.POLLIN}, self.head_due
-            return
+            # The head has often arrived with the connection: read it now, not after a wakeup.
+            return self.reading_head(self.waits, now)
         self.dial(now)
 
     def reading_head(self, fired, now):
@@ -2364,8 +2370,12 @@ class Session:
                                 initial, self.framer, self.items, header)
         self.stage = Session.relaying
         self.idle_at = now + cfg.idle_timeout
-        for pump in self.pumps:
-            pump.step()
+        up, down = self.pumps
+        # The client has usually sent already (HTTP: its head was read just now, to the
+        # last byte); the target, just connected, has not.
+        up.step(drained=self.framer is not None)
+        if down.pending():
+            down.step()
         self.relaying(None, now)
 
     def relaying(self, fired, now):
@@ -2384,7 +2394,17 @@ class Session:
                 want = pump.wanted()
                 if want and want[0] in fired:
                     pump.step()
-        if any(pump.wanted() for pump in self.pumps):
+        # What the pumps wait on now, and until when (refresh() leaves this stage to us).
+        waits, due = {}, self.idle_at
+        for pump in self.pumps:
+            want = pump.wanted()
+            if want:
+                waits[want[0]] = waits.get(want[0], 0) | want[1]
+            deadline = pump.deadline()
+            if deadline is not None and deadline < due:
+                due = deadline
+        self.waits, self.due = waits, due
+        if waits:
             return
         refused = self.settle()
         if refused is not None:
@@ -3536,6 +3556,20 @@ class EventLoop:
             self.ended(session)
             return
         new = session.waits
+        if new != old:
+            self.register(session, old, new)
+        due = session.due
+        if due is not None and (session.timer_at is None or due < session.timer_at):
+            session.timer_at = due
+            self.seq += 1
+            heapq.heappush(self.timers, (due, self.seq, session))
+            if len(self.timers) > 2 * len(self.sessions) + 64:
+                self.timers = [t for t in self.timers
+                               if not t[2].done and t[0] == t[2].timer_at]
+                heapq.heapify(self.timers)
+
+    def register(self, session, old, new):
+        """Change epoll's interest in SESSION's descriptors from OLD to NEW (OLD is updated)."""
         for fd in [fd for fd in old if fd not in new]:
             del old[fd]
             self.by_fd.pop(fd, None)
@@ -3553,15 +3587,6 @@ class EventLoop:
                 self.epoll.modify(fd, events)
             old[fd] = events
             self.by_fd[fd] = session
-        due = session.due
-        if due is not None and (session.timer_at is None or due < session.timer_at):
-            session.timer_at = due
-            self.seq += 1
-            heapq.heappush(self.timers, (due, self.seq, session))
-            if len(self.timers) > 2 * len(self.sessions) + 64:
-                self.timers = [t for t in self.timers
-                               if not t[2].done and t[0] == t[2].timer_at]
-                heapq.heapify(self.timers)
 
     def ended(self, session):
         """Called once per session that is done (the owner's bookkeeping)."""
@@ -3640,7 +3665,7 @@ class ClientCounts:
         return (int.from_bytes(key[12:], "big") ^ zlib.crc32(key[:12])) & (self.BUCKETS - 1)
 
     def held(self, bucket):
-        return sum(self.counts[row * self.BUCKETS + bucket] for row in range(self.rows))
+        return sum(self.counts[bucket::self.BUCKETS])       # one word per row
 
     def add(self, row, bucket, change):
         self.counts[row * self.BUCKETS + bucket] += change
@@ -3813,11 +3838,14 @@ class Worker(EventLoop):
         """Take waiting clients (up to ACCEPT_BATCH, and this worker's share) and start them."""
         pool, server = self.pool, self.server
         now = time.monotonic()
+        family = listener.family
         for _ in range(self.ACCEPT_BATCH):
             if len(self.sessions) >= pool.share:
                 return
             try:
-                conn, peer = listener.accept()
+                # socket.accept() less its three enum conversions per call (the same socket).
+                fd, peer = listener._accept()
+                conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:

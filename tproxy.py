@@ -3595,7 +3595,7 @@ class EventLoop:
         """Return seconds until the earliest deadline (-1: none)."""
         if not self.timers:
             return -1
-        return max(0.0, self.timers[0][0] - now)
+        return min(max(0.0, self.timers[0][0] - now), POLL_MAX_MS // 1000)  # epoll takes an int of ms
 
     def poll(self, limit=None):
         """Wait for events or the next deadline (at most LIMIT seconds) and handle them."""

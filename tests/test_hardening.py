@@ -111,6 +111,26 @@ def test_idle_timeout_beyond_what_poll_takes(box):
     wait_for(lambda: "outcome=ok" in err.read_text(), what="the record")
 
 
+@pytest.mark.every_mode
+def test_idle_timeout_beyond_what_poll_takes_after_an_earlier_deadline(box):
+    """A connection outliving a shorter deadline of its own still waits on the huge idle one.
+
+    The event loop's timer for the connect deadline comes due while the
+    connection lives; the idle deadline that replaces it must not overflow
+    epoll's int of milliseconds (the worker died of an OverflowError).
+    """
+    proc, err = box.start("--idle-timeout=3000000", "--connect-timeout=0.5")
+    client = box.connect(PORT)
+    client.settimeout(20)
+    client.sendall(b"ping")
+    assert client.recv(100) == b"ping"
+    time.sleep(1.0)     # not a measurement: the 0.5 s connect deadline must have passed
+    client.sendall(b"pong")
+    assert client.recv(100) == b"pong"
+    client.close()
+    wait_for(lambda: "outcome=ok" in err.read_text(), what="the record")
+
+
 def inetd(box, stdin, *extra, limit=None):
     """Run tproxy in inetd mode in BOX with STDIN as fd 0; return (status, stderr text)."""
     wrapper = ("prlimit", "--nofile=%d" % limit) if limit else ()

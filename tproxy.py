@@ -3839,7 +3839,10 @@ class Worker(EventLoop):
         pool, server = self.pool, self.server
         now = time.monotonic()
         family = listener.family
-        for _ in range(self.ACCEPT_BATCH):
+        # An accept(2) that finds no client costs more than one that finds one (the kernel
+        # makes the socket first): take as many as wait (1 if unknown), not until EAGAIN.
+        waiting = listen_queue(listener) or 1
+        for _ in range(min(waiting, self.ACCEPT_BATCH)):
             if len(self.sessions) >= pool.share:
                 return
             try:

@@ -1636,7 +1636,8 @@ def parse_head(raw):
     transfer coding, no content on CONNECT.
     """
     lines = split_head_lines(raw)
-    match = Grammar.get().request_line.match(lines[0])
+    grammar = Grammar.get()
+    match = grammar.request_line.match(lines[0])
     if not match:
         raise bad_request('bad request line "%s"' % escape(lines[0]))
     method, target, version = match.groups()
@@ -1646,7 +1647,7 @@ def parse_head(raw):
     for line in fields:
         if line[:1] in (b" ", b"\t"):
             raise bad_request('obsolete line folding at "%s"' % escape(line))
-        field = Grammar.get().field_line.match(line)
+        field = grammar.field_line.match(line)
         if not field:
             raise bad_request('bad header line "%s"' % escape(line))
         name, value = field.group(1).lower(), field.group(2)
@@ -1764,12 +1765,10 @@ class RequestFramer:
 
     def run(self):
         out = []
-        steps = {"head": self.take_head, "body": self.take_body, "chunk-size": self.take_chunk_size,
-                 "chunk-data": self.take_body, "chunk-end": self.take_chunk_end,
-                 "trailer": self.take_trailer}
+        steps = self.STEPS
         try:
             while self.buf and self.state in steps:
-                if not steps[self.state](out):
+                if not getattr(self, steps[self.state])(out):
                     break
         except BadRequest as exc:
             self.fail(exc)
@@ -1910,6 +1909,10 @@ class RequestFramer:
             raise bad_request('framing field "%s" in the trailer' % escape(field.group(1)))
         out.append(line + b"\r\n")
         return True
+
+    # The method each state hands its bytes to (a table built once, not per feed).
+    STEPS = {"head": "take_head", "body": "take_body", "chunk-size": "take_chunk_size",
+             "chunk-data": "take_body", "chunk-end": "take_chunk_end", "trailer": "take_trailer"}
 
 
 class StatusSniffer:

@@ -1340,7 +1340,10 @@ class Pump:
     """Moves bytes one way, from SRC to DST, without blocking.
 
     `wanted()` names the (fd, poll event) it waits for, or None once the
-    source's EOF has been passed on; `step()` moves what it can.
+    source's EOF has been passed on; `step(drained)` moves what it can.
+    After a short read (or with DRAINED: the source was just read dry) a pump
+    waits to be woken rather than read again only to be told EAGAIN (a system
+    call and an exception per wakeup); polling is level-triggered.
     """
 
     def __init__(self, src, dst, src_side, dst_side):
@@ -1397,11 +1400,6 @@ class CopyPump(Pump):
         return len(self.out)
 
     def step(self, drained=False):
-        """Move what can be moved; DRAINED: the source was just read dry, wait to be woken for it.
-
-        After a short read the pump waits to be woken rather than read again
-        only to be told EAGAIN (a system call and an exception per wakeup).
-        """
         for _ in range(64):
             if self.out:
                 try:
@@ -1463,11 +1461,6 @@ class RawPump(Pump):
         return self.in_pipe or len(self.out)
 
     def step(self, drained=False):
-        """Move what can be moved; DRAINED: the source was just read dry, wait to be woken for it.
-
-        After a short read the pump waits to be woken rather than read again
-        only to be told EAGAIN (a system call and an exception per wakeup).
-        """
         for _ in range(64):
             if self.out:
                 try:

@@ -1340,10 +1340,11 @@ class Pump:
     """Moves bytes one way, from SRC to DST, without blocking.
 
     `wanted()` names the (fd, poll event) it waits for, or None once the
-    source's EOF has been passed on; `step(drained)` moves what it can.
+    source's EOF has been passed on; `step(drained, hangup)` moves what it can.
     After a short read (or with DRAINED: the source was just read dry) a pump
     waits to be woken rather than read again only to be told EAGAIN (a system
-    call and an exception per wakeup); polling is level-triggered.
+    call and an exception per wakeup); polling is level-triggered. HANGUP: the
+    poll said the source's peer has closed, so its EOF is read at once too.
     """
 
     def __init__(self, src, dst, src_side, dst_side):
@@ -1399,7 +1400,7 @@ class CopyPump(Pump):
     def pending(self):
         return len(self.out)
 
-    def step(self, drained=False):
+    def step(self, drained=False, hangup=False):
         for _ in range(64):
             if self.out:
                 try:
@@ -1427,7 +1428,7 @@ class CopyPump(Pump):
             if n == 0:
                 self.eof = True
             else:
-                drained = n < CHUNK
+                drained = n < CHUNK and not hangup
                 self.take(self.view[:n])
                 if drained and not self.out and not self.eof:
                     return
@@ -1460,7 +1461,7 @@ class RawPump(Pump):
     def pending(self):
         return self.in_pipe or len(self.out)
 
-    def step(self, drained=False):
+    def step(self, drained=False, hangup=False):
         for _ in range(64):
             if self.out:
                 try:
@@ -1502,7 +1503,7 @@ class RawPump(Pump):
                 except OSError:
                     raise Reset(self.src_side) from None
                 self.eof = not self.out
-                drained = len(self.out) < CHUNK
+                drained = len(self.out) < CHUNK and not hangup
                 if self.watching:
                     self.watch(self.out)
                 elif len(self.out) == CHUNK and SPLICE_FLAGS and not self.pipe:
@@ -1534,6 +1535,7 @@ class Cut(Exception):
 
 
 POLL_MAX_MS = 2 ** 31 - 1      # poll(2) takes an int: about 24.8 days
+HANGUP = select.POLLHUP | select.POLLRDHUP     # the peer closed (its side, or both)
 
 
 def abort(sock):
@@ -2100,8 +2102,9 @@ class Session:
     handshake (CONNECT, with one deadline for the reply) -> relay (the pumps;
     a PROXY header goes first) -> flush (an error reply, or the lingering
     close after a refused request) -> done (one record, logged once).
-    A driver calls `start(now)`, then waits on `waits` ({fd: poll events})
-    until `due` (monotonic time, or None) and calls `advance(fired fds, now)`;
+    A driver calls `start(now)`, then waits on `waits` ({fd: poll events}, with
+    POLLRDHUP added to POLLIN) until `due` (monotonic time, or None) and calls
+    `advance(fired, now)`, FIRED the {fd: poll events} that came;
     `cut()` ends the session at once (shutdown's grace is over). `status` is
     the exit status of a process serving only this connection. Descriptors
     the session closed while running are listed in `dropped`.
@@ -2389,7 +2392,7 @@ class Session:
             if fired:
                 want = pump.wanted()
                 if want and want[0] in fired:
-                    pump.step()
+                    pump.step(hangup=fired.get(pump.src_fd, 0) & HANGUP)
         # What the pumps wait on now, and until when (refresh() leaves this stage to us).
         waits, due = {}, self.idle_at
         for pump in self.pumps:
@@ -2489,13 +2492,13 @@ def run_session(session):
         while not session.done:
             waits = session.waits
             for fd, events in waits.items():
-                poller.register(fd, events)
+                poller.register(fd, events | select.POLLRDHUP if events & select.POLLIN else events)
             timeout = -1 if session.due is None else \
                 min(max(0, math.ceil((session.due - time.monotonic()) * 1000)), POLL_MAX_MS)
             ready = poller.poll(timeout)
             for fd in waits:
                 poller.unregister(fd)
-            session.advance({fd for fd, _ in ready}, time.monotonic())
+            session.advance(dict(ready), time.monotonic())
     except Cut:
         session.cut()
     finally:
@@ -3577,10 +3580,11 @@ class EventLoop:
             was = old.get(fd)
             if was == events:
                 continue
+            asked = events | select.EPOLLRDHUP if events & select.EPOLLIN else events
             if was is None:
-                self.epoll.register(fd, events)
+                self.epoll.register(fd, asked)
             else:
-                self.epoll.modify(fd, events)
+                self.epoll.modify(fd, asked)
             old[fd] = events
             self.by_fd[fd] = session
 
@@ -3611,7 +3615,7 @@ class EventLoop:
                 continue
             session = self.by_fd.get(fd)
             if session is not None:
-                fired.setdefault(session, set()).add(fd)
+                fired.setdefault(session, {})[fd] = events
         for session, fds in fired.items():
             if not session.done:
                 session.advance(fds, now)
@@ -3627,7 +3631,7 @@ class EventLoop:
                 continue
             session.timer_at = None
             if session.due is not None and session.due <= now:
-                session.advance(set(), now)
+                session.advance({}, now)
             self.sync(session)
 
     def cut_all(self):

@@ -888,11 +888,14 @@ class OwnUpstreams:
     /proc/net/tcp (its source and original destination name the upstream
     socket that made it), and refused when that socket's inode is on the
     board. Reading /proc/net/tcp costs time in proportion to every socket of
-    the namespace (TIME_WAIT included: milliseconds under load), so two more
+    the namespace (TIME_WAIT included: milliseconds under load), so more
     boards say which clients can be ours at all: each slot's local port once
-    connect() has chosen it, and until then the port it connects to. Only a
-    client whose port is a slot's local port, or whose original destination
-    port is a port being connected to, is looked up. Without a board (inetd
+    connect() has chosen it, with the port it connects to, and until then the
+    port it connects to alone. Only a client whose port and original
+    destination port are a slot's local and destination ports, or whose
+    original destination port is a port being connected to, is looked up (a
+    local client sharing only its port number with an upstream, common when
+    both come from the same ephemeral range, is not). Without a board (inetd
     mode) nothing is recognised.
     """
 
@@ -900,6 +903,7 @@ class OwnUpstreams:
         self.board = None       # memoryview of unsigned 64-bit inodes, one per slot
         self.ports = None       # mmap of 16-bit local ports, one per slot (0: not known)
         self.pending = None     # mmap of 16-bit destination ports while the local one is not known
+        self.dests = None       # mmap of 16-bit destination ports, one per slot (0: none)
         self.slot = None        # this process's slot, or None in the parent
 
     def create(self, slots):
@@ -908,6 +912,7 @@ class OwnUpstreams:
         self.board = memoryview(mmap.mmap(-1, 8 * max(slots, 1))).cast("Q")
         self.ports = mmap.mmap(-1, 2 * max(slots, 1))
         self.pending = mmap.mmap(-1, 2 * max(slots, 1))
+        self.dests = mmap.mmap(-1, 2 * max(slots, 1))
 
     def take(self, slot):
         """Use SLOT from now on (in a child or worker)."""
@@ -919,6 +924,7 @@ class OwnUpstreams:
         slot = self.slot if slot is None else slot
         if self.board is not None and slot is not None:
             struct.pack_into("=H", self.ports, 2 * slot, 0)
+            struct.pack_into("=H", self.dests, 2 * slot, dest_port)
             struct.pack_into("=H", self.pending, 2 * slot, dest_port)
             self.board[slot] = os.fstat(sock.fileno()).st_ino
 
@@ -940,6 +946,7 @@ class OwnUpstreams:
             self.board[slot] = 0
             struct.pack_into("=H", self.ports, 2 * slot, 0)
             struct.pack_into("=H", self.pending, 2 * slot, 0)
+            struct.pack_into("=H", self.dests, 2 * slot, 0)
 
     @staticmethod
     def holds(ports, port):
@@ -952,9 +959,19 @@ class OwnUpstreams:
             at = ports.find(needle, at + 1)
         return False
 
+    def holds_pair(self, port, dest_port):
+        """Return True when some slot's local port is PORT and its destination port DEST_PORT."""
+        needle, dest = struct.pack("=H", port), struct.pack("=H", dest_port)
+        at = self.ports.find(needle)
+        while at >= 0:
+            if at % 2 == 0 and self.dests[at:at + 2] == dest:
+                return True
+            at = self.ports.find(needle, at + 1)
+        return False
+
     def is_own(self, client, orig):
         """Return True when the connection CLIENT -> ORIG is one of this server's upstreams."""
-        if self.board is None or not (self.holds(self.ports, client[1]) or
+        if self.board is None or not (self.holds_pair(client[1], orig[1]) or
                                       self.holds(self.pending, orig[1])):
             return False
         host = plain_ip(client[0]).split("%", 1)[0]      # a link-local scope is not in /proc

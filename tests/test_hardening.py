@@ -100,6 +100,36 @@ def test_own_upstream_connection_coming_back_is_refused(box, mode):
     assert text.count("outcome=") <= 2, text
 
 
+def test_local_client_sharing_only_a_port_with_an_upstream_is_not_looked_up(monkeypatch):
+    """The loop guard reads /proc/net/tcp only for a client that can be an upstream.
+
+    Local clients and upstreams take ports from the same ephemeral range, so
+    a client often has an upstream's local port number; reading the
+    namespace's whole socket table (tens of thousands of TIME_WAIT lines under
+    load) for each such client kept a worker busy for seconds. The upstream
+    itself, coming back, is still recognised.
+    """
+    import tproxy
+    looked_up = []
+    real = tproxy.socket_inode
+    monkeypatch.setattr(tproxy, "socket_inode", lambda *a: looked_up.append(a) or real(*a))
+    guard = tproxy.OwnUpstreams()
+    guard.create(4)
+    with socket.socket() as target, socket.socket() as other, socket.socket() as upstream:
+        target.bind(("127.0.0.1", 0))
+        target.listen(1)
+        other.bind(("127.0.0.1", 0))
+        guard.add(upstream, target.getsockname()[1], slot=2)
+        upstream.connect(target.getsockname())
+        guard.connecting(upstream, slot=2)
+        port = upstream.getsockname()[1]
+        assert not guard.is_own(("127.0.0.1", port), other.getsockname())
+        assert looked_up == []
+        assert guard.is_own(("127.0.0.1", port), target.getsockname())
+        guard.release(2)
+        assert not guard.is_own(("127.0.0.1", port), target.getsockname())
+
+
 @pytest.mark.every_mode
 def test_idle_timeout_beyond_what_poll_takes(box):
     proc, err = box.start("--idle-timeout=3000000")     # 34.7 days: poll(2) takes 24.8 at most

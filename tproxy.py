@@ -782,8 +782,13 @@ def printable(text):
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+ESCAPE_FREE = bytes(b for b in range(0x20, 0x7F) if b not in (0x22, 0x5C))
+
+
 def escape(data, limit=200):
     """Return bytes from the network as printable ASCII, cut at LIMIT."""
+    if type(data) is bytes and len(data) <= limit and not data.translate(None, ESCAPE_FREE):
+        return data.decode("ascii")     # nothing to escape (a host name): at C speed
     out = []
     for byte in data[:limit]:
         if 0x20 <= byte < 0x7F and byte not in (0x22, 0x5C):
@@ -900,11 +905,14 @@ class OwnUpstreams:
     /proc/net/tcp (its source and original destination name the upstream
     socket that made it), and refused when that socket's inode is on the
     board. Reading /proc/net/tcp costs time in proportion to every socket of
-    the namespace (TIME_WAIT included: milliseconds under load), so two more
+    the namespace (TIME_WAIT included: milliseconds under load), so more
     boards say which clients can be ours at all: each slot's local port once
-    connect() has chosen it, and until then the port it connects to. Only a
-    client whose port is a slot's local port, or whose original destination
-    port is a port being connected to, is looked up. Without a board (inetd
+    connect() has chosen it, with the port it connects to, and until then the
+    port it connects to alone. Only a client whose port and original
+    destination port are a slot's local and destination ports, or whose
+    original destination port is a port being connected to, is looked up (a
+    local client sharing only its port number with an upstream, common when
+    both come from the same ephemeral range, is not). Without a board (inetd
     mode) nothing is recognised.
     """
 
@@ -912,6 +920,7 @@ class OwnUpstreams:
         self.board = None       # memoryview of unsigned 64-bit inodes, one per slot
         self.ports = None       # mmap of 16-bit local ports, one per slot (0: not known)
         self.pending = None     # mmap of 16-bit destination ports while the local one is not known
+        self.dests = None       # mmap of 16-bit destination ports, one per slot (0: none)
         self.slot = None        # this process's slot, or None in the parent
 
     def create(self, slots):
@@ -920,6 +929,7 @@ class OwnUpstreams:
         self.board = memoryview(mmap.mmap(-1, 8 * max(slots, 1))).cast("Q")
         self.ports = mmap.mmap(-1, 2 * max(slots, 1))
         self.pending = mmap.mmap(-1, 2 * max(slots, 1))
+        self.dests = mmap.mmap(-1, 2 * max(slots, 1))
 
     def take(self, slot):
         """Use SLOT from now on (in a child or worker)."""
@@ -931,6 +941,7 @@ class OwnUpstreams:
         slot = self.slot if slot is None else slot
         if self.board is not None and slot is not None:
             struct.pack_into("=H", self.ports, 2 * slot, 0)
+            struct.pack_into("=H", self.dests, 2 * slot, dest_port)
             struct.pack_into("=H", self.pending, 2 * slot, dest_port)
             self.board[slot] = os.fstat(sock.fileno()).st_ino
 
@@ -952,6 +963,7 @@ class OwnUpstreams:
             self.board[slot] = 0
             struct.pack_into("=H", self.ports, 2 * slot, 0)
             struct.pack_into("=H", self.pending, 2 * slot, 0)
+            struct.pack_into("=H", self.dests, 2 * slot, 0)
 
     @staticmethod
     def holds(ports, port):
@@ -964,9 +976,19 @@ class OwnUpstreams:
             at = ports.find(needle, at + 1)
         return False
 
+    def holds_pair(self, port, dest_port):
+        """Return True when some slot's local port is PORT and its destination port DEST_PORT."""
+        needle, dest = struct.pack("=H", port), struct.pack("=H", dest_port)
+        at = self.ports.find(needle)
+        while at >= 0:
+            if at % 2 == 0 and self.dests[at:at + 2] == dest:
+                return True
+            at = self.ports.find(needle, at + 1)
+        return False
+
     def is_own(self, client, orig, proto="tcp"):
         """Return True when the connection (PROTO "udp": the flow) CLIENT -> ORIG is one of this server's upstreams."""
-        if self.board is None or not (self.holds(self.ports, client[1]) or
+        if self.board is None or not (self.holds_pair(client[1], orig[1]) or
                                       self.holds(self.pending, orig[1])):
             return False
         host = plain_ip(client[0]).split("%", 1)[0]      # a link-local scope is not in /proc
@@ -1108,6 +1130,7 @@ class Dialer:
         self.connected = False
         self.due = None
         self.sockaddr = None
+        self.peer = None            # the connected socket's peer address, when already asked
         self.transparent = False
         self.dropped = []
 
@@ -1119,7 +1142,7 @@ class Dialer:
         while self.addrs:
             family, type_, proto, _, self.sockaddr = self.addrs.pop(0)
             try:
-                sock = socket.socket(family, type_, proto)
+                sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK, proto)
             except OSError as exc:  # no descriptor or memory left: say so, do not crash
                 raise ConnectionFailed("no socket for the target: %s" % exc.strerror) from None
             own_upstreams.add(sock, self.sockaddr[1], self.slot)
@@ -1127,7 +1150,6 @@ class Dialer:
             try:
                 self.transparent = bind_source(sock, family, self.source, self.client, self.log,
                                                self.ports)
-                sock.setblocking(False)
                 err = sock.connect_ex(self.sockaddr)
                 own_upstreams.connecting(sock, self.slot)
             except OSError as exc:
@@ -1136,8 +1158,14 @@ class Dialer:
             if err == 0:
                 return self.established()
             if err == errno.EINPROGRESS:
-                self.due = now + self.timeout
-                return
+                # A near target (loopback, the same host) has often answered by the time
+                # connect() returns: a peer address means established, one wakeup saved.
+                try:
+                    self.peer = sock.getpeername()
+                except OSError:
+                    self.due = now + self.timeout
+                    return
+                return self.established()
             self.fail("connect to %s: %s" % (show_addr(self.sockaddr), os.strerror(err)))
         raise ConnectionFailed(self.last)
 
@@ -1349,7 +1377,11 @@ class Pump:
     """Moves bytes one way, from SRC to DST, without blocking.
 
     `wanted()` names the (fd, poll event) it waits for, or None once the
-    source's EOF has been passed on; `step()` moves what it can.
+    source's EOF has been passed on; `step(drained, hangup)` moves what it can.
+    After a short read (or with DRAINED: the source was just read dry) a pump
+    waits to be woken rather than read again only to be told EAGAIN (a system
+    call and an exception per wakeup); polling is level-triggered. HANGUP: the
+    poll said the source's peer has closed, so its EOF is read at once too.
     """
 
     def __init__(self, src, dst, src_side, dst_side):
@@ -1405,7 +1437,7 @@ class CopyPump(Pump):
     def pending(self):
         return len(self.out)
 
-    def step(self):
+    def step(self, drained=False, hangup=False):
         for _ in range(64):
             if self.out:
                 try:
@@ -1416,6 +1448,8 @@ class CopyPump(Pump):
                     raise Reset(self.dst_side) from None
                 del self.out[:sent]
                 self.count += sent
+                if drained and not self.out and not self.eof:
+                    return
                 continue
             if self.eof:
                 self.finish()
@@ -1431,7 +1465,10 @@ class CopyPump(Pump):
             if n == 0:
                 self.eof = True
             else:
+                drained = n < CHUNK and not hangup
                 self.take(self.view[:n])
+                if drained and not self.out and not self.eof:
+                    return
 
     def take(self, data):
         """Queue DATA read from the source for the destination."""
@@ -1461,7 +1498,7 @@ class RawPump(Pump):
     def pending(self):
         return self.in_pipe or len(self.out)
 
-    def step(self):
+    def step(self, drained=False, hangup=False):
         for _ in range(64):
             if self.out:
                 try:
@@ -1472,6 +1509,8 @@ class RawPump(Pump):
                     raise Reset(self.dst_side) from None
                 self.out = self.out[sent:]
                 self.count += sent
+                if drained and not self.out and not self.eof:
+                    return
             elif self.in_pipe:
                 try:
                     n = os.splice(self.pipe[0], self.dst_fd, self.in_pipe, flags=SPLICE_FLAGS)
@@ -1501,6 +1540,7 @@ class RawPump(Pump):
                 except OSError:
                     raise Reset(self.src_side) from None
                 self.eof = not self.out
+                drained = len(self.out) < CHUNK and not hangup
                 if self.watching:
                     self.watch(self.out)
                 elif len(self.out) == CHUNK and SPLICE_FLAGS and not self.pipe:
@@ -1532,6 +1572,7 @@ class Cut(Exception):
 
 
 POLL_MAX_MS = 2 ** 31 - 1      # poll(2) takes an int: about 24.8 days
+HANGUP = select.POLLHUP | select.POLLRDHUP     # the peer closed (its side, or both)
 
 
 def abort(sock):
@@ -1592,6 +1633,7 @@ class Grammar:
 
 HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                        b"0123456789.-_~:[]%!$&'()*+,;=")
+HOST_CHAR_BYTES = bytes(sorted(HOST_CHARS))
 MAX_BLANK_LINES = 8     # empty lines tolerated before a request line (RFC 9112 section 2.2)
 
 
@@ -1626,7 +1668,8 @@ def parse_head(raw):
     transfer coding, no content on CONNECT.
     """
     lines = split_head_lines(raw)
-    match = Grammar.get().request_line.match(lines[0])
+    grammar = Grammar.get()
+    match = grammar.request_line.match(lines[0])
     if not match:
         raise bad_request('bad request line "%s"' % escape(lines[0]))
     method, target, version = match.groups()
@@ -1636,7 +1679,7 @@ def parse_head(raw):
     for line in fields:
         if line[:1] in (b" ", b"\t"):
             raise bad_request('obsolete line folding at "%s"' % escape(line))
-        field = Grammar.get().field_line.match(line)
+        field = grammar.field_line.match(line)
         if not field:
             raise bad_request('bad header line "%s"' % escape(line))
         name, value = field.group(1).lower(), field.group(2)
@@ -1655,7 +1698,7 @@ def parse_head(raw):
     if not hosts and version != b"HTTP/1.0":
         raise bad_request("no Host header in an %s request" % version.decode())
     host = hosts[0] if hosts else None
-    if host and not all(c in HOST_CHARS for c in host):
+    if host and host.translate(None, HOST_CHAR_BYTES):     # a byte outside HOST_CHARS is left
         raise bad_request('bad Host header "%s"' % escape(host))
     body = 0
     if codings:
@@ -1754,12 +1797,10 @@ class RequestFramer:
 
     def run(self):
         out = []
-        steps = {"head": self.take_head, "body": self.take_body, "chunk-size": self.take_chunk_size,
-                 "chunk-data": self.take_body, "chunk-end": self.take_chunk_end,
-                 "trailer": self.take_trailer}
+        steps = self.STEPS
         try:
             while self.buf and self.state in steps:
-                if not steps[self.state](out):
+                if not getattr(self, steps[self.state])(out):
                     break
         except BadRequest as exc:
             self.fail(exc)
@@ -1900,6 +1941,10 @@ class RequestFramer:
             raise bad_request('framing field "%s" in the trailer' % escape(field.group(1)))
         out.append(line + b"\r\n")
         return True
+
+    # The method each state hands its bytes to (a table built once, not per feed).
+    STEPS = {"head": "take_head", "body": "take_body", "chunk-size": "take_chunk_size",
+             "chunk-data": "take_body", "chunk-end": "take_chunk_end", "trailer": "take_trailer"}
 
 
 class StatusSniffer:
@@ -2094,8 +2139,9 @@ class Session:
     handshake (CONNECT, with one deadline for the reply) -> relay (the pumps;
     a PROXY header goes first) -> flush (an error reply, or the lingering
     close after a refused request) -> done (one record, logged once).
-    A driver calls `start(now)`, then waits on `waits` ({fd: poll events})
-    until `due` (monotonic time, or None) and calls `advance(fired fds, now)`;
+    A driver calls `start(now)`, then waits on `waits` ({fd: poll events}, with
+    POLLRDHUP added to POLLIN) until `due` (monotonic time, or None) and calls
+    `advance(fired, now)`, FIRED the {fd: poll events} that came;
     `cut()` ends the session at once (shutdown's grace is over). `status` is
     the exit status of a process serving only this connection. Descriptors
     the session closed while running are listed in `dropped`.
@@ -2185,16 +2231,7 @@ class Session:
         if self.dialer is not None and self.dialer.dropped:
             self.dropped += self.dialer.dropped
             self.dialer.dropped = []
-        if self.stage is Session.relaying:
-            waits = {}
-            for pump in self.pumps:
-                want = pump.wanted()
-                if want:
-                    waits[want[0]] = waits.get(want[0], 0) | want[1]
-            self.waits = waits
-            due = [d for d in (pump.deadline() for pump in self.pumps) if d is not None]
-            self.due = min([self.idle_at] + due)
-        elif self.stage is Session.connecting:
+        if self.stage is Session.connecting:
             self.waits, self.due = self.dialer.waits(), self.dialer.due
 
     def finish(self):
@@ -2242,7 +2279,8 @@ class Session:
             self.stage = Session.reading_head
             self.head_due = now + cfg.request_timeout
             self.waits, self.due = {conn.fileno(): select.POLLIN}, self.head_due
-            return
+            # The head has often arrived with the connection: read it now, not after a wakeup.
+            return self.reading_head(self.waits, now)
         self.dial(now)
 
     def reading_head(self, fired, now):
@@ -2361,15 +2399,19 @@ class Session:
     def relay(self, initial, now):
         """-> relay: INITIAL (bytes past the CONNECT reply) go to the client first."""
         cfg, record = self.cfg, self.record
-        record.target = self.upstream.getpeername()
+        record.target = self.dialer.peer or self.upstream.getpeername()
         header = proxy_header(cfg.send_proxy, record.client, record.orig) \
             if cfg.send_proxy else b""
         self.pumps = make_pumps(self.conn, self.upstream, self.server, record, self.rewrite,
                                 initial, self.framer, self.items, header)
         self.stage = Session.relaying
         self.idle_at = now + cfg.idle_timeout
-        for pump in self.pumps:
-            pump.step()
+        up, down = self.pumps
+        # The client has usually sent already (HTTP: its head was read just now, to the
+        # last byte); the target, just connected, has not.
+        up.step(drained=self.framer is not None)
+        if down.pending():
+            down.step()
         self.relaying(None, now)
 
     def relaying(self, fired, now):
@@ -2387,8 +2429,18 @@ class Session:
             if fired:
                 want = pump.wanted()
                 if want and want[0] in fired:
-                    pump.step()
-        if any(pump.wanted() for pump in self.pumps):
+                    pump.step(hangup=fired.get(pump.src_fd, 0) & HANGUP)
+        # What the pumps wait on now, and until when (refresh() leaves this stage to us).
+        waits, due = {}, self.idle_at
+        for pump in self.pumps:
+            want = pump.wanted()
+            if want:
+                waits[want[0]] = waits.get(want[0], 0) | want[1]
+            deadline = pump.deadline()
+            if deadline is not None and deadline < due:
+                due = deadline
+        self.waits, self.due = waits, due
+        if waits:
             return
         refused = self.settle()
         if refused is not None:
@@ -2477,13 +2529,13 @@ def run_session(session):
         while not session.done:
             waits = session.waits
             for fd, events in waits.items():
-                poller.register(fd, events)
+                poller.register(fd, events | select.POLLRDHUP if events & select.POLLIN else events)
             timeout = -1 if session.due is None else \
                 min(max(0, math.ceil((session.due - time.monotonic()) * 1000)), POLL_MAX_MS)
             ready = poller.poll(timeout)
             for fd in waits:
                 poller.unregister(fd)
-            session.advance({fd for fd, _ in ready}, time.monotonic())
+            session.advance(dict(ready), time.monotonic())
     except Cut:
         session.cut()
     finally:
@@ -3404,6 +3456,20 @@ class EventLoop:
             self.ended(session)
             return
         new = session.waits
+        if new != old:
+            self.register(session, old, new)
+        due = session.due
+        if due is not None and (session.timer_at is None or due < session.timer_at):
+            session.timer_at = due
+            self.seq += 1
+            heapq.heappush(self.timers, (due, self.seq, session))
+            if len(self.timers) > 2 * len(self.sessions) + 64:
+                self.timers = [t for t in self.timers
+                               if not t[2].done and t[0] == t[2].timer_at]
+                heapq.heapify(self.timers)
+
+    def register(self, session, old, new):
+        """Change epoll's interest in SESSION's descriptors from OLD to NEW (OLD is updated)."""
         for fd in [fd for fd in old if fd not in new]:
             del old[fd]
             self.by_fd.pop(fd, None)
@@ -3415,21 +3481,13 @@ class EventLoop:
             was = old.get(fd)
             if was == events:
                 continue
+            asked = events | select.EPOLLRDHUP if events & select.EPOLLIN else events
             if was is None:
-                self.epoll.register(fd, events)
+                self.epoll.register(fd, asked)
             else:
-                self.epoll.modify(fd, events)
+                self.epoll.modify(fd, asked)
             old[fd] = events
             self.by_fd[fd] = session
-        due = session.due
-        if due is not None and (session.timer_at is None or due < session.timer_at):
-            session.timer_at = due
-            self.seq += 1
-            heapq.heappush(self.timers, (due, self.seq, session))
-            if len(self.timers) > 2 * len(self.sessions) + 64:
-                self.timers = [t for t in self.timers
-                               if not t[2].done and t[0] == t[2].timer_at]
-                heapq.heapify(self.timers)
 
     def ended(self, session):
         """Called once per session that is done (the owner's bookkeeping)."""
@@ -3438,7 +3496,7 @@ class EventLoop:
         """Return seconds until the earliest deadline (-1: none)."""
         if not self.timers:
             return -1
-        return max(0.0, self.timers[0][0] - now)
+        return min(max(0.0, self.timers[0][0] - now), POLL_MAX_MS // 1000)  # epoll takes an int of ms
 
     def poll(self, limit=None):
         """Wait for events or the next deadline (at most LIMIT seconds) and handle them."""
@@ -3458,7 +3516,7 @@ class EventLoop:
                 continue
             session = self.by_fd.get(fd)
             if session is not None:
-                fired.setdefault(session, set()).add(fd)
+                fired.setdefault(session, {})[fd] = events
         for session, fds in fired.items():
             if not session.done:
                 session.advance(fds, now)
@@ -3474,7 +3532,7 @@ class EventLoop:
                 continue
             session.timer_at = None
             if session.due is not None and session.due <= now:
-                session.advance(set(), now)
+                session.advance({}, now)
             self.sync(session)
 
     def cut_all(self):
@@ -3508,7 +3566,7 @@ class ClientCounts:
         return (int.from_bytes(key[12:], "big") ^ zlib.crc32(key[:12])) & (self.BUCKETS - 1)
 
     def held(self, bucket):
-        return sum(self.counts[row * self.BUCKETS + bucket] for row in range(self.rows))
+        return sum(self.counts[bucket::self.BUCKETS])       # one word per row
 
     def add(self, row, bucket, change):
         self.counts[row * self.BUCKETS + bucket] += change
@@ -3681,11 +3739,17 @@ class Worker(EventLoop):
         """Take waiting clients (up to ACCEPT_BATCH, and this worker's share) and start them."""
         pool, server = self.pool, self.server
         now = time.monotonic()
-        for _ in range(self.ACCEPT_BATCH):
+        family = listener.family
+        # An accept(2) that finds no client costs more than one that finds one (the kernel
+        # makes the socket first): take as many as wait (1 if unknown), not until EAGAIN.
+        waiting = listen_queue(listener) or 1
+        for _ in range(min(waiting, self.ACCEPT_BATCH)):
             if len(self.sessions) >= pool.share:
                 return
             try:
-                conn, peer = listener.accept()
+                # socket.accept() less its three enum conversions per call (the same socket).
+                fd, peer = listener._accept()
+                conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:

@@ -99,6 +99,36 @@ def test_own_upstream_connection_coming_back_is_refused(box, mode):
     assert text.count("outcome=") <= 2, text
 
 
+def test_local_client_sharing_only_a_port_with_an_upstream_is_not_looked_up(monkeypatch):
+    """The loop guard reads /proc/net/tcp only for a client that can be an upstream.
+
+    Local clients and upstreams take ports from the same ephemeral range, so
+    a client often has an upstream's local port number; reading the
+    namespace's whole socket table (tens of thousands of TIME_WAIT lines under
+    load) for each such client kept a worker busy for seconds. The upstream
+    itself, coming back, is still recognised.
+    """
+    import tproxy
+    looked_up = []
+    real = tproxy.socket_inode
+    monkeypatch.setattr(tproxy, "socket_inode", lambda *a: looked_up.append(a) or real(*a))
+    guard = tproxy.OwnUpstreams()
+    guard.create(4)
+    with socket.socket() as target, socket.socket() as other, socket.socket() as upstream:
+        target.bind(("127.0.0.1", 0))
+        target.listen(1)
+        other.bind(("127.0.0.1", 0))
+        guard.add(upstream, target.getsockname()[1], slot=2)
+        upstream.connect(target.getsockname())
+        guard.connecting(upstream, slot=2)
+        port = upstream.getsockname()[1]
+        assert not guard.is_own(("127.0.0.1", port), other.getsockname())
+        assert looked_up == []
+        assert guard.is_own(("127.0.0.1", port), target.getsockname())
+        guard.release(2)
+        assert not guard.is_own(("127.0.0.1", port), target.getsockname())
+
+
 @pytest.mark.every_mode
 def test_idle_timeout_beyond_what_poll_takes(box):
     proc, err = box.start("--idle-timeout=3000000")     # 34.7 days: poll(2) takes 24.8 at most
@@ -106,6 +136,26 @@ def test_idle_timeout_beyond_what_poll_takes(box):
     client.sendall(b"ping")
     client.settimeout(20)
     assert client.recv(100) == b"ping"
+    client.close()
+    wait_for(lambda: "outcome=ok" in err.read_text(), what="the record")
+
+
+@pytest.mark.every_mode
+def test_idle_timeout_beyond_what_poll_takes_after_an_earlier_deadline(box):
+    """A connection outliving a shorter deadline of its own still waits on the huge idle one.
+
+    The event loop's timer for the connect deadline comes due while the
+    connection lives; the idle deadline that replaces it must not overflow
+    epoll's int of milliseconds (the worker died of an OverflowError).
+    """
+    proc, err = box.start("--idle-timeout=3000000", "--connect-timeout=0.5")
+    client = box.connect(PORT)
+    client.settimeout(20)
+    client.sendall(b"ping")
+    assert client.recv(100) == b"ping"
+    time.sleep(1.0)     # not a measurement: the 0.5 s connect deadline must have passed
+    client.sendall(b"pong")
+    assert client.recv(100) == b"pong"
     client.close()
     wait_for(lambda: "outcome=ok" in err.read_text(), what="the record")
 

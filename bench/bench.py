@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """tproxy's benchmark: every mode against its peers, measured in one run, as ratios.
 
-Usage: bench.py [--quick] [--relaybench PATH] [--skip-relaybench] [--out DIR]
+Usage: bench.py [--quick] [--relaybench PATH] [--skip-relaybench] [--skip-held] [--out DIR]
 
 1. relaybench (../shared/bench/relaybench.py): bulk, connection rate, idle
    memory for tproxy -t (fork per connection) and tproxy -t --workers 2,
@@ -15,12 +15,18 @@ Usage: bench.py [--quick] [--relaybench PATH] [--skip-relaybench] [--out DIR]
    --workers 2, all in front of the same HAProxy that answers every request
    itself.
 4. ipchains-translate: bench/translate_bench.py (10,000 and 100,000 rules).
+5. Held connections: relaybench's idle test alone (bulk and integrity
+   shrunk to 1 MiB, no conn-rate), 10,000 connections (1,000 with --quick)
+   each verified by an echo, tproxy -t --workers 2 next to haproxy and
+   haproxy with splice, their limits raised to hold them all.
 
 Everything listens on 127.0.0.1 only, every loop is bounded in count and
 time, and every process started here is stopped by pid.
 """
 import argparse
+import json
 import os
+import resource
 import shlex
 import shutil
 import socket
@@ -86,6 +92,100 @@ def run_relaybench(path, quick, out, tp):
         cmd += ["--relay", "%s=%s" % (name, template)]
     subprocess.run(cmd, check=True, timeout=900, stdout=subprocess.DEVNULL)
     return md
+
+
+HELD_CONNS = 10_000
+HELD_CONNS_QUICK = 1_000
+HELD_PSS_BOUND_MIB = 64             # issue 12's target for --workers 2 at 10,000 held
+
+
+def raise_nofile(want):
+    """Raise RLIMIT_NOFILE (soft and, as root, hard) to at least WANT; return the soft limit.
+
+    Children inherit it: relaybench, its sink, and the relays. A relay holds
+    two sockets per held connection, so 10,000 need more than the usual
+    hard limit of 20,000 once listeners and pipes are counted.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < want and os.geteuid() == 0:
+        hard = want
+    soft = max(soft, hard if hard == resource.RLIM_INFINITY else min(want, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
+
+
+def haproxy_held_config(extra, maxconn):
+    """Return relaybench's HAProxy config (its `config` template) with maxconn raised to MAXCONN.
+
+    relaybench's own config caps haproxy at maxconn 4096, which would leave
+    the rest of 10,000 connections waiting in the listen queue unanswered.
+    """
+    return ("global\n    maxconn %d\ndefaults\n    mode tcp\n    timeout connect 5s\n"
+            "    timeout client 120s\n    timeout server 120s\n%s\nfrontend fe\n"
+            "    bind 127.0.0.1:{listen_port}\n    maxconn %d\n    default_backend be\n"
+            "backend be\n    server s1 {target_host}:{target_port}\n" % (maxconn, extra, maxconn))
+
+
+def run_held(path, quick, out, tp):
+    """Hold many connections through --workers 2, haproxy and haproxy-splice; return relaybench's JSON results."""
+    conns = HELD_CONNS_QUICK if quick else HELD_CONNS
+    limit = conns + 1000
+    nofile = raise_nofile(4 * conns + 4096)
+    relays = [
+        {"name": "tproxy-workers", "cmd": shlex.join(tp) + " -d -t --workers 2 --max-conns %d "
+         "--max-per-client %d -s {listen_port} -b 127.0.0.1 {target_host} {target_port}" % (limit, limit),
+         "note": "tproxy -t --workers 2, --max-conns and --max-per-client %d" % limit},
+        {"name": "haproxy", "needs": ["haproxy"], "cmd": "haproxy -db -f {config}",
+         "config": haproxy_held_config("", limit),
+         "note": "mode tcp, default nbthread, no splice, maxconn %d" % limit},
+        {"name": "haproxy-splice", "needs": ["haproxy"], "cmd": "haproxy -db -f {config}",
+         "config": haproxy_held_config("    option splice-request\n    option splice-response", limit),
+         "note": "mode tcp, splice-request + splice-response, maxconn %d" % limit},
+    ]
+    spec = os.path.join(out, "held-relays.json")
+    with open(spec, "w") as f:
+        json.dump(relays, f)
+    result = os.path.join(out, "held.json")
+    cmd = [sys.executable, path, "--relays-file", spec, "--only", ",".join(r["name"] for r in relays),
+           "--no-anchors", "--conc", "", "--bulk-bytes", "1M", "--bulk-repeats", "1",
+           "--integrity-bytes", "1M", "--data-file-bytes", "1M", "--idle-conns", str(conns),
+           "--idle-timeout", "150", "--time-budget", "400", "--json", result,
+           "--md", os.path.join(out, "held.md")]
+    subprocess.run(cmd, check=False, timeout=700, stdout=subprocess.DEVNULL)
+    with open(result) as f:
+        data = json.load(f)
+    return conns, nofile, data["results"]
+
+
+def held_lines(conns, nofile, results):
+    """Return the report's lines for the held-connections run."""
+    lines = ["## %s held connections (relaybench idle test, each verified by an echo)" % format(conns, ","), "",
+             "RLIMIT_NOFILE %d for relaybench and the relays; no sysctl changed." % nofile, "",
+             "| relay | held / verified | total Pss MiB | KiB per held conn | ÷ haproxy-splice |",
+             "|---|---:|---:|---:|---:|"]
+    ref = (results.get("haproxy-splice", {}).get("idle") or {}).get("pss_kib_per_conn")
+    for name in ("tproxy-workers", "haproxy", "haproxy-splice"):
+        idle = results.get(name, {}).get("idle")
+        if not idle:
+            why = results.get(name, {}).get("start_error") or results.get(name, {}).get("died") or "not run"
+            lines.append("| %s | – | – | – | %s |" % (name, why.splitlines()[0][:60] if why else "not run"))
+            continue
+        per = idle.get("pss_kib_per_conn")
+        ratio = "%.2f×" % (per / ref) if per is not None and ref else "–"
+        lines.append("| %s | %d / %d | %.1f | %s | %s |" % (
+            name, idle["held"], idle["target"], idle["pss_kib"] / 1024,
+            "%.1f" % per if per is not None else "–", ratio))
+    idle = results.get("tproxy-workers", {}).get("idle")
+    if idle:
+        mib = idle["pss_kib"] / 1024
+        lines += ["", "| ratio | value | target |", "|---|---:|---:|",
+                  "| %s held connections, --workers 2, total Pss (held / verified %d / %d) | %.1f MiB | ≤ %d MiB |"
+                  % (format(conns, ","), idle["held"], idle["target"], mib, HELD_PSS_BOUND_MIB)]
+        if not idle["all_ok"] or mib > HELD_PSS_BOUND_MIB:
+            lines.append("")
+            lines.append("**Target missed**: %d of %d held, errors %s." % (idle["held"], idle["target"],
+                                                                          idle.get("errors") or "none"))
+    return lines + [""]
 
 
 def inetd_start(lib, rounds):
@@ -177,6 +277,7 @@ def main():
     parser.add_argument("--relaybench", default=os.path.join(REPO, "..", "shared", "bench",
                                                              "relaybench.py"))
     parser.add_argument("--skip-relaybench", action="store_true")
+    parser.add_argument("--skip-held", action="store_true", help="skip the held-connections run")
     parser.add_argument("--out", default=None, help="directory for the reports")
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="tproxy-bench-")
@@ -205,6 +306,8 @@ def main():
                 lines += ["## relaybench (same run)", "", open(md).read()]
             else:
                 lines += ["relaybench not found at %s: pass --relaybench PATH" % args.relaybench]
+        if not args.skip_held and os.path.exists(args.relaybench):
+            lines += held_lines(*run_held(args.relaybench, args.quick, out, tp))
     translate = os.path.join(HERE, "translate_bench.py")
     if os.path.exists(translate):
         proc = subprocess.run([sys.executable, translate] + (["10000"] if args.quick else []),

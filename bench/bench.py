@@ -120,7 +120,7 @@ def haproxy_held_config(extra, maxconn, nofile):
     NOFILE, so the pipe pool gets what the connections leave.
     """
     maxpipes = max(16, min(maxconn // 4, (nofile - 2 * maxconn - 100) // 2))
-    return ("global\n    maxconn %d\n    tune.maxpipes %d\ndefaults\n    mode tcp\n"
+    return ("global\n    maxconn %d\n    maxpipes %d\ndefaults\n    mode tcp\n"
             "    timeout connect 5s\n    timeout client 120s\n    timeout server 120s\n%s\nfrontend fe\n"
             "    bind 127.0.0.1:{listen_port}\n    maxconn %d\n    default_backend be\n"
             "backend be\n    server s1 {target_host}:{target_port}\n" % (maxconn, maxpipes, extra, maxconn))
@@ -190,7 +190,7 @@ def held_lines(runs, nofile):
             idle = results[name].get("idle")
             if not idle:
                 why = results[name].get("start_error") or results[name].get("died") or "not run"
-                lines.append("| %s | %d | %s | – | – | – |" % (name, conns, why.splitlines()[0][:60]))
+                lines.append("| %s | %d | %s | – | – | – |" % (name, conns, why.split(" | ")[-1][:80]))
                 continue
             per = idle.get("pss_kib_per_conn")
             ratio = "%.2f×" % (per / ref) if per is not None and ref else "–"

@@ -206,8 +206,8 @@ def held_lines(runs, nofile):
     lines = ["## Held connections (relaybench idle test, each verified by an echo)", "",
              "RLIMIT_NOFILE %d (the hard limit) for relaybench and the relays; each run in a fresh "
              "network namespace with ip_local_port_range 10240-65535 (as root)." % nofile, "",
-             "| relay | asked | held, echo-verified | total Pss MiB | KiB per held conn | ÷ haproxy-splice |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| relay | asked | held, echo-verified | total Pss MiB | KiB per held conn | ÷ haproxy-splice "
+             "| s to open all |", "|---|---:|---:|---:|---:|---:|---:|"]
     for conns, results in runs:
         ref = (results.get("haproxy-splice", {}).get("idle") or {}).get("pss_kib_per_conn")
         for name in ("tproxy-workers", "haproxy", "haproxy-splice"):
@@ -216,20 +216,20 @@ def held_lines(runs, nofile):
             idle = results[name].get("idle")
             if not idle:
                 why = results[name].get("start_error") or results[name].get("died") or "not run"
-                lines.append("| %s | %d | %s | – | – | – |" % (name, conns, why.split(" | ")[-1][:80]))
+                lines.append("| %s | %d | %s | – | – | – | – |" % (name, conns, why.split(" | ")[-1][:80]))
                 continue
             per = idle.get("pss_kib_per_conn")
             ratio = "%.2f×" % (per / ref) if per is not None and ref else "–"
-            lines.append("| %s | %d | %d | %.1f | %s | %s |" % (
+            lines.append("| %s | %d | %d | %.1f | %s | %s | %.1f |" % (
                 name, idle["target"], idle["held"], idle["pss_kib"] / 1024,
-                "%.1f" % per if per is not None else "–", ratio))
+                "%.1f" % per if per is not None else "–", ratio, idle["open_secs"]))
     conns, results = runs[-1]
     idle = results.get("tproxy-workers", {}).get("idle")
     if idle:
         mib = idle["pss_kib"] / 1024
         lines += ["", "| ratio | value | target |", "|---|---:|---:|",
                   "| %s held connections, --workers 2, total Pss (%d of %d held, verified by echo) "
-                  "| %.1f MiB | ≤ %d MiB |" % (format(conns, ","), idle["held"], idle["target"], mib,
+                  "| %.1f MiB | ≤ %d MiB at 10,000 |" % (format(conns, ","), idle["held"], idle["target"], mib,
                                               HELD_PSS_BOUND_MIB)]
         if not idle["all_ok"] or mib > HELD_PSS_BOUND_MIB:
             lines += ["", "**Target missed**: %d of %d held, %.1f MiB, errors %s." % (

@@ -18,7 +18,11 @@ Usage: bench.py [--quick] [--relaybench PATH] [--skip-relaybench] [--skip-held] 
 5. Held connections: relaybench's idle test alone (bulk and integrity
    shrunk to 1 MiB, no conn-rate), 10,000 connections (1,000 with --quick)
    each verified by an echo, tproxy -t --workers 2 next to haproxy and
-   haproxy with splice, their limits raised to hold them all.
+   haproxy with splice, their limits raised to hold them all. Each run is
+   in a fresh network namespace (as root), made and deleted here. When the
+   hard RLIMIT_NOFILE cannot hold two sockets per connection in one HAProxy
+   process, the peers run at what it allows and tproxy alone at the full
+   count in a second run.
 
 Everything listens on 127.0.0.1 only, every loop is bounded in count and
 time, and every process started here is stopped by pid.

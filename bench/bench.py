@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """tproxy's benchmark: every mode against its peers, measured in one run, as ratios.
 
-Usage: bench.py [--quick] [--relaybench PATH] [--skip-relaybench] [--out DIR]
+Usage: bench.py [--quick] [--relaybench PATH] [--skip-relaybench] [--skip-held] [--out DIR]
 
 1. relaybench (../shared/bench/relaybench.py): bulk, connection rate, idle
    memory for tproxy -t (fork per connection) and tproxy -t --workers 2,
@@ -15,12 +15,23 @@ Usage: bench.py [--quick] [--relaybench PATH] [--skip-relaybench] [--out DIR]
    --workers 2, all in front of the same HAProxy that answers every request
    itself.
 4. ipchains-translate: bench/translate_bench.py (10,000 and 100,000 rules).
+5. Held connections: relaybench's idle test alone (bulk and integrity
+   shrunk to 1 MiB, no conn-rate), 10,000 connections (1,000 with --quick)
+   each verified by an echo, tproxy -t --workers 2 next to haproxy and
+   haproxy with splice, their limits raised to hold them all. Each run is
+   in a fresh network namespace (as root), made and deleted here. When the
+   hard RLIMIT_NOFILE cannot hold two sockets per connection in one HAProxy
+   process, the peers run at what it allows and tproxy alone at the full
+   count in a second run.
 
 Everything listens on 127.0.0.1 only, every loop is bounded in count and
 time, and every process started here is stopped by pid.
 """
 import argparse
+import contextlib
+import json
 import os
+import resource
 import shlex
 import shutil
 import socket
@@ -86,6 +97,148 @@ def run_relaybench(path, quick, out, tp):
         cmd += ["--relay", "%s=%s" % (name, template)]
     subprocess.run(cmd, check=True, timeout=900, stdout=subprocess.DEVNULL)
     return md
+
+
+HELD_CONNS = 10_000
+HELD_CONNS_QUICK = 1_000
+HELD_PSS_BOUND_MIB = 64             # issue 12's target for --workers 2 at 10,000 held
+
+
+def raise_nofile():
+    """Raise the soft RLIMIT_NOFILE to the hard one (children inherit it); return it.
+
+    The hard limit is not raised: that needs CAP_SYS_RESOURCE in the initial
+    user namespace, which a container's root may lack.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def haproxy_held_config(extra, maxconn, nofile):
+    """Return relaybench's HAProxy config (its `config` template) with maxconn set to MAXCONN.
+
+    relaybench's own config caps haproxy at maxconn 4096, which would leave
+    the rest of 10,000 connections waiting in the listen queue unanswered.
+    HAProxy refuses to start when its maxsock (two per connection, two per
+    spare splice pipe, maxconn/4 pipes by default) exceeds RLIMIT_NOFILE
+    NOFILE, so the pipe pool gets what the connections leave.
+    """
+    maxpipes = max(16, min(maxconn // 4, (nofile - 2 * maxconn - 100) // 2))
+    return ("global\n    maxconn %d\n    maxpipes %d\ndefaults\n    mode tcp\n"
+            "    timeout connect 5s\n    timeout client 120s\n    timeout server 120s\n%s\nfrontend fe\n"
+            "    bind 127.0.0.1:{listen_port}\n    maxconn %d\n    default_backend be\n"
+            "backend be\n    server s1 {target_host}:{target_port}\n" % (maxconn, maxpipes, extra, maxconn))
+
+
+def held_relays(tp, conns, nofile):
+    """Return relaybench specs of tproxy -t --workers 2, haproxy and haproxy-splice, each serving CONNS connections."""
+    limit, maxconn = conns + 1000, conns + 16
+    return [
+        {"name": "tproxy-workers", "cmd": shlex.join(tp) + " -d -t --workers 2 --max-conns %d "
+         "--max-per-client %d -s {listen_port} -b 127.0.0.1 {target_host} {target_port}" % (limit, limit),
+         "note": "tproxy -t --workers 2, --max-conns and --max-per-client %d" % limit},
+        {"name": "haproxy", "needs": ["haproxy"], "cmd": "haproxy -db -f {config}",
+         "config": haproxy_held_config("", maxconn, nofile),
+         "note": "mode tcp, default nbthread, no splice, maxconn %d" % maxconn},
+        {"name": "haproxy-splice", "needs": ["haproxy"], "cmd": "haproxy -db -f {config}",
+         "config": haproxy_held_config("    option splice-request\n    option splice-response", maxconn, nofile),
+         "note": "mode tcp, splice-request + splice-response, maxconn %d" % maxconn},
+    ]
+
+
+def relaybench_idle(path, out, tag, relays, conns):
+    """Run relaybench's idle test alone (bulk and integrity 1 MiB, no conn-rate) on RELAYS; return its results."""
+    spec = os.path.join(out, "held-%s-relays.json" % tag)
+    with open(spec, "w") as f:
+        json.dump(relays, f)
+    result = os.path.join(out, "held-%s.json" % tag)
+    cmd = [sys.executable, path, "--relays-file", spec, "--only", ",".join(r["name"] for r in relays),
+           "--no-anchors", "--conc", "", "--bulk-bytes", "1M", "--bulk-repeats", "1",
+           "--integrity-bytes", "1M", "--data-file-bytes", "1M", "--idle-conns", str(conns),
+           "--idle-timeout", "150", "--time-budget", "400", "--json", result,
+           "--md", os.path.join(out, "held-%s.md" % tag)]
+    with fresh_netns("tproxy-held-%d-%s" % (os.getpid(), tag)) as prefix:
+        subprocess.run(prefix + cmd, check=False, timeout=700, stdout=subprocess.DEVNULL)
+    with open(result) as f:
+        return json.load(f)["results"]
+
+
+@contextlib.contextmanager
+def fresh_netns(name):
+    """Yield the argv prefix that runs a command in a new network namespace NAME, deleted afterwards.
+
+    Each relay's closed connections leave thousands of sockets in TIME_WAIT
+    on the sink's port, and the next relay's connects then search a crowded
+    ephemeral range: the namespace starts empty and gets the wide port range
+    (a per-namespace sysctl; the initial namespace is left alone). Without
+    root or ip(8) the command runs where we are (prefix []).
+    """
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        yield []
+        return
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-q", "-w",
+                        "net.ipv4.ip_local_port_range=10240 65535"], check=True)
+        yield ["ip", "netns", "exec", name]
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def run_held(path, quick, out, tp):
+    """Hold many connections through --workers 2 and its peers; return (runs, nofile).
+
+    runs is a list of (connections, results). One HAProxy process holds two
+    sockets per connection, so when RLIMIT_NOFILE cannot reach that (its hard
+    limit is 20,000 here), the peers are measured at the most it allows, with
+    tproxy in the same run for the ratio, and tproxy alone at the full count
+    in a second run (its two workers share the connections).
+    """
+    conns = HELD_CONNS_QUICK if quick else HELD_CONNS
+    nofile = raise_nofile()
+    peer_conns = min(conns, (nofile - 256) // 2 // 100 * 100)
+    runs = [(peer_conns, relaybench_idle(path, out, "peers", held_relays(tp, peer_conns, nofile), peer_conns))]
+    if peer_conns < conns:
+        runs.append((conns, relaybench_idle(path, out, "tproxy", held_relays(tp, conns, nofile)[:1], conns)))
+    return runs, nofile
+
+
+def held_lines(runs, nofile):
+    """Return the report's lines for the held-connections runs."""
+    lines = ["## Held connections (relaybench idle test, each verified by an echo)", "",
+             "RLIMIT_NOFILE %d (the hard limit) for relaybench and the relays; each run in a fresh "
+             "network namespace with ip_local_port_range 10240-65535 (as root)." % nofile, "",
+             "| relay | asked | held, echo-verified | total Pss MiB | KiB per held conn | ÷ haproxy-splice "
+             "| s to open all |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for conns, results in runs:
+        ref = (results.get("haproxy-splice", {}).get("idle") or {}).get("pss_kib_per_conn")
+        for name in ("tproxy-workers", "haproxy", "haproxy-splice"):
+            if name not in results:
+                continue
+            idle = results[name].get("idle")
+            if not idle:
+                why = results[name].get("start_error") or results[name].get("died") or "not run"
+                lines.append("| %s | %d | %s | – | – | – | – |" % (name, conns, why.split(" | ")[-1][:80]))
+                continue
+            per = idle.get("pss_kib_per_conn")
+            ratio = "%.2f×" % (per / ref) if per is not None and ref else "–"
+            lines.append("| %s | %d | %d | %.1f | %s | %s | %.1f |" % (
+                name, idle["target"], idle["held"], idle["pss_kib"] / 1024,
+                "%.1f" % per if per is not None else "–", ratio, idle["open_secs"]))
+    conns, results = runs[-1]
+    idle = results.get("tproxy-workers", {}).get("idle")
+    if idle:
+        mib = idle["pss_kib"] / 1024
+        lines += ["", "| ratio | value | target |", "|---|---:|---:|",
+                  "| %s held connections, --workers 2, total Pss (%d of %d held, verified by echo) "
+                  "| %.1f MiB | ≤ %d MiB at 10,000 |" % (format(conns, ","), idle["held"], idle["target"], mib,
+                                              HELD_PSS_BOUND_MIB)]
+        if not idle["all_ok"] or mib > HELD_PSS_BOUND_MIB:
+            lines += ["", "**Target missed**: %d of %d held, %.1f MiB, errors %s." % (
+                idle["held"], idle["target"], mib, idle.get("errors") or "none")]
+    return lines + [""]
 
 
 def inetd_start(lib, rounds):
@@ -177,6 +330,7 @@ def main():
     parser.add_argument("--relaybench", default=os.path.join(REPO, "..", "shared", "bench",
                                                              "relaybench.py"))
     parser.add_argument("--skip-relaybench", action="store_true")
+    parser.add_argument("--skip-held", action="store_true", help="skip the held-connections run")
     parser.add_argument("--out", default=None, help="directory for the reports")
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="tproxy-bench-")
@@ -205,6 +359,8 @@ def main():
                 lines += ["## relaybench (same run)", "", open(md).read()]
             else:
                 lines += ["relaybench not found at %s: pass --relaybench PATH" % args.relaybench]
+        if not args.skip_held and os.path.exists(args.relaybench):
+            lines += held_lines(*run_held(args.relaybench, args.quick, out, tp))
     translate = os.path.join(HERE, "translate_bench.py")
     if os.path.exists(translate):
         proc = subprocess.run([sys.executable, translate] + (["10000"] if args.quick else []),

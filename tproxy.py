@@ -3774,6 +3774,15 @@ class Worker(EventLoop):
         self.free.append(session.slot)
 
 
+def listen_queue(sock):
+    """Return how many connections wait in listening SOCK's accept queue (0 if unknown)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    except OSError:
+        return 0
+    return struct.unpack_from("I", info, 24)[0]    # tcpi_unacked: the queue, on a listener
+
+
 def drain(fd):
     """Read and discard whatever is waiting on the non-blocking FD."""
     try:

@@ -966,25 +966,23 @@ class OwnUpstreams:
             struct.pack_into("=H", self.dests, 2 * slot, 0)
 
     @staticmethod
-    def holds(ports, port):
-        """Return True when some slot of the 16-bit board PORTS holds PORT."""
+    def offsets(ports, port):
+        """Yield the byte offset of each slot of the 16-bit board PORTS that holds PORT (at C speed)."""
         needle = struct.pack("=H", port)
         at = ports.find(needle)
         while at >= 0:
-            if at % 2 == 0:
-                return True
+            if at % 2 == 0:         # not a match straddling two slots
+                yield at
             at = ports.find(needle, at + 1)
-        return False
+
+    def holds(self, ports, port):
+        """Return True when some slot of the 16-bit board PORTS holds PORT."""
+        return next(self.offsets(ports, port), None) is not None
 
     def holds_pair(self, port, dest_port):
         """Return True when some slot's local port is PORT and its destination port DEST_PORT."""
-        needle, dest = struct.pack("=H", port), struct.pack("=H", dest_port)
-        at = self.ports.find(needle)
-        while at >= 0:
-            if at % 2 == 0 and self.dests[at:at + 2] == dest:
-                return True
-            at = self.ports.find(needle, at + 1)
-        return False
+        dest = struct.pack("=H", dest_port)
+        return any(self.dests[at:at + 2] == dest for at in self.offsets(self.ports, port))
 
     def is_own(self, client, orig, proto="tcp"):
         """Return True when the connection (PROTO "udp": the flow) CLIENT -> ORIG is one of this server's upstreams."""
@@ -3460,13 +3458,16 @@ class EventLoop:
             self.register(session, old, new)
         due = session.due
         if due is not None and (session.timer_at is None or due < session.timer_at):
-            session.timer_at = due
-            self.seq += 1
-            heapq.heappush(self.timers, (due, self.seq, session))
-            if len(self.timers) > 2 * len(self.sessions) + 64:
-                self.timers = [t for t in self.timers
-                               if not t[2].done and t[0] == t[2].timer_at]
-                heapq.heapify(self.timers)
+            self.schedule(session, due)
+
+    def schedule(self, session, due):
+        """Put SESSION on the timer heap for DUE; entries left stale pile up until compacted here."""
+        session.timer_at = due
+        self.seq += 1
+        heapq.heappush(self.timers, (due, self.seq, session))
+        if len(self.timers) > 2 * len(self.sessions) + 64:
+            self.timers = [t for t in self.timers if not t[2].done and t[0] == t[2].timer_at]
+            heapq.heapify(self.timers)
 
     def register(self, session, old, new):
         """Change epoll's interest in SESSION's descriptors from OLD to NEW (OLD is updated)."""
@@ -4216,12 +4217,7 @@ class UdpWorker(Worker):
             self.sessions.discard(flow)
             self.ended(flow)
         elif flow.timer_at is None:
-            flow.timer_at = flow.due
-            self.seq += 1
-            heapq.heappush(self.timers, (flow.timer_at, self.seq, flow))
-            if len(self.timers) > 2 * len(self.sessions) + 64:    # flows ended early (ICMP)
-                self.timers = [t for t in self.timers if not t[2].done and t[0] == t[2].timer_at]
-                heapq.heapify(self.timers)
+            self.schedule(flow, flow.due)
 
     def ended(self, flow):
         if self.flows.get((flow.client, flow.orig)) is flow:

@@ -85,6 +85,15 @@ class Host:
             raise
         return sock
 
+    def accepted_connection(self):
+        """Return (client, server end) of a loopback TCP connection here, as inetd accepts one."""
+        with self.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            client = self.connect(listener.getsockname()[1])
+            conn, _ = listener.accept()
+        return client, conn
+
     def sysctl(self, key, value):
         """Set a sysctl inside this namespace only."""
         self.run("sysctl", "-q", "-w", "%s=%s" % (key, value))

@@ -171,16 +171,12 @@ def inetd(box, stdin, *extra, limit=None):
 def test_inetd_out_of_descriptors_is_a_status_and_an_honest_record(box, open_tmp):
     """No descriptor left for the target: status 69 and the reason in the record, not 70 and ok."""
     log = open_tmp / "conn.log"
-    listener = box.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = box.connect(listener.getsockname()[1])
-    conn, _ = listener.accept()
+    client, conn = box.accepted_connection()
     # fd 0 the client, 1 and 2 pipes, 3 its duplicate, 4 the log: the target's socket gets none.
     status, err = inetd(box, conn, "-l", log, limit=5)
     assert status == 69, err
     assert "outcome=no socket for the target: Too many open files" in log.read_text()
-    for sock in (client, conn, listener):
+    for sock in (client, conn):
         sock.close()
 
 
@@ -207,18 +203,14 @@ def test_inetd_wait_service_serves_the_waiting_client(box):
 
 def test_inetd_error_with_undecodable_bytes_reaches_syslog(box):
     """Under inetd stderr is the client socket: the message goes to syslog, escaped, not a crash."""
-    listener = box.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = box.connect(listener.getsockname()[1])
-    conn, _ = listener.accept()
+    client, conn = box.accepted_connection()
     proc = subprocess.run(box.cmd(*tproxy_cmd("-t", "-a", os.fsdecode(b"\xff"))), stdin=conn,
                           stdout=conn, stderr=conn, timeout=30)
     assert proc.returncode == 68            # "cannot resolve host \xff": no such host name
     conn.close()
     client.settimeout(10)
     assert client.recv(100) == b""          # nothing, least of all a traceback, to the client
-    for sock in (client, conn, listener):
+    for sock in (client, conn):
         sock.close()
 
 

@@ -110,9 +110,10 @@ def stop_daemon(pid):
     wait_for(gone, what="tproxy (pid %d) to exit" % pid)
 
 
-def relay_one(port, target):
-    """Send one exchange through tproxy at PORT to the listener TARGET."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+def relay_one(port, target, source="127.0.0.1"):
+    """Send one exchange through tproxy at PORT (from SOURCE) to the listener TARGET."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                  source_address=(source, 0)) as client:
         served, _ = target.accept()
         with served:
             client.sendall(b"ping")
@@ -328,14 +329,7 @@ class Running:
 
     def exchange(self, target, source="127.0.0.1"):
         """One relayed exchange of 4 bytes each way (or a refused client)."""
-        with self.client(source) as client:
-            served, _ = target.accept()
-            with served:
-                client.sendall(b"ping")
-                assert served.recv(4) == b"ping"
-                served.sendall(b"pong")
-            client.shutdown(socket.SHUT_WR)
-            assert client.recv(4) == b"pong"
+        relay_one(self.port, target, source)
 
     def stop(self):
         stop(self.proc)

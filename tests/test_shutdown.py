@@ -132,11 +132,7 @@ def test_fork_failure_holds_the_client_until_a_child_can_start(box):
 
 def test_inetd_mode_sigterm_gives_grace_then_resets(box):
     """One process, one connection: SIGTERM (or SIGHUP) must not end it cleanly mid-transfer."""
-    listener = box.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = box.connect(listener.getsockname()[1])
-    conn, _ = listener.accept()
+    client, conn = box.accepted_connection()
     proc = subprocess.Popen(box.cmd(*tproxy_cmd("-t", "--grace=%g" % GRACE, "127.0.0.1", TARGET)),
                             stdin=conn, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     box.lab.processes.append(proc)
@@ -147,4 +143,4 @@ def test_inetd_mode_sigterm_gives_grace_then_resets(box):
     assert echoed(client, b"served during the grace period")
     assert ends_with_reset(client)
     assert proc.wait(30) == 69
-    client.close(), listener.close()
+    client.close()

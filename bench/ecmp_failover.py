@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from lab import Lab  # noqa: E402
-from scale_lab import BIRD_ROUTE, MIRROR, NODES, ScaleOutLab, node_of_port  # noqa: E402
+from scale_lab import NODES, ScaleOutLab, node_of_port  # noqa: E402
 
 NAMES = sorted(plan.name for plan in NODES)
 NEW = 90        # new connections made once the node is back
@@ -50,24 +50,19 @@ def run(mode, leaving, count):
     try:
         with Lab("ecmp") as lab:
             scale = ScaleOutLab(lab, pathlib.Path(tmp))
-            scale.start()
-            routes = (BIRD_ROUTE,)
-            if mode == "resilient":
-                scale.start_resilient()
-                routes = (BIRD_ROUTE, MIRROR)
-            scale.wait_next_hops(NAMES, routes=routes)
+            scale.start(resilient=mode == "resilient")
             route = scale.router.run("ip", "-d", "route", "show", "table", "main").stdout
             held = scale.hold(4, count)
             assert all(held.check())
             node = next(n for n in scale.nodes if n.name == leaving)
             scale.stop_tproxy(node)
-            scale.wait_next_hops(set(NAMES) - {leaving}, timeout=15, routes=routes)
+            scale.wait_next_hops(set(NAMES) - {leaving}, timeout=15)
             after_leave = broken(held, held.check(), leaving)
             # Connections made while it is away; its return may move them.
             meanwhile = scale.hold(4, count)
             assert all(meanwhile.check())
             scale.start_tproxy(node)
-            scale.wait_next_hops(NAMES, timeout=15, routes=routes)
+            scale.wait_next_hops(NAMES, timeout=15)
             after_return = broken(meanwhile, meanwhile.check(), leaving)
             fresh = [node_of_port(port) for _, port in scale.connect_many(4, NEW, 16)]
             held.close()

@@ -98,6 +98,7 @@ class ScaleOutLab:
 
     def __init__(self, lab, tmp):
         self.lab, self.tmp = lab, tmp
+        self.routes = (BIRD_ROUTE,)     # the router's routes to the service that wait_next_hops checks
         os.chmod(str(tmp), 0o755)       # root writes the pid files before tproxy becomes nobody (tproxy(8), FILES)
         self.client = lab.host("client")
         self.router = lab.host("router", forwarding=True)
@@ -132,8 +133,9 @@ class ScaleOutLab:
             host.run("sh", os.path.join(RECIPES, "proxy-return-path"), "add")
             self.nodes.append(Node(host, plan))
 
-    def start(self):
-        """Start the server, bird everywhere, tproxy and tproxy-announce on every node."""
+    def start(self, resilient=False):
+        """Start the server, bird everywhere, tproxy and tproxy-announce on every node, and
+        (RESILIENT) ecmp-resilient on the router; wait until every node is a next hop."""
         self.server.popen(PYTHON, PEERS, "who-echo", 80, "--lifetime", 300)
         self.server.wait_listening(80)
         self.bird(self.router, "router", shipped("bird-router.conf"))
@@ -150,6 +152,10 @@ class ScaleOutLab:
                         "--pidfile", self.path(node.name, "pid%d" % v), "--port", 80,
                         "--protocol", fam.protocol, "--socket", self.path(node.name, "ctl"),
                         "--interval", "0.5", stdout=subprocess.DEVNULL, stderr=err)
+        if resilient:
+            self.start_resilient()
+            self.routes = (BIRD_ROUTE, MIRROR)
+        self.wait_next_hops({node.name for node in self.nodes})
 
     def path(self, name, what):
         """Return the lab file WHAT (pid4, ctl, err, ...) of host NAME."""
@@ -197,11 +203,12 @@ class ScaleOutLab:
                               *route).stdout
         return sorted(re.findall(r"via ([0-9a-f.:]+)", out))
 
-    def wait_next_hops(self, names, timeout=30.0, routes=(BIRD_ROUTE,)):
-        """Wait until the router's ROUTES to the service, both families, go via nodes NAMES."""
+    def wait_next_hops(self, names, timeout=30.0):
+        """Wait until the router's routes to the service (bird's, and the resilient group's
+        mirror once started), both families, go via nodes NAMES."""
         for family in FAMILIES:
             wanted = sorted(p.front[family] for p in NODES if p.name in names)
-            for route in routes:
+            for route in self.routes:
                 wait_for(lambda: self.next_hops(family, route) == wanted, timeout=timeout,
                          interval=0.1, what="router's IPv%d next hops %s (have %s; bird: %s)" % (
                              family, wanted, self.next_hops(family, route),

@@ -12,7 +12,7 @@ import signal
 import pytest
 
 from lab import have, stop
-from scale_lab import BIRD_ROUTE, FAMILIES, MIRROR, NODES, SCALE_OUT, ScaleOutLab, node_of_port
+from scale_lab import FAMILIES, NODES, SCALE_OUT, ScaleOutLab, node_of_port
 
 pytestmark = pytest.mark.skipif(not (have("bird") and have("birdc")),
                                 reason="bird2 is needed (tools/install-deps installs it)")
@@ -43,12 +43,7 @@ def test_nodes_share_the_load_and_one_leaves_cleanly(lab, open_tmp, routing, lea
     end one leaves, and still no other connection moves. IPv4 and IPv6 alike.
     """
     scale = ScaleOutLab(lab, open_tmp)
-    scale.start()
-    routes = (BIRD_ROUTE,)
-    if routing == "resilient":
-        scale.start_resilient()
-        routes = (BIRD_ROUTE, MIRROR)
-    scale.wait_next_hops(NAMES, routes=routes)
+    scale.start(resilient=routing == "resilient")
 
     # Hundreds of connections: all served, by every node in a fair share, the server
     # seeing the client's own address on each.
@@ -66,7 +61,7 @@ def test_nodes_share_the_load_and_one_leaves_cleanly(lab, open_tmp, routing, lea
     leaving = scale.nodes[leaving]
     scale.stop_tproxy(leaving)
     # Its announcements go, and with them the router's next hops.
-    scale.wait_next_hops(NAMES - {leaving.name}, timeout=15, routes=routes)
+    scale.wait_next_hops(NAMES - {leaving.name}, timeout=15)
 
     for family, h in held.items():
         # New connections all reach the others.
@@ -84,11 +79,11 @@ def test_nodes_share_the_load_and_one_leaves_cleanly(lab, open_tmp, routing, lea
     first, last = [n for n in scale.nodes if n is not leaving]
     for proc in first.announce.values():
         stop(proc)
-    scale.wait_next_hops({last.name}, timeout=15, routes=routes)
+    scale.wait_next_hops({last.name}, timeout=15)
     for family, proc in last.announce.items():
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
         last.host.run("sh", os.path.join(SCALE_OUT, "tproxy-announce"), "withdraw",
                       "--protocol", FAMILIES[family].protocol,
                       "--socket", scale.path(last.name, "ctl"))
-    scale.wait_next_hops(set(), timeout=15, routes=routes)
+    scale.wait_next_hops(set(), timeout=15)

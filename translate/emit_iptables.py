@@ -159,12 +159,23 @@ def rule_args(nf, memo=None):
         base = memo.get(id(nf.matches))
         if base is None:
             base = memo[id(nf.matches)] = match_words(nf)
-    comment = ["-m", "comment", "--comment", nf.origin] if nf.origin else []
-    out = [base + comment + STATEMENTS[type(s)](s) for s in nf.stmts]
+    head = base + comment_words(nf)
+    return [head + tail for tail in rule_tails(nf)]
+
+
+def comment_words(nf):
+    """Return the words citing NfRule NF's FILE:LINE (none when it has no origin)."""
+    return ["-m", "comment", "--comment", nf.origin] if nf.origin else []
+
+
+def rule_tails(nf):
+    """Return what follows the matches and comment, one word list per iptables
+    rule NfRule NF needs: each statement's, then the target's (if any)."""
+    tails = [STATEMENTS[type(s)](s) for s in nf.stmts]
     target = verdict_words(nf.verdict)
     if target or not nf.stmts:
-        out.append(base + comment + target)
-    return out
+        tails.append(target)
+    return tails
 
 
 # ---------------------------------------------------------------- iptables-restore
@@ -242,16 +253,9 @@ def restore_rule_texts(nf, heads):
     key = (id(nf.matches), nf.origin)
     head = heads.get(key)
     if head is None:
-        words = match_words(nf)
-        if nf.origin:
-            words += ["-m", "comment", "--comment", nf.origin]
-        head = heads[key] = quoted(words, RESTORE_QUOTED)
-    tails = [STATEMENTS[type(s)](s) for s in nf.stmts]
-    target = verdict_words(nf.verdict)
-    if target or not nf.stmts:
-        tails.append(target)
+        head = heads[key] = quoted(match_words(nf) + comment_words(nf), RESTORE_QUOTED)
     return [head + " " + quoted(tail, RESTORE_QUOTED) if head and tail else
-            head or quoted(tail, RESTORE_QUOTED) for tail in tails]
+            head or quoted(tail, RESTORE_QUOTED) for tail in rule_tails(nf)]
 
 
 def owned(chain):

@@ -2828,8 +2828,16 @@ def prefork_notice(cfg):
 
 def socket_activated():
     """Return True when systemd passed this process listening sockets (LISTEN_PID/LISTEN_FDS)."""
-    return os.environ.get("LISTEN_PID") == str(os.getpid()) and \
-        is_digits(os.environ.get("LISTEN_FDS", "0")) and int(os.environ["LISTEN_FDS"]) > 0
+    return os.environ.get("LISTEN_PID") == str(os.getpid()) and listen_fds() > 0
+
+
+def listen_fds():
+    """Return LISTEN_FDS as a count (0 when not digits); a count past any fd table is sys.maxsize."""
+    text = os.environ.get("LISTEN_FDS", "0")
+    if not is_digits(text):
+        return 0
+    significant = text.lstrip("0")
+    return int(significant or "0") if len(significant) < 19 else sys.maxsize    # int() refuses 4,300 digits
 
 
 def inherited_listeners(udp=False):
@@ -2839,7 +2847,7 @@ def inherited_listeners(udp=False):
     told apart by SO_TYPE: a socket of the other kind is an error, not a
     silent switch of protocol.
     """
-    count = int(os.environ.get("LISTEN_FDS", "0"))
+    count = listen_fds()
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)      # children must not think the sockets are theirs
     socks = []
@@ -2851,11 +2859,16 @@ def inherited_listeners(udp=False):
         inet = sock.family in (socket.AF_INET, socket.AF_INET6)
         datagram = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_DGRAM
         if udp:
-            if not (inet and datagram):
+            if not (inet and datagram) or \
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) != socket.IPPROTO_UDP:
                 raise Fatal("socket activation: fd %d is not a UDP socket (--udp needs a "
                             "socket unit with ListenDatagram=PORT)" % fd, EX_USAGE)
             if sock.getsockname()[1] == 0:
                 raise Fatal("socket activation: fd %d is a UDP socket bound to no port" % fd,
+                            EX_USAGE)
+            peer = peer_of(sock)
+            if peer is not None:        # it would hear one client only
+                raise Fatal("socket activation: fd %d is a UDP socket connected to %s" % (fd, peer),
                             EX_USAGE)
         elif inet and datagram:
             raise Fatal("socket activation: fd %d is a UDP socket (serve it with --udp; "
@@ -2874,6 +2887,14 @@ def inherited_listeners(udp=False):
             make_transparent(sock, sock.family)
         socks.append(sock)
     return socks
+
+
+def peer_of(sock):
+    """Return the address SOCK is connected to, as text, or None when it is not connected."""
+    try:
+        return show_addr(sock.getpeername())
+    except OSError:
+        return None
 
 
 def notify_ready():

@@ -212,6 +212,7 @@ def test_no_odd_value_is_an_internal_error(option):
 @pytest.mark.parametrize("fds, status, message", [
     ("\u00b2", 64, "tproxy: standard input is not a socket"),      # not systemd's: ignored
     ("1", 64, "tproxy: socket activation: fd 3: Bad file descriptor"),
+    ("9" * 5000, 64, "tproxy: socket activation: fd 3: Bad file descriptor"),   # int() refuses it
 ])
 def test_odd_socket_activation_variables(fds, status, message):
     """LISTEN_FDS comes from the environment: an odd value is an error or ignored, never a crash."""

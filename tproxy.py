@@ -899,6 +899,16 @@ def is_self(dest, listen_port):
     return dest[1] == listen_port and is_local_address(plain_ip(dest[0]))
 
 
+def shared_memory(size):
+    """Return SIZE bytes of anonymous memory shared with the processes forked later; raise Fatal."""
+    import mmap
+    try:
+        return mmap.mmap(-1, size)
+    except OSError as exc:      # --max-conns or --workers too large for this machine
+        raise Fatal("cannot map %d bytes of shared memory for --max-conns/--workers: %s"
+                    % (size, exc.strerror), EX_OSERR) from None
+
+
 class OwnUpstreams:
     """The upstream sockets of every process of this server, by inode, in shared memory.
 
@@ -934,16 +944,6 @@ class OwnUpstreams:
         self.ports = shared_memory(2 * max(slots, 1))
         self.pending = shared_memory(2 * max(slots, 1))
         self.dests = shared_memory(2 * max(slots, 1))
-
-
-def shared_memory(size):
-    """Return SIZE bytes of anonymous memory shared with the processes forked later; raise Fatal."""
-    import mmap
-    try:
-        return mmap.mmap(-1, size)
-    except OSError as exc:      # --max-conns or --workers too large for this machine
-        raise Fatal("cannot map %d bytes of shared memory for --max-conns/--workers: %s"
-                    % (size, exc.strerror), EX_OSERR) from None
 
     def take(self, slot):
         """Use SLOT from now on (in a child or worker)."""

@@ -131,6 +131,7 @@ PIPE_SIZE = 1 << 20     # splice pipe capacity; larger pipes mean fewer wakeups
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
 LISTEN_BACKLOG = 1024
 TCP_IDLE_TIMEOUT = 120      # --idle-timeout for connections
+COUNT_MOST = 1 << 22         # PID_MAX_LIMIT (include/linux/threads.h): no more workers or forked connections can exist
 UDP_IDLE_TIMEOUT = 30       # --idle-timeout for --udp flows: conntrack's nf_conntrack_udp_timeout
 
 
@@ -344,14 +345,14 @@ def build_config(args):
         cfg.max_conns = parse_count(args["--max-conns"], "--max-conns")
     cfg.max_per_client = parse_count(args["--max-per-client"], "--max-per-client")
     cfg.request_timeout = parse_seconds(args["--request-timeout"], "--request-timeout")
-    if args["--prefork"]:
-        if args["--workers"]:
+    if args["--prefork"] is not None:       # "--prefork=" too: an empty N is an error, not absent
+        if args["--workers"] is not None:
             raise Fatal("--prefork and --workers exclude each other", EX_USAGE)
         cfg.prefork = args["--prefork"]
         cfg.workers, most = parse_prefork(args["--prefork"])
         if most is not None and args["--max-conns"] is None:
             cfg.max_conns = most
-    if args["--workers"]:
+    if args["--workers"] is not None:
         cfg.workers = parse_workers(args["--workers"])
     if args["--send-proxy"]:
         if args["--send-proxy"] not in ("v1", "v2"):
@@ -415,10 +416,14 @@ def parse_seconds(text, what, allow_zero=False):
 
 
 def parse_count(text, what):
-    """Return TEXT as a positive integer; raise Fatal."""
-    if not is_digits(text) or int(text) < 1:
+    """Return TEXT as a whole number from 1 to COUNT_MOST; raise Fatal."""
+    significant = text.lstrip("0")
+    if not is_digits(text) or not significant:
         raise Fatal("%s: %r is not a positive whole number" % (what, text), EX_USAGE)
-    return int(text)
+    if len(significant) > len(str(COUNT_MOST)) or int(significant) > COUNT_MOST:  # int() refuses 4,300 digits
+        raise Fatal("%s: %s is more than %d" % (what, text[:20] + "..." * (len(text) > 20),
+                                                 COUNT_MOST), EX_USAGE)
+    return int(significant)
 
 
 def is_digits(text):
@@ -894,6 +899,16 @@ def is_self(dest, listen_port):
     return dest[1] == listen_port and is_local_address(plain_ip(dest[0]))
 
 
+def shared_memory(size):
+    """Return SIZE bytes of anonymous memory shared with the processes forked later; raise Fatal."""
+    import mmap
+    try:
+        return mmap.mmap(-1, size)
+    except OSError as exc:      # --max-conns or --workers too large for this machine
+        raise Fatal("cannot map %d bytes of shared memory for --max-conns/--workers: %s"
+                    % (size, exc.strerror), EX_OSERR) from None
+
+
 class OwnUpstreams:
     """The upstream sockets of every process of this server, by inode, in shared memory.
 
@@ -925,11 +940,10 @@ class OwnUpstreams:
 
     def create(self, slots):
         """Make the shared boards for SLOTS connections (in the parent, before forking)."""
-        import mmap
-        self.board = memoryview(mmap.mmap(-1, 8 * max(slots, 1))).cast("Q")
-        self.ports = mmap.mmap(-1, 2 * max(slots, 1))
-        self.pending = mmap.mmap(-1, 2 * max(slots, 1))
-        self.dests = mmap.mmap(-1, 2 * max(slots, 1))
+        self.board = memoryview(shared_memory(8 * max(slots, 1))).cast("Q")
+        self.ports = shared_memory(2 * max(slots, 1))
+        self.pending = shared_memory(2 * max(slots, 1))
+        self.dests = shared_memory(2 * max(slots, 1))
 
     def take(self, slot):
         """Use SLOT from now on (in a child or worker)."""
@@ -2812,8 +2826,16 @@ def prefork_notice(cfg):
 
 def socket_activated():
     """Return True when systemd passed this process listening sockets (LISTEN_PID/LISTEN_FDS)."""
-    return os.environ.get("LISTEN_PID") == str(os.getpid()) and \
-        is_digits(os.environ.get("LISTEN_FDS", "0")) and int(os.environ["LISTEN_FDS"]) > 0
+    return os.environ.get("LISTEN_PID") == str(os.getpid()) and listen_fds() > 0
+
+
+def listen_fds():
+    """Return LISTEN_FDS as a count (0 when not digits); a count past any fd table is sys.maxsize."""
+    text = os.environ.get("LISTEN_FDS", "0")
+    if not is_digits(text):
+        return 0
+    significant = text.lstrip("0")
+    return int(significant or "0") if len(significant) < 19 else sys.maxsize    # int() refuses 4,300 digits
 
 
 def inherited_listeners(udp=False):
@@ -2823,7 +2845,7 @@ def inherited_listeners(udp=False):
     told apart by SO_TYPE: a socket of the other kind is an error, not a
     silent switch of protocol.
     """
-    count = int(os.environ.get("LISTEN_FDS", "0"))
+    count = listen_fds()
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)      # children must not think the sockets are theirs
     socks = []
@@ -2835,11 +2857,16 @@ def inherited_listeners(udp=False):
         inet = sock.family in (socket.AF_INET, socket.AF_INET6)
         datagram = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_DGRAM
         if udp:
-            if not (inet and datagram):
+            if not (inet and datagram) or \
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) != socket.IPPROTO_UDP:
                 raise Fatal("socket activation: fd %d is not a UDP socket (--udp needs a "
                             "socket unit with ListenDatagram=PORT)" % fd, EX_USAGE)
             if sock.getsockname()[1] == 0:
                 raise Fatal("socket activation: fd %d is a UDP socket bound to no port" % fd,
+                            EX_USAGE)
+            peer = peer_of(sock)
+            if peer is not None:        # it would hear one client only
+                raise Fatal("socket activation: fd %d is a UDP socket connected to %s" % (fd, peer),
                             EX_USAGE)
         elif inet and datagram:
             raise Fatal("socket activation: fd %d is a UDP socket (serve it with --udp; "
@@ -2858,6 +2885,14 @@ def inherited_listeners(udp=False):
             make_transparent(sock, sock.family)
         socks.append(sock)
     return socks
+
+
+def peer_of(sock):
+    """Return the address SOCK is connected to, as text, or None when it is not connected."""
+    try:
+        return show_addr(sock.getpeername())
+    except OSError:
+        return None
 
 
 def notify_ready():
@@ -3556,9 +3591,8 @@ class ClientCounts:
     BUCKETS = 1 << 16
 
     def __init__(self, rows):
-        import mmap
         self.rows = rows
-        self.map = mmap.mmap(-1, 4 * self.BUCKETS * rows)
+        self.map = shared_memory(4 * self.BUCKETS * rows)
         self.counts = memoryview(self.map).cast("I")
 
     def bucket(self, key):

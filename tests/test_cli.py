@@ -47,6 +47,16 @@ def run(*args, stdin=subprocess.DEVNULL, env=None):
     (["--prefork=8:2", "-s", "80", "-t"], 64, "tproxy: --prefork: MAX 2 is below N 8"),
     (["--prefork=2", "--workers=2", "-s", "80", "-t"], 64, "tproxy: --prefork and --workers exclude each other"),
     (["--prefork=2:8", "-t"], 64, "tproxy: --prefork needs -s PORT (standalone mode)"),
+    # An empty N is an error, not the option left out (it ran fork mode); a count past
+    # PID_MAX_LIMIT ended in "internal error" (70) once the pool sized its shared memory.
+    (["--prefork=", "-s", "80", "-t"], 64, "tproxy: --prefork: '' is not a positive whole number"),
+    (["--workers=", "-s", "80", "-t"], 64, "tproxy: --workers: '' is not a positive whole number"),
+    (["--prefork=1:", "-s", "80", "-t"], 64, "tproxy: --prefork: '' is not a positive whole number"),
+    (["--prefork=9" + "9" * 19, "-s", "80", "-t"], 64, "tproxy: --prefork: 99999999999999999999 is more than 4194304"),
+    (["--prefork=1:" + "9" * 5000, "-s", "80", "-t"], 64, "tproxy: --prefork: 99999999999999999999... is more than 4194304"),
+    (["--workers=4194305", "-s", "80", "-t"], 64, "tproxy: --workers: 4194305 is more than 4194304"),
+    (["-t", "--max-conns=" + "9" * 20], 64, "tproxy: --max-conns: 99999999999999999999 is more than 4194304"),
+    (["--prefork=1:" + "0" * 40, "-s", "80", "-t"], 64, "tproxy: --prefork: '" + "0" * 40 + "' is not a positive"),
     (["-t", "--max-conns=\u0661\u0662"], 64, "tproxy: --max-conns: '\u0661\u0662' is not a positive whole number"),
     (["-t", "--idle-timeout=\u0661\u0662"], 64, "tproxy: --idle-timeout: '\u0661\u0662' is not a number of seconds"),
     (["-s", "8080", "-r", "#4294967296", "-t"], 67, "tproxy: -r: unknown user '#4294967296'"),
@@ -202,6 +212,7 @@ def test_no_odd_value_is_an_internal_error(option):
 @pytest.mark.parametrize("fds, status, message", [
     ("\u00b2", 64, "tproxy: standard input is not a socket"),      # not systemd's: ignored
     ("1", 64, "tproxy: socket activation: fd 3: Bad file descriptor"),
+    ("9" * 5000, 64, "tproxy: socket activation: fd 3: Bad file descriptor"),   # int() refuses it
 ])
 def test_odd_socket_activation_variables(fds, status, message):
     """LISTEN_FDS comes from the environment: an odd value is an error or ignored, never a crash."""

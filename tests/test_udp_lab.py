@@ -423,10 +423,15 @@ def passed_socket(kind):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(1)
+    elif kind == "udp-lite":        # SOCK_DGRAM too, but not UDP (RFC 3828)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDPLITE)
+        sock.bind(("127.0.0.1", 0))
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        if kind == "bound-udp":
+        if kind in ("bound-udp", "connected-udp"):
             sock.bind(("127.0.0.1", 0))
+        if kind == "connected-udp":
+            sock.connect(("127.0.0.1", 9))
     return sock
 
 
@@ -434,11 +439,17 @@ def passed_socket(kind):
     ("tcp-listener", ["--udp"], "socket activation: fd 3 is not a UDP socket "
      "(--udp needs a socket unit with ListenDatagram=PORT)"),
     ("unbound-udp", ["--udp"], "socket activation: fd 3 is a UDP socket bound to no port"),
+    # Both were served once: UDP-Lite clients answered over UDP upstream, and a
+    # connected socket hears one peer only.
+    ("udp-lite", ["--udp"], "socket activation: fd 3 is not a UDP socket "
+     "(--udp needs a socket unit with ListenDatagram=PORT)"),
+    ("connected-udp", ["--udp"], "socket activation: fd 3 is a UDP socket connected to 127.0.0.1:9"),
     ("bound-udp", ["-t"], "socket activation: fd 3 is a UDP socket (serve it with --udp; "
      "for TCP, tproxy.socket needs ListenStream=PORT and Accept=no)"),
     ("bound-udp", ["--udp", "--workers=2"], "--udp and --workers exclude each other with "
      "sockets from systemd: each passed UDP socket gets one worker"),
-], ids=["tcp-with-udp", "unbound-udp", "udp-without-udp", "udp-with-workers"])
+], ids=["tcp-with-udp", "unbound-udp", "udp-lite", "connected-udp", "udp-without-udp",
+        "udp-with-workers"])
 def test_socket_activation_refuses_the_wrong_kind_of_socket(kind, args, message):
     """A stream socket with --udp, a datagram socket without it: one line, status 64."""
     with passed_socket(kind) as sock:

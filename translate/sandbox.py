@@ -496,8 +496,7 @@ class RecordStream:
         names, kind_restore = self.names, "restore"
         while i + 4 <= n:
             kind, file, line, argc = fields[i:i + 4]
-            if not (argc.isascii() and argc.isdigit()) or \
-                    (line and not (line.isascii() and line.isdigit())):
+            if not is_count(argc) or (line and not is_count(line)):
                 self.bad = True
                 break
             end = i + 4 + int(argc)
@@ -523,6 +522,15 @@ class RecordStream:
         if self.bad or self.rest or self.fields:
             raise SandboxError("%s: the script wrote into the stand-ins' record stream; "
                                "nothing translated" % ", ".join(self.names.values()))
+
+
+def is_count(field):
+    """Return True when record FIELD is a count bash can write: ASCII digits, at most 10 of them.
+
+    bash's line numbers and argc are C ints; more digits are forged (and int()
+    refuses 4,300 and more).
+    """
+    return 0 < len(field) <= 10 and field.isascii() and field.isdigit()
 
 
 def split_positional(defines):

@@ -436,9 +436,12 @@ def test_a_host_name_written_in_a_file_cited_later_is_looked_up(bwrap, tmp_path)
     # An ipchains-restore record carries two fields (its file, its data).
     'restore\\0f\\0001\\0001\\0x\\0',
     # A line number in other digits than ASCII ones.
-    'ipchains\\0f\\0\xb2\\0000\\0'])
+    'ipchains\\0f\\0\xb2\\0000\\0',
+    # A line number or an argument count too long for int() (4,300 digits).
+    'ipchains\\0f\\0' + '9' * 5000 + '\\0000\\0',
+    'ipchains\\0f\\0001\\0' + '9' * 5000 + '\\0-A\\0'])
 def test_malformed_forged_records_are_one_located_refusal(bwrap, tmp_path, record):
-    # Both were internal errors (IndexError, ValueError) before.
+    # All were internal errors (IndexError, ValueError) before.
     script = tmp_path / "forge.sh"
     script.write_text('ipchains -A input -j ACCEPT\nprintf "%s" >&$__xl_fd\n' % record)
     status, out, err = run_tool(["--to=nft", str(script)])

@@ -394,10 +394,10 @@ def check_udp_options(args, activated):
 def parse_port(text, what):
     """Return TEXT as a TCP port number (digits or a service name); raise Fatal."""
     if is_digits(text):
-        port = int(text)
-        if 1 <= port <= 65535:
+        port = bounded_number(text, 65535)
+        if port:
             return port
-        raise Fatal("%s: port %s is out of range (1-65535)" % (what, text), EX_USAGE)
+        raise Fatal("%s: port %s is out of range (1-65535)" % (what, clipped(text)), EX_USAGE)
     try:
         return socket.getservbyname(text, "tcp")
     except (OSError, UnicodeError):
@@ -417,18 +417,35 @@ def parse_seconds(text, what, allow_zero=False):
 
 def parse_count(text, what):
     """Return TEXT as a whole number from 1 to COUNT_MOST; raise Fatal."""
-    significant = text.lstrip("0")
-    if not is_digits(text) or not significant:
+    if not is_digits(text) or not text.strip("0"):
         raise Fatal("%s: %r is not a positive whole number" % (what, text), EX_USAGE)
-    if len(significant) > len(str(COUNT_MOST)) or int(significant) > COUNT_MOST:  # int() refuses 4,300 digits
-        raise Fatal("%s: %s is more than %d" % (what, text[:20] + "..." * (len(text) > 20),
-                                                 COUNT_MOST), EX_USAGE)
-    return int(significant)
+    count = bounded_number(text, COUNT_MOST)
+    if count is None:
+        raise Fatal("%s: %s is more than %d" % (what, clipped(text), COUNT_MOST), EX_USAGE)
+    return count
 
 
 def is_digits(text):
     """Return True when TEXT is ASCII digits only (str.isdigit also takes "²" and "①")."""
     return text.isascii() and text.isdigit()
+
+
+def bounded_number(digits, most):
+    """Return DIGITS (ASCII digits, see is_digits) as an int when it is at most MOST, else None.
+
+    The length is looked at first: int() refuses a number of more than
+    4,300 digits with a ValueError.
+    """
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(most)):
+        return None
+    number = int(significant)
+    return number if number <= most else None
+
+
+def clipped(text, width=20):
+    """Return TEXT cut to WIDTH characters for a message ("..." says it was longer)."""
+    return text[:width] + "..." * (len(text) > width)
 
 
 def parse_prefork(text):
@@ -2834,8 +2851,8 @@ def listen_fds():
     text = os.environ.get("LISTEN_FDS", "0")
     if not is_digits(text):
         return 0
-    significant = text.lstrip("0")
-    return int(significant or "0") if len(significant) < 19 else sys.maxsize    # int() refuses 4,300 digits
+    count = bounded_number(text, sys.maxsize)
+    return sys.maxsize if count is None else count
 
 
 def inherited_listeners(udp=False):

@@ -66,6 +66,11 @@ def run(*args, stdin=subprocess.DEVNULL, env=None):
     (["-s", os.fsdecode(b"\xff"), "-t"], 64, "tproxy: -s: unknown port or service '\\udcff'"),
     (["-s", "8080", "-r", os.fsdecode(b"\xff"), "-t"], 67, "tproxy: -r: unknown user '\\udcff'"),
     (["-t", "--grace=-1"], 64, "tproxy: --grace: '-1' is not a number of seconds"),
+    # Ports of more digits than int() takes (4,300) ended in "internal error" (70).
+    (["-s", "9" * 5000, "-t"], 64, "tproxy: -s: port 99999999999999999999... is out of range (1-65535)"),
+    (["-s", "8080", "192.0.2.1", "9" * 5000], 64,
+     "tproxy: PROXYPORT: port 99999999999999999999... is out of range (1-65535)"),
+    (["-s", "0" * 30 + "8", "192.0.2.1", "0"], 64, "tproxy: PROXYPORT: port 0 is out of range (1-65535)"),
 ])
 def test_bad_input_is_one_line_and_a_status(args, status, message):
     code, out, err = run(*args)

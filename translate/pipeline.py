@@ -482,11 +482,7 @@ class ShellTranslator:
                 plan.chain("mangle", hook, (hook.lower(), "ACCEPT"))
         lines = []
         if self.opts.redirect == "tproxy" and self.features.redirect:
-            mark = "0x%x/0x%x" % (self.opts.tproxy_mark, self.opts.tproxy_mark)
-            table = self.opts.route_table
-            lines += ["ip rule del fwmark %s lookup %d 2>/dev/null || true" % (mark, table),
-                      "ip rule add fwmark %s lookup %d" % (mark, table),
-                      "ip route replace local 0.0.0.0/0 dev lo table %d" % table]
+            lines += semantics.tproxy_routing(self.opts)
         return emit_iptables.setup_function(plan, lines)
 
     def ctx_chains(self, chain):

@@ -647,7 +647,7 @@ def nat_hooks(plan, features, opts):
         pre.entries.append(NfRule((), (), Verdict("jump", "pre-input"),
                                   note("input rules deciding REDIRECT")))
         if opts.redirect == "tproxy":
-            plan.notes.extend(tproxy_notes(opts))
+            plan.notes.extend(tproxy_routing(opts))
     if features.masq:
         post = plan.chain("nat", "POSTROUTING", ("postrouting", "ACCEPT"))
         marked = MMark(opts.masq_mark)
@@ -660,11 +660,14 @@ def nat_hooks(plan, features, opts):
         post.entries.append(NfRule((marked,), (ours,), Verdict("masquerade"), note("MASQ")))
 
 
-def tproxy_notes(opts):
-    """Return the policy routing TPROXY needs, as commands."""
-    mark = "0x%x/0x%x" % (opts.tproxy_mark, opts.tproxy_mark)
-    return ["ip rule add fwmark %s lookup %d" % (mark, opts.route_table),
-            "ip route add local 0.0.0.0/0 dev lo table %d" % opts.route_table]
+def tproxy_routing(opts):
+    """Return the policy routing TPROXY needs, as shell commands that can run
+    again: the rule is deleted before it is added (ip rule add would add a
+    second one) and the route replaced (ip route add fails when it exists)."""
+    rule = "fwmark 0x%x/0x%x lookup %d" % (opts.tproxy_mark, opts.tproxy_mark, opts.route_table)
+    return ["ip rule del %s 2>/dev/null || true" % rule,
+            "ip rule add %s" % rule,
+            "ip route replace local 0.0.0.0/0 dev lo table %d" % opts.route_table]
 
 
 # ---------------------------------------------------------------- whole firewall

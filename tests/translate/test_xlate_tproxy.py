@@ -12,14 +12,9 @@ import subprocess
 import pytest
 
 from support import PEERS, PYTHON
-from xlate_helpers import FORMATS, run_tool
+from xlate_helpers import FORMATS, needed_commands, run_tool
 
 SCRIPT = "ipchains -A input -p tcp -s 192.0.2.0/24 -d 198.51.100.10 80 -j REDIRECT 12970\n"
-
-
-def needed_commands(text):
-    marker = "# needed as well: "
-    return [line[len(marker):] for line in text.split("\n") if line.startswith(marker)]
 
 
 def load(host, fmt, path, text):
@@ -33,7 +28,7 @@ def load(host, fmt, path, text):
         # nft and iptables-restore cannot hold policy routing: the translation
         # names it, and those are the only commands run besides loading it.
         for command in needed_commands(text):
-            host.run(*command.split())
+            host.sh(command)
 
 
 def translate_and_load(book, tmp_path, fmt, script):
@@ -58,6 +53,18 @@ def test_tproxy_redirect_works_on_its_own(book, tmp_path, fmt):
     words = proc.stdout.decode().split()
     assert words[:1] == [book.CLIENT] and words[2:4] == [book.MOOSE, "80"], \
         (words, open(log).read())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tproxy_policy_routing_can_be_loaded_again(book, tmp_path, fmt):
+    # A firewall is reloaded: "ip rule add" would add one more rule each time,
+    # and "ip route add" fails once the route is there.
+    translate_and_load(book, tmp_path, fmt, SCRIPT)
+    translate_and_load(book, tmp_path, fmt, SCRIPT)
+    rules = book.router.run("ip", "rule", "show").stdout
+    assert rules.count("fwmark 0x1/0x1 lookup 100") == 1, rules
+    routes = book.router.run("ip", "route", "show", "table", "100").stdout
+    assert routes.split()[:4] == ["local", "default", "dev", "lo"], routes
 
 
 UDP_SCRIPT = "ipchains -A input -p udp -s 192.0.2.0/24 -d 198.51.100.10 53 -j REDIRECT 5300\n"

@@ -14,7 +14,7 @@ import tempfile
 
 import pytest
 
-from xlate_helpers import CASES, FORMATS, ROOT, run_tool
+from xlate_helpers import CASES, FORMATS, ROOT, needed_commands, run_tool
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "netpeer.py")
 PY = sys.executable
@@ -293,12 +293,6 @@ def book_lab(lab):
     return client, router, moose
 
 
-def needed_commands(text):
-    """Return the commands a flat translation says are needed as well."""
-    marker = "# needed as well: "
-    return [line[len(marker):] for line in text.split("\n") if line.startswith(marker)]
-
-
 @pytest.mark.parametrize("proxy", ["tproxy.py", "listener"])
 @pytest.mark.parametrize("mode", ["nat", "tproxy"])
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -318,7 +312,7 @@ def test_book_rule_sends_web_traffic_to_local_proxy(lab, fmt, mode, proxy):
         commands = needed_commands(text)
         assert commands, "the tproxy translation must name its policy routing"
         for command in commands:
-            router.run(*command.split())
+            router.sh(command)
     serve(moose, 80, "moose")
     serve(moose, 8080, "moose8080")
     if proxy == "tproxy.py":

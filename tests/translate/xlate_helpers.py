@@ -53,6 +53,12 @@ def translate_case(name, fmt, extra=()):
         os.chdir(cwd)
 
 
+def needed_commands(text):
+    """Return the shell commands a flat translation says are needed as well."""
+    marker = "# needed as well: "
+    return [line[len(marker):] for line in text.split("\n") if line.startswith(marker)]
+
+
 def missing(reason):
     """Skip for REASON, but fail in CI (CI=true), where make test installed every tool."""
     if os.environ.get("CI") == "true":

@@ -3620,6 +3620,17 @@ class ClientCounts:
     def held(self, bucket):
         return sum(self.counts[bucket::self.BUCKETS])       # one word per row
 
+    def claim(self, row, bucket, cap):
+        """Count one more connection of BUCKET in ROW if the bucket holds fewer than CAP.
+
+        Return None when counted, else how many the bucket holds.
+        """
+        held = self.held(bucket)
+        if held >= cap:
+            return held
+        self.add(row, bucket, 1)
+        return None
+
     def add(self, row, bucket, change):
         self.counts[row * self.BUCKETS + bucket] += change
 
@@ -3811,11 +3822,10 @@ class Worker(EventLoop):
                 return
             key = client_key(peer)
             bucket = pool.clients.bucket(key)
-            held = pool.clients.held(bucket)
-            if held >= self.cfg.max_per_client:
+            held = pool.clients.claim(self.index, bucket, self.cfg.max_per_client)
+            if held is not None:
                 refuse_over_cap(conn, peer, held, server)
                 continue
-            pool.clients.add(self.index, bucket, 1)
             server.rotation += 1
             session = Session(conn, server, self.free.pop())
             session.bucket = bucket

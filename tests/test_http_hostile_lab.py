@@ -279,8 +279,11 @@ def test_pool_caps_connections_per_client_address(book, pool):
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
     book.lab.processes.append(holder)
     assert holder.stdout.readline().strip() == "connected"
-    wait_for(lambda: open(err).read().count("already (--max-per-client 2)") == 3,
-             what="three connections over the cap refused")
+    try:
+        wait_for(lambda: open(err).read().count("already (--max-per-client 2)") == 3,
+                 what="three connections over the cap refused")
+    except AssertionError as exc:
+        raise AssertionError("%s; tproxy's log:\n%s" % (exc, open(err).read())) from None
     holder.stdin.write("\n")
     holder.stdin.flush()
     assert holder.stdout.readline().strip() == "2"

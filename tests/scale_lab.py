@@ -135,7 +135,8 @@ class ScaleOutLab:
 
     def start(self, resilient=False):
         """Start the server, bird everywhere, tproxy and tproxy-announce on every node, and
-        (RESILIENT) ecmp-resilient on the router; wait until every node is a next hop."""
+        (RESILIENT) ecmp-resilient on the router; wait until every node is a next hop and
+        IPv6 neighbour discovery works on every link (Host.ipv6_settled)."""
         self.server.popen(PYTHON, PEERS, "who-echo", 80, "--lifetime", 300)
         self.server.wait_listening(80)
         self.bird(self.router, "router", shipped("bird-router.conf"))
@@ -156,6 +157,12 @@ class ScaleOutLab:
             self.start_resilient()
             self.routes = (BIRD_ROUTE, MIRROR)
         self.wait_next_hops({node.name for node in self.nodes})
+        # A client's SYN held back by neighbour discovery (no NS while a link-local is
+        # tentative) is retransmitted after 1 s with a new txhash, which the router's
+        # ECMP takes from the skb (veth keeps the sender's hash): the copy goes to another
+        # node, both answer, and the client is reset.
+        for host in self.lab.hosts:
+            host.wait_ipv6_settled()
 
     def path(self, name, what):
         """Return the lab file WHAT (pid4, ctl, err, ...) of host NAME."""

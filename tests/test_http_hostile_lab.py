@@ -170,8 +170,9 @@ conns = {}
 for i in range(count):
     s = socket.socket()
     s.setblocking(False)
+    start = time.monotonic()    # before the SYN: tproxy's deadline starts later, at accept
     s.connect_ex(("198.51.100.10", 80))
-    conns[s] = {"start": time.monotonic(), "sent": 0, "end": None, "reply": b"", "reset": False}
+    conns[s] = {"start": start, "sent": 0, "end": None, "reply": b"", "reset": False}
     sel.register(s, selectors.EVENT_READ)
 print("started", flush=True)
 deadline = time.monotonic() + timeout

@@ -3603,14 +3603,27 @@ class ClientCounts:
     address is hashed into one of BUCKETS buckets (the low 16 bits of an
     IPv4 address pick its bucket directly, so the clients of one /16 never
     share one); clients whose buckets collide share their cap.
+
+    A worker claims a slot under a POSIX record lock on its bucket's byte of
+    an empty memfd, so that two workers cannot both see a client one under
+    its cap and both count one more. The kernel drops the locks of a process
+    that dies; an uncontended claim costs two fcntl calls. Releasing a slot
+    only lowers the worker's own word and takes no lock.
     """
 
     BUCKETS = 1 << 16
 
     def __init__(self, rows):
+        import fcntl
         self.rows = rows
         self.map = shared_memory(4 * self.BUCKETS * rows)
         self.counts = memoryview(self.map).cast("I")
+        try:
+            self.locks = os.memfd_create("tproxy-per-client-locks")
+        except OSError as exc:
+            raise Fatal("cannot make the lock file of --max-per-client for --workers: %s"
+                        % exc.strerror, EX_OSERR) from None
+        self.fcntl = fcntl
 
     def bucket(self, key):
         """Return the bucket of the 16-byte address KEY (see client_key)."""
@@ -3619,6 +3632,22 @@ class ClientCounts:
 
     def held(self, bucket):
         return sum(self.counts[bucket::self.BUCKETS])       # one word per row
+
+    def claim(self, row, bucket, cap):
+        """Count one more connection of BUCKET in ROW if the bucket holds fewer than CAP.
+
+        Return None when counted, else how many the bucket holds. Atomic
+        across the pool's processes (the bucket's lock is held throughout).
+        """
+        self.fcntl.lockf(self.locks, self.fcntl.LOCK_EX, 1, bucket)
+        try:
+            held = self.held(bucket)
+            if held >= cap:
+                return held
+            self.add(row, bucket, 1)
+            return None
+        finally:
+            self.fcntl.lockf(self.locks, self.fcntl.LOCK_UN, 1, bucket)
 
     def add(self, row, bucket, change):
         self.counts[row * self.BUCKETS + bucket] += change
@@ -3811,11 +3840,10 @@ class Worker(EventLoop):
                 return
             key = client_key(peer)
             bucket = pool.clients.bucket(key)
-            held = pool.clients.held(bucket)
-            if held >= self.cfg.max_per_client:
+            held = pool.clients.claim(self.index, bucket, self.cfg.max_per_client)
+            if held is not None:
                 refuse_over_cap(conn, peer, held, server)
                 continue
-            pool.clients.add(self.index, bucket, 1)
             server.rotation += 1
             session = Session(conn, server, self.free.pop())
             session.bucket = bucket

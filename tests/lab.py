@@ -115,6 +115,38 @@ class Host:
                        % (self.name, proto, port, timeout))
 
 
+    def ipv6_settled(self):
+        """Return True when every interface up here (loopback aside) has a link-local address
+        that duplicate address detection has passed; raise LabError if it failed.
+
+        Until then the kernel sends no neighbour solicitation for a packet whose
+        source is not one of the interface's own addresses (a forwarded packet,
+        a transparent socket's): ndisc_send_ns() needs a link-local source that
+        is not tentative. Such packets wait a whole retransmission time (1 s).
+        """
+        links = self.run("ip", "-o", "link", "show", "up").stdout
+        addrs = self.run("ip", "-6", "-o", "addr", "show", "scope", "link").stdout
+        failed = [line.split()[1] for line in addrs.splitlines() if "dadfailed" in line]
+        if failed:
+            raise LabError("%s: duplicate address detection failed on %s" % (self.name, failed))
+        usable = {line.split()[1] for line in addrs.splitlines() if "tentative" not in line}
+        up = {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()
+              if "LOWER_UP" in line and "LOOPBACK" not in line}
+        return up <= usable
+
+    def wait_ipv6_settled(self, timeout=10.0):
+        """Wait until ipv6_settled(); raise LabError if not within TIMEOUT seconds."""
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.05) + 1):
+            if self.ipv6_settled():
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        raise LabError("%s: IPv6 link-local addresses still tentative after %.0f s:\n%s" % (
+            self.name, timeout, self.run("ip", "-6", "addr", "show", "tentative").stdout))
+
+
 class Lab:
     """A set of hosts (namespaces) joined by veth links; closes what it made."""
 

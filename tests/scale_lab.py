@@ -135,7 +135,8 @@ class ScaleOutLab:
 
     def start(self, resilient=False):
         """Start the server, bird everywhere, tproxy and tproxy-announce on every node, and
-        (RESILIENT) ecmp-resilient on the router; wait until every node is a next hop."""
+        (RESILIENT) ecmp-resilient on the router; wait until every node is a next hop and
+        IPv6 neighbour discovery works on every link (Host.ipv6_settled)."""
         self.server.popen(PYTHON, PEERS, "who-echo", 80, "--lifetime", 300)
         self.server.wait_listening(80)
         self.bird(self.router, "router", shipped("bird-router.conf"))
@@ -156,6 +157,12 @@ class ScaleOutLab:
             self.start_resilient()
             self.routes = (BIRD_ROUTE, MIRROR)
         self.wait_next_hops({node.name for node in self.nodes})
+        # A client's SYN held back by neighbour discovery (no NS while a link-local is
+        # tentative) is retransmitted after 1 s with a new txhash, which the router's
+        # ECMP takes from the skb (veth keeps the sender's hash): the copy goes to another
+        # node, both answer, and the client is reset.
+        for host in self.lab.hosts:
+            host.wait_ipv6_settled()
 
     def path(self, name, what):
         """Return the lab file WHAT (pid4, ctl, err, ...) of host NAME."""
@@ -223,27 +230,62 @@ class ScaleOutLab:
         """Make TOTAL short connections to the service, PARALLEL at a time, from the client.
 
         Return one (peer address, peer port) the server saw per connection, or
-        None for a connection that failed.
+        a Failure saying in which phase and how a connection failed.
         """
-        code = ("import socket, sys\n"
-                "from concurrent.futures import ThreadPoolExecutor\n"
-                "def one(i):\n"
-                "    try:\n"
-                "        with socket.create_connection((%r, 80), timeout=20) as s:\n"
-                "            line = s.makefile().readline().split()\n"
-                "        return '%%s,%%s' %% (line[0], line[1]) if line else 'none'\n"
-                "    except OSError as exc:\n"
-                "        return 'none'\n"
-                "with ThreadPoolExecutor(%d) as pool:\n"
-                "    print(' '.join(pool.map(one, range(%d))))\n" % (
-                    address(FAMILIES[family].service), parallel, total))
-        words = self.client.run(PYTHON, "-c", code, timeout=240).stdout.split()
-        assert len(words) == total, words
-        return [None if w == "none" else (w.split(",")[0], int(w.split(",")[1])) for w in words]
+        code = CONNECT_MANY % (address(FAMILIES[family].service), parallel, total)
+        lines = self.client.run(PYTHON, "-c", code, timeout=240).stdout.splitlines()
+        assert len(lines) == total, lines
+        results = [json.loads(line) for line in lines]
+        return [Failure(*r) if len(r) == 4 else (r[0], r[1]) for r in results]
+
+    def diagnostics(self, family):
+        """Return what explains failed connections of FAMILY: the nodes' tproxy logs, and the
+        routes, neighbours and TCP counters of the router, the nodes and the server."""
+        parts = []
+        for node in self.nodes:
+            for what in ("err%d" % family, "announce%d" % family):
+                with open(self.path(node.name, what), errors="replace") as f:
+                    parts.append("--- %s %s:\n%s" % (node.name, what, f.read()[-20000:]))
+        for host in [self.router] + [node.host for node in self.nodes] + [self.server]:
+            for argv in (("ip", "-%d" % family, "route", "show", "table", "all"),
+                         ("ip", "-%d" % family, "neigh"), ("ip", "-%d" % family, "rule"),
+                         ("nstat", "-as")):
+                out = host.run(*argv, check=False)
+                parts.append("--- %s: %s\n%s%s" % (host.name, " ".join(argv), out.stdout,
+                                                     out.stderr))
+        return "\n".join(parts)
 
     def hold(self, family, count):
         """Open COUNT long connections from the client to the service; return a Holder."""
         return Holder(self.client, address(FAMILIES[family].service), count)
+
+
+Failure = collections.namedtuple("Failure", "index phase error seconds")
+# phase: "connect", "recv" (reading the server's line) or "empty" (closed before a line);
+# error: the exception (type and message); seconds: from the start of the attempt.
+
+# Runs in the client: make N connections, P at a time, to ADDR port 80; print one JSON
+# line per connection, in order: [peer address, peer port] as the server saw them,
+# or [index, phase, error, seconds] for one that failed.
+CONNECT_MANY = r"""
+import json, socket, time
+from concurrent.futures import ThreadPoolExecutor
+def one(i):
+    start, phase = time.monotonic(), "connect"
+    try:
+        with socket.create_connection((%r, 80), timeout=20) as s:
+            phase = "recv"
+            words = s.makefile().readline().split()
+        if words:
+            return [words[0], int(words[1])]
+        phase, error = "empty", "end of stream before a line"
+    except OSError as exc:
+        error = "%%s: %%s" %% (type(exc).__name__, exc)
+    return [i, phase, error, round(time.monotonic() - start, 3)]
+with ThreadPoolExecutor(%d) as pool:
+    for result in pool.map(one, range(%d)):
+        print(json.dumps(result))
+"""
 
 
 # Runs in the client: open N echo connections, report the port the server saw for

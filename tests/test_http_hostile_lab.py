@@ -170,8 +170,9 @@ conns = {}
 for i in range(count):
     s = socket.socket()
     s.setblocking(False)
+    start = time.monotonic()    # before the SYN: tproxy's deadline starts later, at accept
     s.connect_ex(("198.51.100.10", 80))
-    conns[s] = {"start": time.monotonic(), "sent": 0, "end": None, "reply": b"", "reset": False}
+    conns[s] = {"start": start, "sent": 0, "end": None, "reply": b"", "reset": False}
     sel.register(s, selectors.EVENT_READ)
 print("started", flush=True)
 deadline = time.monotonic() + timeout
@@ -279,8 +280,11 @@ def test_pool_caps_connections_per_client_address(book, pool):
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
     book.lab.processes.append(holder)
     assert holder.stdout.readline().strip() == "connected"
-    wait_for(lambda: open(err).read().count("already (--max-per-client 2)") == 3,
-             what="three connections over the cap refused")
+    try:
+        wait_for(lambda: open(err).read().count("already (--max-per-client 2)") == 3,
+                 what="three connections over the cap refused")
+    except AssertionError as exc:
+        raise AssertionError("%s; tproxy's log:\n%s" % (exc, open(err).read())) from None
     holder.stdin.write("\n")
     holder.stdin.flush()
     assert holder.stdout.readline().strip() == "2"

@@ -445,3 +445,37 @@ def test_sigusr1_workers_each_worker_logs_its_own_line(tmp_path):
     assert sum(int(m.group(3)) for m in worker_lines) == 1             # active
     assert sum(int(m.group(4)) for m in worker_lines) == 3             # served, ended ones only
     assert sum(int(m.group(7)) for m in worker_lines) == 12            # up: 3 x 4 bytes
+
+
+def test_workers_claiming_one_clients_last_slot_never_exceed_its_cap():
+    """--workers: ClientCounts.claim is atomic across processes (the cap is exact).
+
+    Four processes, each a worker's row of one shared ClientCounts, claim and
+    release a slot of one client address as fast as they can; whoever holds
+    a slot checks that the client's count never exceeds the cap of 1. With
+    a check and a separate add, two workers both saw 0 and both counted one.
+    """
+    rows, claims = 4, 100000
+    counts = tproxy.ClientCounts(rows)
+    bucket = counts.bucket(tproxy.client_key(("192.0.2.10", 80)))
+    start_r, start_w = os.pipe()
+    pids = []
+    for row in range(rows):
+        pid = os.fork()
+        if pid == 0:            # a worker: exit status = how often it saw the cap exceeded
+            over = 0
+            try:
+                os.close(start_w)
+                os.read(start_r, 1)             # all start together
+                for _ in range(claims):
+                    if counts.claim(row, bucket, 1) is None:
+                        over += counts.held(bucket) > 1
+                        counts.add(row, bucket, -1)
+            finally:
+                os._exit(min(over, 100))
+        pids.append(pid)
+    os.close(start_r)
+    os.close(start_w)                           # EOF starts them
+    over = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    assert over == [0] * rows, "cap 1 exceeded (per worker, at most 100 counted): %s" % over
+    assert counts.held(bucket) == 0

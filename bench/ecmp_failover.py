@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from lab import Lab  # noqa: E402
-from scale_lab import NODES, ScaleOutLab, node_of_port  # noqa: E402
+from scale_lab import NODES, Failure, ScaleOutLab, node_of_port  # noqa: E402
 
 NAMES = sorted(plan.name for plan in NODES)
 NEW = 90        # new connections made once the node is back
@@ -64,7 +64,11 @@ def run(mode, leaving, count):
             scale.start_tproxy(node)
             scale.wait_next_hops(NAMES, timeout=15)
             after_return = broken(meanwhile, meanwhile.check(), leaving)
-            fresh = [node_of_port(port) for _, port in scale.connect_many(4, NEW, 16)]
+            made = scale.connect_many(4, NEW, 16)
+            failed = [r for r in made if isinstance(r, Failure)]
+            if failed:
+                raise SystemExit("fresh connections failed: %s\n%s" % (failed, scale.diagnostics(4)))
+            fresh = [node_of_port(port) for _, port in made]
             held.close()
             meanwhile.close()
             return route, after_leave, after_return, fresh.count(leaving)

@@ -961,6 +961,9 @@ class OwnUpstreams:
         self.ports = shared_memory(2 * max(slots, 1))
         self.pending = shared_memory(2 * max(slots, 1))
         self.dests = shared_memory(2 * max(slots, 1))
+        # The same boards as words, written per connection (searched as bytes, with find).
+        self.port_words, self.pending_words, self.dest_words = (
+            memoryview(board).cast("H") for board in (self.ports, self.pending, self.dests))
 
     def take(self, slot):
         """Use SLOT from now on (in a child or worker)."""
@@ -971,9 +974,8 @@ class OwnUpstreams:
         """Record SOCK, about to connect to DEST_PORT, as the upstream of SLOT (default: ours)."""
         slot = self.slot if slot is None else slot
         if self.board is not None and slot is not None:
-            struct.pack_into("=H", self.ports, 2 * slot, 0)
-            struct.pack_into("=H", self.dests, 2 * slot, dest_port)
-            struct.pack_into("=H", self.pending, 2 * slot, dest_port)
+            self.port_words[slot] = 0
+            self.dest_words[slot] = self.pending_words[slot] = dest_port
             self.board[slot] = os.fstat(sock.fileno()).st_ino
 
     def connecting(self, sock, slot=None):
@@ -984,17 +986,15 @@ class OwnUpstreams:
                 port = sock.getsockname()[1]
             except OSError:
                 return
-            struct.pack_into("=H", self.ports, 2 * slot, port)
-            struct.pack_into("=H", self.pending, 2 * slot, 0)
+            self.port_words[slot] = port
+            self.pending_words[slot] = 0
 
     def release(self, slot=None):
         """Forget the upstream of SLOT (default: this process's own)."""
         slot = self.slot if slot is None else slot
         if self.board is not None and slot is not None:
-            self.board[slot] = 0
-            struct.pack_into("=H", self.ports, 2 * slot, 0)
-            struct.pack_into("=H", self.pending, 2 * slot, 0)
-            struct.pack_into("=H", self.dests, 2 * slot, 0)
+            self.board[slot] = self.port_words[slot] = self.pending_words[slot] = \
+                self.dest_words[slot] = 0
 
     @staticmethod
     def offsets(ports, port):
@@ -1017,8 +1017,13 @@ class OwnUpstreams:
 
     def is_own(self, client, orig, proto="tcp"):
         """Return True when the connection (PROTO "udp": the flow) CLIENT -> ORIG is one of this server's upstreams."""
-        if self.board is None or not (self.holds_pair(client[1], orig[1]) or
-                                      self.holds(self.pending, orig[1])):
+        if self.board is None:
+            return False
+        # Most clients match no board at all: two searches at C speed say so.
+        if self.ports.find(struct.pack("=H", client[1])) < 0 and \
+                self.pending.find(struct.pack("=H", orig[1])) < 0:
+            return False
+        if not (self.holds_pair(client[1], orig[1]) or self.holds(self.pending, orig[1])):
             return False
         host = plain_ip(client[0]).split("%", 1)[0]      # a link-local scope is not in /proc
         if not is_local_address(host):
@@ -1151,7 +1156,7 @@ class Dialer:
 
     def __init__(self, addrs, timeout, source=None, client=None, log=None, verbose=False,
                  ports=None, slot=None):
-        self.addrs = list(addrs)
+        self.addrs, self.next = addrs, 0
         self.timeout, self.source, self.client = timeout, source, client
         self.log, self.verbose, self.ports, self.slot = log, verbose, ports, slot
         self.last = "no address"
@@ -1168,8 +1173,9 @@ class Dialer:
 
     def start(self, now):
         """Begin the next attempt; raise ConnectionFailed when no address is left."""
-        while self.addrs:
-            family, type_, proto, _, self.sockaddr = self.addrs.pop(0)
+        while self.next < len(self.addrs):
+            family, type_, proto, _, self.sockaddr = self.addrs[self.next]
+            self.next += 1
             try:
                 sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK, proto)
             except OSError as exc:  # no descriptor or memory left: say so, do not crash
@@ -1177,8 +1183,9 @@ class Dialer:
             own_upstreams.add(sock, self.sockaddr[1], self.slot)
             self.sock = sock
             try:
-                self.transparent = bind_source(sock, family, self.source, self.client, self.log,
-                                               self.ports)
+                if self.source or self.ports:
+                    self.transparent = bind_source(sock, family, self.source, self.client,
+                                                   self.log, self.ports)
                 err = sock.connect_ex(self.sockaddr)
                 own_upstreams.connecting(sock, self.slot)
             except OSError as exc:
@@ -1413,6 +1420,8 @@ class Pump:
     poll said the source's peer has closed, so its EOF is read at once too.
     """
 
+    lean = False    # True: an event loop may step it alone when its source is readable (Session.lean)
+
     def __init__(self, src, dst, src_side, dst_side):
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
@@ -1517,6 +1526,7 @@ class RawPump(Pump):
     """
 
     watching = False    # True while a subclass must see every byte (no splice)
+    lean = True         # no deadline, no filter: stepping it touches nothing else
 
     def __init__(self, src, dst, src_side, dst_side, initial=b""):
         super().__init__(src, dst, src_side, dst_side)
@@ -2101,6 +2111,8 @@ class SniffingPump(RawPump):
     splice) until the status is known, then runs as a RawPump.
     """
 
+    lean = False        # the status it reads starts the other pump (switched)
+
     def __init__(self, src, dst, src_side, dst_side, initial, on_status):
         super().__init__(src, dst, src_side, dst_side, b"")
         self.sniffer = StatusSniffer()
@@ -2153,8 +2165,8 @@ class Server:
     def target_addrs(self):
         """Return the target's cached addresses, starting at the next in turn."""
         addrs = self.cfg.target_addrs
-        if not addrs:
-            return []
+        if len(addrs) < 2:
+            return addrs
         start = self.rotation % len(addrs)
         return list(addrs[start:]) + list(addrs[:start])
 
@@ -2174,15 +2186,20 @@ class Session:
     `cut()` ends the session at once (shutdown's grace is over). `status` is
     the exit status of a process serving only this connection. Descriptors
     the session closed while running are listed in `dropped`.
+    `lean` names the descriptors that only one pump waits on, for input, while
+    relaying: an event loop may hand such a descriptor's events to
+    `lean_step()` instead of `advance()`.
     """
 
     FLUSH_SEND = 5.0        # seconds to send an error reply
     LINGER = 2.0            # seconds, and bytes below, to read after it (linger_close)
     LINGER_BYTES = 1 << 20
+    lean = ()       # replaced, never changed in place
 
-    def __init__(self, conn, server, slot=None):
+    def __init__(self, conn, server, slot=None, peer=None):
         self.conn, self.server, self.cfg = conn, server, server.cfg
         self.slot = slot                # the loop guard's slot (None: the process's own)
+        self.peer = peer                # the client's address, if accept() said it
         self.record = None
         self.upstream = None
         self.framer, self.items = None, ()
@@ -2204,6 +2221,27 @@ class Session:
 
     def advance(self, fired, now):
         self.run(self.stage, fired, now)
+
+    def lean_step(self, fd, events, now):
+        """Relay EVENTS of FD, one of `lean`; return True when `waits` or `due` changed.
+
+        The short way for the common wakeup: only the pump reading FD steps,
+        and what the session waits on is computed again only when that pump
+        has something pending or is done.
+        """
+        waits = self.waits
+        self.run(Session.stepping, (fd, events), now)
+        return self.waits is not waits
+
+    def stepping(self, fired, now):
+        fd, events = fired
+        self.idle_at = now + self.cfg.idle_timeout
+        pump = self.pumps[0]
+        if pump.src_fd != fd:
+            pump = self.pumps[1]
+        pump.step(False, events & HANGUP)
+        if pump.done or pump.pending():
+            self.relaying(None, now)
 
     def run(self, stage, fired, now):
         """Run STAGE; turn how it ended into the record's outcome, as one place."""
@@ -2273,7 +2311,7 @@ class Session:
                     sock.close()
                 except OSError:
                     pass
-        self.done, self.waits, self.due = True, {}, None
+        self.done, self.waits, self.due, self.lean = True, {}, None, ()
         if self.slot is not None:
             own_upstreams.release(self.slot)
         if self.record is not None:
@@ -2287,11 +2325,13 @@ class Session:
     def check(self, fired, now):
         """accepted -> checked: ACL, original destination, loop guard."""
         cfg, conn = self.cfg, self.conn
-        try:
-            client = conn.getpeername()
-        except OSError:
-            self.finish()       # gone before we looked: nothing to record
-            return
+        client = self.peer
+        if client is None:
+            try:
+                client = conn.getpeername()
+            except OSError:
+                self.finish()       # gone before we looked: nothing to record
+                return
         self.record = record = Record(client, cfg.mode)
         conn.setblocking(False)
         if not acl_allows(cfg.acl, client):
@@ -2460,15 +2500,18 @@ class Session:
                 if want and want[0] in fired:
                     pump.step(hangup=fired.get(pump.src_fd, 0) & HANGUP)
         # What the pumps wait on now, and until when (refresh() leaves this stage to us).
-        waits, due = {}, self.idle_at
+        waits, due, lean = {}, self.idle_at, ()
         for pump in self.pumps:
             want = pump.wanted()
             if want:
                 waits[want[0]] = waits.get(want[0], 0) | want[1]
+                if pump.lean and want[1] == select.POLLIN:
+                    lean += (want[0],)
             deadline = pump.deadline()
             if deadline is not None and deadline < due:
                 due = deadline
         self.waits, self.due = waits, due
+        self.lean = tuple(fd for fd in lean if waits[fd] == select.POLLIN)
         if waits:
             return
         refused = self.settle()
@@ -2500,6 +2543,7 @@ class Session:
             except OSError:
                 pass
         self.stage = Session.flushing
+        self.lean = ()
         self.out = reply
         self.linger_left = self.LINGER_BYTES
         self.due = now + self.FLUSH_SEND
@@ -3561,19 +3605,26 @@ class EventLoop:
         except InterruptedError:
             ready = []
         now = time.monotonic()
-        fired = {}
+        fired, later, by_fd = {}, [], self.by_fd
         for fd, events in ready:
-            handler = self.handlers.get(fd)
-            if handler is not None:
-                handler(events)
-                continue
-            session = self.by_fd.get(fd)
-            if session is not None:
+            session = by_fd.get(fd)
+            if session is None:
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    later.append((handler, events))
+            elif fd in session.lean:
+                if session.lean_step(fd, events, now):
+                    self.sync(session)
+            else:
                 fired.setdefault(session, {})[fd] = events
+        # Only now may new descriptors be made (connects, accepts): one closed above and
+        # made again must not receive the events of this round that were its namesake's.
         for session, fds in fired.items():
             if not session.done:
                 session.advance(fds, now)
                 self.sync(session)
+        for handler, events in later:
+            handler(events)
         self.expire(time.monotonic())
 
     def expire(self, now):
@@ -3607,10 +3658,22 @@ class ClientCounts:
 
     BUCKETS = 1 << 16
 
+    KNOWN = 4096        # addresses whose bucket is remembered (then forgotten all at once)
+
     def __init__(self, rows):
         self.rows = rows
         self.map = shared_memory(4 * self.BUCKETS * rows)
         self.counts = memoryview(self.map).cast("I")
+        self.known = {}         # the host of a peer address -> its bucket
+
+    def bucket_of(self, peer):
+        """Return the bucket of PEER, a sockaddr (remembered: clients come back)."""
+        bucket = self.known.get(peer[0])
+        if bucket is None:
+            if len(self.known) >= self.KNOWN:
+                self.known.clear()
+            bucket = self.known[peer[0]] = self.bucket(client_key(peer))
+        return bucket
 
     def bucket(self, key):
         """Return the bucket of the 16-byte address KEY (see client_key)."""
@@ -3775,8 +3838,8 @@ class Worker(EventLoop):
     def start_listening(self):
         exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
         for sock in self.pool.listeners:
-            self.watch(sock.fileno(), lambda events, sock=sock: self.accept(sock),
-                       select.EPOLLIN | exclusive)
+            self.watch(sock.fileno(), lambda events, sock=sock, family=int(sock.family):
+                       self.accept(sock, family), select.EPOLLIN | exclusive)
         self.listening = True
 
     def stop_listening(self, close=False):
@@ -3787,11 +3850,12 @@ class Worker(EventLoop):
                     sock.close()
         self.listening = False
 
-    def accept(self, listener):
-        """Take waiting clients (up to ACCEPT_BATCH, and this worker's share) and start them."""
+    def accept(self, listener, family):
+        """Take waiting clients (up to ACCEPT_BATCH, and this worker's share) of LISTENER (of FAMILY) and start them."""
         pool, server = self.pool, self.server
         now = time.monotonic()
-        family = listener.family
+        # As fork mode: a cap no client can reach (all connections from one) is not counted.
+        counted = self.cfg.max_per_client < pool.share * pool.count
         # An accept(2) that finds no client costs more than one that finds one (the kernel
         # makes the socket first): take as many as wait (1 if unknown), not until EAGAIN.
         waiting = listen_queue(listener) or 1
@@ -3809,20 +3873,22 @@ class Worker(EventLoop):
                 self.paused_until = now + self.ACCEPT_PAUSE
                 self.stop_listening()
                 return
-            key = client_key(peer)
-            bucket = pool.clients.bucket(key)
-            held = pool.clients.held(bucket)
-            if held >= self.cfg.max_per_client:
-                refuse_over_cap(conn, peer, held, server)
-                continue
-            pool.clients.add(self.index, bucket, 1)
+            bucket = None
+            if counted:
+                bucket = pool.clients.bucket_of(peer)
+                held = pool.clients.held(bucket)
+                if held >= self.cfg.max_per_client:
+                    refuse_over_cap(conn, peer, held, server)
+                    continue
+                pool.clients.add(self.index, bucket, 1)
             server.rotation += 1
-            session = Session(conn, server, self.free.pop())
+            session = Session(conn, server, self.free.pop(), peer)
             session.bucket = bucket
             self.add(session, now)
 
     def ended(self, session):
-        self.pool.clients.add(self.index, session.bucket, -1)
+        if session.bucket is not None:
+            self.pool.clients.add(self.index, session.bucket, -1)
         self.free.append(session.slot)
 
 
@@ -3997,6 +4063,7 @@ class Flow:
 
     __slots__ = ("relay", "client", "orig", "record", "upstream", "reply",
                  "done", "last", "timer_at", "slot")   # many idle flows: no __dict__ each
+    lean = ()       # EventLoop: no descriptor of a flow takes Session.lean_step's short way
 
     def __init__(self, relay, client, orig, now):
         self.relay = relay

@@ -94,6 +94,7 @@ import os
 import select
 import signal
 import _signal     # signal's C module: see set_handler
+import _socket     # socket's C module: its sockets without socket.py's wrapping, where made often
 import socket
 import struct
 import sys
@@ -739,7 +740,40 @@ class Log:
         self.logfile = logfile
         self.user = user        # -r USER: the -l file's rightful second owner
         self.log_fd = None
+        self.gathered = None    # {fd: [lines]} while gathering (see gather)
         self.reopen()
+
+    def gather(self):
+        """Keep the lines for standard error and the -l file until `flush()`: one write each.
+
+        An event loop's round ends many connections; it flushes before it waits
+        again, so no line is lost, reordered or held past its round.
+        """
+        self.gathered = {}
+
+    def flush(self):
+        """Write the lines gathered so far."""
+        gathered = self.gathered
+        if gathered:
+            self.gathered = {}
+            for fd, lines in gathered.items():
+                self.write_out(fd, b"".join(lines))
+
+    def write(self, fd, data):
+        """Write DATA to FD, or gather it for the next `flush()`."""
+        if self.gathered is not None:
+            self.gathered.setdefault(fd, []).append(data)
+        else:
+            self.write_out(fd, data)
+
+    @staticmethod
+    def write_out(fd, data):
+        """Write DATA to FD whole; a failing write loses it, as a log must not stop the proxy."""
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:
+            pass
 
     def use_syslog(self, stderr_usable=True):
         """Send messages to syslog from now on (ident tproxy, with the pid); return True if so.
@@ -766,6 +800,7 @@ class Log:
         if self.logfile is None:
             return
         fd = open_own_file(self.logfile, "-l %s" % self.logfile, os.O_WRONLY | os.O_APPEND, self.user, 0o640)
+        self.flush()            # what was gathered for the old file goes there
         if self.log_fd is not None:
             os.close(self.log_fd)
         self.log_fd = fd
@@ -773,10 +808,7 @@ class Log:
     def message(self, text, error=False):
         """Log one operational message."""
         if self.to_stderr:
-            try:
-                os.write(2, ("tproxy[%d]: %s\n" % (os.getpid(), text)).encode("utf-8", "replace"))
-            except OSError:
-                pass
+            self.write(2, ("tproxy[%d]: %s\n" % (os.getpid(), text)).encode("utf-8", "replace"))
         elif self._syslog:
             prio = self._syslog.LOG_ERR if error else self._syslog.LOG_INFO
             self._syslog.syslog(prio, printable(text))
@@ -793,10 +825,7 @@ class Log:
         """Append LINE, stamped, to the -l file if there is one."""
         if self.log_fd is not None:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            try:
-                os.write(self.log_fd, ("%s tproxy[%d]: %s\n" % (stamp, os.getpid(), line)).encode())
-            except OSError:
-                pass
+            self.write(self.log_fd, ("%s tproxy[%d]: %s\n" % (stamp, os.getpid(), line)).encode())
 
 
 def printable(text):
@@ -820,12 +849,22 @@ def escape(data, limit=200):
     return "".join(out) + ("..." if len(data) > limit else "")
 
 
+ADDR_FORMS = {}         # host -> its "host:%d" format (show_addr); a few hosts come back often
+ADDR_FORMS_KEPT = 1024
+
+
 def show_addr(addr):
     """Return a sockaddr as host:port, IPv6 in brackets, v4-mapped unwrapped."""
-    host, port = addr[0], addr[1]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+    form = ADDR_FORMS.get(addr[0])
+    if form is None:
+        host = addr[0]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        form = ("[%s]:%%d" if ":" in host else "%s:%%d") % host.replace("%", "%%")
+        if len(ADDR_FORMS) >= ADDR_FORMS_KEPT:
+            ADDR_FORMS.clear()
+        ADDR_FORMS[addr[0]] = form
+    return form % addr[1]
 
 
 class Record:
@@ -844,17 +883,11 @@ class Record:
 
     def line(self):
         """Return the one-line summary of this connection."""
-        parts = ["client=%s" % show_addr(self.client)]
-        if self.orig:
-            parts.append("orig=%s" % show_addr(self.orig))
-        parts.append("target=%s" % (show_addr(self.target) if self.target else "-"))
-        parts.append("mode=%s" % self.mode)
-        if self.host is not None:
-            parts.append('host="%s"' % escape(self.host))
-        parts.append("up=%d down=%d time=%.3f" % (self.up, self.down,
-                                                  time.monotonic() - self.started))
-        parts.append("outcome=%s" % self.outcome)
-        return " ".join(parts)
+        return "client=%s%s target=%s mode=%s%s up=%d down=%d time=%.3f outcome=%s" % (
+            show_addr(self.client), " orig=" + show_addr(self.orig) if self.orig else "",
+            show_addr(self.target) if self.target else "-", self.mode,
+            ' host="%s"' % escape(self.host) if self.host is not None else "",
+            self.up, self.down, time.monotonic() - self.started, self.outcome)
 
 
 # ---------------------------------------------------------------------------
@@ -1578,11 +1611,12 @@ class RawPump(Pump):
                     return
                 except OSError:
                     raise Reset(self.src_side) from None
-                self.eof = not self.out
-                drained = len(self.out) < CHUNK and not hangup
+                size = len(self.out)
+                self.eof = not size
+                drained = size < CHUNK and not hangup
                 if self.watching:
                     self.watch(self.out)
-                elif len(self.out) == CHUNK and SPLICE_FLAGS and not self.pipe:
+                elif size == CHUNK and SPLICE_FLAGS and not self.pipe:
                     self.pipe = open_pipe()
 
     def close(self):
@@ -2490,28 +2524,30 @@ class Session:
         elif fired is not None and now >= self.idle_at:
             raise Idle()
         for pump in self.pumps:
-            deadline = pump.deadline()
-            if deadline is not None and now >= deadline:
-                pump.expire()
-                pump.step()
-                continue
+            if not pump.lean:       # a lean pump has no deadline
+                deadline = pump.deadline()
+                if deadline is not None and now >= deadline:
+                    pump.expire()
+                    pump.step()
+                    continue
             if fired:
                 want = pump.wanted()
                 if want and want[0] in fired:
                     pump.step(hangup=fired.get(pump.src_fd, 0) & HANGUP)
         # What the pumps wait on now, and until when (refresh() leaves this stage to us).
-        waits, due, lean = {}, self.idle_at, ()
+        waits, due, lean = {}, self.idle_at, []
         for pump in self.pumps:
             want = pump.wanted()
             if want:
                 waits[want[0]] = waits.get(want[0], 0) | want[1]
                 if pump.lean and want[1] == select.POLLIN:
-                    lean += (want[0],)
-            deadline = pump.deadline()
-            if deadline is not None and deadline < due:
-                due = deadline
+                    lean.append(want[0])
+            if not pump.lean:
+                deadline = pump.deadline()
+                if deadline is not None and deadline < due:
+                    due = deadline
         self.waits, self.due = waits, due
-        self.lean = tuple(fd for fd in lean if waits[fd] == select.POLLIN)
+        self.lean = tuple([fd for fd in lean if waits[fd] == select.POLLIN])
         if waits:
             return
         refused = self.settle()
@@ -3515,6 +3551,7 @@ class EventLoop:
         self.seq = 0
         self.sessions = set()
         self.handlers = {}      # fd -> callable(events): listeners, the signal pipe
+        self.round_size = 0     # how many descriptors the last wait found ready
 
     def watch(self, fd, handler, events=select.EPOLLIN):
         self.epoll.register(fd, events)
@@ -3605,6 +3642,7 @@ class EventLoop:
         except InterruptedError:
             ready = []
         now = time.monotonic()
+        self.round_size = len(ready)
         fired, later, by_fd = {}, [], self.by_fd
         for fd, events in ready:
             session = by_fd.get(fd)
@@ -3794,6 +3832,14 @@ class Worker(EventLoop):
         self.paused_until = 0.0
 
     def run(self):
+        """Serve until SIGTERM and its grace end, the log's lines of each round written at its end."""
+        self.log.gather()
+        try:
+            return self.serve()
+        finally:
+            self.log.flush()
+
+    def serve(self):
         pool = self.pool
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
@@ -3833,6 +3879,7 @@ class Worker(EventLoop):
                 limit = grace_at - now
             elif self.paused_until > now:
                 limit = self.paused_until - now
+            self.log.flush()
             self.poll(limit)
 
     def start_listening(self):
@@ -3858,14 +3905,17 @@ class Worker(EventLoop):
         counted = self.cfg.max_per_client < pool.share * pool.count
         # An accept(2) that finds no client costs more than one that finds one (the kernel
         # makes the socket first): take as many as wait (1 if unknown), not until EAGAIN.
-        waiting = listen_queue(listener) or 1
+        # A round that found only the listener is an idle worker's: most likely one client
+        # waits (any others wake the next round; polling is level-triggered).
+        waiting = listen_queue(listener) or 1 if self.round_size > 1 else 1
         for _ in range(min(waiting, self.ACCEPT_BATCH)):
             if len(self.sessions) >= pool.share:
                 return
             try:
-                # socket.accept() less its three enum conversions per call (the same socket).
+                # socket.accept() less its three enum conversions per call and the
+                # Python layer of socket.socket, which nothing here needs.
                 fd, peer = listener._accept()
-                conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                conn = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:

@@ -94,6 +94,7 @@ import os
 import select
 import signal
 import _signal     # signal's C module: see set_handler
+import _socket     # socket's C module: its sockets without socket.py's wrapping, where made often
 import socket
 import struct
 import sys
@@ -739,7 +740,40 @@ class Log:
         self.logfile = logfile
         self.user = user        # -r USER: the -l file's rightful second owner
         self.log_fd = None
+        self.gathered = None    # {fd: [lines]} while gathering (see gather)
         self.reopen()
+
+    def gather(self):
+        """Keep the lines for standard error and the -l file until `flush()`: one write each.
+
+        An event loop's round ends many connections; it flushes before it waits
+        again, so no line is lost, reordered or held past its round.
+        """
+        self.gathered = {}
+
+    def flush(self):
+        """Write the lines gathered so far."""
+        gathered = self.gathered
+        if gathered:
+            self.gathered = {}
+            for fd, lines in gathered.items():
+                self.write_out(fd, b"".join(lines))
+
+    def write(self, fd, data):
+        """Write DATA to FD, or gather it for the next `flush()`."""
+        if self.gathered is not None:
+            self.gathered.setdefault(fd, []).append(data)
+        else:
+            self.write_out(fd, data)
+
+    @staticmethod
+    def write_out(fd, data):
+        """Write DATA to FD whole; a failing write loses it, as a log must not stop the proxy."""
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:
+            pass
 
     def use_syslog(self, stderr_usable=True):
         """Send messages to syslog from now on (ident tproxy, with the pid); return True if so.
@@ -766,6 +800,7 @@ class Log:
         if self.logfile is None:
             return
         fd = open_own_file(self.logfile, "-l %s" % self.logfile, os.O_WRONLY | os.O_APPEND, self.user, 0o640)
+        self.flush()            # what was gathered for the old file goes there
         if self.log_fd is not None:
             os.close(self.log_fd)
         self.log_fd = fd
@@ -773,10 +808,7 @@ class Log:
     def message(self, text, error=False):
         """Log one operational message."""
         if self.to_stderr:
-            try:
-                os.write(2, ("tproxy[%d]: %s\n" % (os.getpid(), text)).encode("utf-8", "replace"))
-            except OSError:
-                pass
+            self.write(2, ("tproxy[%d]: %s\n" % (os.getpid(), text)).encode("utf-8", "replace"))
         elif self._syslog:
             prio = self._syslog.LOG_ERR if error else self._syslog.LOG_INFO
             self._syslog.syslog(prio, printable(text))
@@ -793,10 +825,7 @@ class Log:
         """Append LINE, stamped, to the -l file if there is one."""
         if self.log_fd is not None:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            try:
-                os.write(self.log_fd, ("%s tproxy[%d]: %s\n" % (stamp, os.getpid(), line)).encode())
-            except OSError:
-                pass
+            self.write(self.log_fd, ("%s tproxy[%d]: %s\n" % (stamp, os.getpid(), line)).encode())
 
 
 def printable(text):
@@ -820,12 +849,22 @@ def escape(data, limit=200):
     return "".join(out) + ("..." if len(data) > limit else "")
 
 
+ADDR_FORMS = {}         # host -> its "host:%d" format (show_addr); a few hosts come back often
+ADDR_FORMS_KEPT = 1024
+
+
 def show_addr(addr):
     """Return a sockaddr as host:port, IPv6 in brackets, v4-mapped unwrapped."""
-    host, port = addr[0], addr[1]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+    form = ADDR_FORMS.get(addr[0])
+    if form is None:
+        host = addr[0]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        form = ("[%s]:%%d" if ":" in host else "%s:%%d") % host.replace("%", "%%")
+        if len(ADDR_FORMS) >= ADDR_FORMS_KEPT:
+            ADDR_FORMS.clear()
+        ADDR_FORMS[addr[0]] = form
+    return form % addr[1]
 
 
 class Record:
@@ -844,17 +883,11 @@ class Record:
 
     def line(self):
         """Return the one-line summary of this connection."""
-        parts = ["client=%s" % show_addr(self.client)]
-        if self.orig:
-            parts.append("orig=%s" % show_addr(self.orig))
-        parts.append("target=%s" % (show_addr(self.target) if self.target else "-"))
-        parts.append("mode=%s" % self.mode)
-        if self.host is not None:
-            parts.append('host="%s"' % escape(self.host))
-        parts.append("up=%d down=%d time=%.3f" % (self.up, self.down,
-                                                  time.monotonic() - self.started))
-        parts.append("outcome=%s" % self.outcome)
-        return " ".join(parts)
+        return "client=%s%s target=%s mode=%s%s up=%d down=%d time=%.3f outcome=%s" % (
+            show_addr(self.client), " orig=" + show_addr(self.orig) if self.orig else "",
+            show_addr(self.target) if self.target else "-", self.mode,
+            ' host="%s"' % escape(self.host) if self.host is not None else "",
+            self.up, self.down, time.monotonic() - self.started, self.outcome)
 
 
 # ---------------------------------------------------------------------------
@@ -961,6 +994,9 @@ class OwnUpstreams:
         self.ports = shared_memory(2 * max(slots, 1))
         self.pending = shared_memory(2 * max(slots, 1))
         self.dests = shared_memory(2 * max(slots, 1))
+        # The same boards as words, written per connection (searched as bytes, with find).
+        self.port_words, self.pending_words, self.dest_words = (
+            memoryview(board).cast("H") for board in (self.ports, self.pending, self.dests))
 
     def take(self, slot):
         """Use SLOT from now on (in a child or worker)."""
@@ -971,9 +1007,8 @@ class OwnUpstreams:
         """Record SOCK, about to connect to DEST_PORT, as the upstream of SLOT (default: ours)."""
         slot = self.slot if slot is None else slot
         if self.board is not None and slot is not None:
-            struct.pack_into("=H", self.ports, 2 * slot, 0)
-            struct.pack_into("=H", self.dests, 2 * slot, dest_port)
-            struct.pack_into("=H", self.pending, 2 * slot, dest_port)
+            self.port_words[slot] = 0
+            self.dest_words[slot] = self.pending_words[slot] = dest_port
             self.board[slot] = os.fstat(sock.fileno()).st_ino
 
     def connecting(self, sock, slot=None):
@@ -984,27 +1019,39 @@ class OwnUpstreams:
                 port = sock.getsockname()[1]
             except OSError:
                 return
-            struct.pack_into("=H", self.ports, 2 * slot, port)
-            struct.pack_into("=H", self.pending, 2 * slot, 0)
+            self.port_words[slot] = port
+            self.pending_words[slot] = 0
 
     def release(self, slot=None):
         """Forget the upstream of SLOT (default: this process's own)."""
         slot = self.slot if slot is None else slot
         if self.board is not None and slot is not None:
-            self.board[slot] = 0
-            struct.pack_into("=H", self.ports, 2 * slot, 0)
-            struct.pack_into("=H", self.pending, 2 * slot, 0)
-            struct.pack_into("=H", self.dests, 2 * slot, 0)
+            self.board[slot] = self.port_words[slot] = self.pending_words[slot] = \
+                self.dest_words[slot] = 0
 
     @staticmethod
     def offsets(ports, port):
-        """Yield the byte offset of each slot of the 16-bit board PORTS that holds PORT (at C speed)."""
+        """Yield the byte offset of each slot of the 16-bit board PORTS that holds PORT (at C speed).
+
+        A board is mostly zeros, where a search for two bytes crawls (about 1 ns
+        a byte); one for a single byte is memchr's. So the port's nonzero byte
+        is searched for, and the pair checked where it is found.
+        """
         needle = struct.pack("=H", port)
-        at = ports.find(needle)
+        k = 0 if needle[0] else 1
+        probe = needle[k:k + 1]
+        at = ports.find(probe)
         while at >= 0:
-            if at % 2 == 0:         # not a match straddling two slots
-                yield at
-            at = ports.find(needle, at + 1)
+            start = at - k
+            if start % 2 == 0 and ports[start:start + 2] == needle:    # not straddling two slots
+                yield start
+            at = ports.find(probe, at + 1)
+
+    @staticmethod
+    def may_hold(ports, port):
+        """Return False when no slot of the 16-bit board PORTS can hold PORT (a memchr)."""
+        byte = port & 0xFF or port >> 8     # either byte would do; a zero one is everywhere
+        return ports.find(BYTE_VALUES[byte]) >= 0
 
     def holds(self, ports, port):
         """Return True when some slot of the 16-bit board PORTS holds PORT."""
@@ -1017,8 +1064,12 @@ class OwnUpstreams:
 
     def is_own(self, client, orig, proto="tcp"):
         """Return True when the connection (PROTO "udp": the flow) CLIENT -> ORIG is one of this server's upstreams."""
-        if self.board is None or not (self.holds_pair(client[1], orig[1]) or
-                                      self.holds(self.pending, orig[1])):
+        if self.board is None:
+            return False
+        # Most clients are no upstream's: a byte of each port missing from its board says so.
+        if not (self.may_hold(self.ports, client[1]) or self.may_hold(self.pending, orig[1])):
+            return False
+        if not (self.holds_pair(client[1], orig[1]) or self.holds(self.pending, orig[1])):
             return False
         host = plain_ip(client[0]).split("%", 1)[0]      # a link-local scope is not in /proc
         if not is_local_address(host):
@@ -1029,6 +1080,7 @@ class OwnUpstreams:
 
 
 own_upstreams = OwnUpstreams()
+BYTE_VALUES = [bytes([value]) for value in range(256)]
 
 
 def socket_inode(local, remote, proto="tcp"):
@@ -1151,7 +1203,7 @@ class Dialer:
 
     def __init__(self, addrs, timeout, source=None, client=None, log=None, verbose=False,
                  ports=None, slot=None):
-        self.addrs = list(addrs)
+        self.addrs, self.next = addrs, 0
         self.timeout, self.source, self.client = timeout, source, client
         self.log, self.verbose, self.ports, self.slot = log, verbose, ports, slot
         self.last = "no address"
@@ -1168,8 +1220,9 @@ class Dialer:
 
     def start(self, now):
         """Begin the next attempt; raise ConnectionFailed when no address is left."""
-        while self.addrs:
-            family, type_, proto, _, self.sockaddr = self.addrs.pop(0)
+        while self.next < len(self.addrs):
+            family, type_, proto, _, self.sockaddr = self.addrs[self.next]
+            self.next += 1
             try:
                 sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK, proto)
             except OSError as exc:  # no descriptor or memory left: say so, do not crash
@@ -1177,8 +1230,9 @@ class Dialer:
             own_upstreams.add(sock, self.sockaddr[1], self.slot)
             self.sock = sock
             try:
-                self.transparent = bind_source(sock, family, self.source, self.client, self.log,
-                                               self.ports)
+                if self.source or self.ports:
+                    self.transparent = bind_source(sock, family, self.source, self.client,
+                                                   self.log, self.ports)
                 err = sock.connect_ex(self.sockaddr)
                 own_upstreams.connecting(sock, self.slot)
             except OSError as exc:
@@ -1413,6 +1467,8 @@ class Pump:
     poll said the source's peer has closed, so its EOF is read at once too.
     """
 
+    lean = False    # True: an event loop may step it alone when its source is readable (Session.lean)
+
     def __init__(self, src, dst, src_side, dst_side):
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
@@ -1517,6 +1573,7 @@ class RawPump(Pump):
     """
 
     watching = False    # True while a subclass must see every byte (no splice)
+    lean = True         # no deadline, no filter: stepping it touches nothing else
 
     def __init__(self, src, dst, src_side, dst_side, initial=b""):
         super().__init__(src, dst, src_side, dst_side)
@@ -1568,11 +1625,12 @@ class RawPump(Pump):
                     return
                 except OSError:
                     raise Reset(self.src_side) from None
-                self.eof = not self.out
-                drained = len(self.out) < CHUNK and not hangup
+                size = len(self.out)
+                self.eof = not size
+                drained = size < CHUNK and not hangup
                 if self.watching:
                     self.watch(self.out)
-                elif len(self.out) == CHUNK and SPLICE_FLAGS and not self.pipe:
+                elif size == CHUNK and SPLICE_FLAGS and not self.pipe:
                     self.pipe = open_pipe()
 
     def close(self):
@@ -2101,6 +2159,8 @@ class SniffingPump(RawPump):
     splice) until the status is known, then runs as a RawPump.
     """
 
+    lean = False        # the status it reads starts the other pump (switched)
+
     def __init__(self, src, dst, src_side, dst_side, initial, on_status):
         super().__init__(src, dst, src_side, dst_side, b"")
         self.sniffer = StatusSniffer()
@@ -2153,8 +2213,8 @@ class Server:
     def target_addrs(self):
         """Return the target's cached addresses, starting at the next in turn."""
         addrs = self.cfg.target_addrs
-        if not addrs:
-            return []
+        if len(addrs) < 2:
+            return addrs
         start = self.rotation % len(addrs)
         return list(addrs[start:]) + list(addrs[:start])
 
@@ -2174,15 +2234,20 @@ class Session:
     `cut()` ends the session at once (shutdown's grace is over). `status` is
     the exit status of a process serving only this connection. Descriptors
     the session closed while running are listed in `dropped`.
+    `lean` names the descriptors that only one pump waits on, for input, while
+    relaying: an event loop may hand such a descriptor's events to
+    `lean_step()` instead of `advance()`.
     """
 
     FLUSH_SEND = 5.0        # seconds to send an error reply
     LINGER = 2.0            # seconds, and bytes below, to read after it (linger_close)
     LINGER_BYTES = 1 << 20
+    lean = ()       # replaced, never changed in place
 
-    def __init__(self, conn, server, slot=None):
+    def __init__(self, conn, server, slot=None, peer=None):
         self.conn, self.server, self.cfg = conn, server, server.cfg
         self.slot = slot                # the loop guard's slot (None: the process's own)
+        self.peer = peer                # the client's address, if accept() said it
         self.record = None
         self.upstream = None
         self.framer, self.items = None, ()
@@ -2204,6 +2269,27 @@ class Session:
 
     def advance(self, fired, now):
         self.run(self.stage, fired, now)
+
+    def lean_step(self, fd, events, now):
+        """Relay EVENTS of FD, one of `lean`; return True when `waits` or `due` changed.
+
+        The short way for the common wakeup: only the pump reading FD steps,
+        and what the session waits on is computed again only when that pump
+        has something pending or is done.
+        """
+        waits = self.waits
+        self.run(Session.stepping, (fd, events), now)
+        return self.waits is not waits
+
+    def stepping(self, fired, now):
+        fd, events = fired
+        self.idle_at = now + self.cfg.idle_timeout
+        pump = self.pumps[0]
+        if pump.src_fd != fd:
+            pump = self.pumps[1]
+        pump.step(False, events & HANGUP)
+        if pump.done or pump.pending():
+            self.relaying(None, now)
 
     def run(self, stage, fired, now):
         """Run STAGE; turn how it ended into the record's outcome, as one place."""
@@ -2273,7 +2359,7 @@ class Session:
                     sock.close()
                 except OSError:
                     pass
-        self.done, self.waits, self.due = True, {}, None
+        self.done, self.waits, self.due, self.lean = True, {}, None, ()
         if self.slot is not None:
             own_upstreams.release(self.slot)
         if self.record is not None:
@@ -2287,11 +2373,13 @@ class Session:
     def check(self, fired, now):
         """accepted -> checked: ACL, original destination, loop guard."""
         cfg, conn = self.cfg, self.conn
-        try:
-            client = conn.getpeername()
-        except OSError:
-            self.finish()       # gone before we looked: nothing to record
-            return
+        client = self.peer
+        if client is None:
+            try:
+                client = conn.getpeername()
+            except OSError:
+                self.finish()       # gone before we looked: nothing to record
+                return
         self.record = record = Record(client, cfg.mode)
         conn.setblocking(False)
         if not acl_allows(cfg.acl, client):
@@ -2450,25 +2538,30 @@ class Session:
         elif fired is not None and now >= self.idle_at:
             raise Idle()
         for pump in self.pumps:
-            deadline = pump.deadline()
-            if deadline is not None and now >= deadline:
-                pump.expire()
-                pump.step()
-                continue
+            if not pump.lean:       # a lean pump has no deadline
+                deadline = pump.deadline()
+                if deadline is not None and now >= deadline:
+                    pump.expire()
+                    pump.step()
+                    continue
             if fired:
                 want = pump.wanted()
                 if want and want[0] in fired:
                     pump.step(hangup=fired.get(pump.src_fd, 0) & HANGUP)
         # What the pumps wait on now, and until when (refresh() leaves this stage to us).
-        waits, due = {}, self.idle_at
+        waits, due, lean = {}, self.idle_at, []
         for pump in self.pumps:
             want = pump.wanted()
             if want:
                 waits[want[0]] = waits.get(want[0], 0) | want[1]
-            deadline = pump.deadline()
-            if deadline is not None and deadline < due:
-                due = deadline
+                if pump.lean and want[1] == select.POLLIN:
+                    lean.append(want[0])
+            if not pump.lean:
+                deadline = pump.deadline()
+                if deadline is not None and deadline < due:
+                    due = deadline
         self.waits, self.due = waits, due
+        self.lean = tuple([fd for fd in lean if waits[fd] == select.POLLIN])
         if waits:
             return
         refused = self.settle()
@@ -2500,6 +2593,7 @@ class Session:
             except OSError:
                 pass
         self.stage = Session.flushing
+        self.lean = ()
         self.out = reply
         self.linger_left = self.LINGER_BYTES
         self.due = now + self.FLUSH_SEND
@@ -3471,6 +3565,7 @@ class EventLoop:
         self.seq = 0
         self.sessions = set()
         self.handlers = {}      # fd -> callable(events): listeners, the signal pipe
+        self.round_size = 0     # how many descriptors the last wait found ready
 
     def watch(self, fd, handler, events=select.EPOLLIN):
         self.epoll.register(fd, events)
@@ -3494,10 +3589,11 @@ class EventLoop:
     def sync(self, session):
         """Bring epoll and the heap in line with what SESSION now waits on."""
         old = session.registered
-        for fd in session.dropped:      # closed: epoll forgot it with the descriptor
-            old.pop(fd, None)
-            self.by_fd.pop(fd, None)
-        session.dropped = []
+        if session.dropped:
+            for fd in session.dropped:      # closed: epoll forgot it with the descriptor
+                old.pop(fd, None)
+                self.by_fd.pop(fd, None)
+            session.dropped = []
         if session.done:
             for fd in old:
                 self.by_fd.pop(fd, None)    # closed by the session
@@ -3561,19 +3657,27 @@ class EventLoop:
         except InterruptedError:
             ready = []
         now = time.monotonic()
-        fired = {}
+        self.round_size = len(ready)
+        fired, later, by_fd = {}, [], self.by_fd
         for fd, events in ready:
-            handler = self.handlers.get(fd)
-            if handler is not None:
-                handler(events)
-                continue
-            session = self.by_fd.get(fd)
-            if session is not None:
+            session = by_fd.get(fd)
+            if session is None:
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    later.append((handler, events))
+            elif fd in session.lean:
+                if session.lean_step(fd, events, now):
+                    self.sync(session)
+            else:
                 fired.setdefault(session, {})[fd] = events
+        # Only now may new descriptors be made (connects, accepts): one closed above and
+        # made again must not receive the events of this round that were its namesake's.
         for session, fds in fired.items():
             if not session.done:
                 session.advance(fds, now)
                 self.sync(session)
+        for handler, events in later:
+            handler(events)
         self.expire(time.monotonic())
 
     def expire(self, now):
@@ -3613,6 +3717,8 @@ class ClientCounts:
 
     BUCKETS = 1 << 16
 
+    KNOWN = 4096        # addresses whose bucket is remembered (then forgotten all at once)
+
     def __init__(self, rows):
         import fcntl
         self.rows = rows
@@ -3624,6 +3730,16 @@ class ClientCounts:
             raise Fatal("cannot make the lock file of --max-per-client for --workers: %s"
                         % exc.strerror, EX_OSERR) from None
         self.fcntl = fcntl
+        self.known = {}         # the host of a peer address -> its bucket
+
+    def bucket_of(self, peer):
+        """Return the bucket of PEER, a sockaddr (remembered: clients come back)."""
+        bucket = self.known.get(peer[0])
+        if bucket is None:
+            if len(self.known) >= self.KNOWN:
+                self.known.clear()
+            bucket = self.known[peer[0]] = self.bucket(client_key(peer))
+        return bucket
 
     def bucket(self, key):
         """Return the bucket of the 16-byte address KEY (see client_key)."""
@@ -3760,6 +3876,14 @@ class Worker(EventLoop):
         self.paused_until = 0.0
 
     def run(self):
+        """Serve until SIGTERM and its grace end, the log's lines of each round written at its end."""
+        self.log.gather()
+        try:
+            return self.serve()
+        finally:
+            self.log.flush()
+
+    def serve(self):
         pool = self.pool
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
@@ -3799,13 +3923,18 @@ class Worker(EventLoop):
                 limit = grace_at - now
             elif self.paused_until > now:
                 limit = self.paused_until - now
+            self.log.flush()
             self.poll(limit)
+            # The common round changes nothing checked above: wait again at once.
+            while not self.flags and self.listening and len(self.sessions) < pool.share:
+                self.log.flush()
+                self.poll()
 
     def start_listening(self):
         exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
         for sock in self.pool.listeners:
-            self.watch(sock.fileno(), lambda events, sock=sock: self.accept(sock),
-                       select.EPOLLIN | exclusive)
+            self.watch(sock.fileno(), lambda events, sock=sock, family=int(sock.family):
+                       self.accept(sock, family), select.EPOLLIN | exclusive)
         self.listening = True
 
     def stop_listening(self, close=False):
@@ -3816,21 +3945,25 @@ class Worker(EventLoop):
                     sock.close()
         self.listening = False
 
-    def accept(self, listener):
-        """Take waiting clients (up to ACCEPT_BATCH, and this worker's share) and start them."""
+    def accept(self, listener, family):
+        """Take waiting clients (up to ACCEPT_BATCH, and this worker's share) of LISTENER (of FAMILY) and start them."""
         pool, server = self.pool, self.server
         now = time.monotonic()
-        family = listener.family
+        # As fork mode: a cap no client can reach (all connections from one) is not counted.
+        counted = self.cfg.max_per_client < pool.share * pool.count
         # An accept(2) that finds no client costs more than one that finds one (the kernel
         # makes the socket first): take as many as wait (1 if unknown), not until EAGAIN.
-        waiting = listen_queue(listener) or 1
+        # A round that found only the listener is an idle worker's: most likely one client
+        # waits (any others wake the next round; polling is level-triggered).
+        waiting = listen_queue(listener) or 1 if self.round_size > 1 else 1
         for _ in range(min(waiting, self.ACCEPT_BATCH)):
             if len(self.sessions) >= pool.share:
                 return
             try:
-                # socket.accept() less its three enum conversions per call (the same socket).
+                # socket.accept() less its three enum conversions per call and the
+                # Python layer of socket.socket, which nothing here needs.
                 fd, peer = listener._accept()
-                conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                conn = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
@@ -3838,19 +3971,21 @@ class Worker(EventLoop):
                 self.paused_until = now + self.ACCEPT_PAUSE
                 self.stop_listening()
                 return
-            key = client_key(peer)
-            bucket = pool.clients.bucket(key)
-            held = pool.clients.claim(self.index, bucket, self.cfg.max_per_client)
-            if held is not None:
-                refuse_over_cap(conn, peer, held, server)
-                continue
+            bucket = None
+            if counted:
+                bucket = pool.clients.bucket_of(peer)
+                held = pool.clients.claim(self.index, bucket, self.cfg.max_per_client)
+                if held is not None:
+                    refuse_over_cap(conn, peer, held, server)
+                    continue
             server.rotation += 1
-            session = Session(conn, server, self.free.pop())
+            session = Session(conn, server, self.free.pop(), peer)
             session.bucket = bucket
             self.add(session, now)
 
     def ended(self, session):
-        self.pool.clients.add(self.index, session.bucket, -1)
+        if session.bucket is not None:
+            self.pool.clients.add(self.index, session.bucket, -1)
         self.free.append(session.slot)
 
 
@@ -4025,6 +4160,7 @@ class Flow:
 
     __slots__ = ("relay", "client", "orig", "record", "upstream", "reply",
                  "done", "last", "timer_at", "slot")   # many idle flows: no __dict__ each
+    lean = ()       # EventLoop: no descriptor of a flow takes Session.lean_step's short way
 
     def __init__(self, relay, client, orig, now):
         self.relay = relay

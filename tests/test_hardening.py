@@ -129,6 +129,30 @@ def test_local_client_sharing_only_a_port_with_an_upstream_is_not_looked_up(monk
         assert not guard.is_own(("127.0.0.1", port), target.getsockname())
 
 
+def test_loop_guard_board_search_finds_whole_slots_only():
+    """OwnUpstreams.offsets searches one byte of a port and checks the pair: slots only, never straddling.
+
+    Ports with a zero byte (512, 0xA000) are searched by their other byte;
+    two neighbouring slots whose bytes spell the port across their border
+    (0x3412, 0x7856 hold 12 34 56 78 in little-endian order) are no match.
+    """
+    import struct
+    import tproxy
+    guard = tproxy.OwnUpstreams()
+    guard.create(8)
+    words = [0x3412, 0x7856, 512, 0xA000, 0x3412, 0, 0x1200, 0x0012]
+    for slot, port in enumerate(words):
+        guard.port_words[slot] = port
+    for port in {0x3412, 0x7856, 512, 0xA000, 0x1200, 0x0012, 0x5634, 0x3478, 0x0200, 0x12, 0x34}:
+        needle = struct.pack("=H", port)
+        whole = [2 * slot for slot in range(len(words)) if guard.ports[2 * slot:2 * slot + 2] == needle]
+        assert list(guard.offsets(guard.ports, port)) == whole, hex(port)
+        assert guard.holds(guard.ports, port) == bool(whole), hex(port)
+        if whole:
+            assert guard.may_hold(guard.ports, port), hex(port)
+    assert not guard.may_hold(guard.ports, 0x9999)
+
+
 @pytest.mark.every_mode
 def test_idle_timeout_beyond_what_poll_takes(box):
     proc, err = box.start("--idle-timeout=3000000")     # 34.7 days: poll(2) takes 24.8 at most

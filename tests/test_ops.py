@@ -11,7 +11,8 @@ import subprocess
 
 import pytest
 
-from support import PRIVATE_DEV, PYTHON, REPO, TPROXY, tproxy_cmd, wait_for
+from support import (FORKER, PRIVATE_DEV, PYTHON, REPO, TPROXY, children_of,
+                     connection_children, tproxy_cmd, wait_for)
 from lab import free_port, have, stop
 import tproxy
 from translate import pipeline
@@ -292,12 +293,6 @@ def read_proc(pid, name):
         return f.read().replace(b"\0", b" ").decode().strip()
 
 
-def children_of(pid):
-    """Return the pids of PID's children."""
-    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-        return [int(p) for p in f.read().split()]
-
-
 def has_setproctitle():
     return subprocess.run([PYTHON, "-c", "import setproctitle"], capture_output=True).returncode == 0
 
@@ -355,7 +350,7 @@ def test_sigusr1_fork_mode_parent_sums_its_children(tmp_path):
         with server.client() as failed:                           # nothing listens any more
             assert failed.recv(10) == b""
         server.wait_line("outcome=", 4)
-        wait_for(lambda: not children_of(server.proc.pid), what="the children to exit")
+        wait_for(lambda: not connection_children(server.proc.pid), what="the children to exit")
         os.kill(server.proc.pid, signal.SIGUSR1)
         [line] = server.wait_line("status:")
     finally:
@@ -368,31 +363,36 @@ def test_sigusr1_fork_mode_parent_sums_its_children(tmp_path):
     assert server.proc.returncode == 0
 
 
-def test_fork_mode_titles_tell_parent_from_child(tmp_path):
-    """ps names the parent and each child; with setproctitle the child shows its connection."""
+def test_fork_mode_titles_tell_parent_forker_and_child(tmp_path):
+    """ps names the parent, its forker and each child; with setproctitle the child shows its connection."""
     target = socket.create_server(("127.0.0.1", 0))
     server = Running(tmp_path, "127.0.0.1", target.getsockname()[1])
     try:
         with server.client() as client:
             served, _ = target.accept()
-            [child] = wait_for(lambda: children_of(server.proc.pid), what="the child")
-            comm = {pid: read_proc(pid, "comm") for pid in (server.proc.pid, child)}
-            cmdline = {pid: read_proc(pid, "cmdline") for pid in (server.proc.pid, child)}
+            [child] = wait_for(lambda: connection_children(server.proc.pid), what="the child")
+            [forker] = set(children_of(server.proc.pid)) - {child}
+            pids = (server.proc.pid, forker, child)
+            comm = {pid: read_proc(pid, "comm") for pid in pids}
+            cmdline = {pid: read_proc(pid, "cmdline") for pid in pids}
             client_addr = "%s:%d" % client.getsockname()
-            os.kill(child, signal.SIGUSR1)              # e.g. systemctl kill: the whole group
+            for pid in (forker, child):
+                os.kill(pid, signal.SIGUSR1)            # e.g. systemctl kill: the whole group
             served.sendall(b"x")
             assert client.recv(1) == b"x"               # the child lives on
             served.close()
+        server.exchange(target)                         # and the forker still forks
         os.kill(server.proc.pid, signal.SIGUSR1)
-        [line] = server.wait_line("status:")            # the child's signal logged nothing
+        [line] = server.wait_line("status:")            # the others' signal logged nothing
     finally:
         server.stop()
         target.close()
-    assert comm == {server.proc.pid: "tproxy parent", child: "tproxy child"}
+    assert comm == {server.proc.pid: "tproxy parent", forker: FORKER, child: "tproxy child"}
     if has_setproctitle():
         assert cmdline[child] == "tproxy: %s -> 127.0.0.1:%d" % (client_addr, server.port)
         assert cmdline[server.proc.pid] == \
             "tproxy: parent, fork per connection, 127.0.0.1:%d" % server.port
+        assert cmdline[forker] == "tproxy: forker, fork per connection, 127.0.0.1:%d" % server.port
 
 
 def test_fork_mode_imports_no_module_with_python_fork_hooks(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Shutdown and supervision: SIGTERM, --grace, a dead server, SIGHUP, a failing fork."""
+"""Shutdown and supervision: SIGTERM, --grace, a dead server or forker, SIGHUP, a failing fork."""
 import os
 import resource
 import signal
@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from support import GRACE, PORT, TARGET, tproxy_cmd, wait_for, wait_logged
+from support import (GRACE, PORT, TARGET, children_of, connection_children, tproxy_cmd,
+                     wait_for, wait_logged)
 
 MODES = {"fork": (), "workers": ("--workers=2",)}
 
@@ -109,6 +110,40 @@ def test_ctrl_c_to_the_process_group_gives_grace_not_a_clean_end(box):
     assert echoed(live, b"still served during the grace period")
     assert ends_with_reset(live, 30)
     assert proc.wait(30) == 0
+
+
+def status_active(err, count):
+    """Return the active= count of the COUNT-th status line in ERR (SIGUSR1 sent before)."""
+    lines = wait_for(lambda: [l for l in err.read_text().splitlines() if "status: parent" in l][count - 1:],
+                     what="status line %d" % count)
+    return int(lines[0].split("active=")[1].split()[0])
+
+
+def test_a_dead_forker_is_replaced_and_its_children_live_on(box):
+    """Fork mode: children are the parent's own (CLONE_PARENT), so a forker's death cuts no
+    connection and loses no count; the parent says so and starts a new forker."""
+    proc, err = box.start("--max-conns=4")
+    live = box.connect(PORT)
+    assert echoed(live)
+    [child] = wait_for(lambda: connection_children(proc.pid), what="the child")
+    [forker] = set(children_of(proc.pid)) - {child}
+    os.kill(forker, signal.SIGKILL)
+    wait_logged(err, "the forker (pid %d) died; 0 connection(s) handed to it were lost; "
+                "starting a new one" % forker)
+    assert echoed(live, b"the connection lives on")
+    fresh = box.connect(PORT)
+    assert echoed(fresh, b"served through a new forker")
+    forkers = set(children_of(proc.pid)) - set(connection_children(proc.pid))
+    assert len(forkers) == 1 and forker not in forkers
+    proc.send_signal(signal.SIGUSR1)
+    assert status_active(err, 1) == 2           # the old forker's child is still counted
+    live.close()
+    wait_logged(err, "outcome=ok")
+    wait_for(lambda: child not in children_of(proc.pid), what="the old child reaped")
+    proc.send_signal(signal.SIGUSR1)
+    assert status_active(err, 2) == 1
+    assert echoed(fresh) and proc.poll() is None
+    fresh.close()
 
 
 def test_fork_failure_holds_the_client_until_a_child_can_start(box):

@@ -2545,8 +2545,8 @@ class Session:
         self.waits = {self.conn.fileno(): select.POLLIN}
 
 
-def run_session(session):
-    """Drive SESSION to its end in this process (a fork child, inetd).
+def run_session(session, started=False):
+    """Drive SESSION to its end in this process (a fork child, inetd); start it unless STARTED.
 
     A Cut (SIGALRM: shutdown's grace is over) ends it with resets. Return
     its exit status.
@@ -2554,7 +2554,8 @@ def run_session(session):
     session.before_record = lambda: signal.setitimer(signal.ITIMER_REAL, 0)
     poller = select.poll()
     try:
-        session.start(time.monotonic())
+        if not started:
+            session.start(time.monotonic())
         while not session.done:
             waits = session.waits
             for fd, events in waits.items():
@@ -3580,6 +3581,7 @@ class Forker:
         for sock in self.shape.listeners:
             sock.close()
         self.sock.setblocking(True)
+        self.rehearse()
         held = None
         try:
             while True:
@@ -3597,6 +3599,49 @@ class Forker:
                     return EX_OK
         except Cut:
             return EX_OK
+
+    def rehearse(self):
+        """Relay one connection over loopback, quietly, before forking any child.
+
+        What a process does the first time (type and method caches, instance
+        layouts, first calls) writes pages that every child forked later
+        would copy again; done here once, the children share them. A raw
+        relay between sockets of our own with one-second timeouts: nothing
+        is logged or counted, no slot is taken, and a failure only loses the
+        gain. (Like Android's zygote, which preloads and warms for the same
+        reason.)
+        """
+        opened = []
+        try:
+            listener = socket.create_server(("127.0.0.1", 0))
+            target = socket.create_server(("127.0.0.1", 0))
+            opened += [listener, target]
+            cfg = Config()
+            cfg.mode, cfg.target = "raw", target.getsockname()
+            cfg.target_addrs = resolve_quiet(cfg.target)
+            cfg.connect_timeout = cfg.idle_timeout = 1.0
+            server = Server(cfg, QuietLog(), listener.getsockname()[1])
+            client = socket.create_connection(listener.getsockname(), timeout=1.0)
+            opened.append(client)
+            client.sendall(b"x")
+            client.shutdown(socket.SHUT_WR)
+            listener.settimeout(1.0)
+            conn = socket.socket(fileno=listener.accept()[0].detach())
+            opened.append(conn)
+            connection_title(conn)
+            session = Session(conn, server)
+            session.start(time.monotonic())
+            target.settimeout(1.0)
+            upstream = target.accept()[0]
+            opened.append(upstream)
+            upstream.sendall(b"y")
+            upstream.shutdown(socket.SHUT_WR)
+            run_session(session, started=True)
+        except Exception:       # OSError, a timeout, Cut (SIGTERM's grace ended meanwhile)
+            pass
+        finally:
+            for sock in opened:
+                sock.close()
 
     def receive(self):
         """Wait for the next connection; return (fd, slot), or None when the parent hangs up."""
@@ -3659,6 +3704,13 @@ class Forker:
             return not self.sock.recv(FORKER_SLOT.size, socket.MSG_PEEK)
         except OSError:
             return True
+
+
+class QuietLog(Log):
+    """A Log that says nothing: the forker's rehearsal (Forker.rehearse)."""
+
+    def message(self, text, error=False):
+        pass
 
 
 def sibling_fork(cache=[]):

@@ -3469,8 +3469,9 @@ class ForkingServer(Supervisor):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.server.parent_fds.append(mine.fileno())        # the forker closes our end
         # Named before it is born: the children it forks inherit the name until they take theirs.
-        self.set_title("tproxy forker", "tproxy: forker, fork per connection, %s"
-                       % self.listening_on())
+        self.forker_title = ("tproxy forker", "tproxy: forker, fork per connection, %s"
+                             % self.listening_on())
+        self.set_title(*self.forker_title)
         pid = self.fork(lambda: Forker(self, theirs).run())
         self.set_title("tproxy parent", "tproxy: parent, fork per connection, %s"
                        % self.listening_on())
@@ -3608,11 +3609,17 @@ class Forker:
         would copy again; done here once, the children share them. A raw
         relay between sockets of our own with one-second timeouts: nothing
         is logged or counted, no slot is taken, and a failure only loses the
-        gain. (Like Android's zygote, which preloads and warms for the same
-        reason.)
+        gain. The loop guard's board is swapped for one of its own meanwhile:
+        the real one's slots may be in use (a new forker, live children).
+        (Like Android's zygote, which preloads and warms for the same reason.)
         """
+        global own_upstreams
         opened = []
+        board, own_upstreams = own_upstreams, OwnUpstreams()    # a board of its own: one slot
         try:
+            own_upstreams.create(1)
+            own_upstreams.take(0)
+            self.shape.set_title(*self.shape.forker_title)     # the name it has already
             listener = socket.create_server(("127.0.0.1", 0))
             target = socket.create_server(("127.0.0.1", 0))
             opened += [listener, target]
@@ -3640,6 +3647,7 @@ class Forker:
         except Exception:       # OSError, a timeout, Cut (SIGTERM's grace ended meanwhile)
             pass
         finally:
+            own_upstreams = board
             for sock in opened:
                 sock.close()
 

@@ -345,8 +345,7 @@ def test_restart_while_old_connections_still_run(book):
     first = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="pid"))
     book.client.popen(PYTHON, "-c", "import socket,time; s=socket.create_connection"
                       "(('198.51.100.10',80)); time.sleep(30)")
-    wait_for(lambda: book.router.run("pgrep", "-P", first, check=False).stdout.strip(),
-             what="a child holding a connection")
+    wait_for(lambda: connection_children(first), what="a child holding a connection")
     os.kill(first, 15)
     wait_for(lambda: pidfile.read_text().strip() != str(first), what="the pid file released")
     again = book.router.run(*tproxy_cmd("-s", 12970, "-r", "nobody", "-P", pidfile, "-t"),

@@ -1,13 +1,14 @@
 """Shutdown and supervision: SIGTERM, --grace, a dead server or forker, SIGHUP, a failing fork."""
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 
 import pytest
 
-from support import (GRACE, PORT, TARGET, children_of, connection_children, tproxy_cmd,
+from support import (GRACE, PORT, PYTHON, TARGET, children_of, connection_children, tproxy_cmd,
                      wait_for, wait_logged)
 
 MODES = {"fork": (), "workers": ("--workers=2",)}
@@ -99,6 +100,67 @@ def test_sighup_to_everyone_cuts_no_connection(box, mode):
     assert echoed(live, b"after SIGHUP")
     assert proc.poll() is None
     live.close()
+
+
+BANNER = """
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+while True:
+    conn, _ = server.accept()
+    conn.sendall(sys.argv[3].encode())
+    conn.close()
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sighup_resolves_the_target_again_for_new_connections(box, mode):
+    """PROXYHOST from /etc/hosts (ip netns exec binds /etc/netns/NS/hosts over it) moves; SIGHUP follows.
+
+    In fork mode the forker, which forks the children, resolves again; the
+    parent's word to it comes before any connection accepted after.
+    """
+    port = 9100
+    for addr, name in (("127.0.0.2", "old"), ("127.0.0.3", "new")):
+        box.popen(PYTHON, "-c", BANNER, addr, port, name)
+        wait_for(lambda: answers(box, addr, port), what="the %s target" % name)
+    etc = "/etc/netns/" + box.netns
+    os.makedirs(etc, exist_ok=True)
+    try:
+        hosts = os.path.join(etc, "hosts")
+        with open(hosts, "w") as f:
+            f.write("127.0.0.1 localhost\n127.0.0.2 target.test\n")
+        proc, err = box.start(*MODES[mode], target=("-t", "target.test", port))
+        assert banner(box) == b"old"
+        with open(hosts, "w") as f:        # the same file (inode): the bind mount shows it
+            f.write("127.0.0.1 localhost\n127.0.0.3 target.test\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_logged(err, "SIGHUP:")
+        if mode == "workers":       # each worker resolves on its own wakeup
+            wait_for(lambda: banner(box) == b"new", what="the new address in use")
+        else:
+            assert banner(box) == b"new"
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+
+
+def answers(box, addr, port):
+    """Return True when something accepts on ADDR:PORT in BOX."""
+    try:
+        box.connect(port, addr).close()
+    except OSError:
+        return False
+    return True
+
+
+def banner(box):
+    """Return what the target said to one client through tproxy."""
+    with box.connect(PORT) as sock:
+        got = b""
+        while True:
+            more = sock.recv(100)
+            if not more:
+                return got
+            got += more
 
 
 def test_ctrl_c_to_the_process_group_gives_grace_not_a_clean_end(box):

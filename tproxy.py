@@ -3359,15 +3359,14 @@ class ForkingServer(Supervisor):
                          % (len(self.children), self.server.cfg.grace))
         return self.wind_down(self.children)
 
-    def reopen(self):
-        """SIGHUP: reopen our -l file; the forker, which forks the children, re-resolves the target."""
+    def re_resolve(self):
+        """SIGHUP: tell the forker, which forks the children, to resolve the target again.
+
+        Without one (and in the forker itself, where forker_sock is None)
+        resolve here.
+        """
         if self.forker_sock is None:
-            return super().reopen()
-        self.reload = False
-        try:
-            self.log.reopen()
-        except Fatal as exc:
-            self.log.message("SIGHUP: %s; the old file stays in use" % exc, error=True)
+            return super().re_resolve()
         try:
             self.forker_sock.send(FORKER_SLOT.pack(RELOAD_SLOT))
         except OSError:
@@ -3672,7 +3671,7 @@ class Forker:
             self.server.log.reopen()
         except Fatal:
             pass
-        self.shape.re_resolve()
+        self.shape.re_resolve()     # resolves here: this process has no forker_sock
 
     def spawn(self, fd, slot):
         """Fork the child for connection FD in SLOT and tell the parent; False if fork failed."""

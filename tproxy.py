@@ -3528,9 +3528,7 @@ class ForkingServer(Supervisor):
             self.free_slots.append(slot)
             self.count_out(key)
         lost, self.handed = len(self.handed), {}
-        for untold in self.ended_untold:        # its word on them is lost: nothing to free
-            self.children.discard(untold)
-        self.ended_untold.clear()
+        self.ended_untold.clear()       # their slots were among those handed: freed above
         if not self.stopping:
             self.log.message("the forker (pid %d) died; %d connection(s) handed to it were lost; "
                              "starting a new one" % (pid, lost), error=True)
@@ -3560,8 +3558,8 @@ class Forker:
     A page that the forking process writes after a child's fork is copied
     for that child (the child keeps the old page): every held child owned a
     copy of each page the parent's accept loop writes (polls, accepts,
-    counts, reaps; about 470 KiB per loop, bench/results/2026-11-29-fork-cost.md).
-    The forker's loop is a receive, a fork and two small writes. The parent
+    counts, reaps, logs: about 80 pages a loop). The forker's loop is a
+    receive, a fork and a reply: about 45 (bench/results/2026-11-29-fork-cost-2.md). The parent
     keeps everything else, and the children are still the parent's own
     (CLONE_PARENT): it reaps, counts and signals them as before, and a
     forker that dies loses no live connection. Started through Supervisor.fork,
@@ -3607,9 +3605,9 @@ class Forker:
         layouts, first calls) writes pages that every child forked later
         would copy again; done here once, the children share them. A raw
         relay between sockets of our own with one-second timeouts: nothing
-        is logged or counted, no slot is taken, and a failure only loses the
-        gain. The loop guard's board is swapped for one of its own meanwhile:
-        the real one's slots may be in use (a new forker, live children).
+        is logged or counted, and a failure only loses the gain. The loop
+        guard's board is swapped for one of its own (one slot) meanwhile: the
+        real one's slots may be in use (a new forker, live children).
         (Like Android's zygote, which preloads and warms for the same reason.)
         """
         global own_upstreams

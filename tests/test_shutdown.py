@@ -227,6 +227,27 @@ def test_fork_failure_holds_the_client_until_a_child_can_start(box):
     client.close()
 
 
+def test_a_forker_that_cannot_fork_holds_the_client_until_it_can(box):
+    """Fork mode: at the process limit the forker (not the parent) holds the client and retries.
+
+    A uid of its own with a soft limit of two processes: the server and its
+    forker. The forker inherited the limit; raising it there lets the child start.
+    """
+    uid, hard = 54322, resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    hard = "unlimited" if hard == resource.RLIM_INFINITY else hard
+    proc, err = box.start(user="#%d" % uid, wrapper=("prlimit", "--nproc=2:%s" % hard))
+    [forker] = wait_for(lambda: children_of(proc.pid), what="the forker")
+    client = box.connect(PORT)
+    client.sendall(b"waiting")
+    wait_logged(err, "tproxy[%d]: fork: " % forker)
+    subprocess.run(["setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups",
+                    "prlimit", "--pid", str(forker), "--nproc=%s" % hard], check=True)
+    client.settimeout(20)
+    assert client.recv(100) == b"waiting"
+    assert children_of(proc.pid)[0] == forker       # the same forker, the child beside it
+    client.close()
+
+
 def test_inetd_mode_sigterm_gives_grace_then_resets(box):
     """One process, one connection: SIGTERM (or SIGHUP) must not end it cleanly mid-transfer."""
     client, conn = box.accepted_connection()

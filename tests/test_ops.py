@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from support import (FORKER, PRIVATE_DEV, PYTHON, REPO, TPROXY, children_of,
+from support import (FORKER, PRIVATE_DEV, PYTHON, REPO, TPROXY, children_of, comm_of,
                      connection_children, tproxy_cmd, wait_for)
 from lab import free_port, have, stop
 import tproxy
@@ -393,6 +393,35 @@ def test_fork_mode_titles_tell_parent_forker_and_child(tmp_path):
         assert cmdline[server.proc.pid] == \
             "tproxy: parent, fork per connection, 127.0.0.1:%d" % server.port
         assert cmdline[forker] == "tproxy: forker, fork per connection, 127.0.0.1:%d" % server.port
+
+
+NO_CLONE = ("import sys, tproxy\n"
+            "tproxy.CLONE_SYSCALL.clear()      # a machine whose clone number tproxy does not know\n"
+            "sys.exit(tproxy.main(sys.argv[1:]))\n")
+
+
+def test_fork_mode_without_a_known_clone_forks_in_the_parent(tmp_path):
+    """No clone system call number for this machine: no forker, the parent forks each child itself."""
+    target = socket.create_server(("127.0.0.1", 0))
+    port, errors = free_port(), tmp_path / "stderr"
+    with open(errors, "w") as err:
+        proc = subprocess.Popen([PYTHON, "-c", NO_CLONE, "-d", "-t", "-s", str(port), "-b", "127.0.0.1",
+                                 "--max-conns", "1", "127.0.0.1", str(target.getsockname()[1])],
+                                cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+    try:
+        wait_for(lambda: "listening on" in errors.read_text(), what="tproxy listening")
+        relay_one(port, target)
+        relay_one(port, target)     # --max-conns 1: the first child was reaped, its slot freed
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            served, _ = target.accept()
+            [child] = wait_for(lambda: children_of(proc.pid), what="the child")
+            assert wait_for(lambda: comm_of(child) == "tproxy child", what="the child's name")
+            served.close()
+    finally:
+        stop(proc)
+        target.close()
+    assert "forker" not in errors.read_text()
 
 
 def test_fork_mode_imports_no_module_with_python_fork_hooks(tmp_path, monkeypatch):

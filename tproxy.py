@@ -3722,18 +3722,17 @@ def sibling_fork(cache=[]):
     """Return fork_sibling(): os.fork(), but the child is our parent's (CLONE_PARENT); None where unknown.
 
     Python has no clone(): this calls the clone system call through PyDLL
-    (the GIL stays held, as os.fork holds it), then PyOS_AfterFork_Child in
-    the child, as os.fork does. What os.fork does around it in the forking
-    process is skipped, for the pages it writes there (each copied for the
-    child held at the time): PyOS_BeforeFork and PyOS_AfterFork_Parent
-    take and release the import lock and run parent-side os.register_at_fork
-    hooks, which a process of one thread that imports no module registering
-    them (tproxy imports neither threading nor logging) does not need; and
-    glibc's fork() wrapper, whose at-fork handlers reset locks another
-    thread could hold and the thread id it caches (used only by
-    pthread_kill and raise(), which tproxy does not call). The arguments
-    are made once, so a call allocates nothing but its result.
-    fork_sibling() returns the child's pid, 0 in the child; raises OSError.
+    (the GIL stays held, as os.fork holds it), between PyOS_BeforeFork and
+    PyOS_AfterFork_Parent or PyOS_AfterFork_Child, exactly as os.fork does:
+    skipping the first two saves a few pages per child on Python 3.11, but
+    on 3.13 the child's after-fork work releases the import lock that
+    PyOS_BeforeFork took, and without it every child dies with a fatal
+    error. Skipped is glibc's fork() wrapper, whose at-fork handlers reset
+    locks another thread could hold (tproxy has one thread) and the thread
+    id it caches (used only by pthread_kill and raise(), which tproxy does
+    not call). The arguments are made once, so a call allocates nothing but
+    its result. fork_sibling() returns the child's pid, 0 in the child;
+    raises OSError.
     """
     if cache:
         return cache[0]
@@ -3745,16 +3744,19 @@ def sibling_fork(cache=[]):
     api = ctypes.PyDLL(None, use_errno=True)
     clone = api.syscall
     clone.restype = ctypes.c_long
-    in_child = api.PyOS_AfterFork_Child
-    in_child.restype, in_child.argtypes = None, ()
+    before, in_parent, in_child = api.PyOS_BeforeFork, api.PyOS_AfterFork_Parent, api.PyOS_AfterFork_Child
+    for step in (before, in_parent, in_child):
+        step.restype, step.argtypes = None, ()
     null = ctypes.c_void_p(0)       # new stack (none: a copy of ours), tid pointers, TLS
     args = (ctypes.c_long(number), ctypes.c_ulong(CLONE_PARENT | signal.SIGCHLD)) + (null,) * 4
 
     def fork_sibling():
+        before()
         pid = clone(*args)
         if pid == 0:
             in_child()
             return 0
+        in_parent()
         if pid < 0:
             error = ctypes.get_errno()
             raise OSError(error, os.strerror(error))

@@ -3,6 +3,7 @@
 Real processes on loopback or in a private mount/network namespace; nothing on
 the host is changed.
 """
+import glob
 import os
 import re
 import signal
@@ -422,6 +423,58 @@ def test_fork_mode_without_a_known_clone_forks_in_the_parent(tmp_path):
         stop(proc)
         target.close()
     assert "forker" not in errors.read_text()
+
+
+# Runs as INTERPRETER -S -c CLONER REPO: forks a sibling (CLONE_PARENT: a child
+# of the test itself) that imports a module and exits 0, and prints its pid.
+CLONER = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import tproxy
+pid = tproxy.sibling_fork()()
+if pid == 0:
+    import decimal
+    os._exit(0)
+print(pid, flush=True)
+"""
+
+
+def interpreters():
+    """Return the CPython 3.9+ interpreters on this machine: ours, Debian's, pyenv's."""
+    found = set()
+    for path in [PYTHON] + glob.glob("/usr/bin/python3.[0-9]*") + glob.glob(
+            os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")):
+        if re.search(r"python3(\.\d+)?$", path) and os.access(path, os.X_OK):
+            found.add(os.path.realpath(path))
+    return sorted(path for path in found if subprocess.run(
+        [path, "-S", "-c", "import sys; sys.exit(sys.version_info < (3, 9))"],
+        capture_output=True, timeout=30).returncode == 0)
+
+
+def reaped(pid):
+    """Return (PID, wait status) once our child PID has ended, else None."""
+    got, status = os.waitpid(pid, os.WNOHANG)
+    return (got, status) if got else None
+
+
+def test_sibling_fork_children_live_under_every_python_here():
+    """A child made by sibling_fork runs Python (an import) and exits 0, on every CPython here.
+
+    Without PyOS_BeforeFork before the clone, Python 3.13's after-fork work
+    in the child releases an import lock it does not hold: a fatal error in
+    every fork-mode child.
+    """
+    if tproxy.sibling_fork() is None:
+        pytest.skip("no clone system call number for this machine: the parent forks")
+    results = {}
+    for path in interpreters():
+        proc = subprocess.run([path, "-S", "-c", CLONER, REPO], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, (path, proc.stderr)
+        pid = int(proc.stdout)
+        _, status = wait_for(lambda: reaped(pid), what="the sibling of %s ending" % path)
+        results[path] = os.waitstatus_to_exitcode(status)
+    assert results and set(results.values()) == {0}, results
 
 
 def test_fork_mode_imports_no_module_with_python_fork_hooks(tmp_path, monkeypatch):

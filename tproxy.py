@@ -2639,8 +2639,8 @@ class Session:
         self.waits = {self.conn.fileno(): select.POLLIN}
 
 
-def run_session(session):
-    """Drive SESSION to its end in this process (a fork child, inetd).
+def run_session(session, started=False):
+    """Drive SESSION to its end in this process (a fork child, inetd); start it unless STARTED.
 
     A Cut (SIGALRM: shutdown's grace is over) ends it with resets. Return
     its exit status.
@@ -2648,7 +2648,8 @@ def run_session(session):
     session.before_record = lambda: signal.setitimer(signal.ITIMER_REAL, 0)
     poller = select.poll()
     try:
-        session.start(time.monotonic())
+        if not started:
+            session.start(time.monotonic())
         while not session.done:
             waits = session.waits
             for fd, events in waits.items():
@@ -3294,11 +3295,15 @@ class Supervisor:
     def reopen(self):
         """SIGHUP: reopen the -l file and re-resolve the target."""
         self.reload = False
-        cfg = self.server.cfg
         try:
             self.log.reopen()
         except Fatal as exc:
             self.log.message("SIGHUP: %s; the old file stays in use" % exc, error=True)
+        self.re_resolve()
+
+    def re_resolve(self):
+        """SIGHUP: resolve the target again; keep the old addresses if that fails (logged)."""
+        cfg = self.server.cfg
         if cfg.target:
             try:
                 cfg.target_addrs = resolve(*cfg.target)
@@ -3358,7 +3363,16 @@ class Supervisor:
 
 
 class ForkingServer(Supervisor):
-    """The accept loop: one child per connection (the default), at most --max-conns at once."""
+    """The accept loop: one child per connection (the default), at most --max-conns at once.
+
+    The children are forked by a Forker, a process of their own started
+    before the first accept: the pages this loop writes would otherwise be
+    copied into every child held at the time (see Forker). Where Python
+    cannot make a child of this process from another one (sibling_fork is
+    None), this loop forks them itself.
+    """
+
+    FORKER_RETRY = 0.5      # seconds between attempts to start a forker (the fork failed)
 
     def __init__(self, listeners, server):
         super().__init__(listeners, server)
@@ -3375,6 +3389,12 @@ class ForkingServer(Supervisor):
         own_upstreams.create(cap)
         self.free_slots = list(range(cap - 1, -1, -1))     # own_upstreams slots not in use
         self.slot_of = {}                                    # child pid -> its slot
+        self.sibling_fork = sibling_fork()
+        self.forker = None          # the Forker's pid, once started
+        self.forker_sock = None     # our end of its socket pair
+        self.handed = {}            # slot -> client key: handed to the forker, its pid not yet told
+        self.ended_untold = set()   # children reaped before the forker told us their pid
+        self.poller = None
 
     def run(self):
         """Accept until SIGTERM; return the exit status."""
@@ -3382,17 +3402,20 @@ class ForkingServer(Supervisor):
         self.set_title("tproxy parent", "tproxy: parent, fork per connection, %s"
                        % self.listening_on())
         self.freeze_heap()
-        poller = select.poll()
+        poller = self.poller = select.poll()
         poller.register(self.wake_r, select.POLLIN)
         poller.register(self.reports.read_fd, select.POLLIN)
         listening = False
         by_fd = {s.fileno(): s for s in self.listeners}
         while not self.stopping:
+            if self.sibling_fork and self.forker is None and time.monotonic() >= self.paused_until:
+                self.start_forker()
             if self.held is not None and time.monotonic() >= self.paused_until:
                 self.start_child(*self.held)
             # At the cap, new clients wait in the kernel's listen queue.
-            want = len(self.children) < self.server.cfg.max_conns and self.held is None \
-                and time.monotonic() >= self.paused_until
+            want = len(self.children) + len(self.handed) < self.server.cfg.max_conns \
+                and self.held is None and time.monotonic() >= self.paused_until \
+                and (self.forker is not None or not self.sibling_fork)
             if want != listening:
                 for fd in by_fd:
                     if want:
@@ -3400,21 +3423,20 @@ class ForkingServer(Supervisor):
                     else:
                         poller.unregister(fd)
                 listening = want
-            reported = False
+            reported = told = False
             for fd, _ in poller.poll(None if listening or not self.paused_until else 100):
                 if fd == self.wake_r:
                     drain(self.wake_r)
                 elif fd == self.reports.read_fd:
                     reported = True
+                elif self.forker_sock is not None and fd == self.forker_sock.fileno():
+                    told = True
                 elif listening and not self.stopping:
                     self.accept(by_fd[fd])
+            if told:        # before reaping: a child may have ended already
+                self.read_started()
             for pid in self.reap():
-                self.children.discard(pid)
-                self.count_out(self.client_of.pop(pid, None))
-                slot = self.slot_of.pop(pid, None)
-                if slot is not None:
-                    own_upstreams.release(slot)
-                    self.free_slots.append(slot)
+                self.child_ended(pid)
             if reported:    # only then: an empty pipe's read raises, once per connection
                 self.reports.collect(self.stats)
             if self.status:
@@ -3424,11 +3446,25 @@ class ForkingServer(Supervisor):
                 self.reopen()
                 self.log.message("SIGHUP: log reopened, target re-resolved")
         self.stop_accepting()
+        self.stop_forker()
         if self.held is not None:
             abort(self.held[0])
         self.log.message("SIGTERM: stopped accepting; %d connection(s) get %gs to finish"
                          % (len(self.children), self.server.cfg.grace))
         return self.wind_down(self.children)
+
+    def re_resolve(self):
+        """SIGHUP: tell the forker, which forks the children, to resolve the target again.
+
+        Without one (and in the forker itself, where forker_sock is None)
+        resolve here.
+        """
+        if self.forker_sock is None:
+            return super().re_resolve()
+        try:
+            self.forker_sock.send(FORKER_SLOT.pack(RELOAD_SLOT))
+        except OSError:
+            pass        # gone: the next one starts with the log and target as they are
 
     def accept(self, listener):
         try:
@@ -3455,21 +3491,51 @@ class ForkingServer(Supervisor):
         self.start_child(conn, key)
 
     def start_child(self, conn, key):
-        """Fork a child for CONN (from address KEY, or None); if fork fails, hold it, retry in 0.5 s."""
+        """Fork a child for CONN (from address KEY, or None); if fork fails, hold it, retry in 0.5 s.
+
+        With a forker, CONN is handed to it, which forks; the child is
+        counted from now on, and known by its pid once the forker tells it.
+        """
         slot = self.free_slots.pop()
-        pid = self.fork(lambda: self.child(conn, slot))
-        if pid is None:
+        if self.sibling_fork:
+            started = self.hand_over(conn, slot)
+            if started:
+                self.handed[slot] = key
+        else:
+            pid = self.fork(lambda: self.child(conn, slot))
+            started = pid is not None
+            if started:
+                self.count_in(pid, slot, key)
+        if not started:
             self.free_slots.append(slot)
             self.held = conn, key
             self.paused_until = time.monotonic() + 0.5
             return
         self.held = None
         conn.close()
+        if key is not None:
+            self.per_client[key] = self.per_client.get(key, 0) + 1
+
+    def count_in(self, pid, slot, key):
+        """Child PID serves the connection of SLOT, from client address KEY (None: not counted)."""
         self.children.add(pid)
         self.slot_of[pid] = slot
         if key is not None:
             self.client_of[pid] = key
-            self.per_client[key] = self.per_client.get(key, 0) + 1
+
+    def child_ended(self, pid):
+        """Reaped PID: the forker, a child (its slot and counts are free again), or one not yet told."""
+        if pid == self.forker:
+            return self.forker_ended()
+        if pid not in self.slot_of and self.forker is not None:
+            self.ended_untold.add(pid)      # the forker's word on it is on its way
+            return
+        self.children.discard(pid)
+        self.count_out(self.client_of.pop(pid, None))
+        slot = self.slot_of.pop(pid, None)
+        if slot is not None:
+            own_upstreams.release(slot)
+            self.free_slots.append(slot)
 
     def count_out(self, key):
         """A child of client address KEY (None: not counted) has ended."""
@@ -3481,9 +3547,322 @@ class ForkingServer(Supervisor):
     def child(self, conn, slot):
         for sock in self.listeners:
             sock.close()
+        return self.serve(conn, slot)
+
+    def serve(self, conn, slot):
+        """In a child: serve CONN, with loop guard SLOT; return the exit status."""
         own_upstreams.take(slot)
         self.set_title("tproxy child", "tproxy: " + connection_title(conn))
         return run_session(Session(conn, self.server))
+
+    # -- the forker, seen from here ------------------------------------------
+
+    def start_forker(self):
+        """Fork the Forker, with a socket pair to it; on failure, try again in FORKER_RETRY."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.server.parent_fds.append(mine.fileno())        # the forker closes our end
+        # Named before it is born: the children it forks inherit the name until they take theirs.
+        self.forker_title = ("tproxy forker", "tproxy: forker, fork per connection, %s"
+                             % self.listening_on())
+        self.set_title(*self.forker_title)
+        pid = self.fork(lambda: Forker(self, theirs).run())
+        self.set_title("tproxy parent", "tproxy: parent, fork per connection, %s"
+                       % self.listening_on())
+        self.server.parent_fds.remove(mine.fileno())
+        theirs.close()
+        if pid is None:
+            mine.close()
+            self.paused_until = time.monotonic() + self.FORKER_RETRY
+            return
+        mine.setblocking(False)
+        self.forker, self.forker_sock = pid, mine
+        self.poller.register(mine.fileno(), select.POLLIN)
+
+    def hand_over(self, conn, slot):
+        """Send CONN and its SLOT to the forker; return False if it cannot take it now."""
+        if self.forker_sock is None:
+            return False
+        try:
+            self.forker_sock.sendmsg([FORKER_SLOT.pack(slot)], [(
+                socket.SOL_SOCKET, socket.SCM_RIGHTS, FORKER_SLOT.pack(conn.fileno()))])
+        except OSError:         # its queue is full (it cannot fork), or it has just died
+            return False
+        return True
+
+    def read_started(self):
+        """Take the forker's word on every child it forked: pid and slot."""
+        while True:
+            try:
+                data = self.forker_sock.recv(FORKER_STARTED.size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(data) != FORKER_STARTED.size:
+                return          # end of file: reaping the forker says the rest
+            pid, slot = FORKER_STARTED.unpack(data)
+            self.count_in(pid, slot, self.handed.pop(slot))
+            if pid in self.ended_untold:
+                self.ended_untold.discard(pid)
+                self.child_ended(pid)
+
+    def forker_ended(self):
+        """The forker has died: forget it; connections handed to it and not forked are lost.
+
+        Its children are ours (CLONE_PARENT) and live on; a new forker starts
+        after FORKER_RETRY.
+        """
+        pid, sock = self.forker, self.forker_sock
+        self.read_started()
+        self.poller.unregister(sock.fileno())
+        sock.close()
+        self.forker = self.forker_sock = None
+        for slot, key in self.handed.items():
+            own_upstreams.release(slot)
+            self.free_slots.append(slot)
+            self.count_out(key)
+        lost, self.handed = len(self.handed), {}
+        self.ended_untold.clear()       # their slots were among those handed: freed above
+        if not self.stopping:
+            self.log.message("the forker (pid %d) died; %d connection(s) handed to it were lost; "
+                             "starting a new one" % (pid, lost), error=True)
+            self.paused_until = time.monotonic() + self.FORKER_RETRY
+
+    def stop_forker(self):
+        """At shutdown: end the forker now and learn every child it forked (they get the grace)."""
+        if self.forker is None:
+            return
+        pid = self.forker
+        signal_quietly(pid, signal.SIGKILL)     # what it holds is not yet served: dropped
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        self.forker_ended()
+
+
+FORKER_SLOT = struct.Struct("=i")       # parent -> forker: a connection's slot (its fd alongside)
+FORKER_STARTED = struct.Struct("=ii")   # forker -> parent: a child's pid and its slot
+RELOAD_SLOT = -1                        # parent -> forker, no fd: SIGHUP came (re-resolve)
+
+
+class Forker:
+    """Fork mode's forking process: forks a child for each connection the parent hands it.
+
+    A page that the forking process writes after a child's fork is copied
+    for that child (the child keeps the old page): every held child owned a
+    copy of each page the parent's accept loop writes (polls, accepts,
+    counts, reaps, logs: about 80 pages a loop). The forker's loop is a
+    receive, a fork and a reply: about 45 (bench/results/2026-11-29-fork-cost-2.md). The parent
+    keeps everything else, and the children are still the parent's own
+    (CLONE_PARENT): it reaps, counts and signals them as before, and a
+    forker that dies loses no live connection. Started through Supervisor.fork,
+    the forker is already set up as a child must be (signals, gc, closed
+    descriptors), so each child inherits that instead of redoing it.
+    """
+
+    def __init__(self, shape, sock):
+        self.shape, self.sock = shape, sock
+        self.server = shape.server
+        self.fork = shape.sibling_fork
+        self.fd = sock.fileno()
+        self.fd_space = socket.CMSG_SPACE(FORKER_SLOT.size)
+
+    def run(self):
+        """Fork children until the parent hangs up (or is gone); return the exit status."""
+        for sock in self.shape.listeners:
+            sock.close()
+        self.sock.setblocking(True)
+        self.rehearse()
+        held = None
+        try:
+            while True:
+                if held is None:
+                    held = self.receive()
+                    if held is None:
+                        return EX_OK
+                if _signal.getsignal(signal.SIGTERM) == _signal.SIG_IGN:
+                    os.close(held[0])       # SIGTERM came (its grace began): fork no more
+                    return EX_OK
+                if self.spawn(*held):
+                    held = None
+                elif self.hung_up(ForkingServer.FORKER_RETRY):
+                    abort(socket.socket(fileno=held[0]))
+                    return EX_OK
+        except Cut:
+            return EX_OK
+
+    def rehearse(self):
+        """Relay one connection over loopback, quietly, before forking any child.
+
+        What a process does the first time (type and method caches, instance
+        layouts, first calls) writes pages that every child forked later
+        would copy again; done here once, the children share them. A raw
+        relay between sockets of our own with one-second timeouts: nothing
+        is logged or counted, and a failure only loses the gain. The loop
+        guard's board is swapped for one of its own (one slot) meanwhile: the
+        real one's slots may be in use (a new forker, live children).
+        (Like Android's zygote, which preloads and warms for the same reason.)
+        """
+        global own_upstreams
+        opened = []
+        board, own_upstreams = own_upstreams, OwnUpstreams()    # a board of its own: one slot
+        try:
+            own_upstreams.create(1)
+            own_upstreams.take(0)
+            self.shape.set_title(*self.shape.forker_title)     # the name it has already
+            listener = socket.create_server(("127.0.0.1", 0))
+            target = socket.create_server(("127.0.0.1", 0))
+            opened += [listener, target]
+            cfg = Config()
+            cfg.mode, cfg.target = "raw", target.getsockname()
+            cfg.target_addrs = resolve_quiet(cfg.target)
+            cfg.connect_timeout = cfg.idle_timeout = 1.0
+            server = Server(cfg, QuietLog(), listener.getsockname()[1])
+            client = socket.create_connection(listener.getsockname(), timeout=1.0)
+            opened.append(client)
+            client.sendall(b"x")
+            client.shutdown(socket.SHUT_WR)
+            listener.settimeout(1.0)
+            conn = socket.socket(fileno=listener.accept()[0].detach())
+            opened.append(conn)
+            connection_title(conn)
+            session = Session(conn, server)
+            session.start(time.monotonic())
+            target.settimeout(1.0)
+            upstream = target.accept()[0]
+            opened.append(upstream)
+            upstream.sendall(b"y")
+            upstream.shutdown(socket.SHUT_WR)
+            run_session(session, started=True)
+        except Exception:       # OSError, a timeout, Cut (SIGTERM's grace ended meanwhile)
+            pass
+        finally:
+            own_upstreams = board
+            for sock in opened:
+                sock.close()
+
+    def receive(self):
+        """Wait for the next connection; return (fd, slot), or None when the parent hangs up."""
+        while True:
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(FORKER_SLOT.size, self.fd_space)
+            except (ConnectionResetError, BrokenPipeError):
+                return None
+            if len(data) != FORKER_SLOT.size:
+                return None
+            slot = FORKER_SLOT.unpack(data)[0]
+            if slot != RELOAD_SLOT and ancillary:
+                return FORKER_SLOT.unpack(ancillary[0][2])[0], slot
+            if slot == RELOAD_SLOT:
+                self.reload()
+
+    def reload(self):
+        """SIGHUP (told by the parent): reopen the -l file (quietly: the parent says why not) and re-resolve."""
+        try:
+            self.server.log.reopen()
+        except Fatal:
+            pass
+        self.shape.re_resolve()     # resolves here: this process has no forker_sock
+
+    def spawn(self, fd, slot):
+        """Fork the child for connection FD in SLOT and tell the parent; False if fork failed."""
+        self.server.rotation += 1
+        try:
+            pid = self.fork()
+        except OSError as exc:
+            self.server.rotation -= 1
+            self.server.log.message("fork: %s" % exc.strerror, error=True)
+            return False
+        if pid == 0:
+            status = EX_SOFTWARE
+            try:
+                os.close(self.fd)
+                die_with(self.shape.parent_pid)
+                status = self.shape.serve(socket.socket(fileno=fd), slot)
+            except BaseException as exc:    # never return into the forker's loop
+                try:
+                    self.server.log.message("internal error: %r" % (exc,), error=True)
+                except BaseException:
+                    pass
+            finally:
+                os._exit(status)
+        os.close(fd)
+        self.sock.send(FORKER_STARTED.pack(pid, slot))
+        return True
+
+    def hung_up(self, wait):
+        """Wait up to WAIT seconds; return True if the parent has hung up meanwhile."""
+        try:
+            ready, _, _ = select.select([self.fd], [], [], wait)
+        except InterruptedError:
+            return False
+        if not ready:
+            return False
+        try:
+            return not self.sock.recv(FORKER_SLOT.size, socket.MSG_PEEK)
+        except OSError:
+            return True
+
+
+class QuietLog(Log):
+    """A Log that says nothing: the forker's rehearsal (Forker.rehearse)."""
+
+    def message(self, text, error=False):
+        pass
+
+
+def sibling_fork(cache=[]):
+    """Return fork_sibling(): os.fork(), but the child is our parent's (CLONE_PARENT); None where unknown.
+
+    Python has no clone(): this calls the clone system call through PyDLL
+    (the GIL stays held, as os.fork holds it), between PyOS_BeforeFork and
+    PyOS_AfterFork_Parent or PyOS_AfterFork_Child, exactly as os.fork does:
+    skipping the first two saves a few pages per child on Python 3.11, but
+    on 3.13 the child's after-fork work releases the import lock that
+    PyOS_BeforeFork took, and without it every child dies with a fatal
+    error. Skipped is glibc's fork() wrapper, whose at-fork handlers reset
+    locks another thread could hold (tproxy has one thread) and the thread
+    id it caches (used only by pthread_kill and raise(), which tproxy does
+    not call). The arguments are made once, so a call allocates nothing but
+    its result. fork_sibling() returns the child's pid, 0 in the child;
+    raises OSError.
+    """
+    if cache:
+        return cache[0]
+    number = CLONE_SYSCALL.get(os.uname().machine)
+    if number is None:
+        cache.append(None)
+        return None
+    import ctypes
+    api = ctypes.PyDLL(None, use_errno=True)
+    clone = api.syscall
+    clone.restype = ctypes.c_long
+    before, in_parent, in_child = api.PyOS_BeforeFork, api.PyOS_AfterFork_Parent, api.PyOS_AfterFork_Child
+    for step in (before, in_parent, in_child):
+        step.restype, step.argtypes = None, ()
+    null = ctypes.c_void_p(0)       # new stack (none: a copy of ours), tid pointers, TLS
+    args = (ctypes.c_long(number), ctypes.c_ulong(CLONE_PARENT | signal.SIGCHLD)) + (null,) * 4
+
+    def fork_sibling():
+        before()
+        pid = clone(*args)
+        if pid == 0:
+            in_child()
+            return 0
+        in_parent()
+        if pid < 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+        return pid
+    cache.append(fork_sibling)
+    return fork_sibling
+
+
+CLONE_PARENT = 0x8000
+# The clone system call's number where its first argument is the flags (not s390).
+CLONE_SYSCALL = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "loongarch64": 220,
+                 "i386": 120, "i686": 120, "armv7l": 120, "armv6l": 120, "ppc64le": 120}
 
 
 def client_key(peer):

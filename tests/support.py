@@ -56,6 +56,32 @@ def process_uid(pid):
     return int(proc_status(pid)["Uid"])
 
 
+FORKER = "tproxy forker"         # fork mode's process that forks the children (tproxy(8))
+
+
+def children_of(pid):
+    """Return the pids of PID's children (fork mode: the forker too), oldest first."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def comm_of(pid):
+    """Return PID's comm name ("" once it is gone)."""
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def connection_children(pid):
+    """Return the pids of tproxy PID's children that serve connections: all but fork mode's forker."""
+    return [child for child in children_of(pid) if comm_of(child) != FORKER]
+
+
 def tproxy_cmd(*args):
     """Return the argv that runs the working tree's tproxy with ARGS."""
     return [PYTHON, TPROXY] + [str(a) for a in args]

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from support import PORT, PYTHON, TARGET, proc_status, tproxy_cmd, wait_for, wait_logged
+from support import (PORT, PYTHON, TARGET, connection_children, proc_status, tproxy_cmd, wait_for,
+                     wait_logged)
 
 SECRET = "user:s3cret-token-4711"
 # An HTTP proxy that answers CONNECT one byte at a time, never finishing its reply.
@@ -53,8 +54,8 @@ def test_proxy_credentials_leave_every_environment(box):
     server = box.lab.processes[-1].pid
     box.wait_listening(PORT)
     client = box.connect(80, "192.0.2.50")       # held in CONNECT by the dribbling proxy
-    child = wait_for(lambda: children(server), what="a child serving the client")[0]
-    for pid in (server, child):
+    wait_for(lambda: connection_children(server), what="a child serving the client")
+    for pid in [server] + children(server):         # fork mode: its forker too
         with open("/proc/%d/environ" % pid, "rb") as f:
             assert SECRET.split(":")[1].encode() not in f.read()
     client.close()

@@ -3,6 +3,7 @@
 Real processes on loopback or in a private mount/network namespace; nothing on
 the host is changed.
 """
+import glob
 import os
 import re
 import signal
@@ -11,7 +12,8 @@ import subprocess
 
 import pytest
 
-from support import PRIVATE_DEV, PYTHON, REPO, TPROXY, tproxy_cmd, wait_for
+from support import (FORKER, PRIVATE_DEV, PYTHON, REPO, TPROXY, children_of, comm_of,
+                     connection_children, tproxy_cmd, wait_for)
 from lab import free_port, have, stop
 import tproxy
 from translate import pipeline
@@ -292,12 +294,6 @@ def read_proc(pid, name):
         return f.read().replace(b"\0", b" ").decode().strip()
 
 
-def children_of(pid):
-    """Return the pids of PID's children."""
-    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-        return [int(p) for p in f.read().split()]
-
-
 def has_setproctitle():
     return subprocess.run([PYTHON, "-c", "import setproctitle"], capture_output=True).returncode == 0
 
@@ -355,7 +351,7 @@ def test_sigusr1_fork_mode_parent_sums_its_children(tmp_path):
         with server.client() as failed:                           # nothing listens any more
             assert failed.recv(10) == b""
         server.wait_line("outcome=", 4)
-        wait_for(lambda: not children_of(server.proc.pid), what="the children to exit")
+        wait_for(lambda: not connection_children(server.proc.pid), what="the children to exit")
         os.kill(server.proc.pid, signal.SIGUSR1)
         [line] = server.wait_line("status:")
     finally:
@@ -368,31 +364,117 @@ def test_sigusr1_fork_mode_parent_sums_its_children(tmp_path):
     assert server.proc.returncode == 0
 
 
-def test_fork_mode_titles_tell_parent_from_child(tmp_path):
-    """ps names the parent and each child; with setproctitle the child shows its connection."""
+def test_fork_mode_titles_tell_parent_forker_and_child(tmp_path):
+    """ps names the parent, its forker and each child; with setproctitle the child shows its connection."""
     target = socket.create_server(("127.0.0.1", 0))
     server = Running(tmp_path, "127.0.0.1", target.getsockname()[1])
     try:
         with server.client() as client:
             served, _ = target.accept()
-            [child] = wait_for(lambda: children_of(server.proc.pid), what="the child")
-            comm = {pid: read_proc(pid, "comm") for pid in (server.proc.pid, child)}
-            cmdline = {pid: read_proc(pid, "cmdline") for pid in (server.proc.pid, child)}
+            [child] = wait_for(lambda: connection_children(server.proc.pid), what="the child")
+            [forker] = set(children_of(server.proc.pid)) - {child}
+            pids = (server.proc.pid, forker, child)
+            comm = {pid: read_proc(pid, "comm") for pid in pids}
+            cmdline = {pid: read_proc(pid, "cmdline") for pid in pids}
             client_addr = "%s:%d" % client.getsockname()
-            os.kill(child, signal.SIGUSR1)              # e.g. systemctl kill: the whole group
+            for pid in (forker, child):
+                os.kill(pid, signal.SIGUSR1)            # e.g. systemctl kill: the whole group
             served.sendall(b"x")
             assert client.recv(1) == b"x"               # the child lives on
             served.close()
+        server.exchange(target)                         # and the forker still forks
         os.kill(server.proc.pid, signal.SIGUSR1)
-        [line] = server.wait_line("status:")            # the child's signal logged nothing
+        [line] = server.wait_line("status:")            # the others' signal logged nothing
     finally:
         server.stop()
         target.close()
-    assert comm == {server.proc.pid: "tproxy parent", child: "tproxy child"}
+    assert comm == {server.proc.pid: "tproxy parent", forker: FORKER, child: "tproxy child"}
     if has_setproctitle():
         assert cmdline[child] == "tproxy: %s -> 127.0.0.1:%d" % (client_addr, server.port)
         assert cmdline[server.proc.pid] == \
             "tproxy: parent, fork per connection, 127.0.0.1:%d" % server.port
+        assert cmdline[forker] == "tproxy: forker, fork per connection, 127.0.0.1:%d" % server.port
+
+
+NO_CLONE = ("import sys, tproxy\n"
+            "tproxy.CLONE_SYSCALL.clear()      # a machine whose clone number tproxy does not know\n"
+            "sys.exit(tproxy.main(sys.argv[1:]))\n")
+
+
+def test_fork_mode_without_a_known_clone_forks_in_the_parent(tmp_path):
+    """No clone system call number for this machine: no forker, the parent forks each child itself."""
+    target = socket.create_server(("127.0.0.1", 0))
+    port, errors = free_port(), tmp_path / "stderr"
+    with open(errors, "w") as err:
+        proc = subprocess.Popen([PYTHON, "-c", NO_CLONE, "-d", "-t", "-s", str(port), "-b", "127.0.0.1",
+                                 "--max-conns", "1", "127.0.0.1", str(target.getsockname()[1])],
+                                cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+    try:
+        wait_for(lambda: "listening on" in errors.read_text(), what="tproxy listening")
+        relay_one(port, target)
+        relay_one(port, target)     # --max-conns 1: the first child was reaped, its slot freed
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            served, _ = target.accept()
+            [child] = wait_for(lambda: children_of(proc.pid), what="the child")
+            assert wait_for(lambda: comm_of(child) == "tproxy child", what="the child's name")
+            served.close()
+    finally:
+        stop(proc)
+        target.close()
+    assert "forker" not in errors.read_text()
+
+
+# Runs as INTERPRETER -S -c CLONER REPO: forks a sibling (CLONE_PARENT: a child
+# of the test itself) that imports a module and exits 0, and prints its pid.
+CLONER = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import tproxy
+pid = tproxy.sibling_fork()()
+if pid == 0:
+    import decimal
+    os._exit(0)
+print(pid, flush=True)
+"""
+
+
+def interpreters():
+    """Return the CPython 3.9+ interpreters on this machine: ours, Debian's, pyenv's."""
+    found = set()
+    for path in [PYTHON] + glob.glob("/usr/bin/python3.[0-9]*") + glob.glob(
+            os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")):
+        if re.search(r"python3(\.\d+)?$", path) and os.access(path, os.X_OK):
+            found.add(os.path.realpath(path))
+    return sorted(path for path in found if subprocess.run(
+        [path, "-S", "-c", "import sys; sys.exit(sys.version_info < (3, 9))"],
+        capture_output=True, timeout=30).returncode == 0)
+
+
+def reaped(pid):
+    """Return (PID, wait status) once our child PID has ended, else None."""
+    got, status = os.waitpid(pid, os.WNOHANG)
+    return (got, status) if got else None
+
+
+def test_sibling_fork_children_live_under_every_python_here():
+    """A child made by sibling_fork runs Python (an import) and exits 0, on every CPython here.
+
+    Without PyOS_BeforeFork before the clone, Python 3.13's after-fork work
+    in the child releases an import lock it does not hold: a fatal error in
+    every fork-mode child.
+    """
+    if tproxy.sibling_fork() is None:
+        pytest.skip("no clone system call number for this machine: the parent forks")
+    results = {}
+    for path in interpreters():
+        proc = subprocess.run([path, "-S", "-c", CLONER, REPO], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, (path, proc.stderr)
+        pid = int(proc.stdout)
+        _, status = wait_for(lambda: reaped(pid), what="the sibling of %s ending" % path)
+        results[path] = os.waitstatus_to_exitcode(status)
+    assert results and set(results.values()) == {0}, results
 
 
 def test_fork_mode_imports_no_module_with_python_fork_hooks(tmp_path, monkeypatch):

@@ -1,13 +1,15 @@
-"""Shutdown and supervision: SIGTERM, --grace, a dead server, SIGHUP, a failing fork."""
+"""Shutdown and supervision: SIGTERM, --grace, a dead server or forker, SIGHUP, a failing fork."""
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 
 import pytest
 
-from support import GRACE, PORT, TARGET, tproxy_cmd, wait_for, wait_logged
+from support import (GRACE, PORT, PYTHON, TARGET, children_of, connection_children, tproxy_cmd,
+                     wait_for, wait_logged)
 
 MODES = {"fork": (), "workers": ("--workers=2",)}
 
@@ -100,6 +102,67 @@ def test_sighup_to_everyone_cuts_no_connection(box, mode):
     live.close()
 
 
+BANNER = """
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+while True:
+    conn, _ = server.accept()
+    conn.sendall(sys.argv[3].encode())
+    conn.close()
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sighup_resolves_the_target_again_for_new_connections(box, mode):
+    """PROXYHOST from /etc/hosts (ip netns exec binds /etc/netns/NS/hosts over it) moves; SIGHUP follows.
+
+    In fork mode the forker, which forks the children, resolves again; the
+    parent's word to it comes before any connection accepted after.
+    """
+    port = 9100
+    for addr, name in (("127.0.0.2", "old"), ("127.0.0.3", "new")):
+        box.popen(PYTHON, "-c", BANNER, addr, port, name)
+        wait_for(lambda: answers(box, addr, port), what="the %s target" % name)
+    etc = "/etc/netns/" + box.netns
+    os.makedirs(etc, exist_ok=True)
+    try:
+        hosts = os.path.join(etc, "hosts")
+        with open(hosts, "w") as f:
+            f.write("127.0.0.1 localhost\n127.0.0.2 target.test\n")
+        proc, err = box.start(*MODES[mode], target=("-t", "target.test", port))
+        assert banner(box) == b"old"
+        with open(hosts, "w") as f:        # the same file (inode): the bind mount shows it
+            f.write("127.0.0.1 localhost\n127.0.0.3 target.test\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_logged(err, "SIGHUP:")
+        if mode == "workers":       # each worker resolves on its own wakeup
+            wait_for(lambda: banner(box) == b"new", what="the new address in use")
+        else:
+            assert banner(box) == b"new"
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+
+
+def answers(box, addr, port):
+    """Return True when something accepts on ADDR:PORT in BOX."""
+    try:
+        box.connect(port, addr).close()
+    except OSError:
+        return False
+    return True
+
+
+def banner(box):
+    """Return what the target said to one client through tproxy."""
+    with box.connect(PORT) as sock:
+        got = b""
+        while True:
+            more = sock.recv(100)
+            if not more:
+                return got
+            got += more
+
+
 def test_ctrl_c_to_the_process_group_gives_grace_not_a_clean_end(box):
     """-d in a terminal: Ctrl-C sends SIGINT to every process; a child must not just exit."""
     proc, _ = box.start(grace=8)
@@ -109,6 +172,40 @@ def test_ctrl_c_to_the_process_group_gives_grace_not_a_clean_end(box):
     assert echoed(live, b"still served during the grace period")
     assert ends_with_reset(live, 30)
     assert proc.wait(30) == 0
+
+
+def status_active(err, count):
+    """Return the active= count of the COUNT-th status line in ERR (SIGUSR1 sent before)."""
+    lines = wait_for(lambda: [l for l in err.read_text().splitlines() if "status: parent" in l][count - 1:],
+                     what="status line %d" % count)
+    return int(lines[0].split("active=")[1].split()[0])
+
+
+def test_a_dead_forker_is_replaced_and_its_children_live_on(box):
+    """Fork mode: children are the parent's own (CLONE_PARENT), so a forker's death cuts no
+    connection and loses no count; the parent says so and starts a new forker."""
+    proc, err = box.start("--max-conns=4")
+    live = box.connect(PORT)
+    assert echoed(live)
+    [child] = wait_for(lambda: connection_children(proc.pid), what="the child")
+    [forker] = set(children_of(proc.pid)) - {child}
+    os.kill(forker, signal.SIGKILL)
+    wait_logged(err, "the forker (pid %d) died; 0 connection(s) handed to it were lost; "
+                "starting a new one" % forker)
+    assert echoed(live, b"the connection lives on")
+    fresh = box.connect(PORT)
+    assert echoed(fresh, b"served through a new forker")
+    forkers = set(children_of(proc.pid)) - set(connection_children(proc.pid))
+    assert len(forkers) == 1 and forker not in forkers
+    proc.send_signal(signal.SIGUSR1)
+    assert status_active(err, 1) == 2           # the old forker's child is still counted
+    live.close()
+    wait_logged(err, "outcome=ok")
+    wait_for(lambda: child not in children_of(proc.pid), what="the old child reaped")
+    proc.send_signal(signal.SIGUSR1)
+    assert status_active(err, 2) == 1
+    assert echoed(fresh) and proc.poll() is None
+    fresh.close()
 
 
 def test_fork_failure_holds_the_client_until_a_child_can_start(box):
@@ -127,6 +224,27 @@ def test_fork_failure_holds_the_client_until_a_child_can_start(box):
                     "prlimit", "--pid", str(proc.pid), "--nproc=%s" % hard], check=True)
     client.settimeout(20)
     assert client.recv(100) == b"waiting"
+    client.close()
+
+
+def test_a_forker_that_cannot_fork_holds_the_client_until_it_can(box):
+    """Fork mode: at the process limit the forker (not the parent) holds the client and retries.
+
+    A uid of its own with a soft limit of two processes: the server and its
+    forker. The forker inherited the limit; raising it there lets the child start.
+    """
+    uid, hard = 54322, resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    hard = "unlimited" if hard == resource.RLIM_INFINITY else hard
+    proc, err = box.start(user="#%d" % uid, wrapper=("prlimit", "--nproc=2:%s" % hard))
+    [forker] = wait_for(lambda: children_of(proc.pid), what="the forker")
+    client = box.connect(PORT)
+    client.sendall(b"waiting")
+    wait_logged(err, "tproxy[%d]: fork: " % forker)
+    subprocess.run(["setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups",
+                    "prlimit", "--pid", str(forker), "--nproc=%s" % hard], check=True)
+    client.settimeout(20)
+    assert client.recv(100) == b"waiting"
+    assert children_of(proc.pid)[0] == forker       # the same forker, the child beside it
     client.close()
 
 

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from support import PEERS, PYTHON, REPO, proc_status, requests_seen, tproxy_cmd, wait_for, wait_logged
+from support import (PEERS, PYTHON, REPO, children_of, connection_children, proc_status, requests_seen,
+                     tproxy_cmd, wait_for, wait_logged)
 
 RECIPES = os.path.join(REPO, "contrib", "firewall")
 
@@ -65,10 +66,9 @@ def test_child_keeps_only_cap_net_raw_as_nobody(book):
     proc, _ = book.tproxy("-t", "--source=client", "-r", "nobody")
     client = book.client.popen(PYTHON, "-c", "import socket,time; s=socket.create_connection(('198.51.100.10',80)); time.sleep(30)")
     server = proc.pid
-    child = wait_for(lambda: book.router.run("pgrep", "-P", server, check=False).stdout.split(),
-                     what="a child serving the connection")
+    wait_for(lambda: connection_children(server), what="a child serving the connection")
     wanted = 1 << 13
-    for pid in (server, int(child[0])):
+    for pid in [server] + children_of(server):      # fork mode: its forker too
         status = caps(pid)
         assert status["Uid"] == "65534"
         assert status["CapPrm"] == wanted and status["CapEff"] == wanted, status
@@ -142,8 +142,7 @@ def test_reverse_proxy_server_sees_client(reverse, route_by):
         recipe(server, "server-return-route", "add", "--via", "198.51.100.1", "--sport", 80, *nft)
     peers = run_parallel_clients(client, "192.0.2.1", 80, total=400, parallel=32)
     assert len(peers) == 400 and set(peers) == {"192.0.2.10"}, set(peers)
-    wait_for(lambda: not proxy.run("pgrep", "-P", relay.pid, check=False).stdout.strip(),
-             what="no children left")
+    wait_for(lambda: not connection_children(relay.pid), what="no children left")
 
 
 @pytest.fixture
@@ -278,8 +277,7 @@ def test_client_connecting_to_proxy_port_directly_is_refused(book):
         assert book.send(book.ROUTER_IN, 12970, b"GET / HTTP/1.0\r\n\r\n") == b""
     wait_logged(err, "is this proxy itself", count=5)
     if not book.serving:    # fork mode; workers stay, their loops hold nothing (the records)
-        wait_for(lambda: not book.router.run("pgrep", "-P", proc.pid, check=False).stdout.strip(),
-                 what="no children left")
+        wait_for(lambda: not connection_children(proc.pid), what="no children left")
     assert open(err).read().count("outcome=") == 5
     assert proc.poll() is None
 

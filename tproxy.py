@@ -1067,9 +1067,11 @@ class OwnUpstreams:
         if self.board is None:
             return False
         # Most clients are no upstream's: a byte of each port missing from its board says so.
-        if not (self.may_hold(self.ports, client[1]) or self.may_hold(self.pending, orig[1])):
+        # Pending is read before ports, each time: connecting() writes the port before it
+        # clears pending, so an upstream connecting meanwhile is seen by one of the reads.
+        if not (self.may_hold(self.pending, orig[1]) or self.may_hold(self.ports, client[1])):
             return False
-        if not (self.holds_pair(client[1], orig[1]) or self.holds(self.pending, orig[1])):
+        if not (self.holds(self.pending, orig[1]) or self.holds_pair(client[1], orig[1])):
             return False
         host = plain_ip(client[0]).split("%", 1)[0]      # a link-local scope is not in /proc
         if not is_local_address(host):

@@ -1067,9 +1067,11 @@ class OwnUpstreams:
         if self.board is None:
             return False
         # Most clients are no upstream's: a byte of each port missing from its board says so.
-        if not (self.may_hold(self.ports, client[1]) or self.may_hold(self.pending, orig[1])):
+        # Pending is read before ports, each time: connecting() writes the port before it
+        # clears pending, so an upstream connecting meanwhile is seen by one of the reads.
+        if not (self.may_hold(self.pending, orig[1]) or self.may_hold(self.ports, client[1])):
             return False
-        if not (self.holds_pair(client[1], orig[1]) or self.holds(self.pending, orig[1])):
+        if not (self.holds(self.pending, orig[1]) or self.holds_pair(client[1], orig[1])):
             return False
         host = plain_ip(client[0]).split("%", 1)[0]      # a link-local scope is not in /proc
         if not is_local_address(host):
@@ -3454,13 +3456,14 @@ class ForkingServer(Supervisor):
         return self.wind_down(self.children)
 
     def re_resolve(self):
-        """SIGHUP: tell the forker, which forks the children, to resolve the target again.
+        """SIGHUP: resolve the target again here, and tell the forker, which forks the children.
 
-        Without one (and in the forker itself, where forker_sock is None)
-        resolve here.
+        Here too: a forker started later is forked from this process, with
+        the addresses it holds.
         """
+        super().re_resolve()
         if self.forker_sock is None:
-            return super().re_resolve()
+            return
         try:
             self.forker_sock.send(FORKER_SLOT.pack(RELOAD_SLOT))
         except OSError:
@@ -3763,7 +3766,12 @@ class Forker:
             self.server.log.reopen()
         except Fatal:
             pass
-        self.shape.re_resolve()     # resolves here: this process has no forker_sock
+        cfg = self.server.cfg
+        if cfg.target:
+            try:
+                cfg.target_addrs = resolve(*cfg.target)
+            except Fatal:
+                pass        # the parent has said so; the old addresses stay
 
     def spawn(self, fd, slot):
         """Fork the child for connection FD in SLOT and tell the parent; False if fork failed."""

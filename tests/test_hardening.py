@@ -154,6 +154,42 @@ def test_loop_guard_board_search_finds_whole_slots_only():
     assert not guard.may_hold(guard.ports, 0x9999)
 
 
+@pytest.mark.parametrize("writes_after", [1, 2, 3])
+def test_loop_guard_sees_an_upstream_whose_port_is_written_while_it_looks(monkeypatch, writes_after):
+    """A worker's upstream gets its local port while another worker's is_own reads the boards.
+
+    connecting() writes the port, then clears the pending destination; the
+    reader must look at pending first, so that one of the two reads sees
+    the upstream whatever the interleaving (a loop missed is a connection
+    relayed to ourselves).
+    """
+    import tproxy
+    guard = tproxy.OwnUpstreams()
+    guard.create(4)
+    listener = socket.create_server(("127.0.0.1", 0))
+    upstream = socket.socket()
+    upstream.bind(("127.0.0.1", 0))
+    guard.add(upstream, listener.getsockname()[1], 0)       # pending holds its destination port
+    reads = []
+
+    def counted(read):
+        def board_read(*args):
+            found = read(*args)
+            reads.append(read)
+            if len(reads) == writes_after:      # the other worker's writes come now
+                guard.connecting(upstream, 0)
+            return found
+        return board_read
+    monkeypatch.setattr(tproxy.OwnUpstreams, "may_hold", staticmethod(counted(guard.may_hold)))
+    monkeypatch.setattr(tproxy.OwnUpstreams, "holds", counted(tproxy.OwnUpstreams.holds))
+    monkeypatch.setattr(tproxy.OwnUpstreams, "holds_pair", counted(tproxy.OwnUpstreams.holds_pair))
+    with listener, upstream:
+        upstream.connect(listener.getsockname())    # connected; its worker not yet told the board
+        client = upstream.getsockname()
+        assert guard.is_own(client, listener.getsockname()), reads
+        assert len(reads) >= 1
+
+
 @pytest.mark.every_mode
 def test_idle_timeout_beyond_what_poll_takes(box):
     proc, err = box.start("--idle-timeout=3000000")     # 34.7 days: poll(2) takes 24.8 at most

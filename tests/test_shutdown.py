@@ -124,6 +124,7 @@ def test_sighup_resolves_the_target_again_for_new_connections(box, mode):
         box.popen(PYTHON, "-c", BANNER, addr, port, name)
         wait_for(lambda: answers(box, addr, port), what="the %s target" % name)
     etc = "/etc/netns/" + box.netns
+    made_netns_dir = not os.path.exists("/etc/netns")
     os.makedirs(etc, exist_ok=True)
     try:
         hosts = os.path.join(etc, "hosts")
@@ -139,8 +140,18 @@ def test_sighup_resolves_the_target_again_for_new_connections(box, mode):
             wait_for(lambda: banner(box) == b"new", what="the new address in use")
         else:
             assert banner(box) == b"new"
+            # A forker started after the SIGHUP is forked from the parent: it must have them too.
+            [forker] = set(children_of(proc.pid)) - set(connection_children(proc.pid))
+            os.kill(forker, signal.SIGKILL)
+            wait_logged(err, "the forker (pid %d) died" % forker)
+            assert banner(box) == b"new"
     finally:
         shutil.rmtree(etc, ignore_errors=True)
+        if made_netns_dir:
+            try:
+                os.rmdir("/etc/netns")
+            except OSError:
+                pass        # not empty: another namespace's files are there
 
 
 def answers(box, addr, port):

@@ -3393,6 +3393,8 @@ class ForkingServer(Supervisor):
         self.forker = None          # the Forker's pid, once started
         self.forker_sock = None     # our end of its socket pair
         self.handed = {}            # slot -> client key: handed to the forker, its pid not yet told
+        self.forker_ready = False   # it has proved that it can clone: hand it connections
+        self.probes = set()         # the forker's probe children (they exit at once): not counted
         self.ended_untold = set()   # children reaped before the forker told us their pid
         self.poller = None
 
@@ -3415,7 +3417,7 @@ class ForkingServer(Supervisor):
             # At the cap, new clients wait in the kernel's listen queue.
             want = len(self.children) + len(self.handed) < self.server.cfg.max_conns \
                 and self.held is None and time.monotonic() >= self.paused_until \
-                and (self.forker is not None or not self.sibling_fork)
+                and (self.forker_ready or not self.sibling_fork)
             if want != listening:
                 for fd in by_fd:
                     if want:
@@ -3527,6 +3529,9 @@ class ForkingServer(Supervisor):
         """Reaped PID: the forker, a child (its slot and counts are free again), or one not yet told."""
         if pid == self.forker:
             return self.forker_ended()
+        if pid in self.probes:
+            self.probes.discard(pid)
+            return
         if pid not in self.slot_of and self.forker is not None:
             self.ended_untold.add(pid)      # the forker's word on it is on its way
             return
@@ -3575,7 +3580,7 @@ class ForkingServer(Supervisor):
             self.paused_until = time.monotonic() + self.FORKER_RETRY
             return
         mine.setblocking(False)
-        self.forker, self.forker_sock = pid, mine
+        self.forker, self.forker_sock, self.forker_ready = pid, mine, False
         self.poller.register(mine.fileno(), select.POLLIN)
 
     def hand_over(self, conn, slot):
@@ -3601,10 +3606,31 @@ class ForkingServer(Supervisor):
             if len(data) != FORKER_STARTED.size:
                 return          # end of file: reaping the forker says the rest
             pid, slot = FORKER_STARTED.unpack(data)
+            if slot == PROBE_SLOT:
+                self.probed(pid)
+                continue
             self.count_in(pid, slot, self.handed.pop(slot))
             if pid in self.ended_untold:
                 self.ended_untold.discard(pid)
                 self.child_ended(pid)
+
+    def probed(self, pid):
+        """The forker's probe: PID > 0 its child (clone works), 0 not known yet, -errno refused.
+
+        Refused (a seccomp filter, a kernel without CLONE_PARENT), fork mode
+        goes on without a forker: this process forks the children, as where
+        clone's number is not known.
+        """
+        if pid >= 0:
+            self.forker_ready = True
+            if pid in self.ended_untold:
+                self.ended_untold.discard(pid)
+            elif pid:
+                self.probes.add(pid)
+            return
+        self.sibling_fork = None
+        self.log.message("clone(CLONE_PARENT): %s; the parent forks each child itself"
+                         % os.strerror(-pid), error=True)
 
     def forker_ended(self):
         """The forker has died: forget it; connections handed to it and not forked are lost.
@@ -3617,13 +3643,14 @@ class ForkingServer(Supervisor):
         self.poller.unregister(sock.fileno())
         sock.close()
         self.forker = self.forker_sock = None
+        self.forker_ready = False
         for slot, key in self.handed.items():
             own_upstreams.release(slot)
             self.free_slots.append(slot)
             self.count_out(key)
         lost, self.handed = len(self.handed), {}
         self.ended_untold.clear()       # their slots were among those handed: freed above
-        if not self.stopping:
+        if not self.stopping and self.sibling_fork:
             self.log.message("the forker (pid %d) died; %d connection(s) handed to it were lost; "
                              "starting a new one" % (pid, lost), error=True)
             self.paused_until = time.monotonic() + self.FORKER_RETRY
@@ -3644,6 +3671,7 @@ class ForkingServer(Supervisor):
 FORKER_SLOT = struct.Struct("=i")       # parent -> forker: a connection's slot (its fd alongside)
 FORKER_STARTED = struct.Struct("=ii")   # forker -> parent: a child's pid and its slot
 RELOAD_SLOT = -1                        # parent -> forker, no fd: SIGHUP came (re-resolve)
+PROBE_SLOT = -2                         # forker -> parent: its probe's pid, 0, or -errno (probed)
 
 
 class Forker:
@@ -3674,6 +3702,8 @@ class Forker:
             sock.close()
         self.sock.setblocking(True)
         self.rehearse()
+        if not self.probe():
+            return EX_OK
         held = None
         try:
             while True:
@@ -3741,6 +3771,22 @@ class Forker:
             own_upstreams = board
             for sock in opened:
                 sock.close()
+
+    def probe(self):
+        """Prove that clone works before the parent hands us anything; tell it; False if refused.
+
+        A refused clone (EPERM from a seccomp filter, ENOSYS, EINVAL) would
+        refuse every child: the parent must fork them itself. The probe
+        child exits at once; the parent, whose child it is, reaps it.
+        """
+        try:
+            pid = self.fork()
+            if pid == 0:
+                os._exit(EX_OK)
+        except OSError as exc:
+            pid = -exc.errno if exc.errno in CLONE_REFUSED else 0   # 0: spawn will retry
+        self.sock.send(FORKER_STARTED.pack(pid, PROBE_SLOT))
+        return pid >= 0
 
     def receive(self):
         """Wait for the next connection; return (fd, slot), or None when the parent hangs up."""
@@ -3830,11 +3876,12 @@ def sibling_fork(cache=[]):
     """
     if cache:
         return cache[0]
-    number = CLONE_SYSCALL.get(os.uname().machine)
+    number = CLONE_SYSCALL.get(process_abi())
     if number is None:
         cache.append(None)
         return None
     import ctypes
+    getpid = os.getpid
     api = ctypes.PyDLL(None, use_errno=True)
     clone = api.syscall
     clone.restype = ctypes.c_long
@@ -3845,12 +3892,15 @@ def sibling_fork(cache=[]):
     args = (ctypes.c_long(number), ctypes.c_ulong(CLONE_PARENT | signal.SIGCHLD)) + (null,) * 4
 
     def fork_sibling():
+        forking = getpid()
         before()
         pid = clone(*args)
-        if pid == 0:
+        if pid == 0 and getpid() != forking:
             in_child()
             return 0
         in_parent()
+        if pid == 0:        # not clone at all (a number of another ABI), which "returned" 0
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
         if pid < 0:
             error = ctypes.get_errno()
             raise OSError(error, os.strerror(error))
@@ -3860,9 +3910,22 @@ def sibling_fork(cache=[]):
 
 
 CLONE_PARENT = 0x8000
-# The clone system call's number where its first argument is the flags (not s390).
-CLONE_SYSCALL = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "loongarch64": 220,
-                 "i386": 120, "i686": 120, "armv7l": 120, "armv6l": 120, "ppc64le": 120}
+# The clone system call's number where its first argument is the flags (not s390), by the
+# ABI this Python was built for: the kernel's own machine (os.uname) may differ (a 32-bit
+# Python on a 64-bit kernel), and another ABI's number is another system call.
+CLONE_SYSCALL = {"x86_64-linux-gnu": 56, "aarch64-linux-gnu": 220, "riscv64-linux-gnu": 220,
+                 "loongarch64-linux-gnu": 220, "i386-linux-gnu": 120, "arm-linux-gnueabihf": 120,
+                 "arm-linux-gnueabi": 120, "powerpc64le-linux-gnu": 120}
+CLONE_REFUSED = (errno.EPERM, errno.ENOSYS, errno.EINVAL)   # not a passing want: never will
+
+
+def process_abi():
+    """Return this Python's multiarch triplet (x86_64-linux-gnu, i386-linux-gnu...), or None."""
+    abi = getattr(sys.implementation, "_multiarch", None)
+    if not abi:
+        import sysconfig
+        abi = sysconfig.get_config_var("MULTIARCH")
+    return abi or None
 
 
 def client_key(peer):

@@ -3373,6 +3373,7 @@ class ForkingServer(Supervisor):
     """
 
     FORKER_RETRY = 0.5      # seconds between attempts to start a forker (the fork failed)
+    FORKER_STOP = 10.0      # seconds at shutdown for the forker's children to tell their pids
 
     def __init__(self, listeners, server):
         super().__init__(listeners, server)
@@ -3391,7 +3392,8 @@ class ForkingServer(Supervisor):
         self.slot_of = {}                                    # child pid -> its slot
         self.sibling_fork = sibling_fork()
         self.forker = None          # the Forker's pid, once started
-        self.forker_sock = None     # our end of its socket pair
+        self.forker_sock = None     # our end of its socket pair, until its end of file
+        self.forker_was = None      # the forker's pid once reaped, until its socket's end of file
         self.handed = {}            # slot -> client key: handed to the forker, its pid not yet told
         self.forker_ready = False   # it has proved that it can clone: hand it connections
         self.probes = set()         # the forker's probe children (they exit at once): not counted
@@ -3410,7 +3412,8 @@ class ForkingServer(Supervisor):
         listening = False
         by_fd = {s.fileno(): s for s in self.listeners}
         while not self.stopping:
-            if self.sibling_fork and self.forker is None and time.monotonic() >= self.paused_until:
+            if self.sibling_fork and self.forker is None and self.forker_sock is None \
+                    and time.monotonic() >= self.paused_until:
                 self.start_forker()
             if self.held is not None and time.monotonic() >= self.paused_until:
                 self.start_child(*self.held)
@@ -3496,7 +3499,7 @@ class ForkingServer(Supervisor):
         """Fork a child for CONN (from address KEY, or None); if fork fails, hold it, retry in 0.5 s.
 
         With a forker, CONN is handed to it, which forks; the child is
-        counted from now on, and known by its pid once the forker tells it.
+        counted from now on, and known by its pid once it tells it.
         """
         slot = self.free_slots.pop()
         if self.sibling_fork:
@@ -3532,8 +3535,8 @@ class ForkingServer(Supervisor):
         if pid in self.probes:
             self.probes.discard(pid)
             return
-        if pid not in self.slot_of and self.forker is not None:
-            self.ended_untold.add(pid)      # the forker's word on it is on its way
+        if pid not in self.slot_of and self.forker_sock is not None:
+            self.ended_untold.add(pid)      # its word (pid, slot) is on its way
             return
         self.children.discard(pid)
         self.count_out(self.client_of.pop(pid, None))
@@ -3595,16 +3598,22 @@ class ForkingServer(Supervisor):
         return True
 
     def read_started(self):
-        """Take the forker's word on every child it forked: pid and slot."""
+        """Take each new child's word (pid and slot), and the forker's probe, until none is waiting.
+
+        Each child the forker clones tells its pid on its copy of the
+        forker's socket, so a forker that dies after a clone loses no word;
+        end of file (the forker and every child have closed their copies)
+        means every child has told.
+        """
         while True:
             try:
                 data = self.forker_sock.recv(FORKER_STARTED.size)
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, socket.timeout):
                 return
             except OSError:
-                return
+                data = b""
             if len(data) != FORKER_STARTED.size:
-                return          # end of file: reaping the forker says the rest
+                return self.forker_hung_up()
             pid, slot = FORKER_STARTED.unpack(data)
             if slot == PROBE_SLOT:
                 self.probed(pid)
@@ -3632,18 +3641,29 @@ class ForkingServer(Supervisor):
         self.log.message("clone(CLONE_PARENT): %s; the parent forks each child itself"
                          % os.strerror(-pid), error=True)
 
+    def forker_hung_up(self):
+        """End of file on the forker's socket: every child it forked has told its pid."""
+        self.poller.unregister(self.forker_sock.fileno())
+        self.forker_sock.close()
+        self.forker_sock = None
+        self.forker_gone()
+
     def forker_ended(self):
-        """The forker has died: forget it; connections handed to it and not forked are lost.
+        """The forker is reaped: its children tell their pids until its socket's end of file."""
+        self.forker_was, self.forker, self.forker_ready = self.forker, None, False
+        if self.forker_sock is not None:
+            self.read_started()
+        self.forker_gone()
+
+    def forker_gone(self):
+        """Once the forker is reaped and every child has told: what it still held is lost.
 
         Its children are ours (CLONE_PARENT) and live on; a new forker starts
         after FORKER_RETRY.
         """
-        pid, sock = self.forker, self.forker_sock
-        self.read_started()
-        self.poller.unregister(sock.fileno())
-        sock.close()
-        self.forker = self.forker_sock = None
-        self.forker_ready = False
+        if self.forker is not None or self.forker_sock is not None or self.forker_was is None:
+            return
+        pid, self.forker_was = self.forker_was, None
         for slot, key in self.handed.items():
             own_upstreams.release(slot)
             self.free_slots.append(slot)
@@ -3656,20 +3676,35 @@ class ForkingServer(Supervisor):
             self.paused_until = time.monotonic() + self.FORKER_RETRY
 
     def stop_forker(self):
-        """At shutdown: end the forker now and learn every child it forked (they get the grace)."""
-        if self.forker is None:
-            return
-        pid = self.forker
-        signal_quietly(pid, signal.SIGKILL)     # what it holds is not yet served: dropped
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-        self.forker_ended()
+        """At shutdown: let the forker fork for what it was handed and exit; learn every child.
+
+        Our end shut for writing, it forks for what it has already received
+        and then reads end of file; each child tells its pid, so each gets
+        the grace. Bounded by FORKER_STOP (a child stopped before it told).
+        """
+        if self.forker_sock is not None:
+            try:
+                self.forker_sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self.forker_sock.settimeout(0.2)
+            deadline = time.monotonic() + self.FORKER_STOP
+            while self.forker_sock is not None and time.monotonic() < deadline:
+                self.read_started()
+            if self.forker_sock is not None:
+                if self.forker is not None:
+                    signal_quietly(self.forker, signal.SIGKILL)
+                self.forker_hung_up()
+        if self.forker is not None:
+            try:
+                os.waitpid(self.forker, 0)
+            except ChildProcessError:
+                pass
+            self.forker_ended()
 
 
 FORKER_SLOT = struct.Struct("=i")       # parent -> forker: a connection's slot (its fd alongside)
-FORKER_STARTED = struct.Struct("=ii")   # forker -> parent: a child's pid and its slot
+FORKER_STARTED = struct.Struct("=ii")   # new child (on the forker's socket) -> parent: its pid and slot
 RELOAD_SLOT = -1                        # parent -> forker, no fd: SIGHUP came (re-resolve)
 PROBE_SLOT = -2                         # forker -> parent: its probe's pid, 0, or -errno (probed)
 
@@ -3681,7 +3716,7 @@ class Forker:
     for that child (the child keeps the old page): every held child owned a
     copy of each page the parent's accept loop writes (polls, accepts,
     counts, reaps, logs: about 80 pages a loop). The forker's loop is a
-    receive, a fork and a reply: about 45 (bench/results/2026-11-29-fork-cost-2.md). The parent
+    receive and a fork (the child tells the parent its pid): about 45 (bench/results/2026-11-29-fork-cost-2.md). The parent
     keeps everything else, and the children are still the parent's own
     (CLONE_PARENT): it reaps, counts and signals them as before, and a
     forker that dies loses no live connection. Started through Supervisor.fork,
@@ -3812,7 +3847,7 @@ class Forker:
         self.shape.re_resolve()     # resolves here: this process has no forker_sock
 
     def spawn(self, fd, slot):
-        """Fork the child for connection FD in SLOT and tell the parent; False if fork failed."""
+        """Fork the child for connection FD in SLOT (it tells the parent); False if fork failed."""
         self.server.rotation += 1
         try:
             pid = self.fork()
@@ -3823,6 +3858,10 @@ class Forker:
         if pid == 0:
             status = EX_SOFTWARE
             try:
+                try:    # first: our word cannot be lost with the forker (the parent counts us)
+                    self.sock.send(FORKER_STARTED.pack(os.getpid(), slot))
+                except OSError:
+                    pass        # the parent is gone: die_with ends us
                 os.close(self.fd)
                 die_with(self.shape.parent_pid)
                 status = self.shape.serve(socket.socket(fileno=fd), slot)
@@ -3834,7 +3873,6 @@ class Forker:
             finally:
                 os._exit(status)
         os.close(fd)
-        self.sock.send(FORKER_STARTED.pack(pid, slot))
         return True
 
     def hung_up(self, wait):

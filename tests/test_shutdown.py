@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from support import (GRACE, PORT, PYTHON, TARGET, children_of, connection_children, tproxy_cmd,
-                     wait_for, wait_logged)
+from support import (GRACE, PORT, PYTHON, TARGET, children_of, connection_children, proc_status,
+                     tproxy_cmd, wait_for, wait_logged)
 
 MODES = {"fork": (), "workers": ("--workers=2",)}
 
@@ -206,6 +206,35 @@ def test_a_dead_forker_is_replaced_and_its_children_live_on(box):
     assert status_active(err, 2) == 1
     assert echoed(fresh) and proc.poll() is None
     fresh.close()
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace(1)")
+def test_a_forker_killed_right_after_a_clone_loses_no_child(box):
+    """Fork mode: the forker dies between a child's clone and any word of it (strace holds
+    back the forker's sends): the child is still counted (--max-conns 1, SIGUSR1) and gets
+    its grace at SIGTERM."""
+    proc, err = box.start("--max-conns=1", grace=8)
+    first = box.connect(PORT)       # served: the forker has rehearsed (its own sends are done)
+    assert echoed(first)
+    first.close()
+    wait_for(lambda: not connection_children(proc.pid), what="the first child reaped")
+    [forker] = children_of(proc.pid)
+    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(forker),
+                               "-e", "trace=sendto,sendmsg", "-e", "inject=sendto,sendmsg:delay_enter=60000000"])
+    box.lab.processes.append(tracer)
+    wait_for(lambda: proc_status(forker)["TracerPid"] != "0", what="strace attached")
+    live = box.connect(PORT)
+    assert echoed(live)
+    os.kill(forker, signal.SIGKILL)
+    wait_logged(err, "the forker (pid %d) died; 0 connection(s) handed to it were lost; "
+                "starting a new one" % forker)
+    proc.send_signal(signal.SIGUSR1)
+    assert status_active(err, 1) == 1
+    proc.send_signal(signal.SIGTERM)
+    wait_logged(err, "SIGTERM: stopped accepting; 1 connection(s) get 8s to finish")
+    assert echoed(live, b"served during the grace period")
+    assert ends_with_reset(live)
+    assert proc.wait(30) == 0
 
 
 def test_fork_failure_holds_the_client_until_a_child_can_start(box):

@@ -3768,6 +3768,10 @@ class Forker:
         guard's board is swapped for one of its own (one slot) meanwhile: the
         real one's slots may be in use (a new forker, live children).
         (Like Android's zygote, which preloads and warms for the same reason.)
+        No byte goes to anything but its own sockets: each connection is
+        checked, by address, to have reached its own listener before anything
+        is sent (an OUTPUT-chain REDIRECT may take loopback connections
+        elsewhere, even to tproxy itself); if not, it resets them and skips.
         """
         global own_upstreams
         opened = []
@@ -3784,19 +3788,21 @@ class Forker:
             cfg.target_addrs = resolve_quiet(cfg.target)
             cfg.connect_timeout = cfg.idle_timeout = 1.0
             server = Server(cfg, QuietLog(), listener.getsockname()[1])
-            client = socket.create_connection(listener.getsockname(), timeout=1.0)
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             opened.append(client)
-            client.sendall(b"x")
-            client.shutdown(socket.SHUT_WR)
-            listener.settimeout(1.0)
-            conn = socket.socket(fileno=listener.accept()[0].detach())
+            client.settimeout(1.0)
+            client.connect(listener.getsockname())
+            conn = socket.socket(fileno=own_peer(listener, client, opened).detach())
             opened.append(conn)
             connection_title(conn)
             session = Session(conn, server)
             session.start(time.monotonic())
-            target.settimeout(1.0)
-            upstream = target.accept()[0]
-            opened.append(upstream)
+            if session.dialer is None or session.dialer.sock is None:
+                return
+            opened.append(session.dialer.sock)
+            upstream = own_peer(target, session.dialer.sock, opened)
+            client.sendall(b"x")
+            client.shutdown(socket.SHUT_WR)
             upstream.sendall(b"y")
             upstream.shutdown(socket.SHUT_WR)
             run_session(session, started=True)
@@ -3805,7 +3811,7 @@ class Forker:
         finally:
             own_upstreams = board
             for sock in opened:
-                sock.close()
+                abort(sock)     # a reset: nothing looks like a clean exchange to anyone
 
     def probe(self):
         """Prove that clone works before the parent hands us anything; tell it; False if refused.
@@ -3887,6 +3893,21 @@ class Forker:
             return not self.sock.recv(FORKER_SLOT.size, socket.MSG_PEEK)
         except OSError:
             return True
+
+
+def own_peer(listener, client, opened):
+    """Accept (1 s) on LISTENER the connection of our own socket CLIENT; raise OSError if not.
+
+    Compared by address (CLIENT's local one): a connection redirected
+    elsewhere never arrives here, and one from anybody else is not ours.
+    The accepted socket is added to OPENED.
+    """
+    listener.settimeout(1.0)
+    conn, peer = listener.accept()
+    opened.append(conn)
+    if peer != client.getsockname():
+        raise OSError(errno.ECONNREFUSED, "the rehearsal's connection went elsewhere")
+    return conn
 
 
 class QuietLog(Log):

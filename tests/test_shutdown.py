@@ -237,6 +237,44 @@ def test_a_forker_killed_right_after_a_clone_loses_no_child(box):
     assert proc.wait(30) == 0
 
 
+def test_the_forkers_rehearsal_sends_nothing_to_where_a_redirect_takes_it(box):
+    """Fork mode: an OUTPUT-chain REDIRECT takes the forker's loopback rehearsal elsewhere (a
+    listener that records what it gets): not a byte reaches it, and tproxy logs only our client."""
+    recorder = box.socket()
+    recorder.bind(("127.0.0.1", 0))
+    recorder.listen(16)
+    box.run("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "multiport", "!",
+            "--dports", "%d,%d" % (PORT, TARGET), "-j", "REDIRECT",
+            "--to-ports", str(recorder.getsockname()[1]))
+    proc, err = box.start()
+    client = box.connect(PORT)
+    assert echoed(client)       # the forker has rehearsed (before it took this connection)
+    ours = "client=127.0.0.1:%d " % client.getsockname()[1]
+    client.close()
+    wait_logged(err, "outcome=ok")
+    recorder.setblocking(False)
+    received = b""
+    while True:
+        try:
+            conn, _ = recorder.accept()
+        except BlockingIOError:
+            break
+        with conn:
+            conn.settimeout(5)
+            try:
+                while True:
+                    more = conn.recv(65536)
+                    if not more:
+                        break
+                    received += more
+            except ConnectionResetError:
+                pass
+    recorder.close()
+    assert received == b""
+    records = [line for line in err.read_text().splitlines() if "client=" in line]
+    assert len(records) == 1 and ours in records[0]
+
+
 def test_fork_failure_holds_the_client_until_a_child_can_start(box):
     """At the run-as user's process limit nobody is refused: the client waits, then is served.
 

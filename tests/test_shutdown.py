@@ -237,14 +237,21 @@ def test_a_forker_killed_right_after_a_clone_loses_no_child(box):
     assert proc.wait(30) == 0
 
 
-def test_the_forkers_rehearsal_sends_nothing_to_where_a_redirect_takes_it(box):
+# Which of the rehearsal's connections the REDIRECT takes: all (its client's first), or only
+# the second (nat sees a connection's first packet: the Session's own to its target).
+REDIRECTED = {"both": (), "upstream": ("-m", "statistic", "--mode", "nth", "--every", "2",
+                                       "--packet", "1")}
+
+
+@pytest.mark.parametrize("which", REDIRECTED)
+def test_the_forkers_rehearsal_sends_nothing_to_where_a_redirect_takes_it(box, which):
     """Fork mode: an OUTPUT-chain REDIRECT takes the forker's loopback rehearsal elsewhere (a
     listener that records what it gets): not a byte reaches it, and tproxy logs only our client."""
     recorder = box.socket()
     recorder.bind(("127.0.0.1", 0))
     recorder.listen(16)
     box.run("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "multiport", "!",
-            "--dports", "%d,%d" % (PORT, TARGET), "-j", "REDIRECT",
+            "--dports", "%d,%d" % (PORT, TARGET), *REDIRECTED[which], "-j", "REDIRECT",
             "--to-ports", str(recorder.getsockname()[1]))
     proc, err = box.start()
     client = box.connect(PORT)
@@ -253,12 +260,13 @@ def test_the_forkers_rehearsal_sends_nothing_to_where_a_redirect_takes_it(box):
     client.close()
     wait_logged(err, "outcome=ok")
     recorder.setblocking(False)
-    received = b""
+    received, accepted = b"", 0
     while True:
         try:
             conn, _ = recorder.accept()
         except BlockingIOError:
             break
+        accepted += 1
         with conn:
             conn.settimeout(5)
             try:
@@ -270,7 +278,7 @@ def test_the_forkers_rehearsal_sends_nothing_to_where_a_redirect_takes_it(box):
             except ConnectionResetError:
                 pass
     recorder.close()
-    assert received == b""
+    assert accepted and received == b""
     records = [line for line in err.read_text().splitlines() if "client=" in line]
     assert len(records) == 1 and ours in records[0]
 

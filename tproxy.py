@@ -3397,7 +3397,7 @@ class ForkingServer(Supervisor):
         self.handed = {}            # slot -> client key: handed to the forker, its pid not yet told
         self.forker_ready = False   # it has proved that it can clone: hand it connections
         self.probes = set()         # the forker's probe children (they exit at once): not counted
-        self.ended_untold = set()   # children reaped before the forker told us their pid
+        self.ended_untold = set()   # children reaped before they told us their pid
         self.poller = None
 
     def run(self):
@@ -3975,7 +3975,7 @@ CLONE_PARENT = 0x8000
 CLONE_SYSCALL = {"x86_64-linux-gnu": 56, "aarch64-linux-gnu": 220, "riscv64-linux-gnu": 220,
                  "loongarch64-linux-gnu": 220, "i386-linux-gnu": 120, "arm-linux-gnueabihf": 120,
                  "arm-linux-gnueabi": 120, "powerpc64le-linux-gnu": 120}
-CLONE_REFUSED = (errno.EPERM, errno.ENOSYS, errno.EINVAL)   # not a passing want: never will
+CLONE_REFUSED = (errno.EPERM, errno.ENOSYS, errno.EINVAL)   # clone errors no retry cures
 
 
 def process_abi():

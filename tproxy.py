@@ -3375,6 +3375,7 @@ class ForkingServer(Supervisor):
     """
 
     FORKER_RETRY = 0.5      # seconds between attempts to start a forker (the fork failed)
+    FORKER_STOP = 10.0      # seconds at shutdown for the forker's children to tell their pids
 
     def __init__(self, listeners, server):
         super().__init__(listeners, server)
@@ -3393,9 +3394,12 @@ class ForkingServer(Supervisor):
         self.slot_of = {}                                    # child pid -> its slot
         self.sibling_fork = sibling_fork()
         self.forker = None          # the Forker's pid, once started
-        self.forker_sock = None     # our end of its socket pair
+        self.forker_sock = None     # our end of its socket pair, until its end of file
+        self.forker_was = None      # the forker's pid once reaped, until its socket's end of file
         self.handed = {}            # slot -> client key: handed to the forker, its pid not yet told
-        self.ended_untold = set()   # children reaped before the forker told us their pid
+        self.forker_ready = False   # it has proved that it can clone: hand it connections
+        self.probes = set()         # the forker's probe children (they exit at once): not counted
+        self.ended_untold = set()   # children reaped before they told us their pid
         self.poller = None
 
     def run(self):
@@ -3410,14 +3414,15 @@ class ForkingServer(Supervisor):
         listening = False
         by_fd = {s.fileno(): s for s in self.listeners}
         while not self.stopping:
-            if self.sibling_fork and self.forker is None and time.monotonic() >= self.paused_until:
+            if self.sibling_fork and self.forker is None and self.forker_sock is None \
+                    and time.monotonic() >= self.paused_until:
                 self.start_forker()
             if self.held is not None and time.monotonic() >= self.paused_until:
                 self.start_child(*self.held)
             # At the cap, new clients wait in the kernel's listen queue.
             want = len(self.children) + len(self.handed) < self.server.cfg.max_conns \
                 and self.held is None and time.monotonic() >= self.paused_until \
-                and (self.forker is not None or not self.sibling_fork)
+                and (self.forker_ready or not self.sibling_fork)
             if want != listening:
                 for fd in by_fd:
                     if want:
@@ -3497,7 +3502,7 @@ class ForkingServer(Supervisor):
         """Fork a child for CONN (from address KEY, or None); if fork fails, hold it, retry in 0.5 s.
 
         With a forker, CONN is handed to it, which forks; the child is
-        counted from now on, and known by its pid once the forker tells it.
+        counted from now on, and known by its pid once it tells it.
         """
         slot = self.free_slots.pop()
         if self.sibling_fork:
@@ -3530,8 +3535,11 @@ class ForkingServer(Supervisor):
         """Reaped PID: the forker, a child (its slot and counts are free again), or one not yet told."""
         if pid == self.forker:
             return self.forker_ended()
-        if pid not in self.slot_of and self.forker is not None:
-            self.ended_untold.add(pid)      # the forker's word on it is on its way
+        if pid in self.probes:
+            self.probes.discard(pid)
+            return
+        if pid not in self.slot_of and self.forker_sock is not None:
+            self.ended_untold.add(pid)      # its word (pid, slot) is on its way
             return
         self.children.discard(pid)
         self.count_out(self.client_of.pop(pid, None))
@@ -3578,7 +3586,7 @@ class ForkingServer(Supervisor):
             self.paused_until = time.monotonic() + self.FORKER_RETRY
             return
         mine.setblocking(False)
-        self.forker, self.forker_sock = pid, mine
+        self.forker, self.forker_sock, self.forker_ready = pid, mine, False
         self.poller.register(mine.fileno(), select.POLLIN)
 
     def hand_over(self, conn, slot):
@@ -3593,60 +3601,115 @@ class ForkingServer(Supervisor):
         return True
 
     def read_started(self):
-        """Take the forker's word on every child it forked: pid and slot."""
+        """Take each new child's word (pid and slot), and the forker's probe, until none is waiting.
+
+        Each child the forker clones tells its pid on its copy of the
+        forker's socket, so a forker that dies after a clone loses no word;
+        end of file (the forker and every child have closed their copies)
+        means every child has told.
+        """
         while True:
             try:
                 data = self.forker_sock.recv(FORKER_STARTED.size)
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, socket.timeout):
                 return
             except OSError:
-                return
+                data = b""
             if len(data) != FORKER_STARTED.size:
-                return          # end of file: reaping the forker says the rest
+                return self.forker_hung_up()
             pid, slot = FORKER_STARTED.unpack(data)
+            if slot == PROBE_SLOT:
+                self.probed(pid)
+                continue
             self.count_in(pid, slot, self.handed.pop(slot))
             if pid in self.ended_untold:
                 self.ended_untold.discard(pid)
                 self.child_ended(pid)
 
+    def probed(self, pid):
+        """The forker's probe: PID > 0 its child (clone works), 0 not known yet, -errno refused.
+
+        Refused (a seccomp filter, a kernel without CLONE_PARENT), fork mode
+        goes on without a forker: this process forks the children, as where
+        clone's number is not known.
+        """
+        if pid >= 0:
+            self.forker_ready = True
+            if pid in self.ended_untold:
+                self.ended_untold.discard(pid)
+            elif pid:
+                self.probes.add(pid)
+            return
+        self.sibling_fork = None
+        self.log.message("clone(CLONE_PARENT): %s; the parent forks each child itself"
+                         % os.strerror(-pid), error=True)
+
+    def forker_hung_up(self):
+        """End of file on the forker's socket: every child it forked has told its pid."""
+        self.poller.unregister(self.forker_sock.fileno())
+        self.forker_sock.close()
+        self.forker_sock = None
+        self.forker_gone()
+
     def forker_ended(self):
-        """The forker has died: forget it; connections handed to it and not forked are lost.
+        """The forker is reaped: its children tell their pids until its socket's end of file."""
+        self.forker_was, self.forker, self.forker_ready = self.forker, None, False
+        if self.forker_sock is not None:
+            self.read_started()
+        self.forker_gone()
+
+    def forker_gone(self):
+        """Once the forker is reaped and every child has told: what it still held is lost.
 
         Its children are ours (CLONE_PARENT) and live on; a new forker starts
         after FORKER_RETRY.
         """
-        pid, sock = self.forker, self.forker_sock
-        self.read_started()
-        self.poller.unregister(sock.fileno())
-        sock.close()
-        self.forker = self.forker_sock = None
+        if self.forker is not None or self.forker_sock is not None or self.forker_was is None:
+            return
+        pid, self.forker_was = self.forker_was, None
         for slot, key in self.handed.items():
             own_upstreams.release(slot)
             self.free_slots.append(slot)
             self.count_out(key)
         lost, self.handed = len(self.handed), {}
         self.ended_untold.clear()       # their slots were among those handed: freed above
-        if not self.stopping:
+        if not self.stopping and self.sibling_fork:
             self.log.message("the forker (pid %d) died; %d connection(s) handed to it were lost; "
                              "starting a new one" % (pid, lost), error=True)
             self.paused_until = time.monotonic() + self.FORKER_RETRY
 
     def stop_forker(self):
-        """At shutdown: end the forker now and learn every child it forked (they get the grace)."""
-        if self.forker is None:
-            return
-        pid = self.forker
-        signal_quietly(pid, signal.SIGKILL)     # what it holds is not yet served: dropped
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-        self.forker_ended()
+        """At shutdown: let the forker fork for what it was handed and exit; learn every child.
+
+        Our end shut for writing, it forks for what it has already received
+        and then reads end of file; each child tells its pid, so each gets
+        the grace. Bounded by FORKER_STOP (a child stopped before it told).
+        """
+        if self.forker_sock is not None:
+            try:
+                self.forker_sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self.forker_sock.settimeout(0.2)
+            deadline = time.monotonic() + self.FORKER_STOP
+            while self.forker_sock is not None and time.monotonic() < deadline:
+                self.read_started()
+            if self.forker_sock is not None:
+                if self.forker is not None:
+                    signal_quietly(self.forker, signal.SIGKILL)
+                self.forker_hung_up()
+        if self.forker is not None:
+            try:
+                os.waitpid(self.forker, 0)
+            except ChildProcessError:
+                pass
+            self.forker_ended()
 
 
 FORKER_SLOT = struct.Struct("=i")       # parent -> forker: a connection's slot (its fd alongside)
-FORKER_STARTED = struct.Struct("=ii")   # forker -> parent: a child's pid and its slot
+FORKER_STARTED = struct.Struct("=ii")   # new child (on the forker's socket) -> parent: its pid and slot
 RELOAD_SLOT = -1                        # parent -> forker, no fd: SIGHUP came (re-resolve)
+PROBE_SLOT = -2                         # forker -> parent: its probe's pid, 0, or -errno (probed)
 
 
 class Forker:
@@ -3656,7 +3719,7 @@ class Forker:
     for that child (the child keeps the old page): every held child owned a
     copy of each page the parent's accept loop writes (polls, accepts,
     counts, reaps, logs: about 80 pages a loop). The forker's loop is a
-    receive, a fork and a reply: about 45 (bench/results/2026-11-29-fork-cost-2.md). The parent
+    receive and a fork (the child tells the parent its pid): about 45 (bench/results/2026-11-29-fork-cost-2.md). The parent
     keeps everything else, and the children are still the parent's own
     (CLONE_PARENT): it reaps, counts and signals them as before, and a
     forker that dies loses no live connection. Started through Supervisor.fork,
@@ -3677,6 +3740,8 @@ class Forker:
             sock.close()
         self.sock.setblocking(True)
         self.rehearse()
+        if not self.probe():
+            return EX_OK
         held = None
         try:
             while True:
@@ -3706,6 +3771,10 @@ class Forker:
         guard's board is swapped for one of its own (one slot) meanwhile: the
         real one's slots may be in use (a new forker, live children).
         (Like Android's zygote, which preloads and warms for the same reason.)
+        No byte goes to anything but its own sockets: each connection is
+        checked, by address, to have reached its own listener before anything
+        is sent (an OUTPUT-chain REDIRECT may take loopback connections
+        elsewhere, even to tproxy itself); if not, it resets them and skips.
         """
         global own_upstreams
         opened = []
@@ -3722,19 +3791,21 @@ class Forker:
             cfg.target_addrs = resolve_quiet(cfg.target)
             cfg.connect_timeout = cfg.idle_timeout = 1.0
             server = Server(cfg, QuietLog(), listener.getsockname()[1])
-            client = socket.create_connection(listener.getsockname(), timeout=1.0)
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             opened.append(client)
-            client.sendall(b"x")
-            client.shutdown(socket.SHUT_WR)
-            listener.settimeout(1.0)
-            conn = socket.socket(fileno=listener.accept()[0].detach())
+            client.settimeout(1.0)
+            client.connect(listener.getsockname())
+            conn = socket.socket(fileno=own_peer(listener, client, opened).detach())
             opened.append(conn)
             connection_title(conn)
             session = Session(conn, server)
             session.start(time.monotonic())
-            target.settimeout(1.0)
-            upstream = target.accept()[0]
-            opened.append(upstream)
+            if session.dialer is None or session.dialer.sock is None:
+                return
+            opened.append(session.dialer.sock)
+            upstream = own_peer(target, session.dialer.sock, opened)
+            client.sendall(b"x")
+            client.shutdown(socket.SHUT_WR)
             upstream.sendall(b"y")
             upstream.shutdown(socket.SHUT_WR)
             run_session(session, started=True)
@@ -3743,7 +3814,23 @@ class Forker:
         finally:
             own_upstreams = board
             for sock in opened:
-                sock.close()
+                abort(sock)     # a reset: nothing looks like a clean exchange to anyone
+
+    def probe(self):
+        """Prove that clone works before the parent hands us anything; tell it; False if refused.
+
+        A refused clone (EPERM from a seccomp filter, ENOSYS, EINVAL) would
+        refuse every child: the parent must fork them itself. The probe
+        child exits at once; the parent, whose child it is, reaps it.
+        """
+        try:
+            pid = self.fork()
+            if pid == 0:
+                os._exit(EX_OK)
+        except OSError as exc:
+            pid = -exc.errno if exc.errno in CLONE_REFUSED else 0   # 0: spawn will retry
+        self.sock.send(FORKER_STARTED.pack(pid, PROBE_SLOT))
+        return pid >= 0
 
     def receive(self):
         """Wait for the next connection; return (fd, slot), or None when the parent hangs up."""
@@ -3774,7 +3861,7 @@ class Forker:
                 pass        # the parent has said so; the old addresses stay
 
     def spawn(self, fd, slot):
-        """Fork the child for connection FD in SLOT and tell the parent; False if fork failed."""
+        """Fork the child for connection FD in SLOT (it tells the parent); False if fork failed."""
         self.server.rotation += 1
         try:
             pid = self.fork()
@@ -3785,6 +3872,10 @@ class Forker:
         if pid == 0:
             status = EX_SOFTWARE
             try:
+                try:    # first: our word cannot be lost with the forker (the parent counts us)
+                    self.sock.send(FORKER_STARTED.pack(os.getpid(), slot))
+                except OSError:
+                    pass        # the parent is gone: die_with ends us
                 os.close(self.fd)
                 die_with(self.shape.parent_pid)
                 status = self.shape.serve(socket.socket(fileno=fd), slot)
@@ -3796,7 +3887,6 @@ class Forker:
             finally:
                 os._exit(status)
         os.close(fd)
-        self.sock.send(FORKER_STARTED.pack(pid, slot))
         return True
 
     def hung_up(self, wait):
@@ -3811,6 +3901,21 @@ class Forker:
             return not self.sock.recv(FORKER_SLOT.size, socket.MSG_PEEK)
         except OSError:
             return True
+
+
+def own_peer(listener, client, opened):
+    """Accept (1 s) on LISTENER the connection of our own socket CLIENT; raise OSError if not.
+
+    Compared by address (CLIENT's local one): a connection redirected
+    elsewhere never arrives here, and one from anybody else is not ours.
+    The accepted socket is added to OPENED.
+    """
+    listener.settimeout(1.0)
+    conn, peer = listener.accept()
+    opened.append(conn)
+    if peer != client.getsockname():
+        raise OSError(errno.ECONNREFUSED, "the rehearsal's connection went elsewhere")
+    return conn
 
 
 class QuietLog(Log):
@@ -3838,11 +3943,12 @@ def sibling_fork(cache=[]):
     """
     if cache:
         return cache[0]
-    number = CLONE_SYSCALL.get(os.uname().machine)
+    number = CLONE_SYSCALL.get(process_abi())
     if number is None:
         cache.append(None)
         return None
     import ctypes
+    getpid = os.getpid
     api = ctypes.PyDLL(None, use_errno=True)
     clone = api.syscall
     clone.restype = ctypes.c_long
@@ -3853,12 +3959,15 @@ def sibling_fork(cache=[]):
     args = (ctypes.c_long(number), ctypes.c_ulong(CLONE_PARENT | signal.SIGCHLD)) + (null,) * 4
 
     def fork_sibling():
+        forking = getpid()
         before()
         pid = clone(*args)
-        if pid == 0:
+        if pid == 0 and getpid() != forking:
             in_child()
             return 0
         in_parent()
+        if pid == 0:        # not clone at all (a number of another ABI), which "returned" 0
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
         if pid < 0:
             error = ctypes.get_errno()
             raise OSError(error, os.strerror(error))
@@ -3868,9 +3977,22 @@ def sibling_fork(cache=[]):
 
 
 CLONE_PARENT = 0x8000
-# The clone system call's number where its first argument is the flags (not s390).
-CLONE_SYSCALL = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "loongarch64": 220,
-                 "i386": 120, "i686": 120, "armv7l": 120, "armv6l": 120, "ppc64le": 120}
+# The clone system call's number where its first argument is the flags (not s390), by the
+# ABI this Python was built for: the kernel's own machine (os.uname) may differ (a 32-bit
+# Python on a 64-bit kernel), and another ABI's number is another system call.
+CLONE_SYSCALL = {"x86_64-linux-gnu": 56, "aarch64-linux-gnu": 220, "riscv64-linux-gnu": 220,
+                 "loongarch64-linux-gnu": 220, "i386-linux-gnu": 120, "arm-linux-gnueabihf": 120,
+                 "arm-linux-gnueabi": 120, "powerpc64le-linux-gnu": 120}
+CLONE_REFUSED = (errno.EPERM, errno.ENOSYS, errno.EINVAL)   # clone errors no retry cures
+
+
+def process_abi():
+    """Return this Python's multiarch triplet (x86_64-linux-gnu, i386-linux-gnu...), or None."""
+    abi = getattr(sys.implementation, "_multiarch", None)
+    if not abi:
+        import sysconfig
+        abi = sysconfig.get_config_var("MULTIARCH")
+    return abi or None
 
 
 def client_key(peer):

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from support import (GRACE, PORT, PYTHON, TARGET, children_of, connection_children, tproxy_cmd,
-                     wait_for, wait_logged)
+from support import (GRACE, PORT, PYTHON, TARGET, children_of, connection_children, proc_status,
+                     tproxy_cmd, wait_for, wait_logged)
 
 MODES = {"fork": (), "workers": ("--workers=2",)}
 
@@ -217,6 +217,83 @@ def test_a_dead_forker_is_replaced_and_its_children_live_on(box):
     assert status_active(err, 2) == 1
     assert echoed(fresh) and proc.poll() is None
     fresh.close()
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace(1)")
+def test_a_forker_killed_right_after_a_clone_loses_no_child(box):
+    """Fork mode: the forker dies between a child's clone and any word of it (strace holds
+    back the forker's sends): the child is still counted (--max-conns 1, SIGUSR1) and gets
+    its grace at SIGTERM."""
+    proc, err = box.start("--max-conns=1", grace=8)
+    first = box.connect(PORT)       # served: the forker has rehearsed (its own sends are done)
+    assert echoed(first)
+    first.close()
+    wait_for(lambda: not connection_children(proc.pid), what="the first child reaped")
+    [forker] = children_of(proc.pid)
+    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(forker),
+                               "-e", "trace=sendto,sendmsg", "-e", "inject=sendto,sendmsg:delay_enter=60000000"])
+    box.lab.processes.append(tracer)
+    # Where ptrace is not allowed (some containers) strace exits: the test runs without the wait.
+    wait_for(lambda: proc_status(forker)["TracerPid"] != "0" or tracer.poll() is not None,
+             what="strace attached")
+    live = box.connect(PORT)
+    assert echoed(live)
+    os.kill(forker, signal.SIGKILL)
+    wait_logged(err, "the forker (pid %d) died; 0 connection(s) handed to it were lost; "
+                "starting a new one" % forker)
+    proc.send_signal(signal.SIGUSR1)
+    assert status_active(err, 1) == 1
+    proc.send_signal(signal.SIGTERM)
+    wait_logged(err, "SIGTERM: stopped accepting; 1 connection(s) get 8s to finish")
+    assert echoed(live, b"served during the grace period")
+    assert ends_with_reset(live)
+    assert proc.wait(30) == 0
+
+
+# Which of the rehearsal's connections the REDIRECT takes: all (its client's first), or only
+# the second (nat sees a connection's first packet: the Session's own to its target).
+REDIRECTED = {"both": (), "upstream": ("-m", "statistic", "--mode", "nth", "--every", "2",
+                                       "--packet", "1")}
+
+
+@pytest.mark.parametrize("which", REDIRECTED)
+def test_the_forkers_rehearsal_sends_nothing_to_where_a_redirect_takes_it(box, which):
+    """Fork mode: an OUTPUT-chain REDIRECT takes the forker's loopback rehearsal elsewhere (a
+    listener that records what it gets): not a byte reaches it, and tproxy logs only our client."""
+    recorder = box.socket()
+    recorder.bind(("127.0.0.1", 0))
+    recorder.listen(16)
+    box.run("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "multiport", "!",
+            "--dports", "%d,%d" % (PORT, TARGET), *REDIRECTED[which], "-j", "REDIRECT",
+            "--to-ports", str(recorder.getsockname()[1]))
+    proc, err = box.start()
+    client = box.connect(PORT)
+    assert echoed(client)       # the forker has rehearsed (before it took this connection)
+    ours = "client=127.0.0.1:%d " % client.getsockname()[1]
+    client.close()
+    wait_logged(err, "outcome=ok")
+    recorder.setblocking(False)
+    received, accepted = b"", 0
+    while True:
+        try:
+            conn, _ = recorder.accept()
+        except BlockingIOError:
+            break
+        accepted += 1
+        with conn:
+            conn.settimeout(5)
+            try:
+                while True:
+                    more = conn.recv(65536)
+                    if not more:
+                        break
+                    received += more
+            except ConnectionResetError:
+                pass
+    recorder.close()
+    assert accepted and received == b""
+    records = [line for line in err.read_text().splitlines() if "client=" in line]
+    assert len(records) == 1 and ours in records[0]
 
 
 def test_fork_failure_holds_the_client_until_a_child_can_start(box):

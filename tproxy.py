@@ -3936,9 +3936,11 @@ def sibling_fork(cache=[]):
     PyOS_BeforeFork took, and without it every child dies with a fatal
     error. Skipped is glibc's fork() wrapper, whose at-fork handlers reset
     locks another thread could hold (tproxy has one thread) and the thread
-    id it caches (used only by pthread_kill and raise(), which tproxy does
-    not call). The arguments are made once, so a call allocates nothing but
-    its result. fork_sibling() returns the child's pid, 0 in the child;
+    id it caches: in a child, pthread calls on itself (pthread_kill,
+    raise(), pthread_setaffinity_np, pthread_setschedparam,
+    pthread_getcpuclockid) would act on the forker's id; children must make
+    none (tproxy makes none). The arguments are made once, so a call
+    allocates nothing but its result. fork_sibling() returns the child's pid, 0 in the child;
     raises OSError.
     """
     if cache:

@@ -3303,14 +3303,15 @@ class Supervisor:
             self.log.message("SIGHUP: %s; the old file stays in use" % exc, error=True)
         self.re_resolve()
 
-    def re_resolve(self):
-        """SIGHUP: resolve the target again; keep the old addresses if that fails (logged)."""
+    def re_resolve(self, quiet=False):
+        """SIGHUP: resolve the target again; keep the old addresses if that fails (logged unless QUIET)."""
         cfg = self.server.cfg
         if cfg.target:
             try:
                 cfg.target_addrs = resolve(*cfg.target)
             except Fatal as exc:
-                self.log.message("SIGHUP: %s; keeping the old addresses" % exc, error=True)
+                if not quiet:
+                    self.log.message("SIGHUP: %s; keeping the old addresses" % exc, error=True)
 
     def freeze_heap(self):
         """Move the parent's objects out of the GC's reach so children keep pages shared."""
@@ -3405,8 +3406,7 @@ class ForkingServer(Supervisor):
     def run(self):
         """Accept until SIGTERM; return the exit status."""
         self.install_signals()
-        self.set_title("tproxy parent", "tproxy: parent, fork per connection, %s"
-                       % self.listening_on())
+        self.set_parent_title()
         self.freeze_heap()
         poller = self.poller = select.poll()
         poller.register(self.wake_r, select.POLLIN)
@@ -3460,13 +3460,17 @@ class ForkingServer(Supervisor):
                          % (len(self.children), self.server.cfg.grace))
         return self.wind_down(self.children)
 
-    def re_resolve(self):
+    def set_parent_title(self):
+        self.set_title("tproxy parent", "tproxy: parent, fork per connection, %s"
+                       % self.listening_on())
+
+    def re_resolve(self, quiet=False):
         """SIGHUP: resolve the target again here, and tell the forker, which forks the children.
 
         Here too: a forker started later is forked from this process, with
-        the addresses it holds.
+        the addresses it holds. (In the forker itself forker_sock is None.)
         """
-        super().re_resolve()
+        super().re_resolve(quiet)
         if self.forker_sock is None:
             return
         try:
@@ -3577,8 +3581,7 @@ class ForkingServer(Supervisor):
                              % self.listening_on())
         self.set_title(*self.forker_title)
         pid = self.fork(lambda: Forker(self, theirs).run())
-        self.set_title("tproxy parent", "tproxy: parent, fork per connection, %s"
-                       % self.listening_on())
+        self.set_parent_title()
         self.server.parent_fds.remove(mine.fileno())
         theirs.close()
         if pid is None:
@@ -3853,12 +3856,7 @@ class Forker:
             self.server.log.reopen()
         except Fatal:
             pass
-        cfg = self.server.cfg
-        if cfg.target:
-            try:
-                cfg.target_addrs = resolve(*cfg.target)
-            except Fatal:
-                pass        # the parent has said so; the old addresses stay
+        self.shape.re_resolve(quiet=True)       # a failure: the parent has said so
 
     def spawn(self, fd, slot):
         """Fork the child for connection FD in SLOT (it tells the parent); False if fork failed."""

@@ -195,7 +195,7 @@ def restore_word(word, _cache={}):
 
 
 class Quoted(dict):
-    """Memo of QUOTE(word) for plain-str words: looked up from C by quoted()."""
+    """Memo of QUOTE(word), bounded: looked up from C (by quoted(), for plain-str words)."""
 
     def __init__(self, quote):
         super().__init__()
@@ -432,17 +432,9 @@ def batchable(line):
     return safe
 
 
-class _UnsafeRaw(dict):
-    """Memo: Raw word -> True when a here-document would read it otherwise."""
-
-    def __missing__(self, word):
-        if len(self) >= 100000:
-            self.clear()
-        unsafe = self[word] = HEREDOC_UNSAFE.search(word) is not None
-        return unsafe
-
-
-UNSAFE_RAW = _UnsafeRaw()       # keys are Raw words only (hashed like their text)
+# Raw word -> True when a here-document would read it otherwise (keys are Raw words only,
+# hashed like their text).
+UNSAFE_RAW = Quoted(lambda word: HEREDOC_UNSAFE.search(word) is not None)
 _is_raw = Raw.__instancecheck__
 
 

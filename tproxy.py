@@ -4392,6 +4392,11 @@ class Worker(EventLoop):
         finally:
             self.log.flush()
 
+    def poll(self, limit=None):
+        """Write the log lines gathered so far, then wait and dispatch (EventLoop.poll)."""
+        self.log.flush()
+        EventLoop.poll(self, limit)
+
     def serve(self):
         pool = self.pool
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -4432,11 +4437,9 @@ class Worker(EventLoop):
                 limit = grace_at - now
             elif self.paused_until > now:
                 limit = self.paused_until - now
-            self.log.flush()
             self.poll(limit)
             # The common round changes nothing checked above: wait again at once.
             while not self.flags and self.listening and len(self.sessions) < pool.share:
-                self.log.flush()
                 self.poll()
 
     def start_listening(self):

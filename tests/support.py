@@ -82,6 +82,11 @@ def connection_children(pid):
     return [child for child in children_of(pid) if comm_of(child) != FORKER]
 
 
+def forkers_of(pid):
+    """Return the pids of tproxy PID's children named as fork mode's forker."""
+    return [child for child in children_of(pid) if comm_of(child) == FORKER]
+
+
 def tproxy_cmd(*args):
     """Return the argv that runs the working tree's tproxy with ARGS."""
     return [PYTHON, TPROXY] + [str(a) for a in args]

@@ -154,7 +154,7 @@ def test_loop_guard_board_search_finds_whole_slots_only():
     assert not guard.may_hold(guard.ports, 0x9999)
 
 
-@pytest.mark.parametrize("writes_after", [1, 2, 3])
+@pytest.mark.parametrize("writes_after", [1, 2])
 def test_loop_guard_sees_an_upstream_whose_port_is_written_while_it_looks(monkeypatch, writes_after):
     """A worker's upstream gets its local port while another worker's is_own reads the boards.
 
@@ -187,7 +187,7 @@ def test_loop_guard_sees_an_upstream_whose_port_is_written_while_it_looks(monkey
         upstream.connect(listener.getsockname())    # connected; its worker not yet told the board
         client = upstream.getsockname()
         assert guard.is_own(client, listener.getsockname()), reads
-        assert len(reads) >= 1
+        assert len(reads) >= writes_after       # the writes did come between the reads
 
 
 @pytest.mark.every_mode

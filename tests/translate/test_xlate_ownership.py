@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from xlate_helpers import run_tool
+from xlate_helpers import marked_lines, run_tool
 
 INIT = """#!/bin/sh
 # /etc/rc.d/init.d/firewall, shaped like the HOWTO ones
@@ -120,9 +120,7 @@ def test_nft_keeps_other_tables(tmp_path, host):
 
 def after_loading(path):
     """Return the command the restore output names for after each load."""
-    marker = "# after loading: "
-    lines = [line[len(marker):] for line in open(path).read().split("\n")
-             if line.startswith(marker)]
+    lines = marked_lines(open(path).read(), "# after loading: ")
     assert len(lines) == 1, lines
     return lines[0]
 

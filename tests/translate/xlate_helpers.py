@@ -53,10 +53,14 @@ def translate_case(name, fmt, extra=()):
         os.chdir(cwd)
 
 
+def marked_lines(text, marker):
+    """Return the lines of TEXT that start with MARKER, without it."""
+    return [line[len(marker):] for line in text.split("\n") if line.startswith(marker)]
+
+
 def needed_commands(text):
     """Return the shell commands a flat translation says are needed as well."""
-    marker = "# needed as well: "
-    return [line[len(marker):] for line in text.split("\n") if line.startswith(marker)]
+    return marked_lines(text, "# needed as well: ")
 
 
 def missing(reason):

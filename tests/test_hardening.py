@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from support import (PORT, PYTHON, TARGET, connection_children, proc_status, tproxy_cmd, wait_for,
-                     wait_logged)
+from support import (PORT, PYTHON, TARGET, children_of, connection_children, proc_status,
+                     tproxy_cmd, wait_for, wait_logged)
 
 SECRET = "user:s3cret-token-4711"
 # An HTTP proxy that answers CONNECT one byte at a time, never finishing its reply.
@@ -36,11 +36,6 @@ def redirect_local_port(box, port=80, to=PORT):
             "-j", "REDIRECT", "--to-ports", to)
 
 
-def children(pid):
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 def test_proxy_credentials_leave_every_environment(box):
     proxy = 3129
     box.popen(PYTHON, "-c", DRIBBLER, proxy)
@@ -55,7 +50,7 @@ def test_proxy_credentials_leave_every_environment(box):
     box.wait_listening(PORT)
     client = box.connect(80, "192.0.2.50")       # held in CONNECT by the dribbling proxy
     wait_for(lambda: connection_children(server), what="a child serving the client")
-    for pid in [server] + children(server):         # fork mode: its forker too
+    for pid in [server] + children_of(server):         # fork mode: its forker too
         with open("/proc/%d/environ" % pid, "rb") as f:
             assert SECRET.split(":")[1].encode() not in f.read()
     client.close()
@@ -277,7 +272,7 @@ def test_inetd_error_with_undecodable_bytes_reaches_syslog(box):
 
 def test_worker_out_of_descriptors_lives_on_with_an_honest_record(box):
     proc, err = box.start("--workers=1")
-    worker = wait_for(lambda: children(proc.pid), what="the worker")[0]
+    worker = wait_for(lambda: children_of(proc.pid), what="the worker")[0]
     used = {int(fd) for fd in os.listdir("/proc/%d/fd" % worker)}
     free = [fd for fd in range(len(used) + 2) if fd not in used][:2]
     as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "prlimit",
@@ -293,7 +288,7 @@ def test_worker_out_of_descriptors_lives_on_with_an_honest_record(box):
     subprocess.run(as_nobody + ["--nofile=%s:%s" % (hard, hard)], check=True)
     again = box.connect(PORT)
     assert echo_back(again, b"the same worker serves on")
-    assert children(proc.pid) == [worker]
+    assert children_of(proc.pid) == [worker]
 
 
 def echo_back(sock, data):

@@ -48,11 +48,6 @@ def ends_with_reset(sock, timeout=GRACE + 20):
     return False
 
 
-def children(pid):
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_sigterm_refuses_at_once_finishes_within_grace_then_resets(box, mode):
     grace = 8       # long enough for the steps below on a loaded machine; the end is awaited
@@ -79,7 +74,7 @@ def test_children_stop_when_the_server_is_killed(box, mode):
     live = box.connect(PORT)
     assert echoed(live)
     server = proc.pid            # ip netns exec execs: the Popen is tproxy itself
-    kids = wait_for(lambda: children(server), what="children")
+    kids = wait_for(lambda: children_of(server), what="children")
     os.kill(server, signal.SIGKILL)
     proc.wait(10)
     wait_for(lambda: refused(box), what="nothing accepting once the server is dead")
@@ -95,7 +90,7 @@ def test_sighup_to_everyone_cuts_no_connection(box, mode):
     proc, _ = box.start(*MODES[mode])
     live = box.connect(PORT)
     assert echoed(live)
-    for pid in [proc.pid] + wait_for(lambda: children(proc.pid), what="children"):
+    for pid in [proc.pid] + wait_for(lambda: children_of(proc.pid), what="children"):
         os.kill(pid, signal.SIGHUP)
     assert echoed(live, b"after SIGHUP")
     assert proc.poll() is None

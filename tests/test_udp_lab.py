@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from support import BookLab, LAUNCH, PEERS, PYTHON, REPO, proc_status, tproxy_cmd, wait_for
+from support import BookLab, LAUNCH, PEERS, PYTHON, REPO, children_of, proc_status, tproxy_cmd, wait_for
 from lab import have
 
 RECIPES = os.path.join(REPO, "contrib", "firewall")
@@ -104,15 +104,9 @@ def client_sockets(book, family, count):
     return socks
 
 
-def children(pid):
-    """Return the pids of PID's children (tproxy's workers)."""
-    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-        return [int(p) for p in f.read().split()]
-
-
 def fd_count(pid):
     """Descriptors held by PID and its children (the workers)."""
-    pids = [pid] + children(pid)
+    pids = [pid] + children_of(pid)
     return sum(len(os.listdir("/proc/%d/fd" % p)) for p in pids)
 
 
@@ -287,7 +281,7 @@ def test_workers_keep_only_transparency_and_low_ports_as_nobody(gateway):
     """-r nobody: a UDP worker keeps CAP_NET_RAW and CAP_NET_BIND_SERVICE, nothing else."""
     book = gateway
     proc, _ = start(book)
-    workers = wait_for(lambda: children(proc.pid), what="tproxy's workers")
+    workers = wait_for(lambda: children_of(proc.pid), what="tproxy's workers")
     for pid in workers:
         status = proc_status(pid)
         assert int(status["CapEff"], 16) == 1 << 13 | 1 << 10       # CAP_NET_RAW, CAP_NET_BIND_SERVICE
@@ -508,7 +502,7 @@ def test_sigterm_lets_live_flows_run_for_the_grace_period(gateway):
     socks = client_sockets(book, socket.AF_INET, 4)
     for i, sock in enumerate(socks):
         ask(sock, (book.MOOSE, DNS), b"flow%d" % i)
-    workers = children(proc.pid)
+    workers = children_of(proc.pid)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     assert not [pid for pid in workers if os.path.exists("/proc/%d" % pid)]

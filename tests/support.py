@@ -78,8 +78,12 @@ def comm_of(pid):
 
 
 def connection_children(pid):
-    """Return the pids of tproxy PID's children that serve connections: all but fork mode's forker."""
-    return [child for child in children_of(pid) if comm_of(child) != FORKER]
+    """Return the pids of tproxy PID's children that serve connections: all but fork mode's forker.
+
+    A child gone between the two reads of /proc (comm "") is not one: the
+    forker's probe child, say, reaped just then.
+    """
+    return [child for child in children_of(pid) if comm_of(child) not in ("", FORKER)]
 
 
 def forkers_of(pid):

@@ -372,7 +372,10 @@ def test_fork_mode_titles_tell_parent_forker_and_child(tmp_path):
         with server.client() as client:
             served, _ = target.accept()
             [child] = wait_for(lambda: connection_children(server.proc.pid), what="the child")
-            [forker] = set(children_of(server.proc.pid)) - {child}
+            def forker_alone():     # the forker's probe child (its name too) may not be reaped yet
+                others = [pid for pid in children_of(server.proc.pid) if pid != child]
+                return others if len(others) == 1 else None
+            [forker] = wait_for(forker_alone, what="the forker beside the child")
             pids = (server.proc.pid, forker, child)
             comm = {pid: read_proc(pid, "comm") for pid in pids}
             cmdline = {pid: read_proc(pid, "cmdline") for pid in pids}

@@ -40,6 +40,10 @@ def test_thousand_held_connections_bounded_and_released(lab, open_tmp):
                                      "127.0.0.1", 9000), stderr=open(str(open_tmp / "err"), "wb"))
     proxy.wait_listening(12970)
     tproxy_pid = server.pid         # ip netns exec execs: the Popen is tproxy itself
+    # Idle means ready: fork mode's forker has rehearsed and served (tproxy listens before).
+    client.run(PYTHON, "-c", "import socket; socket.create_connection(('192.0.2.1', 12970), "
+               "timeout=20).close()")
+    wait_for(lambda: not connection_children(tproxy_pid), timeout=60, what="the first child gone")
     idle = tree_pss_kib(tproxy_pid)
     import subprocess
     holder = subprocess.Popen(client.cmd(PYTHON, "-c", HOLD_CLIENTS), stdin=subprocess.PIPE,

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from lab import Lab
-from support import BookLab, ECHO_SERVER, GRACE, PORT, PYTHON, TARGET, tproxy_cmd
+from support import BookLab, ECHO_SERVER, GRACE, PORT, PYTHON, TARGET, tproxy_cmd, wait_ready
 
 
 def pytest_collection_modifyitems(config, items):
@@ -77,7 +77,7 @@ def box(lab, open_tmp, serving):
                                                     "-r", user, "--grace=%g" % grace, *serving,
                                                     *args, *target),
                               stdout=f, stderr=f)
-        host.wait_listening(port)
+        wait_ready(proc, err)
         return proc, err
     host.start = start
     return host

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from lab import LabError, have  # noqa: F401  (have is re-exported for test modules)
+from lab import have  # noqa: F401  (re-exported for test modules)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPROXY = os.path.join(REPO, "tproxy.py")
@@ -51,12 +51,43 @@ def proc_status(pid):
                 (line.partition(":") for line in f) if value.split()}
 
 
+def describe(pid):
+    """Return one line saying who PID is (pid, comm, State, PPid, Uid line, cmdline), for assertions."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return "pid %d: gone" % pid
+    return "pid %d comm=%r State=%s PPid=%s Uid=%s cmdline=%r" % (
+        pid, fields.get("Name"), fields.get("State"), fields.get("PPid"), fields.get("Uid"), cmdline)
+
+
 def process_uid(pid):
     """Return the real uid of PID."""
     return int(proc_status(pid)["Uid"])
 
 
 FORKER = "tproxy forker"         # fork mode's process that forks the children (tproxy(8))
+
+
+def family_status(pid):
+    """Return {pid: proc_status} of PID and of its children (fork mode: forker and children), read now.
+
+    A child gone before its status is read (the forker's probe, say, reaped
+    meanwhile) is left out, and so is a pid that is no longer PID's child by
+    then (reused by another process).
+    """
+    family = {pid: proc_status(pid)}
+    for child in children_of(pid):
+        try:
+            status = proc_status(child)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if status.get("PPid") == str(pid):
+            family[child] = status
+    return family
 
 
 def children_of(pid):
@@ -107,6 +138,26 @@ def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
             break
         time.sleep(interval)
     raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
+
+
+READY = "listening on"          # tproxy's start-up line (run_standalone), logged once it is ready
+
+
+def wait_ready(proc, err, timeout=10.0):
+    """Wait until tproxy PROC has logged READY to its stderr file ERR; return the file's text.
+
+    Listening is not ready: tproxy binds as root, then checks the return path
+    (running ip as root), preloads, switches user, and only then logs READY.
+    A test that looks at its processes earlier sees root ones. Raise
+    AssertionError, with what tproxy said, if PROC exits first.
+    """
+    def logged():
+        with open(str(err), errors="replace") as f:
+            text = f.read()
+        if READY not in text and proc.poll() is not None:
+            raise AssertionError("tproxy exited %d before it was ready: %s" % (proc.returncode, text))
+        return text if READY in text else None
+    return wait_for(logged, timeout=timeout, what="tproxy's %r line in %s" % (READY, err))
 
 
 PORT, TARGET = 12970, 7007      # the box fixture: tproxy, and its echo target on loopback
@@ -196,10 +247,7 @@ class BookLab:
             proc = self.router.popen(*tproxy_cmd("-d", "-s", port, *self.serving, *args),
                                      stdout=f, stderr=f)
         if wait:
-            try:
-                self.router.wait_listening(port)
-            except LabError:
-                raise AssertionError("tproxy did not start: %s" % open(err).read())
+            wait_ready(proc, err)
         return proc, err
 
     def send(self, addr, port, data, host=None, timeout=40, half_close=True):

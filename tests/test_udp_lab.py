@@ -71,11 +71,8 @@ def gateway(request, lab, open_tmp):
 
 
 def start(book, *args, port=PROXY_PORT):
-    """Start tproxy --udp on the router; return (Popen, stderr path) once it listens."""
-    proc, err = book.tproxy("--udp", "--idle-timeout=%d" % IDLE, "-r", "nobody", *args,
-                            port=port, wait=False)
-    book.router.wait_listening(port, proto="udp")
-    return proc, err
+    """Start tproxy --udp on the router; return (Popen, stderr path) once it is ready."""
+    return book.tproxy("--udp", "--idle-timeout=%d" % IDLE, "-r", "nobody", *args, port=port)
 
 
 def ask(sock, dest, payload, tries=5):

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from lab import Lab
-from support import BookLab, ECHO_SERVER, GRACE, PORT, PYTHON, TARGET, tproxy_cmd, wait_ready
+from support import BookLab, ECHO_SERVER, GRACE, PORT, PYTHON, TARGET, Tproxies, tproxy_cmd, wait_ready
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,6 +41,14 @@ def lab():
     """A fresh Lab, closed (processes stopped, namespaces deleted) afterwards."""
     with Lab("t") as the_lab:
         yield the_lab
+
+
+@pytest.fixture
+def tproxies():
+    """The owner of every tproxy the test starts outside a lab (support.Tproxies), closed afterwards."""
+    owner = Tproxies()
+    yield owner
+    owner.close()
 
 
 @pytest.fixture

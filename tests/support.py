@@ -4,11 +4,12 @@ Test modules import from here, never from conftest: tests/ and tests/translate/
 each have a conftest.py, and both are registered as the module "conftest".
 """
 import os
+import signal
 import subprocess
 import sys
 import time
 
-from lab import have  # noqa: F401  (re-exported for test modules)
+from lab import have, stop  # noqa: F401  (have is re-exported for test modules)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPROXY = os.path.join(REPO, "tproxy.py")
@@ -158,6 +159,109 @@ def wait_ready(proc, err, timeout=10.0):
             raise AssertionError("tproxy exited %d before it was ready: %s" % (proc.returncode, text))
         return text if READY in text else None
     return wait_for(logged, timeout=timeout, what="tproxy's %r line in %s" % (READY, err))
+
+
+def start_time(pid):
+    """Return PID's start time (clock ticks after boot: /proc/PID/stat field 22), or None once it has ended.
+
+    With the pid it names one process: a pid alone may be reused. A zombie
+    has ended (it waits only to be reaped).
+    """
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def is_tproxy(pid):
+    """Return True if PID runs tproxy (by its title or, before it names itself, its command line)."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmdline = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return comm_of(pid).startswith("tproxy") or b"tproxy" in cmdline
+
+
+def stop_daemon(pid, timeout=10.0):
+    """SIGTERM PID (a tproxy in the background: not our child) and wait until it has ended.
+
+    If it outlives TIMEOUT, SIGKILL its process group (the daemon's own
+    session: itself, its forker and children) and fail.
+    """
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        wait_for(lambda: start_time(pid) is None, timeout=timeout,
+                 what="tproxy (pid %d) to exit" % pid)
+    except AssertionError:
+        group = os.getpgid(pid)
+        if group != os.getpgrp():       # never ours: a daemon has a session of its own
+            os.killpg(group, signal.SIGKILL)
+        raise
+
+
+class Tproxies:
+    """The owner of every tproxy a test starts: its finaliser stops each by pid, however the test ended.
+
+    popen() starts one in a session of its own (its forker and children are
+    in its process group); background() learns, from its pid file, the pid of
+    one that went to the background. The `tproxies` fixture (conftest) closes
+    the owner after the test, also when it failed or timed out half-way.
+    """
+
+    PIDFILE_WAIT = 10.0     # seconds for a pid file to appear (a daemon writes it once detached)
+
+    def __init__(self):
+        self.procs = []         # Popen objects
+        self.daemons = {}       # pid file -> (pid, start time), or None while not read yet
+
+    def popen(self, argv, **kw):
+        """Start ARGV (a tproxy, or what runs one) in its own session; return the Popen."""
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        proc = subprocess.Popen([str(a) for a in argv], start_new_session=True, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def background(self, pidfile):
+        """Own the tproxy that writes PIDFILE when it goes to the background; return its pid."""
+        self.daemons[str(pidfile)] = None
+        pid = self.read_pidfile(pidfile)
+        if pid is None:
+            raise AssertionError("no pid in %s after %.0f s" % (pidfile, self.PIDFILE_WAIT))
+        return pid
+
+    def read_pidfile(self, pidfile, timeout=PIDFILE_WAIT):
+        """Wait for PIDFILE's pid, record it with its start time; return it (None if none came)."""
+        def pid_written():
+            try:
+                with open(str(pidfile)) as f:
+                    text = f.read().strip()
+            except FileNotFoundError:
+                return None
+            return int(text) if text.isdigit() else None
+        try:
+            pid = wait_for(pid_written, timeout=timeout, what="the pid in %s" % pidfile)
+        except AssertionError:
+            return None
+        self.daemons[str(pidfile)] = pid, start_time(pid)
+        return pid
+
+    def close(self):
+        """Stop every tproxy started here: each Popen's group, then each daemon still running."""
+        for proc in reversed(self.procs):
+            stop(proc)
+        self.procs.clear()
+        for pidfile in list(self.daemons):
+            if self.daemons[pidfile] is None:       # the test failed before it read the pid
+                self.read_pidfile(pidfile)
+            pid, started = self.daemons.pop(pidfile) or (None, None)
+            if pid is not None and start_time(pid) == started and is_tproxy(pid):
+                stop_daemon(pid)
 
 
 PORT, TARGET = 12970, 7007      # the box fixture: tproxy, and its echo target on loopback

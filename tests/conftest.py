@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules (helpers live in support.py)."""
 import os
+import signal
 
 import pytest
 
@@ -22,6 +23,13 @@ SERVING_MODES = {"fork": (), "workers": ("--workers=2",)}
 def pytest_configure(config):
     config.addinivalue_line("markers", "every_mode: run the test once per serving mode "
                             "(fork per connection, --workers); book and box start tproxy so")
+    signal.signal(signal.SIGTERM, interrupted)
+
+
+def interrupted(*_):
+    """SIGTERM (a CI job's time limit) ends the run as Ctrl-C does: fixture finalisers
+    still run and stop what the tests started (Tproxies, Lab); by default it ends at once."""
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def pytest_generate_tests(metafunc):

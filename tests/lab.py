@@ -60,7 +60,7 @@ class Host:
         self.lab.processes.append(proc)
         return proc
 
-    def socket(self, family=socket.AF_INET, type=socket.SOCK_STREAM):
+    def socket(self, family=socket.AF_INET, type=socket.SOCK_STREAM, proto=0):
         """Return a socket created inside this namespace (the test's own thread visits it)."""
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -69,14 +69,14 @@ class Host:
             if libc.setns(there.fileno(), clone_newnet) != 0:
                 raise LabError("%s: setns: %s" % (self.name, os.strerror(ctypes.get_errno())))
             try:
-                return socket.socket(family, type)
+                return socket.socket(family, type, proto)
             finally:
                 if libc.setns(home.fileno(), clone_newnet) != 0:
                     raise LabError("setns back home: %s" % os.strerror(ctypes.get_errno()))
 
-    def connect(self, port, addr="127.0.0.1", timeout=10.0):
-        """Return a socket connected from this namespace to ADDR:PORT (raises OSError)."""
-        sock = self.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+    def connect(self, port, addr="127.0.0.1", timeout=10.0, proto=0):
+        """Return a socket (TCP, or stream PROTO) connected from this namespace to ADDR:PORT (raises OSError)."""
+        sock = self.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, proto=proto)
         sock.settimeout(timeout)
         try:
             sock.connect((addr, port))
@@ -85,12 +85,16 @@ class Host:
             raise
         return sock
 
-    def accepted_connection(self):
-        """Return (client, server end) of a loopback TCP connection here, as inetd accepts one."""
-        with self.socket() as listener:
+    def accepted_connection(self, proto=0):
+        """Return (client, server end) of a loopback stream connection here, as inetd accepts one.
+
+        TCP unless PROTO names another stream protocol (SCTP, MPTCP); raises
+        OSError (EPROTONOSUPPORT) where the kernel lacks it.
+        """
+        with self.socket(proto=proto) as listener:
             listener.bind(("127.0.0.1", 0))
             listener.listen(1)
-            client = self.connect(listener.getsockname()[1])
+            client = self.connect(listener.getsockname()[1], proto=proto)
             conn, _ = listener.accept()
         return client, conn
 

@@ -177,6 +177,15 @@ class Lab:
             host.sysctl("net.ipv6.conf.all.forwarding", 1)
         return host
 
+    def wait_ipv6_settled(self):
+        """Wait until IPv6 neighbour discovery works on every host's links (Host.wait_ipv6_settled).
+
+        Before, a forwarded IPv6 packet, a transparent socket's or a NATed
+        reply may wait a whole second for its neighbour solicitation.
+        """
+        for host in self.hosts:
+            host.wait_ipv6_settled()
+
     def link(self, a, b, a_addrs=(), b_addrs=()):
         """Join hosts A and B with a veth pair; return the two interface names.
 

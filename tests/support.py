@@ -330,6 +330,16 @@ class BookLab:
             host.run("ip", "route", "add", "default", "via", gw)
             host.run("ip", "-6", "route", "add", "default", "via", gw6)
 
+    def settle_ipv6(self):
+        """Wait until IPv6 neighbour discovery works on every link (lab.Lab.wait_ipv6_settled).
+
+        An IPv6 test calls it before its first forwarded, intercepted or NATed
+        packet: the links' link-local addresses are in duplicate address
+        detection for a second or two after the lab is made, and until then
+        such a packet waits a second for its neighbour solicitation.
+        """
+        self.lab.wait_ipv6_settled()
+
     def web(self, host, port=80, name=None):
         """Start a recording web server on HOST; return the path of its request log."""
         log = str(self.tmp / ("%s-%d.jsonl" % (name or host.name, port)))

@@ -50,6 +50,7 @@ def test_tproxy_interception_keeps_client_and_destination(book, backend):
     book.moose.popen(PYTHON, PEERS, "who", 80, "--lifetime", 120)
     book.moose.wait_listening(80)
     _, err = book.tproxy("-t", "--source=client", "-r", "nobody")
+    book.settle_ipv6()
     for client, server in ((book.CLIENT, book.MOOSE), (book.CLIENT6, book.MOOSE6)):
         words = who(book.client, server, 80)
         assert words[0] == client and words[2] == server and words[3] == "80", (words, open(err).read())
@@ -318,6 +319,7 @@ def test_ipv6_redirect_original_destination(book):
     book.router.run("ip6tables", "-t", "nat", "-A", "PREROUTING", "-i", book.router_if, "-p", "tcp",
                     "--dport", 80, "-j", "REDIRECT", "--to-ports", 12970)
     _, err = book.tproxy("-t", "-r", "nobody")
+    book.settle_ipv6()
     words = who(book.client, book.MOOSE6, 80)
     assert words[2:] == [book.MOOSE6, "80"], open(err).read()
     wait_logged(err, "orig=[2001:db8:2::10]:80")

@@ -92,6 +92,8 @@ def ask(sock, dest, payload, tries=5):
 
 def client_sockets(book, family, count):
     """Return COUNT UDP sockets in the client namespace, each on its own port."""
+    if family == socket.AF_INET6:
+        book.settle_ipv6()
     addr = book.CLIENT6 if family == socket.AF_INET6 else book.CLIENT
     socks = []
     for _ in range(count):

@@ -23,6 +23,22 @@ def have(tool):
     return shutil.which(tool, path=path) is not None
 
 
+def poll(predicate, timeout, interval=0.05):
+    """Call PREDICATE every INTERVAL seconds until it returns a true value (returned); None after TIMEOUT.
+
+    Bounded in count as well as in time, as every loop of the tests is.
+    """
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 2):
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            break
+        time.sleep(interval)
+    return None
+
+
 class LabError(Exception):
     """A lab command failed; the message holds the command and its stderr."""
 
@@ -105,18 +121,14 @@ class Host:
     def wait_listening(self, port, proto="tcp", timeout=10.0):
         """Wait until something listens on PORT here; raise LabError if not."""
         flag = "-ltn" if proto == "tcp" else "-lun"
-        deadline = time.monotonic() + timeout
-        for _ in range(int(timeout / 0.05) + 1):
+
+        def listening():
             out = self.run("ss", "-H", flag, check=False).stdout
-            for line in out.splitlines():
-                fields = line.split()
-                if len(fields) >= 4 and fields[3].rsplit(":", 1)[-1] == str(port):
-                    return
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        raise LabError("%s: nothing listens on %s port %s after %.0f s"
-                       % (self.name, proto, port, timeout))
+            return any(len(fields) >= 4 and fields[3].rsplit(":", 1)[-1] == str(port)
+                       for fields in (line.split() for line in out.splitlines()))
+        if not poll(listening, timeout):
+            raise LabError("%s: nothing listens on %s port %s after %.0f s"
+                           % (self.name, proto, port, timeout))
 
 
     def ipv6_settled(self):
@@ -140,14 +152,8 @@ class Host:
 
     def wait_ipv6_settled(self, timeout=10.0):
         """Wait until ipv6_settled(); raise LabError if not within TIMEOUT seconds."""
-        deadline = time.monotonic() + timeout
-        for _ in range(int(timeout / 0.05) + 1):
-            if self.ipv6_settled():
-                return
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        raise LabError("%s: IPv6 link-local addresses still tentative after %.0f s:\n%s" % (
+        if not poll(self.ipv6_settled, timeout):
+            raise LabError("%s: IPv6 link-local addresses still tentative after %.0f s:\n%s" % (
             self.name, timeout, self.run("ip", "-6", "addr", "show", "tentative").stdout))
 
 

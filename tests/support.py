@@ -7,9 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-from lab import have, stop  # noqa: F401  (have is re-exported for test modules)
+from lab import have, poll, stop  # noqa: F401  (have is re-exported for test modules)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPROXY = os.path.join(REPO, "tproxy.py")
@@ -130,14 +129,9 @@ def tproxy_cmd(*args):
 
 def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
     """Poll PREDICATE until it returns a true value (returned); fail after TIMEOUT."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / interval) + 2):
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            break
-        time.sleep(interval)
+    value = poll(predicate, timeout, interval)
+    if value:
+        return value
     raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
 
 

@@ -31,13 +31,14 @@ to DATE-udp-pending.md instead of DATE-udp.md.
 """
 import argparse
 import os
-import resource
 import select
 import signal
 import socket
 import subprocess
 import sys
 import time
+
+from rlimits import raise_nofile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -452,14 +453,6 @@ def wait_ready(proc, port, timeout=10.0):
                 return
         time.sleep(0.05)
     raise RuntimeError("nothing bound UDP port %d" % port)
-
-
-def raise_nofile(needed):
-    """Raise this process's soft RLIMIT_NOFILE towards NEEDED descriptors (up to the hard limit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        want = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def pending_lines(pending, flows):

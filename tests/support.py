@@ -138,7 +138,7 @@ def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
 READY = "listening on"          # tproxy's start-up line (run_standalone), logged once it is ready
 
 
-def wait_ready(proc, err, timeout=10.0):
+def wait_ready(proc, err, timeout=20.0):
     """Wait until tproxy PROC has logged READY to its stderr file ERR; return the file's text.
 
     Listening is not ready: tproxy binds as root, then checks the return path

@@ -2725,6 +2725,9 @@ def run_inetd(cfg):
                     EX_USAGE) from None
     if conn.type != socket.SOCK_STREAM or conn.family not in (socket.AF_INET, socket.AF_INET6):
         raise Fatal("standard input is not a TCP socket", EX_USAGE)
+    if conn.proto != socket.IPPROTO_TCP:    # another stream protocol (inetd's sctp, systemd's SocketProtocol=)
+        raise Fatal("standard input is an %s socket, not a TCP socket" % OTHER_STREAMS.get(
+            conn.proto, "IP protocol %d" % conn.proto), EX_USAGE)
     log = open_log(cfg.logfile)
     log.use_syslog(stderr_usable=False)
     port = conn.getsockname()[1]
@@ -2734,6 +2737,9 @@ def run_inetd(cfg):
             return EX_OK
     finish_within_grace(cfg.grace)
     return run_session(Session(conn, Server(cfg, log, port)))
+
+
+OTHER_STREAMS = {132: "SCTP", 262: "MPTCP"}     # IPPROTO_*: stream sockets that are not TCP
 
 
 def accept_one(listener, log):

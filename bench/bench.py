@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import shlex
 import shutil
 import socket
@@ -41,6 +40,8 @@ import sys
 import sysconfig
 import tempfile
 import time
+
+from rlimits import raise_nofile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -102,17 +103,6 @@ def run_relaybench(path, quick, out, tp):
 HELD_CONNS = 10_000
 HELD_CONNS_QUICK = 1_000
 HELD_PSS_BOUND_MIB = 64             # issue 12's target for --workers 2 at 10,000 held
-
-
-def raise_nofile():
-    """Raise the soft RLIMIT_NOFILE to the hard one (children inherit it); return it.
-
-    The hard limit is not raised: that needs CAP_SYS_RESOURCE in the initial
-    user namespace, which a container's root may lack.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
 
 
 def haproxy_held_config(extra, maxconn, nofile):

@@ -31,13 +31,14 @@ to DATE-udp-pending.md instead of DATE-udp.md.
 """
 import argparse
 import os
-import resource
 import select
 import signal
 import socket
 import subprocess
 import sys
 import time
+
+from rlimits import raise_nofile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -171,6 +172,16 @@ def slab_kib():
     return total / 1024, client / 1024
 
 
+def kernel_per_flow(before, after, flows):
+    """Return the kernel socket KiB per flow between two slab_kib() readings, or None (not root).
+
+    Each flow's client socket is the bench's own: its share is taken off.
+    """
+    if before is None or after is None:
+        return None
+    return (after[0] - before[0]) / flows - after[1]
+
+
 def wait_answering(port, timeout=10.0):
     """Wait until a datagram to PORT is answered; raise RuntimeError if not."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -268,10 +279,7 @@ def idle_memory(pid, port, flows):
     processes = len(tree(pid))
     for s in socks:
         s.close()
-    kernel = None
-    if slab_before is not None and slab_after is not None:
-        kernel = (slab_after[0] - slab_before[0]) / flows - slab_after[1]
-    return (after - before) / flows, kernel, processes
+    return (after - before) / flows, kernel_per_flow(slab_before, slab_after, flows), processes
 
 
 def hold_order(control_port, order, timeout=5.0):
@@ -376,10 +384,8 @@ def pending_memory(pid, port, control_port, flows):
     finally:
         for s in socks:
             s.close()
-    kernel = None
-    if slab_before is not None and slab_after is not None:
-        kernel = (slab_after[0] - slab_before[0]) / flows - slab_after[1]
-    return {"pss_per_flow": (after - before) / flows, "kernel_per_flow": kernel,
+    return {"pss_per_flow": (after - before) / flows,
+            "kernel_per_flow": kernel_per_flow(slab_before, slab_after, flows),
             "processes": processes, "seen": seen, "answered": answered}
 
 
@@ -447,14 +453,6 @@ def wait_ready(proc, port, timeout=10.0):
                 return
         time.sleep(0.05)
     raise RuntimeError("nothing bound UDP port %d" % port)
-
-
-def raise_nofile(needed):
-    """Raise this process's soft RLIMIT_NOFILE towards NEEDED descriptors (up to the hard limit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        want = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def pending_lines(pending, flows):

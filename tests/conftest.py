@@ -1,10 +1,11 @@
 """Fixtures shared by the test modules (helpers live in support.py)."""
 import os
+import signal
 
 import pytest
 
 from lab import Lab
-from support import BookLab, ECHO_SERVER, GRACE, PORT, PYTHON, TARGET, tproxy_cmd
+from support import BookLab, ECHO_SERVER, GRACE, PORT, PYTHON, TARGET, Tproxies, tproxy_cmd, wait_ready
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,6 +23,13 @@ SERVING_MODES = {"fork": (), "workers": ("--workers=2",)}
 def pytest_configure(config):
     config.addinivalue_line("markers", "every_mode: run the test once per serving mode "
                             "(fork per connection, --workers); book and box start tproxy so")
+    signal.signal(signal.SIGTERM, interrupted)
+
+
+def interrupted(*_):
+    """SIGTERM (a CI job's time limit) ends the run as Ctrl-C does: fixture finalisers
+    still run and stop what the tests started (Tproxies, Lab); by default it ends at once."""
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def pytest_generate_tests(metafunc):
@@ -41,6 +49,14 @@ def lab():
     """A fresh Lab, closed (processes stopped, namespaces deleted) afterwards."""
     with Lab("t") as the_lab:
         yield the_lab
+
+
+@pytest.fixture
+def tproxies():
+    """The owner of every tproxy the test starts outside a lab (support.Tproxies), closed afterwards."""
+    owner = Tproxies()
+    yield owner
+    owner.close()
 
 
 @pytest.fixture
@@ -77,7 +93,7 @@ def box(lab, open_tmp, serving):
                                                     "-r", user, "--grace=%g" % grace, *serving,
                                                     *args, *target),
                               stdout=f, stderr=f)
-        host.wait_listening(port)
+        wait_ready(proc, err)
         return proc, err
     host.start = start
     return host

@@ -23,6 +23,22 @@ def have(tool):
     return shutil.which(tool, path=path) is not None
 
 
+def poll(predicate, timeout, interval=0.05):
+    """Call PREDICATE every INTERVAL seconds until it returns a true value (returned); None after TIMEOUT.
+
+    Bounded in count as well as in time, as every loop of the tests is.
+    """
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 2):
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            break
+        time.sleep(interval)
+    return None
+
+
 class LabError(Exception):
     """A lab command failed; the message holds the command and its stderr."""
 
@@ -60,7 +76,7 @@ class Host:
         self.lab.processes.append(proc)
         return proc
 
-    def socket(self, family=socket.AF_INET, type=socket.SOCK_STREAM):
+    def socket(self, family=socket.AF_INET, type=socket.SOCK_STREAM, proto=0):
         """Return a socket created inside this namespace (the test's own thread visits it)."""
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -69,14 +85,14 @@ class Host:
             if libc.setns(there.fileno(), clone_newnet) != 0:
                 raise LabError("%s: setns: %s" % (self.name, os.strerror(ctypes.get_errno())))
             try:
-                return socket.socket(family, type)
+                return socket.socket(family, type, proto)
             finally:
                 if libc.setns(home.fileno(), clone_newnet) != 0:
                     raise LabError("setns back home: %s" % os.strerror(ctypes.get_errno()))
 
-    def connect(self, port, addr="127.0.0.1", timeout=10.0):
-        """Return a socket connected from this namespace to ADDR:PORT (raises OSError)."""
-        sock = self.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+    def connect(self, port, addr="127.0.0.1", timeout=10.0, proto=0):
+        """Return a socket (TCP, or stream PROTO) connected from this namespace to ADDR:PORT (raises OSError)."""
+        sock = self.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, proto=proto)
         sock.settimeout(timeout)
         try:
             sock.connect((addr, port))
@@ -85,12 +101,16 @@ class Host:
             raise
         return sock
 
-    def accepted_connection(self):
-        """Return (client, server end) of a loopback TCP connection here, as inetd accepts one."""
-        with self.socket() as listener:
+    def accepted_connection(self, proto=0):
+        """Return (client, server end) of a loopback stream connection here, as inetd accepts one.
+
+        TCP unless PROTO names another stream protocol (SCTP, MPTCP); raises
+        OSError (EPROTONOSUPPORT) where the kernel lacks it.
+        """
+        with self.socket(proto=proto) as listener:
             listener.bind(("127.0.0.1", 0))
             listener.listen(1)
-            client = self.connect(listener.getsockname()[1])
+            client = self.connect(listener.getsockname()[1], proto=proto)
             conn, _ = listener.accept()
         return client, conn
 
@@ -101,18 +121,14 @@ class Host:
     def wait_listening(self, port, proto="tcp", timeout=10.0):
         """Wait until something listens on PORT here; raise LabError if not."""
         flag = "-ltn" if proto == "tcp" else "-lun"
-        deadline = time.monotonic() + timeout
-        for _ in range(int(timeout / 0.05) + 1):
+
+        def listening():
             out = self.run("ss", "-H", flag, check=False).stdout
-            for line in out.splitlines():
-                fields = line.split()
-                if len(fields) >= 4 and fields[3].rsplit(":", 1)[-1] == str(port):
-                    return
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        raise LabError("%s: nothing listens on %s port %s after %.0f s"
-                       % (self.name, proto, port, timeout))
+            return any(len(fields) >= 4 and fields[3].rsplit(":", 1)[-1] == str(port)
+                       for fields in (line.split() for line in out.splitlines()))
+        if not poll(listening, timeout):
+            raise LabError("%s: nothing listens on %s port %s after %.0f s"
+                           % (self.name, proto, port, timeout))
 
 
     def ipv6_settled(self):
@@ -136,14 +152,8 @@ class Host:
 
     def wait_ipv6_settled(self, timeout=10.0):
         """Wait until ipv6_settled(); raise LabError if not within TIMEOUT seconds."""
-        deadline = time.monotonic() + timeout
-        for _ in range(int(timeout / 0.05) + 1):
-            if self.ipv6_settled():
-                return
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        raise LabError("%s: IPv6 link-local addresses still tentative after %.0f s:\n%s" % (
+        if not poll(self.ipv6_settled, timeout):
+            raise LabError("%s: IPv6 link-local addresses still tentative after %.0f s:\n%s" % (
             self.name, timeout, self.run("ip", "-6", "addr", "show", "tentative").stdout))
 
 
@@ -172,6 +182,15 @@ class Lab:
             host.sysctl("net.ipv4.ip_forward", 1)
             host.sysctl("net.ipv6.conf.all.forwarding", 1)
         return host
+
+    def wait_ipv6_settled(self):
+        """Wait until IPv6 neighbour discovery works on every host's links (Host.wait_ipv6_settled).
+
+        Before, a forwarded IPv6 packet, a transparent socket's or a NATed
+        reply may wait a whole second for its neighbour solicitation.
+        """
+        for host in self.hosts:
+            host.wait_ipv6_settled()
 
     def link(self, a, b, a_addrs=(), b_addrs=()):
         """Join hosts A and B with a veth pair; return the two interface names.

@@ -161,8 +161,7 @@ class ScaleOutLab:
         # tentative) is retransmitted after 1 s with a new txhash, which the router's
         # ECMP takes from the skb (veth keeps the sender's hash): the copy goes to another
         # node, both answer, and the client is reset.
-        for host in self.lab.hosts:
-            host.wait_ipv6_settled()
+        self.lab.wait_ipv6_settled()
 
     def path(self, name, what):
         """Return the lab file WHAT (pid4, ctl, err, ...) of host NAME."""

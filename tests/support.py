@@ -4,11 +4,11 @@ Test modules import from here, never from conftest: tests/ and tests/translate/
 each have a conftest.py, and both are registered as the module "conftest".
 """
 import os
+import signal
 import subprocess
 import sys
-import time
 
-from lab import LabError, have  # noqa: F401  (have is re-exported for test modules)
+from lab import have, poll, stop  # noqa: F401  (have is re-exported for test modules)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPROXY = os.path.join(REPO, "tproxy.py")
@@ -51,12 +51,43 @@ def proc_status(pid):
                 (line.partition(":") for line in f) if value.split()}
 
 
+def describe(pid):
+    """Return one line saying who PID is (pid, comm, State, PPid, Uid line, cmdline), for assertions."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return "pid %d: gone" % pid
+    return "pid %d comm=%r State=%s PPid=%s Uid=%s cmdline=%r" % (
+        pid, fields.get("Name"), fields.get("State"), fields.get("PPid"), fields.get("Uid"), cmdline)
+
+
 def process_uid(pid):
     """Return the real uid of PID."""
     return int(proc_status(pid)["Uid"])
 
 
 FORKER = "tproxy forker"         # fork mode's process that forks the children (tproxy(8))
+
+
+def family_status(pid):
+    """Return {pid: proc_status} of PID and of its children (fork mode: forker and children), read now.
+
+    A child gone before its status is read (the forker's probe, say, reaped
+    meanwhile) is left out, and so is a pid that is no longer PID's child by
+    then (reused by another process).
+    """
+    family = {pid: proc_status(pid)}
+    for child in children_of(pid):
+        try:
+            status = proc_status(child)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if status.get("PPid") == str(pid):
+            family[child] = status
+    return family
 
 
 def children_of(pid):
@@ -98,15 +129,133 @@ def tproxy_cmd(*args):
 
 def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
     """Poll PREDICATE until it returns a true value (returned); fail after TIMEOUT."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / interval) + 2):
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            break
-        time.sleep(interval)
+    value = poll(predicate, timeout, interval)
+    if value:
+        return value
     raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
+
+
+READY = "listening on"          # tproxy's start-up line (run_standalone), logged once it is ready
+
+
+def wait_ready(proc, err, timeout=20.0):
+    """Wait until tproxy PROC has logged READY to its stderr file ERR; return the file's text.
+
+    Listening is not ready: tproxy binds as root, then checks the return path
+    (running ip as root), preloads, switches user, and only then logs READY.
+    A test that looks at its processes earlier sees root ones. Raise
+    AssertionError, with what tproxy said, if PROC exits first.
+    """
+    def logged():
+        with open(str(err), errors="replace") as f:
+            text = f.read()
+        if READY not in text and proc.poll() is not None:
+            raise AssertionError("tproxy exited %d before it was ready: %s" % (proc.returncode, text))
+        return text if READY in text else None
+    return wait_for(logged, timeout=timeout, what="tproxy's %r line in %s" % (READY, err))
+
+
+def start_time(pid):
+    """Return PID's start time (clock ticks after boot: /proc/PID/stat field 22), or None once it has ended.
+
+    With the pid it names one process: a pid alone may be reused. A zombie
+    has ended (it waits only to be reaped).
+    """
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def is_tproxy(pid):
+    """Return True if PID runs tproxy (by its title or, before it names itself, its command line)."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmdline = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return comm_of(pid).startswith("tproxy") or b"tproxy" in cmdline
+
+
+def stop_daemon(pid, timeout=10.0):
+    """SIGTERM PID (a tproxy in the background: not our child) and wait until it has ended.
+
+    If it outlives TIMEOUT, SIGKILL its process group (the daemon's own
+    session: itself, its forker and children) and fail.
+    """
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        wait_for(lambda: start_time(pid) is None, timeout=timeout,
+                 what="tproxy (pid %d) to exit" % pid)
+    except AssertionError:
+        group = os.getpgid(pid)
+        if group != os.getpgrp():       # never ours: a daemon has a session of its own
+            os.killpg(group, signal.SIGKILL)
+        raise
+
+
+class Tproxies:
+    """The owner of every tproxy a test starts: its finaliser stops each by pid, however the test ended.
+
+    popen() starts one in a session of its own (its forker and children are
+    in its process group); background() learns, from its pid file, the pid of
+    one that went to the background. The `tproxies` fixture (conftest) closes
+    the owner after the test, also when it failed or timed out half-way.
+    """
+
+    PIDFILE_WAIT = 10.0     # seconds for a pid file to appear (a daemon writes it once detached)
+
+    def __init__(self):
+        self.procs = []         # Popen objects
+        self.daemons = {}       # pid file -> (pid, start time), or None while not read yet
+
+    def popen(self, argv, **kw):
+        """Start ARGV (a tproxy, or what runs one) in its own session; return the Popen."""
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        proc = subprocess.Popen([str(a) for a in argv], start_new_session=True, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def background(self, pidfile):
+        """Own the tproxy that writes PIDFILE when it goes to the background; return its pid."""
+        self.daemons[str(pidfile)] = None
+        pid = self.read_pidfile(pidfile)
+        if pid is None:
+            raise AssertionError("no pid in %s after %.0f s" % (pidfile, self.PIDFILE_WAIT))
+        return pid
+
+    def read_pidfile(self, pidfile, timeout=PIDFILE_WAIT):
+        """Wait for PIDFILE's pid, record it with its start time; return it (None if none came)."""
+        def pid_written():
+            try:
+                with open(str(pidfile)) as f:
+                    text = f.read().strip()
+            except FileNotFoundError:
+                return None
+            return int(text) if text.isdigit() else None
+        try:
+            pid = wait_for(pid_written, timeout=timeout, what="the pid in %s" % pidfile)
+        except AssertionError:
+            return None
+        self.daemons[str(pidfile)] = pid, start_time(pid)
+        return pid
+
+    def close(self):
+        """Stop every tproxy started here: each Popen's group, then each daemon still running."""
+        for proc in reversed(self.procs):
+            stop(proc)
+        self.procs.clear()
+        for pidfile in list(self.daemons):
+            if self.daemons[pidfile] is None:       # the test failed before it read the pid
+                self.read_pidfile(pidfile)
+            pid, started = self.daemons.pop(pidfile) or (None, None)
+            if pid is not None and start_time(pid) == started and is_tproxy(pid):
+                stop_daemon(pid)
 
 
 PORT, TARGET = 12970, 7007      # the box fixture: tproxy, and its echo target on loopback
@@ -175,6 +324,16 @@ class BookLab:
             host.run("ip", "route", "add", "default", "via", gw)
             host.run("ip", "-6", "route", "add", "default", "via", gw6)
 
+    def settle_ipv6(self):
+        """Wait until IPv6 neighbour discovery works on every link (lab.Lab.wait_ipv6_settled).
+
+        An IPv6 test calls it before its first forwarded, intercepted or NATed
+        packet: the links' link-local addresses are in duplicate address
+        detection for a second or two after the lab is made, and until then
+        such a packet waits a second for its neighbour solicitation.
+        """
+        self.lab.wait_ipv6_settled()
+
     def web(self, host, port=80, name=None):
         """Start a recording web server on HOST; return the path of its request log."""
         log = str(self.tmp / ("%s-%d.jsonl" % (name or host.name, port)))
@@ -196,10 +355,7 @@ class BookLab:
             proc = self.router.popen(*tproxy_cmd("-d", "-s", port, *self.serving, *args),
                                      stdout=f, stderr=f)
         if wait:
-            try:
-                self.router.wait_listening(port)
-            except LabError:
-                raise AssertionError("tproxy did not start: %s" % open(err).read())
+            wait_ready(proc, err)
         return proc, err
 
     def send(self, addr, port, data, host=None, timeout=40, half_close=True):

@@ -110,19 +110,15 @@ def test_log_in_a_directory_of_the_user_is_the_users_own(open_tmp):
     assert os.stat(str(log)).st_uid == NOBODY
 
 
-def test_pid_file_left_to_the_user_by_an_older_tproxy_is_taken_back(open_tmp):
+def test_pid_file_left_to_the_user_by_an_older_tproxy_is_taken_back(tproxies, open_tmp):
     """Older versions gave the pid file to USER, who could then write any pid in it for root."""
     piddir = open_tmp / "root-only"
     piddir.mkdir(mode=0o755)
     pidfile = piddir / "tproxy.pid"
     pidfile.write_text("1\n")
     os.chown(str(pidfile), NOBODY, NOBODY)
-    proc = subprocess.Popen(tproxy_cmd("-d", "-s", free_port(), "-b", "127.0.0.1", "-r", "nobody",
-                                       "-P", pidfile, "-t", "127.0.0.1", 9),
-                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: pidfile.read_text().strip() == str(proc.pid), what="the pid written")
-        assert os.stat(str(pidfile)).st_uid == 0
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    proc = tproxies.popen(tproxy_cmd("-d", "-s", free_port(), "-b", "127.0.0.1", "-r", "nobody",
+                                     "-P", pidfile, "-t", "127.0.0.1", 9),
+                          stderr=subprocess.DEVNULL)
+    wait_for(lambda: pidfile.read_text().strip() == str(proc.pid), what="the pid written")
+    assert os.stat(str(pidfile)).st_uid == 0

@@ -1,4 +1,5 @@
 """Hostile local users and bad days: credentials, privileges, loops, timeouts, descriptors."""
+import errno
 import os
 import socket
 import subprocess
@@ -241,6 +242,20 @@ def test_inetd_unix_socket_on_standard_input(box):
     status, err = inetd(box, a)
     assert (status, err) == (64, "tproxy: standard input is not a TCP socket\n")
     a.close(), b.close()
+
+
+@pytest.mark.parametrize("name, proto", [("SCTP", 132), ("MPTCP", 262)])
+def test_inetd_stream_socket_of_another_protocol_is_refused(box, name, proto):
+    """inetd's sctp services (and systemd's SocketProtocol=) give a SOCK_STREAM that is not TCP."""
+    try:
+        client, conn = box.accepted_connection(proto)
+    except OSError as exc:
+        if exc.errno != errno.EPROTONOSUPPORT:
+            raise
+        pytest.skip("this kernel has no %s" % name)
+    status, err = inetd(box, conn)
+    assert (status, err) == (64, "tproxy: standard input is an %s socket, not a TCP socket\n" % name)
+    client.close(), conn.close()
 
 
 def test_inetd_wait_service_serves_the_waiting_client(box):

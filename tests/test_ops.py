@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from support import (FORKER, PRIVATE_DEV, PYTHON, REPO, TPROXY, children_of, comm_of,
-                     connection_children, tproxy_cmd, wait_for)
+                     connection_children, stop_daemon, tproxy_cmd, wait_for)
 from lab import free_port, have, stop
 import tproxy
 from translate import pipeline
@@ -58,12 +58,11 @@ def test_man_pages_are_quiet_under_mandoc_lint():
     (("2001:db8::10", "80"), "target [2001:db8::10]:80"),
     (("192.0.2.10", "80"), "target 192.0.2.10:80"),
 ])
-def test_start_up_line_brackets_an_ipv6_target(target, shown):
+def test_start_up_line_brackets_an_ipv6_target(tproxies, target, shown):
     """The first line names the target as host:port, an IPv6 host in brackets."""
     port = free_port()
-    proc = subprocess.Popen(tproxy_cmd("-d", "-t", "-s", port, "-b", "127.0.0.1", *target),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = tproxies.popen(tproxy_cmd("-d", "-t", "-s", port, "-b", "127.0.0.1", *target),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
     finally:
@@ -96,22 +95,6 @@ def test_pid_file_error_names_minus_p_only_when_given(option, named):
     assert (ran.returncode, ran.stderr) == (73, "tproxy: %s: Is a directory\n" % named)
 
 
-def stop_daemon(pid):
-    """SIGTERM the daemon PID (not our child) and wait until it is gone."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-
-    def gone():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
-    wait_for(gone, what="tproxy (pid %d) to exit" % pid)
-
-
 def relay_one(port, target, source="127.0.0.1"):
     """Send one exchange through tproxy at PORT (from SOURCE) to the listener TARGET."""
     with socket.create_connection(("127.0.0.1", port), timeout=10,
@@ -126,7 +109,7 @@ def relay_one(port, target, source="127.0.0.1"):
 
 
 @UNSHARE_NEEDS
-def test_without_syslog_the_background_server_says_so_and_logs_to_stderr(tmp_path):
+def test_without_syslog_the_background_server_says_so_and_logs_to_stderr(tproxies, tmp_path):
     """No /dev/log: one line says so at start; start-up and connection lines stay on stderr."""
     errors, pidfile = tmp_path / "stderr", tmp_path / "tproxy.pid"
     port = free_port()
@@ -137,8 +120,7 @@ def test_without_syslog_the_background_server_says_so_and_logs_to_stderr(tmp_pat
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                  timeout=30)
         assert started.returncode == 0, errors.read_text()
-        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(),
-                           what="the pid file"))
+        pid = tproxies.background(pidfile)
         try:
             relay_one(port, target)
             wait_for(lambda: "outcome=" in errors.read_text(), what="the connection's line on stderr")
@@ -156,7 +138,7 @@ def test_without_syslog_the_background_server_says_so_and_logs_to_stderr(tmp_pat
 
 
 @UNSHARE_NEEDS
-def test_without_syslog_a_pipe_is_let_go_and_messages_go_to_the_l_file(tmp_path):
+def test_without_syslog_a_pipe_is_let_go_and_messages_go_to_the_l_file(tproxies, tmp_path):
     """No /dev/log, stderr a pipe: one line says where messages go; the starter is not held."""
     logfile, pidfile = tmp_path / "conn.log", tmp_path / "tproxy.pid"
     port = free_port()
@@ -166,8 +148,7 @@ def test_without_syslog_a_pipe_is_let_go_and_messages_go_to_the_l_file(tmp_path)
                                   "-l", str(logfile), "127.0.0.1", str(target.getsockname()[1])],
                                  stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                  timeout=30)       # returns only once the pipe is closed
-        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(),
-                           what="the pid file"))
+        pid = tproxies.background(pidfile)
         try:
             relay_one(port, target)
             wait_for(lambda: "outcome=ok" in logfile.read_text(), what="the connection's line")
@@ -243,23 +224,21 @@ def read_terminal(master, timeout=30.0):
 
 @UNSHARE_NEEDS
 @pytest.mark.parametrize("syslog", [True, False], ids=["syslog", "no-syslog"])
-def test_prefork_from_a_terminal_says_once_that_it_runs_workers(tmp_path, syslog):
+def test_prefork_from_a_terminal_says_once_that_it_runs_workers(tproxies, tmp_path, syslog):
     """--prefork in the background: the notice on the terminal once, in the log once (or both at once)."""
     import pty
     master, slave = pty.openpty()
     log, pidfile = tmp_path / "syslog", tmp_path / "tproxy.pid"
     port = free_port()
     with socket.create_server(("127.0.0.1", 0)) as target:
-        starter = subprocess.Popen(["unshare", "-m", "sh", "-c", PRIVATE_DEV, "sh", PYTHON, "-c",
-                                    SYSLOG_THEN, str(log) if syslog else "-", PYTHON, TPROXY,
-                                    "--prefork=1:3", "-t", "-s", str(port), "-b", "127.0.0.1",
-                                    "-P", str(pidfile), "127.0.0.1", str(target.getsockname()[1])],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=slave, start_new_session=True)
+        starter = tproxies.popen(["unshare", "-m", "sh", "-c", PRIVATE_DEV, "sh", PYTHON, "-c",
+                                  SYSLOG_THEN, str(log) if syslog else "-", PYTHON, TPROXY,
+                                  "--prefork=1:3", "-t", "-s", str(port), "-b", "127.0.0.1",
+                                  "-P", str(pidfile), "127.0.0.1", str(target.getsockname()[1])],
+                                 stdout=subprocess.DEVNULL, stderr=slave)
         os.close(slave)
         try:
-            pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(),
-                               what="the pid file"))
+            pid = tproxies.background(pidfile)
             try:
                 relay_one(port, target)
             finally:
@@ -299,16 +278,15 @@ def has_setproctitle():
 
 
 class Running:
-    """A foreground tproxy on loopback with its stderr in a file; stopped by pid."""
+    """A foreground tproxy on loopback with its stderr in a file; owned by TPROXIES (the fixture)."""
 
-    def __init__(self, tmp_path, *args):
+    def __init__(self, tproxies, tmp_path, *args):
         self.errors = tmp_path / "stderr"
         self.port = free_port()
         with open(self.errors, "w") as err:
-            self.proc = subprocess.Popen(tproxy_cmd("-d", "-t", "-s", self.port, "-b", "127.0.0.1",
-                                                    *args),
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=err, start_new_session=True)
+            self.proc = tproxies.popen(tproxy_cmd("-d", "-t", "-s", self.port, "-b", "127.0.0.1",
+                                                  *args),
+                                       stdout=subprocess.DEVNULL, stderr=err)
         self.wait_line("listening on")
 
     def lines(self, word):
@@ -337,11 +315,11 @@ STATUS_LINE = re.compile(r"tproxy\[(\d+)\]: status: (parent|worker \d+) active=(
                          r"failed_up=(\d+) failed_down=(\d+) uptime=\d+$")
 
 
-def test_sigusr1_fork_mode_parent_sums_its_children(tmp_path):
+def test_sigusr1_fork_mode_parent_sums_its_children(tproxies, tmp_path):
     """Fork mode: the parent's one line counts what its (exited) children served, refused, failed."""
     target = socket.create_server(("127.0.0.1", 0))
     tport = target.getsockname()[1]
-    server = Running(tmp_path, "-a", "127.0.0.1/32", "127.0.0.1", tport)
+    server = Running(tproxies, tmp_path, "-a", "127.0.0.1/32", "127.0.0.1", tport)
     try:
         server.exchange(target)
         server.exchange(target)
@@ -364,10 +342,10 @@ def test_sigusr1_fork_mode_parent_sums_its_children(tmp_path):
     assert server.proc.returncode == 0
 
 
-def test_fork_mode_titles_tell_parent_forker_and_child(tmp_path):
+def test_fork_mode_titles_tell_parent_forker_and_child(tproxies, tmp_path):
     """ps names the parent, its forker and each child; with setproctitle the child shows its connection."""
     target = socket.create_server(("127.0.0.1", 0))
-    server = Running(tmp_path, "127.0.0.1", target.getsockname()[1])
+    server = Running(tproxies, tmp_path, "127.0.0.1", target.getsockname()[1])
     try:
         with server.client() as client:
             served, _ = target.accept()
@@ -434,7 +412,7 @@ CLONE_CASES = {     # how tproxy is started: its argv up to its options; the lin
 
 
 @pytest.mark.parametrize("case", CLONE_CASES)
-def test_fork_mode_without_a_working_clone_forks_in_the_parent(tmp_path, case):
+def test_fork_mode_without_a_working_clone_forks_in_the_parent(tproxies, tmp_path, case):
     """No clone number for this process's ABI, a number that is not clone, or a clone refused:
     the parent forks each child itself; a refusal is found by the forker and logged once."""
     if case == "not-clone" and not X86_64:
@@ -446,10 +424,9 @@ def test_fork_mode_without_a_working_clone_forks_in_the_parent(tmp_path, case):
     target.settimeout(30)       # a server that serves nobody fails the test, not hangs it
     port, errors = free_port(), tmp_path / "stderr"
     with open(errors, "w") as err:
-        proc = subprocess.Popen(argv + ["-d", "-t", "-s", str(port), "-b", "127.0.0.1",
-                                        "--max-conns", "1", "127.0.0.1", str(target.getsockname()[1])],
-                                cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
+        proc = tproxies.popen(argv + ["-d", "-t", "-s", str(port), "-b", "127.0.0.1",
+                                      "--max-conns", "1", "127.0.0.1", str(target.getsockname()[1])],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
     try:
         wait_for(lambda: "listening on" in errors.read_text(), what="tproxy listening")
         relay_one(port, target)
@@ -523,7 +500,7 @@ def test_sibling_fork_children_live_under_every_python_here():
     assert results and set(results.values()) == {0}, results
 
 
-def test_fork_mode_imports_no_module_with_python_fork_hooks(tmp_path, monkeypatch):
+def test_fork_mode_imports_no_module_with_python_fork_hooks(tproxies, tmp_path, monkeypatch):
     """Neither threading nor logging is imported, in the parent or a child, with setproctitle too.
 
     Their os.register_at_fork hooks run Python code in the parent and in
@@ -532,7 +509,7 @@ def test_fork_mode_imports_no_module_with_python_fork_hooks(tmp_path, monkeypatc
     """
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")     # each import, a line on stderr
     target = socket.create_server(("127.0.0.1", 0))
-    server = Running(tmp_path, "127.0.0.1", target.getsockname()[1])
+    server = Running(tproxies, tmp_path, "127.0.0.1", target.getsockname()[1])
     try:
         server.exchange(target)
         server.wait_line("outcome=")
@@ -544,10 +521,10 @@ def test_fork_mode_imports_no_module_with_python_fork_hooks(tmp_path, monkeypatc
     assert imported & {"threading", "logging"} == set()
 
 
-def test_sigusr1_workers_each_worker_logs_its_own_line(tmp_path):
+def test_sigusr1_workers_each_worker_logs_its_own_line(tproxies, tmp_path):
     """--workers=2: the parent logs the pool, each worker its own counters while serving."""
     target = socket.create_server(("127.0.0.1", 0))
-    server = Running(tmp_path, "--workers=2", "127.0.0.1", target.getsockname()[1])
+    server = Running(tproxies, tmp_path, "--workers=2", "127.0.0.1", target.getsockname()[1])
     try:
         workers = wait_for(lambda: len(children_of(server.proc.pid)) == 2 and
                            children_of(server.proc.pid), what="two workers")

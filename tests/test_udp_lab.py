@@ -71,11 +71,8 @@ def gateway(request, lab, open_tmp):
 
 
 def start(book, *args, port=PROXY_PORT):
-    """Start tproxy --udp on the router; return (Popen, stderr path) once it listens."""
-    proc, err = book.tproxy("--udp", "--idle-timeout=%d" % IDLE, "-r", "nobody", *args,
-                            port=port, wait=False)
-    book.router.wait_listening(port, proto="udp")
-    return proc, err
+    """Start tproxy --udp on the router; return (Popen, stderr path) once it is ready."""
+    return book.tproxy("--udp", "--idle-timeout=%d" % IDLE, "-r", "nobody", *args, port=port)
 
 
 def ask(sock, dest, payload, tries=5):
@@ -95,6 +92,8 @@ def ask(sock, dest, payload, tries=5):
 
 def client_sockets(book, family, count):
     """Return COUNT UDP sockets in the client namespace, each on its own port."""
+    if family == socket.AF_INET6:
+        book.settle_ipv6()
     addr = book.CLIENT6 if family == socket.AF_INET6 else book.CLIENT
     socks = []
     for _ in range(count):

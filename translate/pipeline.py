@@ -199,6 +199,9 @@ class RunReader:
     def items_of(self, rec):
         """Return the items of one record (Invocations, remarks)."""
         line, cited = self.origins.span(rec.file, rec.line)
+        if not cited:       # no such line: the record says what ran, and we say where it is not
+            cited = "recorded as: %s (%s)" % (shlex.join([rec.kind] + rec.argv),
+                                              self.origins.absent(rec.file, rec.line))
         src = SourceRef(rec.file, line, cited)
         if rec.kind in ("ipchains", "ipmasqadm"):
             self.commands = True

@@ -573,6 +573,13 @@ class Origins:
         text = "\n".join(lines[first - 1:last]) if 0 < first <= len(lines) else ""
         return first, text.strip()
 
+    def absent(self, file, line):
+        """Say why LINE of FILE has no text to cite (span gave ''): a record bash did not write, or an eval's."""
+        lines, _ = self.spans[file]
+        if lines == [""]:
+            return "%s is empty or was not read" % file
+        return "%s has no line %d: it has %d lines" % (file, line, len(lines) - (lines[-1] == ""))
+
     def _read(self, file):
         """Return (lines, {continued line: first line}) of FILE.
 

@@ -432,6 +432,24 @@ def test_a_host_name_written_in_a_file_cited_later_is_looked_up(bwrap, tmp_path)
     assert "lib.sh:2" in out
 
 
+def test_record_for_a_line_past_the_end_of_its_file_is_cited_by_what_it_recorded(bwrap, tmp_path):
+    # Well-formed records of the script's own file at lines it does not have
+    # (bash reports such lines for a long eval, too) were cited as ''.
+    script = tmp_path / "forge.sh"
+    script.write_text("ipchains -A input -s 192.0.2.1 -j ACCEPT\n"
+                      "printf '%s\\0%s\\0%s\\0%s\\0%s\\0' iptables \"$BASH_SOURCE\" 99 1 -L >&$__xl_fd\n"
+                      "printf '%s\\0%s\\0%s\\0%s\\0%s\\0%s\\0%s\\0' ipchains \"$BASH_SOURCE\" 77 3 "
+                      "-A input -y >&$__xl_fd\n")
+    status, out, err = run_tool(["--to=nft", str(script)])
+    assert status == 1, err
+    assert "''" not in err
+    assert "%s:99: error: iptables command left out" % script in err
+    assert "'recorded as: iptables -L (%s has no line 99: it has 3 lines)'" % script in err
+    assert "%s:77: error: -y needs -p tcp: 'recorded as: ipchains -A input -y (%s has no line 77: " \
+        "it has 3 lines)'" % (script, script) in err
+    assert "# %s:77: untranslated (-y needs -p tcp): recorded as: ipchains -A input -y" % script in out
+
+
 @pytest.mark.parametrize("record", [
     # An ipchains-restore record carries two fields (its file, its data).
     'restore\\0f\\0001\\0001\\0x\\0',

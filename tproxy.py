@@ -2725,9 +2725,9 @@ def run_inetd(cfg):
                     EX_USAGE) from None
     if conn.type != socket.SOCK_STREAM or conn.family not in (socket.AF_INET, socket.AF_INET6):
         raise Fatal("standard input is not a TCP socket", EX_USAGE)
-    if conn.proto != socket.IPPROTO_TCP:    # another stream protocol (inetd's sctp, systemd's SocketProtocol=)
-        raise Fatal("standard input is an %s socket, not a TCP socket" % OTHER_STREAMS.get(
-            conn.proto, "IP protocol %d" % conn.proto), EX_USAGE)
+    other = other_stream(conn)
+    if other:
+        raise Fatal("standard input is an %s socket, not a TCP socket" % other, EX_USAGE)
     log = open_log(cfg.logfile)
     log.use_syslog(stderr_usable=False)
     port = conn.getsockname()[1]
@@ -2740,6 +2740,17 @@ def run_inetd(cfg):
 
 
 OTHER_STREAMS = {132: "SCTP", 262: "MPTCP"}     # IPPROTO_*: stream sockets that are not TCP
+
+
+def other_stream(sock):
+    """Name the protocol of an inet stream socket that is not TCP; None for TCP.
+
+    inetd's sctp services and systemd's SocketProtocol= hand over such
+    sockets; tproxy relays TCP only and says so rather than serve them as TCP.
+    """
+    if sock.proto == socket.IPPROTO_TCP:
+        return None
+    return OTHER_STREAMS.get(sock.proto, "IP protocol %d" % sock.proto)
 
 
 def accept_one(listener, log):
@@ -2996,6 +3007,10 @@ def inherited_listeners(udp=False):
                 not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise Fatal("socket activation: fd %d is not a listening TCP socket "
                         "(tproxy.socket needs ListenStream=PORT and Accept=no)" % fd, EX_USAGE)
+        elif other_stream(sock):        # SocketProtocol=sctp or mptcp
+            raise Fatal("socket activation: fd %d is an %s listener, not a TCP one "
+                        "(tproxy.socket needs no SocketProtocol=)" % (fd, other_stream(sock)),
+                        EX_USAGE)
         os.set_inheritable(fd, False)
         if udp:
             prepare_udp_listener(sock, sock.family, dual_stack=False)   # bound: V6ONLY is fixed

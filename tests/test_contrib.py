@@ -354,19 +354,30 @@ def tcp_listener():
     return sock
 
 
+def mptcp_listener():
+    """A listening MPTCP socket on loopback: a stream listener, but not TCP (SocketProtocol=mptcp)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)     # IPPROTO_MPTCP
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return sock
+
+
 @pytest.mark.parametrize("make_fd, env, status, message", [
     (udp_socket, {"LISTEN_FDS": "1", "LISTEN_PID": "self"}, EX_USAGE,
      "socket activation: fd 3 is a UDP socket (serve it with --udp; "
      "for TCP, tproxy.socket needs ListenStream=PORT and Accept=no)"),
     (dev_null, {"LISTEN_FDS": "1", "LISTEN_PID": "self"}, EX_USAGE,
      "socket activation: fd 3: Socket operation on non-socket"),
+    (mptcp_listener, {"LISTEN_FDS": "1", "LISTEN_PID": "self"}, EX_USAGE,
+     "socket activation: fd 3 is an MPTCP listener, not a TCP one "
+     "(tproxy.socket needs no SocketProtocol=)"),
     # Not activated (bogus count, or another process's sockets): the service's
     # -d alone then is a usage error, whatever fd 3 is.
     (dev_null, {"LISTEN_FDS": "bogus", "LISTEN_PID": "self"}, EX_USAGE,
      "-d needs -s PORT (standalone mode)"),
     (tcp_listener, {"LISTEN_FDS": "1", "LISTEN_PID": "1"}, EX_USAGE,
      "-d needs -s PORT (standalone mode)"),
-], ids=["udp-socket", "not-a-socket", "bogus-count", "other-pid"])
+], ids=["udp-socket", "not-a-socket", "mptcp-listener", "bogus-count", "other-pid"])
 def test_socket_activation_bad_environment(make_fd, env, status, message):
     """tproxy.service's command with unusable LISTEN_* and fd 3: one error line, a sysexits status."""
     argv = exec_argv(shipped("systemd/tproxy.service", target="192.0.2.20"))

@@ -1472,6 +1472,7 @@ class Pump:
     """
 
     lean = False    # True: an event loop may step it alone when its source is readable (Session.lean)
+    fin_by_close = False    # True: the destination is closed right after the EOF, which sends the FIN
 
     def __init__(self, src, dst, src_side, dst_side):
         self.src, self.dst = src, dst
@@ -1489,11 +1490,12 @@ class Pump:
         return self.src_fd, select.POLLIN
 
     def finish(self):
-        """Pass the source's EOF on as a half-close of the destination."""
-        try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        """Pass the source's EOF on as a half-close of the destination (or leave it to the close)."""
+        if not self.fin_by_close:
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         self.done = True
 
     def close(self):
@@ -2247,6 +2249,11 @@ class Session:
     LINGER = 2.0            # seconds, and bytes below, to read after it (linger_close)
     LINGER_BYTES = 1 << 20
     lean = ()       # replaced, never changed in place
+    # True where this process holds the only descriptor of the client's and the upstream's
+    # sockets (an event loop's worker): a close then sends the FIN itself, so the pump that
+    # finishes last needs no shutdown of its own (one system call less per connection).
+    # Not in inetd (fd 0 stays open) nor in a fork child (the parent may hold the client).
+    close_sends_fin = False
 
     def __init__(self, conn, server, slot=None, peer=None):
         self.conn, self.server, self.cfg = conn, server, server.cfg
@@ -2567,6 +2574,13 @@ class Session:
         self.waits, self.due = waits, due
         self.lean = tuple([fd for fd in lean if waits[fd] == select.POLLIN])
         if waits:
+            if self.close_sends_fin:
+                # The other pump is done: this one's EOF ends the relay and the session closes
+                # both sockets at once. Both read queues are empty then (each side's EOF was
+                # read), so the close sends a FIN, not a reset.
+                up, down = self.pumps
+                if up.done or down.done:
+                    up.fin_by_close = down.fin_by_close = True
             return
         refused = self.settle()
         if refused is not None:
@@ -4495,6 +4509,7 @@ class Worker(EventLoop):
             server.rotation += 1
             session = Session(conn, server, self.free.pop(), peer)
             session.bucket = bucket
+            session.close_sends_fin = True
             self.add(session, now)
 
     def ended(self, session):

@@ -741,15 +741,18 @@ class Log:
         self.user = user        # -r USER: the -l file's rightful second owner
         self.log_fd = None
         self.gathered = None    # {fd: [lines]} while gathering (see gather)
+        self.pid = None         # this process's pid while gathering (a long-lived loop's)
         self.reopen()
 
     def gather(self):
         """Keep the lines for standard error and the -l file until `flush()`: one write each.
 
         An event loop's round ends many connections; it flushes before it waits
-        again, so no line is lost, reordered or held past its round.
+        again, so no line is lost, reordered or held past its round. The process's
+        pid is taken once: getpid(2) is a system call per line otherwise.
         """
         self.gathered = {}
+        self.pid = os.getpid()
 
     def flush(self):
         """Write the lines gathered so far."""
@@ -808,7 +811,7 @@ class Log:
     def message(self, text, error=False):
         """Log one operational message."""
         if self.to_stderr:
-            self.write(2, ("tproxy[%d]: %s\n" % (os.getpid(), text)).encode("utf-8", "replace"))
+            self.write(2, ("tproxy[%d]: %s\n" % (self.pid or os.getpid(), text)).encode("utf-8", "replace"))
         elif self._syslog:
             prio = self._syslog.LOG_ERR if error else self._syslog.LOG_INFO
             self._syslog.syslog(prio, printable(text))
@@ -825,7 +828,7 @@ class Log:
         """Append LINE, stamped, to the -l file if there is one."""
         if self.log_fd is not None:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            self.write(self.log_fd, ("%s tproxy[%d]: %s\n" % (stamp, os.getpid(), line)).encode())
+            self.write(self.log_fd, ("%s tproxy[%d]: %s\n" % (stamp, self.pid or os.getpid(), line)).encode())
 
 
 def printable(text):

@@ -4177,7 +4177,7 @@ class EventLoop:
 
     def poll(self, limit=None):
         """Wait for events or the next deadline (at most LIMIT seconds) and handle them."""
-        timeout = self.timeout(time.monotonic())
+        timeout = self.timeout(time.monotonic()) if self.timers else -1
         if limit is not None and (timeout < 0 or timeout > limit):
             timeout = limit
         try:
@@ -4206,7 +4206,11 @@ class EventLoop:
                 self.sync(session)
         for handler, events in later:
             handler(events)
-        self.expire(time.monotonic())
+        timers = self.timers
+        if timers:
+            now = time.monotonic()
+            if timers[0][0] <= now:
+                self.expire(now)
 
     def expire(self, now):
         """Advance every session whose deadline has come."""
@@ -4413,7 +4417,8 @@ class Worker(EventLoop):
 
     def poll(self, limit=None):
         """Write the log lines gathered so far, then wait and dispatch (EventLoop.poll)."""
-        self.log.flush()
+        if self.log.gathered:
+            self.log.flush()
         EventLoop.poll(self, limit)
 
     def serve(self):

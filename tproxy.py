@@ -1070,8 +1070,14 @@ class OwnUpstreams:
         if self.board is None:
             return False
         # Most clients are no upstream's: a byte of each port missing from its board says so.
+        # An upstream's destination port is on dests from before it is pending until after
+        # it is released, so a client whose destination port is on no slot's is no upstream
+        # (the local ports of many live upstreams hold most byte values; their few
+        # destination ports seldom hold the listener's).
         # Pending is read before ports, each time: connecting() writes the port before it
         # clears pending, so an upstream connecting meanwhile is seen by one of the reads.
+        if not self.may_hold(self.dests, orig[1]):
+            return False
         if not (self.may_hold(self.pending, orig[1]) or self.may_hold(self.ports, client[1])):
             return False
         if not (self.holds(self.pending, orig[1]) or self.holds_pair(client[1], orig[1])):

@@ -2569,19 +2569,24 @@ class Session:
                 if want and want[0] in fired:
                     pump.step(hangup=fired.get(pump.src_fd, 0) & HANGUP)
         # What the pumps wait on now, and until when (refresh() leaves this stage to us).
-        waits, due, lean = {}, self.idle_at, []
+        # A lean pump's descriptor is lean only while nothing else waits on it.
+        waits, due, lean = {}, self.idle_at, ()
         for pump in self.pumps:
             want = pump.wanted()
             if want:
-                waits[want[0]] = waits.get(want[0], 0) | want[1]
-                if pump.lean and want[1] == select.POLLIN:
-                    lean.append(want[0])
+                fd, event = want
+                if fd in waits:
+                    waits[fd] |= event
+                    lean = tuple([lean_fd for lean_fd in lean if lean_fd != fd])
+                else:
+                    waits[fd] = event
+                    if pump.lean and event == select.POLLIN:
+                        lean += (fd,)
             if not pump.lean:
                 deadline = pump.deadline()
                 if deadline is not None and deadline < due:
                     due = deadline
-        self.waits, self.due = waits, due
-        self.lean = tuple([fd for fd in lean if waits[fd] == select.POLLIN])
+        self.waits, self.due, self.lean = waits, due, lean
         if waits:
             if self.close_sends_fin:
                 # The other pump is done: this one's EOF ends the relay and the session closes
@@ -4153,7 +4158,7 @@ class EventLoop:
 
     def register(self, session, old, new):
         """Change epoll's interest in SESSION's descriptors from OLD to NEW (OLD is updated)."""
-        for fd in [fd for fd in old if fd not in new]:
+        for fd in [fd for fd in old if fd not in new] if old else ():
             del old[fd]
             self.by_fd.pop(fd, None)
             try:

@@ -2298,11 +2298,17 @@ class Session:
         has something pending or is done.
         """
         waits = self.waits
-        self.run(Session.stepping, (fd, events), now)
+        try:
+            self.stepping(fd, events, now)      # run()'s refresh has nothing to do while relaying
+        except Exception as exc:
+            self.run(Session.outcome, exc, now)     # every outcome is handled in run()
         return self.waits is not waits
 
-    def stepping(self, fired, now):
-        fd, events = fired
+    def outcome(self, exc, now):
+        """A stage for run() that ended with EXC."""
+        raise exc
+
+    def stepping(self, fd, events, now):
         self.idle_at = now + self.cfg.idle_timeout
         pump = self.pumps[0]
         if pump.src_fd != fd:

@@ -1212,18 +1212,18 @@ class Dialer:
     must forget them).
     """
 
+    # What a dialer starts with, until it sets its own (one store fewer each per connection).
+    last = "no address"
+    sock = None             # the attempt in progress, then the connected socket
+    connected = transparent = False
+    due = sockaddr = None
+    peer = None             # the connected socket's peer address, when already asked
+
     def __init__(self, addrs, timeout, source=None, client=None, log=None, verbose=False,
                  ports=None, slot=None):
         self.addrs, self.next = addrs, 0
         self.timeout, self.source, self.client = timeout, source, client
         self.log, self.verbose, self.ports, self.slot = log, verbose, ports, slot
-        self.last = "no address"
-        self.sock = None            # the attempt in progress, then the connected socket
-        self.connected = False
-        self.due = None
-        self.sockaddr = None
-        self.peer = None            # the connected socket's peer address, when already asked
-        self.transparent = False
         self.dropped = []
 
     def waits(self):
@@ -2263,24 +2263,22 @@ class Session:
     # finishes last needs no shutdown of its own (one system call less per connection).
     # Not in inetd (fd 0 stays open) nor in a fork child (the parent may hold the client).
     close_sends_fin = False
+    # What a session starts with, until it sets its own (one store fewer each per connection).
+    record = upstream = framer = dialer = None
+    items = pumps = ()
+    stage = None            # the unbound method run by advance()
+    due = None
+    settled = done = False
+    status = EX_OK
+    before_record = None    # called just before the record is logged
 
     def __init__(self, conn, server, slot=None, peer=None):
         self.conn, self.server, self.cfg = conn, server, server.cfg
         self.slot = slot                # the loop guard's slot (None: the process's own)
         self.peer = peer                # the client's address, if accept() said it
-        self.record = None
-        self.upstream = None
-        self.framer, self.items = None, ()
-        self.dialer = None
         self.rewrite = self.cfg.mode == "http"
-        self.pumps = ()
-        self.stage = None               # the unbound method run by advance()
-        self.waits, self.due = {}, None
+        self.waits = {}
         self.dropped = []
-        self.settled = False
-        self.done = False
-        self.status = EX_OK
-        self.before_record = None       # called just before the record is logged
 
     # -- driving ------------------------------------------------------------
 

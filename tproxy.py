@@ -1482,14 +1482,13 @@ class Pump:
 
     lean = False    # True: an event loop may step it alone when its source is readable (Session.lean)
     fin_by_close = False    # True: the destination is closed right after the EOF, which sends the FIN
+    count = 0               # bytes passed on (each pump's own once it has some)
+    eof = done = False
 
     def __init__(self, src, dst, src_side, dst_side):
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
         self.src_side, self.dst_side = src_side, dst_side
-        self.count = 0
-        self.eof = False
-        self.done = False
 
     def wanted(self):
         if self.done:
@@ -1589,12 +1588,12 @@ class RawPump(Pump):
 
     watching = False    # True while a subclass must see every byte (no splice)
     lean = True         # no deadline, no filter: stepping it touches nothing else
+    pipe = None         # (read end, write end) once splicing
+    in_pipe = 0         # bytes in the pipe
 
     def __init__(self, src, dst, src_side, dst_side, initial=b""):
         super().__init__(src, dst, src_side, dst_side)
         self.out = bytes(initial)   # read, not yet sent (copy phase)
-        self.pipe = None            # (read end, write end) once splicing
-        self.in_pipe = 0
 
     def pending(self):
         return self.in_pipe or len(self.out)

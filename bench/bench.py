@@ -6,7 +6,8 @@ Usage: bench.py [--quick] [--relaybench PATH] [--skip-relaybench] [--skip-held] 
 1. relaybench (../shared/bench/relaybench.py): bulk, connection rate, idle
    memory for tproxy -t (fork per connection) and tproxy -t --workers 2,
    next to direct, socat, haproxy and haproxy with splice, started together
-   (--prefork runs --workers since its pool was retired).
+   (--prefork runs --workers since its pool was retired), all in one fresh
+   network namespace (as root), made and deleted here.
 2. inetd start: time from exec to the first byte relayed, tproxy in inetd
    mode (fd 0 is the client, as inetd gives it) against a bare
    `python3 -c pass` on the same interpreter.
@@ -96,7 +97,10 @@ def run_relaybench(path, quick, out, tp):
         cmd.append("--quick")
     for name, template in relays.items():
         cmd += ["--relay", "%s=%s" % (name, template)]
-    subprocess.run(cmd, check=True, timeout=900, stdout=subprocess.DEVNULL)
+    # Every relay of the run in one fresh namespace, as the held part: no other process's
+    # sockets, no TIME_WAIT left by earlier runs, the same wide port range for all.
+    with fresh_netns("tproxy-rate-%d" % os.getpid()) as prefix:
+        subprocess.run(prefix + cmd, check=True, timeout=900, stdout=subprocess.DEVNULL)
     return md
 
 

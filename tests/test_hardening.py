@@ -150,14 +150,15 @@ def test_loop_guard_board_search_finds_whole_slots_only():
     assert not guard.may_hold(guard.ports, 0x9999)
 
 
-@pytest.mark.parametrize("writes_after", [1, 2])
+@pytest.mark.parametrize("writes_after", [1, 2, 3])
 def test_loop_guard_sees_an_upstream_whose_port_is_written_while_it_looks(monkeypatch, writes_after):
     """A worker's upstream gets its local port while another worker's is_own reads the boards.
 
     connecting() writes the port, then clears the pending destination; the
     reader must look at pending first, so that one of the two reads sees
     the upstream whatever the interleaving (a loop missed is a connection
-    relayed to ourselves).
+    relayed to ourselves). The destination board, read before both, holds
+    the port throughout.
     """
     import tproxy
     guard = tproxy.OwnUpstreams()

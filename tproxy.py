@@ -1324,7 +1324,7 @@ def connect(addrs, timeout, source=None, client=None, log=None, verbose=False, p
         poller.unregister(fd)
         dialer.advance({f for f, _ in ready}, time.monotonic())
     dialer.sock.setblocking(True)
-    return dialer.sock
+    return socket.socket(fileno=dialer.sock.detach())   # socket.py's, as callers expect (makefile)
 
 
 def bind_source(sock, family, source, client, log, ports=None):

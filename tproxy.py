@@ -88,8 +88,8 @@ Options:
 __version__ = "1.1.0"
 
 import errno
-import marshal
 import heapq
+import marshal
 import math
 import os
 import select
@@ -3505,7 +3505,7 @@ class ForkingServer(Supervisor):
         self.splits = server.cfg.mode == "raw"
         self.pending = {}           # Session being checked and connected here -> client key
         self.dialing = {}           # descriptor -> the pending Session waiting on it
-        self.held_relay = None      # (session, state, key) connected when the forker could not take it
+        self.held_relays = []       # (session, state, key) connected, waiting for the forker to take them
         self.cut_pending_at = None  # SIGTERM: when the pending sessions' grace ends
 
     def run(self):
@@ -3524,12 +3524,12 @@ class ForkingServer(Supervisor):
                 self.start_forker()
             if self.held is not None and time.monotonic() >= self.paused_until:
                 self.start_child(*self.held)
-            if self.held_relay is not None and time.monotonic() >= self.paused_until:
-                self.hand_relay(*self.held_relay)
+            if self.held_relays and time.monotonic() >= self.paused_until:
+                self.hand_held_relays()
             # At the cap, new clients wait in the kernel's listen queue.
             want = len(self.children) + len(self.handed) + len(self.pending) \
                 < self.server.cfg.max_conns and not self.stopping \
-                and self.held is None and self.held_relay is None \
+                and self.held is None and not self.held_relays \
                 and time.monotonic() >= self.paused_until \
                 and (self.forker_ready or not self.sibling_fork)
             if want != listening:
@@ -3563,7 +3563,8 @@ class ForkingServer(Supervisor):
                 self.reports.collect(self.stats)
             if self.status:
                 self.status = False
-                self.log.message(self.stats.line("parent", len(self.children)))
+                self.log.message(self.stats.line("parent", len(self.children) + len(self.pending)
+                                                 + len(self.held_relays)))
             if self.reload:
                 self.reopen()
                 self.log.message("SIGHUP: log reopened, target re-resolved")
@@ -3572,8 +3573,7 @@ class ForkingServer(Supervisor):
         self.stop_forker()
         if self.held is not None:
             abort(self.held[0])
-        if self.held_relay is not None:
-            self.drop_held_relay()
+        self.drop_held_relays()
         self.log.message("SIGTERM: stopped accepting; %d connection(s) get %gs to finish"
                          % (len(self.children), self.server.cfg.grace))
         return self.wind_down(self.children)
@@ -3750,43 +3750,68 @@ class ForkingServer(Supervisor):
     def relay_elsewhere(self, session, initial):
         """SESSION's hand_off: it is connected; a child relays it (INITIAL bytes go to the client first)."""
         session.done, session.waits, session.due = True, {}, None
-        self.hand_relay(session, relay_state(session, initial), self.pending.pop(session))
+        self.held_relays.append((session, relay_state(session, initial), self.pending.pop(session)))
+        self.hand_held_relays()
+
+    def hand_held_relays(self):
+        """Give the connected sessions to the forker in turn while it takes them; else retry in 0.5 s."""
+        while self.held_relays:
+            if not self.hand_relay(*self.held_relays[0]):
+                self.paused_until = time.monotonic() + 0.5
+                return
+            self.held_relays.pop(0)
 
     def hand_relay(self, session, state, key):
-        """Give SESSION's two descriptors and STATE to the forker (or fork its child here); on failure hold them."""
+        """Give SESSION's two descriptors and STATE to the forker (or fork its child here); False if not now."""
         slot = session.slot
         if self.sibling_fork:
-            started = self.hand_over(session.conn, slot, session.upstream, state)
-            if started:
-                self.handed[slot] = key
+            if not self.hand_over(session.conn, slot, session.upstream, state):
+                return False
+            self.handed[slot] = key
         else:       # clone refused since this connection began: fork mode's fallback
             pid = self.fork(lambda: self.relay_child(session, state))
-            started = pid is not None
-            if started:
-                self.count_in(pid, slot, key)
-        if not started:
-            self.held_relay = session, state, key
-            self.paused_until = time.monotonic() + 0.5
-            return
-        self.held_relay = None
+            if pid is None:
+                return False
+            self.count_in(pid, slot, key)
         session.conn.close()
         session.upstream.close()
+        return True
 
-    def drop_held_relay(self):
-        """At shutdown: reset the connection the forker never took (as a held client is)."""
-        session, _, key = self.held_relay
-        self.held_relay = None
-        cut_short(session.conn, session.upstream)
-        own_upstreams.release(session.slot)
-        self.free_slots.append(session.slot)
-        self.count_out(key)
+    def drop_held_relays(self):
+        """At shutdown: reset the connections the forker never took (as a held client is)."""
+        for session, _, key in self.held_relays:
+            cut_short(session.conn, session.upstream)
+            own_upstreams.release(session.slot)
+            self.free_slots.append(session.slot)
+            self.count_out(key)
+        self.held_relays = []
+
+    def close_connections(self, keep=None):
+        """In a process forked from this one: close the sockets of the connections this one holds, but KEEP's.
+
+        Else a copy would keep each open (no end of file, no reset) for as
+        long as the new process lives.
+        """
+        for session in self.pending:
+            for sock in (session.conn, session.dialer and session.dialer.sock):
+                if sock is not None:
+                    sock.close()
+        for session, _, _ in self.held_relays:
+            if session is not keep:
+                session.conn.close()
+                session.upstream.close()
 
     def wind_down_pending(self):
-        """SIGTERM: stop accepting; the connections being connected get --grace to reach their child, then are cut."""
+        """SIGTERM: stop accepting; the connections being connected get --grace to reach their child, then are cut.
+
+        The children relaying already get SIGTERM now, so their grace starts with it.
+        """
         now = time.monotonic()
         if self.cut_pending_at is None:
             self.stop_accepting()
             self.cut_pending_at = now + self.server.cfg.grace
+            for pid in self.children:
+                signal_quietly(pid, signal.SIGTERM)
         if self.cut_now or now >= self.cut_pending_at:
             for session in list(self.pending):
                 waits = session.waits
@@ -3797,6 +3822,7 @@ class ForkingServer(Supervisor):
         """In a child forked here (no forker): relay SESSION, checked and connected already."""
         for sock in self.listeners:
             sock.close()
+        self.close_connections(keep=session)
         own_upstreams.slot = session.slot
         fields = marshal.loads(state)
         self.set_title("tproxy child", fields[-1])
@@ -3992,6 +4018,7 @@ class Forker:
         """Fork children until the parent hangs up (or is gone); return the exit status."""
         for sock in self.shape.listeners:
             sock.close()
+        self.shape.close_connections()
         self.sock.setblocking(True)
         self.rehearse()
         if not self.probe():

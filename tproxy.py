@@ -3655,6 +3655,8 @@ class ForkingServer(Supervisor):
         self.slot_of[pid] = slot
         if key is not None:
             self.client_of[pid] = key
+        if self.cut_pending_at is not None:     # connected during shutdown: its grace starts now
+            signal_quietly(pid, signal.SIGTERM)
 
     def child_ended(self, pid):
         """Reaped PID: the forker, a child (its slot and counts are free again), or one not yet told."""

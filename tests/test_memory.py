@@ -48,7 +48,6 @@ def test_thousand_held_connections_bounded_and_released(lab, open_tmp):
     # mode a held child of a raw relay only relays (the parent checked and connected):
     # about 700 KiB (bench/results/2026-11-29-fork-cost-3.md), against about 1,000 when
     # the child ran the whole Session, and 1,370 before the forker; --workers far less.
-    print("per held connection: %.0f KiB" % per_conn)
     assert per_conn < 870, "%.0f KiB per held connection" % per_conn
     holder.stdin.close()
     holder.wait(30)

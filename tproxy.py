@@ -2246,7 +2246,7 @@ class Session:
     LINGER = 2.0            # seconds, and bytes below, to read after it (linger_close)
     LINGER_BYTES = 1 << 20
     lean = ()       # replaced, never changed in place
-    hand_off = None     # hand_off(session, initial): another process relays (ForkingServer.relay_elsewhere)
+    hand_off = None     # hand_off(session, initial): another process relays (relay_elsewhere)
 
     def __init__(self, conn, server, slot=None, peer=None):
         self.conn, self.server, self.cfg = conn, server, server.cfg
@@ -2688,7 +2688,7 @@ def relay_state(session, initial):
 
 
 def relay_only(server, conn, upstream, fields, slot=None):
-    """Relay CONN and UPSTREAM, both connected, until both sides end; log the record; return the exit status.
+    """Relay CONN and UPSTREAM (connected) until both sides end; log the record; return the exit status.
 
     What a fork-mode child runs when the parent has checked and connected
     (ForkingServer.relay_elsewhere): two raw pumps and relay_pumps, no
@@ -2732,10 +2732,11 @@ def ended_relay(session, ending, now):
 
 
 def relay_pumps(pumps, idle_timeout):
-    """Step the two raw PUMPS as their descriptors come ready until both are done; raise Idle after IDLE_TIMEOUT s of silence.
+    """Step the two raw PUMPS as their descriptors come ready until both are done; raise Idle.
 
-    Session.relaying's loop, for raw pumps (they have no deadlines), kept
-    small: a relay-only child runs nothing else while it holds a connection.
+    Idle: nothing came for IDLE_TIMEOUT seconds. Session.relaying's loop,
+    for raw pumps (they have no deadlines), kept small: a relay-only child
+    runs nothing else while it holds a connection.
     """
     poller = select.poll()
     registered = {}
@@ -3722,7 +3723,7 @@ class ForkingServer(Supervisor):
         return timeout
 
     def step_pending(self, fired):
-        """Advance each pending Session whose descriptor FIRED ({session: {fd: events}}) or whose deadline passed."""
+        """Advance each pending Session whose descriptor FIRED ({session: {fd: events}}) or deadline passed."""
         if not self.pending:
             return
         now = time.monotonic()

@@ -89,6 +89,7 @@ __version__ = "1.1.0"
 
 import errno
 import heapq
+import marshal
 import math
 import os
 import select
@@ -2282,6 +2283,7 @@ class Session:
     settled = done = False
     status = EX_OK
     before_record = None    # called just before the record is logged
+    hand_off = None     # hand_off(session, initial): another process relays (relay_elsewhere)
 
     def __init__(self, conn, server, slot=None, peer=None):
         self.conn, self.server, self.cfg = conn, server, server.cfg
@@ -2550,6 +2552,8 @@ class Session:
 
     def relay(self, initial, now):
         """-> relay: INITIAL (bytes past the CONNECT reply) go to the client first."""
+        if self.hand_off is not None:
+            return self.hand_off(self, initial)
         cfg, record = self.cfg, self.record
         record.target = self.dialer.peer or self.upstream.getpeername()
         header = proxy_header(cfg.send_proxy, record.client, record.orig) \
@@ -2712,6 +2716,101 @@ def run_session(session, started=False):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)     # a grace period ending now cuts nothing
     return session.status
+
+
+def relay_state(session, initial):
+    """Return what a relay-only child needs of SESSION (connected, at its relay stage), as bytes.
+
+    (client, orig, target, started, INITIAL, PROXY header, title): at most a
+    few hundred bytes (three addresses, a header of at most 108 bytes).
+    """
+    cfg, record = session.cfg, session.record
+    target = session.dialer.peer or session.upstream.getpeername()
+    header = proxy_header(cfg.send_proxy, record.client, record.orig) if cfg.send_proxy else b""
+    title = "tproxy: %s -> %s" % (show_addr(record.client), show_addr(record.orig))
+    return marshal.dumps((record.client, record.orig, target, record.started, initial, header,
+                          title))
+
+
+def relay_only(server, conn, upstream, fields, slot=None):
+    """Relay CONN and UPSTREAM (connected) until both sides end; log the record; return the exit status.
+
+    What a fork-mode child runs when the parent has checked and connected
+    (ForkingServer.relay_elsewhere): two raw pumps and relay_pumps, no
+    Session (nor Record) until the end, because every object and function
+    a child touches costs it a copied page (bench/results/2026-11-29-fork-cost-3.md).
+    The end goes through a Session (outcome, resets, record), as in every
+    mode. FIELDS are relay_state's: its initial bytes go to the client
+    first, its PROXY header to the target first.
+    """
+    client, orig, target, started, initial, header, _ = fields
+    pumps = [RawPump(conn, upstream, "client", "server", header),
+             RawPump(upstream, conn, "server", "client", initial)]
+    ending = None
+    try:
+        relay_pumps(pumps, server.cfg.idle_timeout)
+    except Exception as exc:    # Reset, Idle, OSError, Cut, a bug: the Session says what each means
+        ending = exc
+    session = Session(conn, server, slot)
+    session.record = record = Record(client, server.cfg.mode)
+    record.orig, record.target, record.started = orig, target, started
+    session.upstream, session.pumps = upstream, pumps
+    session.before_record = lambda: signal.setitimer(signal.ITIMER_REAL, 0)
+    try:
+        if isinstance(ending, Cut):
+            session.cut()
+        else:
+            session.run(ended_relay, ending, time.monotonic())
+    except Cut:
+        session.cut()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)     # a grace period ending now cuts nothing
+    return session.status
+
+
+def ended_relay(session, ending, now):
+    """A Session stage: relay_pumps has ended; raise how (ENDING), or settle and log a clean end."""
+    if ending is not None:
+        raise ending
+    session.idle_at = now
+    session.relaying(None, now)
+
+
+def relay_pumps(pumps, idle_timeout):
+    """Step the two raw PUMPS as their descriptors come ready until both are done; raise Idle.
+
+    Idle: nothing came for IDLE_TIMEOUT seconds. Session.relaying's loop,
+    for raw pumps (they have no deadlines), kept small: a relay-only child
+    runs nothing else while it holds a connection.
+    """
+    poller = select.poll()
+    registered = {}
+    idle_at = time.monotonic() + idle_timeout
+    while True:
+        waits = {}
+        for pump in pumps:
+            want = pump.wanted()
+            if want:
+                waits[want[0]] = waits.get(want[0], 0) | want[1]
+        if not waits:
+            return
+        if waits != registered:
+            for fd in registered:
+                poller.unregister(fd)
+            for fd, events in waits.items():
+                poller.register(fd, events | select.POLLRDHUP if events & select.POLLIN else events)
+            registered = waits
+        ready = poller.poll(min(max(0, math.ceil((idle_at - time.monotonic()) * 1000)), POLL_MAX_MS))
+        if not ready:
+            if time.monotonic() >= idle_at:
+                raise Idle()
+            continue
+        idle_at = time.monotonic() + idle_timeout
+        fired = dict(ready)
+        for pump in pumps:
+            want = pump.wanted()
+            if want and want[0] in fired:
+                pump.step(hangup=fired.get(pump.src_fd, 0) & HANGUP)
 
 
 def cut_short(conn, upstream):
@@ -3468,6 +3567,13 @@ class ForkingServer(Supervisor):
         self.probes = set()         # the forker's probe children (they exit at once): not counted
         self.ended_untold = set()   # children reaped before they told us their pid
         self.poller = None
+        # Raw relay with a forker: each connection is checked and connected here, and a
+        # child is cloned only to relay it (relay_elsewhere): its pages are then few.
+        self.splits = server.cfg.mode == "raw"
+        self.pending = {}           # Session being checked and connected here -> client key
+        self.dialing = {}           # descriptor -> the pending Session waiting on it
+        self.held_relays = []       # (session, state, key) connected, waiting for the forker to take them
+        self.cut_pending_at = None  # SIGTERM: when the pending sessions' grace ends
 
     def run(self):
         """Accept until SIGTERM; return the exit status."""
@@ -3479,15 +3585,19 @@ class ForkingServer(Supervisor):
         poller.register(self.reports.read_fd, select.POLLIN)
         listening = False
         by_fd = {s.fileno(): s for s in self.listeners}
-        while not self.stopping:
+        while not self.stopping or self.pending:
             if self.sibling_fork and self.forker is None and self.forker_sock is None \
                     and time.monotonic() >= self.paused_until:
                 self.start_forker()
             if self.held is not None and time.monotonic() >= self.paused_until:
                 self.start_child(*self.held)
+            if self.held_relays and time.monotonic() >= self.paused_until:
+                self.hand_held_relays()
             # At the cap, new clients wait in the kernel's listen queue.
-            want = len(self.children) + len(self.handed) < self.server.cfg.max_conns \
-                and self.held is None and time.monotonic() >= self.paused_until \
+            want = len(self.children) + len(self.handed) + len(self.pending) \
+                < self.server.cfg.max_conns and not self.stopping \
+                and self.held is None and not self.held_relays \
+                and time.monotonic() >= self.paused_until \
                 and (self.forker_ready or not self.sibling_fork)
             if want != listening:
                 for fd in by_fd:
@@ -3496,16 +3606,22 @@ class ForkingServer(Supervisor):
                     else:
                         poller.unregister(fd)
                 listening = want
+            if self.stopping:
+                self.wind_down_pending()
             reported = told = False
-            for fd, _ in poller.poll(None if listening or not self.paused_until else 100):
+            fired = {}
+            for fd, events in poller.poll(self.poll_timeout(listening)):
                 if fd == self.wake_r:
                     drain(self.wake_r)
                 elif fd == self.reports.read_fd:
                     reported = True
                 elif self.forker_sock is not None and fd == self.forker_sock.fileno():
                     told = True
+                elif fd in self.dialing:
+                    fired.setdefault(self.dialing[fd], {})[fd] = events
                 elif listening and not self.stopping:
                     self.accept(by_fd[fd])
+            self.step_pending(fired)
             if told:        # before reaping: a child may have ended already
                 self.read_started()
             for pid in self.reap():
@@ -3514,14 +3630,17 @@ class ForkingServer(Supervisor):
                 self.reports.collect(self.stats)
             if self.status:
                 self.status = False
-                self.log.message(self.stats.line("parent", len(self.children)))
+                self.log.message(self.stats.line("parent", len(self.children) + len(self.pending)
+                                                 + len(self.held_relays)))
             if self.reload:
                 self.reopen()
                 self.log.message("SIGHUP: log reopened, target re-resolved")
-        self.stop_accepting()
+        if self.cut_pending_at is None:
+            self.stop_accepting()
         self.stop_forker()
         if self.held is not None:
             abort(self.held[0])
+        self.drop_held_relays()
         self.log.message("SIGTERM: stopped accepting; %d connection(s) get %gs to finish"
                          % (len(self.children), self.server.cfg.grace))
         return self.wind_down(self.children)
@@ -3566,15 +3685,18 @@ class ForkingServer(Supervisor):
                 refuse_over_cap(conn, peer, held, self.server)
                 return
         self.server.rotation += 1
-        self.start_child(conn, key)
+        self.start_child(conn, key, peer)
 
-    def start_child(self, conn, key):
+    def start_child(self, conn, key, peer=None):
         """Fork a child for CONN (from address KEY, or None); if fork fails, hold it, retry in 0.5 s.
 
         With a forker, CONN is handed to it, which forks; the child is
-        counted from now on, and known by its pid once it tells it.
+        counted from now on, and known by its pid once it tells it. In raw
+        relay mode, CONN is first checked and connected here (check_and_connect).
         """
         slot = self.free_slots.pop()
+        if self.sibling_fork and self.splits:
+            return self.check_and_connect(conn, key, slot, peer)
         if self.sibling_fork:
             started = self.hand_over(conn, slot)
             if started:
@@ -3600,6 +3722,8 @@ class ForkingServer(Supervisor):
         self.slot_of[pid] = slot
         if key is not None:
             self.client_of[pid] = key
+        if self.cut_pending_at is not None:     # connected during shutdown: its grace starts now
+            signal_quietly(pid, signal.SIGTERM)
 
     def child_ended(self, pid):
         """Reaped PID: the forker, a child (its slot and counts are free again), or one not yet told."""
@@ -3636,6 +3760,155 @@ class ForkingServer(Supervisor):
         self.set_title("tproxy child", "tproxy: " + connection_title(conn))
         return run_session(Session(conn, self.server))
 
+    # -- raw relay: checked and connected here, relayed by a child -----------
+
+    def check_and_connect(self, conn, key, slot, peer):
+        """Run CONN's Session here, in SLOT, up to its relay stage, which a child of its own gets.
+
+        A child that only relays writes far fewer pages than one that also
+        checks and connects (bench/results/2026-11-29-fork-cost-3.md); the
+        pages this process writes are not shared with any child.
+        """
+        session = Session(conn, self.server, slot, peer)
+        session.hand_off = self.relay_elsewhere
+        self.pending[session] = key
+        if key is not None:
+            self.per_client[key] = self.per_client.get(key, 0) + 1
+        session.start(time.monotonic())
+        self.track(session, {})
+
+    def poll_timeout(self, listening):
+        """Return poll's timeout (ms, None: none): the earliest pending deadline, the next retry."""
+        timeout = None if listening or not self.paused_until else 100
+        dues = [session.due for session in self.pending if session.due is not None]
+        if self.cut_pending_at is not None:
+            dues.append(self.cut_pending_at)
+        if dues:
+            left = min(max(0, math.ceil((min(dues) - time.monotonic()) * 1000)), POLL_MAX_MS)
+            timeout = left if timeout is None else min(timeout, left)
+        return timeout
+
+    def step_pending(self, fired):
+        """Advance each pending Session whose descriptor FIRED ({session: {fd: events}}) or deadline passed."""
+        if not self.pending:
+            return
+        now = time.monotonic()
+        for session in list(self.pending):
+            events = fired.get(session)
+            if events or (session.due is not None and now >= session.due):
+                waits = session.waits
+                session.advance(events or {}, now)
+                self.track(session, waits)
+
+    def track(self, session, old):
+        """After SESSION stepped: poll its new descriptors instead of OLD; settle it if it ended here."""
+        for fd in old:
+            self.poller.unregister(fd)
+            del self.dialing[fd]
+        if not session.done:
+            for fd, events in session.waits.items():
+                self.poller.register(fd, events)
+                self.dialing[fd] = session
+            return
+        if session not in self.pending:
+            return      # handed to a child (relay_elsewhere), or held until the forker takes it
+        # Ended here (denied, refused, not connected): the Session has logged and counted it.
+        self.count_out(self.pending.pop(session))
+        self.free_slots.append(session.slot)
+
+    def relay_elsewhere(self, session, initial):
+        """SESSION's hand_off: it is connected; a child relays it (INITIAL bytes go to the client first)."""
+        session.done, session.waits, session.due = True, {}, None
+        self.held_relays.append((session, relay_state(session, initial), self.pending.pop(session)))
+        self.hand_held_relays()
+
+    def hand_held_relays(self):
+        """Give the connected sessions to the forker in turn while it takes them; else retry in 0.5 s."""
+        while self.held_relays:
+            if not self.hand_relay(*self.held_relays[0]):
+                self.paused_until = time.monotonic() + 0.5
+                return
+            self.held_relays.pop(0)
+
+    def hand_relay(self, session, state, key):
+        """Give SESSION's two descriptors and STATE to the forker (or fork its child here); False if not now."""
+        slot = session.slot
+        if self.sibling_fork:
+            if not self.hand_over(session.conn, slot, session.upstream, state):
+                return False
+            self.handed[slot] = key
+        else:       # clone refused since this connection began: fork mode's fallback
+            pid = self.fork(lambda: self.relay_child(session, state))
+            if pid is None:
+                return False
+            self.count_in(pid, slot, key)
+        session.conn.close()
+        session.upstream.close()
+        return True
+
+    def drop_held_relays(self):
+        """At shutdown: reset the connections the forker never took (as a held client is)."""
+        for session, _, key in self.held_relays:
+            cut_short(session.conn, session.upstream)
+            own_upstreams.release(session.slot)
+            self.free_slots.append(session.slot)
+            self.count_out(key)
+        self.held_relays = []
+
+    def close_connections(self, keep=None):
+        """In a process forked from this one: close the sockets of the connections this one holds, but KEEP's.
+
+        Else a copy would keep each open (no end of file, no reset) for as
+        long as the new process lives.
+        """
+        for session in self.pending:
+            for sock in (session.conn, session.dialer and session.dialer.sock):
+                if sock is not None:
+                    sock.close()
+        for session, _, _ in self.held_relays:
+            if session is not keep:
+                session.conn.close()
+                session.upstream.close()
+
+    def wind_down_pending(self):
+        """SIGTERM: stop accepting; the connections being connected get --grace to reach their child, then are cut.
+
+        The children relaying already get SIGTERM now, so their grace starts with it.
+        """
+        now = time.monotonic()
+        if self.cut_pending_at is None:
+            self.stop_accepting()
+            self.cut_pending_at = now + self.server.cfg.grace
+            for pid in self.children:
+                signal_quietly(pid, signal.SIGTERM)
+        if self.cut_now or now >= self.cut_pending_at:
+            for session in list(self.pending):
+                waits = session.waits
+                session.cut()
+                self.track(session, waits)
+
+    def relay_child(self, session, state):
+        """In a child forked here (no forker): relay SESSION, checked and connected already."""
+        for sock in self.listeners:
+            sock.close()
+        self.close_connections(keep=session)
+        own_upstreams.slot = session.slot
+        fields = marshal.loads(state)
+        self.set_title("tproxy child", fields[-1])
+        return relay_only(self.server, session.conn, session.upstream, fields, session.slot)
+
+    def serve_relay(self, fds, slot, state, server=None):
+        """In a child: relay the connection of descriptors FDS (client, upstream) whose Session ran in the parent.
+
+        SERVER: this process's (the forker's rehearsal has its own).
+        """
+        own_upstreams.slot = slot       # the parent has written this connection's upstream there
+        fields = marshal.loads(state)
+        self.set_title("tproxy child", fields[-1])
+        # Non-blocking already (the parent's check and dialer made them so): no call needed here.
+        conn, upstream = _socket.socket(fileno=fds[0]), _socket.socket(fileno=fds[1])
+        return relay_only(server or self.server, conn, upstream, fields, slot)
+
     # -- the forker, seen from here ------------------------------------------
 
     def start_forker(self):
@@ -3658,13 +3931,18 @@ class ForkingServer(Supervisor):
         self.forker, self.forker_sock, self.forker_ready = pid, mine, False
         self.poller.register(mine.fileno(), select.POLLIN)
 
-    def hand_over(self, conn, slot):
-        """Send CONN and its SLOT to the forker; return False if it cannot take it now."""
+    def hand_over(self, conn, slot, upstream=None, state=b""):
+        """Send CONN and its SLOT to the forker; return False if it cannot take it now.
+
+        With UPSTREAM (connected) and STATE (relay_state), its child only relays.
+        """
         if self.forker_sock is None:
             return False
+        fds = FORKER_SLOT.pack(conn.fileno()) if upstream is None \
+            else FORKER_FDS.pack(conn.fileno(), upstream.fileno())
         try:
-            self.forker_sock.sendmsg([FORKER_SLOT.pack(slot)], [(
-                socket.SOL_SOCKET, socket.SCM_RIGHTS, FORKER_SLOT.pack(conn.fileno()))])
+            self.forker_sock.sendmsg([FORKER_SLOT.pack(slot) + state], [(
+                socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         except OSError:         # its queue is full (it cannot fork), or it has just died
             return False
         return True
@@ -3776,9 +4054,11 @@ class ForkingServer(Supervisor):
 
 
 FORKER_SLOT = struct.Struct("=i")       # parent -> forker: a connection's slot (its fd alongside)
+FORKER_FDS = struct.Struct("=ii")       # ... or its two fds (client, upstream): a relay-only child
 FORKER_STARTED = struct.Struct("=ii")   # new child (on the forker's socket) -> parent: its pid and slot
 RELOAD_SLOT = -1                        # parent -> forker, no fd: SIGHUP came (re-resolve)
 PROBE_SLOT = -2                         # forker -> parent: its probe's pid, 0, or -errno (probed)
+RELAY_STATE_MOST = 2048                 # bytes of a hand-over: the slot and relay_state (a few hundred)
 
 
 class Forker:
@@ -3801,12 +4081,13 @@ class Forker:
         self.server = shape.server
         self.fork = shape.sibling_fork
         self.fd = sock.fileno()
-        self.fd_space = socket.CMSG_SPACE(FORKER_SLOT.size)
+        self.fd_space = socket.CMSG_SPACE(FORKER_FDS.size)    # a client and its upstream
 
     def run(self):
         """Fork children until the parent hangs up (or is gone); return the exit status."""
         for sock in self.shape.listeners:
             sock.close()
+        self.shape.close_connections()
         self.sock.setblocking(True)
         self.rehearse()
         if not self.probe():
@@ -3819,12 +4100,14 @@ class Forker:
                     if held is None:
                         return EX_OK
                 if _signal.getsignal(signal.SIGTERM) == _signal.SIG_IGN:
-                    os.close(held[0])       # SIGTERM came (its grace began): fork no more
+                    for fd in held[0]:      # SIGTERM came (its grace began): fork no more
+                        os.close(fd)
                     return EX_OK
                 if self.spawn(*held):
                     held = None
                 elif self.hung_up(ForkingServer.FORKER_RETRY):
-                    abort(socket.socket(fileno=held[0]))
+                    for fd in held[0]:
+                        abort(socket.socket(fileno=fd))
                     return EX_OK
         except Cut:
             return EX_OK
@@ -3868,6 +4151,13 @@ class Forker:
             opened.append(conn)
             connection_title(conn)
             session = Session(conn, server)
+            relayed = []        # the relay-only child's path, when children take that (splits)
+
+            def hand_off(session, initial):
+                session.done, session.waits, session.due = True, {}, None
+                relayed.append(relay_state(session, initial))
+            if self.shape.splits:
+                session.hand_off = hand_off
             session.start(time.monotonic())
             if session.dialer is None or session.dialer.sock is None:
                 return
@@ -3877,13 +4167,18 @@ class Forker:
             client.shutdown(socket.SHUT_WR)
             upstream.sendall(b"y")
             upstream.shutdown(socket.SHUT_WR)
-            run_session(session, started=True)
+            if relayed:     # the two sockets become the relay's own, as in a child (closed by it)
+                self.shape.serve_relay((conn.detach(), session.dialer.sock.detach()), 0, relayed[0],
+                                       server)
+            else:
+                run_session(session, started=True)
         except Exception:       # OSError, a timeout, Cut (SIGTERM's grace ended meanwhile)
             pass
         finally:
             own_upstreams = board
             for sock in opened:
                 abort(sock)     # a reset: nothing looks like a clean exchange to anyone
+            self.shape.set_title(*self.shape.forker_title)     # serve_relay took a child's
 
     def probe(self):
         """Prove that clone works before the parent hands us anything; tell it; False if refused.
@@ -3902,17 +4197,23 @@ class Forker:
         return pid >= 0
 
     def receive(self):
-        """Wait for the next connection; return (fd, slot), or None when the parent hangs up."""
+        """Wait for the next connection; return (fds, slot, state), or None when the parent hangs up.
+
+        FDS is (client,) or, for a child that only relays, (client, upstream)
+        with STATE (relay_state); STATE is empty otherwise.
+        """
         while True:
             try:
-                data, ancillary, _, _ = self.sock.recvmsg(FORKER_SLOT.size, self.fd_space)
+                data, ancillary, _, _ = self.sock.recvmsg(RELAY_STATE_MOST, self.fd_space)
             except (ConnectionResetError, BrokenPipeError):
                 return None
-            if len(data) != FORKER_SLOT.size:
+            if len(data) < FORKER_SLOT.size:
                 return None
-            slot = FORKER_SLOT.unpack(data)[0]
+            slot = FORKER_SLOT.unpack_from(data)[0]
             if slot != RELOAD_SLOT and ancillary:
-                return FORKER_SLOT.unpack(ancillary[0][2])[0], slot
+                fds = ancillary[0][2]
+                fds = FORKER_FDS.unpack(fds) if len(fds) == FORKER_FDS.size else FORKER_SLOT.unpack(fds)
+                return fds, slot, data[FORKER_SLOT.size:]
             if slot == RELOAD_SLOT:
                 self.reload()
 
@@ -3924,8 +4225,8 @@ class Forker:
             pass
         self.shape.re_resolve(quiet=True)       # a failure: the parent has said so
 
-    def spawn(self, fd, slot):
-        """Fork the child for connection FD in SLOT (it tells the parent); False if fork failed."""
+    def spawn(self, fds, slot, state):
+        """Fork the child for connection FDS in SLOT (it tells the parent); False if fork failed."""
         self.server.rotation += 1
         try:
             pid = self.fork()
@@ -3942,7 +4243,10 @@ class Forker:
                     pass        # the parent is gone: die_with ends us
                 os.close(self.fd)
                 die_with(self.shape.parent_pid)
-                status = self.shape.serve(socket.socket(fileno=fd), slot)
+                if state:
+                    status = self.shape.serve_relay(fds, slot, state)
+                else:
+                    status = self.shape.serve(socket.socket(fileno=fds[0]), slot)
             except BaseException as exc:    # never return into the forker's loop
                 try:
                     self.server.log.message("internal error: %r" % (exc,), error=True)
@@ -3950,7 +4254,8 @@ class Forker:
                     pass
             finally:
                 os._exit(status)
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
         return True
 
     def hung_up(self, wait):

@@ -291,6 +291,61 @@ def test_the_forkers_rehearsal_sends_nothing_to_where_a_redirect_takes_it(box, w
     assert len(records) == 1 and ours in records[0]
 
 
+def test_fork_mode_a_connection_being_connected_is_counted_and_gets_the_grace(box):
+    """Raw relay in fork mode: the parent connects (a child is cloned only to relay). A target
+    that never answers (its accept queue full): the connection has no child yet, is counted
+    (SIGUSR1), and at SIGTERM gets the grace, then a reset and its record."""
+    stalled = box.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
+    filler = box.socket()
+    filler.connect(stalled.getsockname())
+    proc, err = box.start("--max-conns=1", "--connect-timeout=120", grace=3,
+                          target=("-t", "127.0.0.1", stalled.getsockname()[1]))
+    waiting = box.connect(PORT)
+    asked = []
+
+    def counted():      # accepted (and being connected) once a status line counts it
+        asked.append(proc.send_signal(signal.SIGUSR1))
+        return status_active(err, len(asked)) == 1
+    wait_for(counted, what="the connection counted as active")
+    assert connection_children(proc.pid) == []
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: refused(box), what="new clients refused after SIGTERM")
+    assert ends_with_reset(waiting), "a connection cut at shutdown must be reset"
+    assert proc.wait(30) == 0
+    wait_logged(err, "target=- mode=raw up=0 down=0 ", "outcome=cut at shutdown after the 3s grace period")
+    filler.close()
+    stalled.close()
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace(1)")
+def test_fork_mode_connected_clients_wait_in_turn_when_the_forker_cannot_take_them(box):
+    """Raw relay in fork mode: the parent connects, then hands both descriptors to the forker.
+    When that hand-over fails (strace makes the parent's first three sendmsg calls fail with
+    EAGAIN, as a full queue does), the connected clients wait in the parent, in turn, and
+    are each served in a child of their own once the forker takes them."""
+    proc, err = box.start("--max-conns=8")
+    first = box.connect(PORT)       # served: the forker has rehearsed and is waiting
+    assert echoed(first)
+    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(proc.pid),
+                               "-e", "trace=sendmsg", "-e", "inject=sendmsg:error=EAGAIN:when=1..3"])
+    box.lab.processes.append(tracer)
+    wait_for(lambda: proc_status(proc.pid)["TracerPid"] != "0" or tracer.poll() is not None,
+             what="strace attached")
+    if tracer.poll() is not None:
+        pytest.skip("strace cannot attach here (no ptrace)")
+    clients = [box.connect(PORT) for _ in range(4)]
+    for i, client in enumerate(clients):
+        assert echoed(client, b"client %d" % i)
+    assert len(connection_children(proc.pid)) == 5
+    tracer.terminate()      # detaches
+    tracer.wait(10)
+    for client in clients + [first]:
+        client.close()
+    wait_logged(err, "outcome=ok", count=5)
+
+
 def test_fork_failure_holds_the_client_until_a_child_can_start(box):
     """At the run-as user's process limit nobody is refused: the client waits, then is served.
 

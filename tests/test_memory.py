@@ -52,7 +52,12 @@ def test_thousand_held_connections_bounded_and_released(lab, open_tmp):
     holder.stdin.close()
     holder.wait(30)
     wait_for(lambda: not connection_children(tproxy_pid), timeout=60, what="every child gone")
-    assert tree_pss_kib(tproxy_pid) < idle + 1024
+    # Released: the children are gone (above), and what is left grows by less than 3 KiB a
+    # connection. Not nothing: in fork mode the parent checks and connects (a Session each,
+    # many at once when the forker falls behind), and its heap keeps that high-water mark
+    # (a clean-clone CI run under load: +1.6 MiB; a quiet run: +0.1).
+    released = tree_pss_kib(tproxy_pid)
+    assert released < idle + 3 * HELD, "idle %d KiB, after %d: %d KiB" % (idle, HELD, released)
     assert server.poll() is None
 
 

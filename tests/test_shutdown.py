@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from support import (GRACE, PORT, PYTHON, TARGET, children_of, connection_children, forkers_of,
-                     proc_status, tproxy_cmd, wait_for, wait_logged)
+from support import (GRACE, PORT, PYTHON, TARGET, children_of, connection_children, proc_status,
+                     the_forker, tproxy_cmd, wait_for, wait_logged)
 
 MODES = {"fork": (), "workers": ("--workers=2",)}
 
@@ -136,7 +136,7 @@ def test_sighup_resolves_the_target_again_for_new_connections(box, mode):
         else:
             assert banner(box) == b"new"
             # A forker started after the SIGHUP is forked from the parent: it must have them too.
-            [forker] = forkers_of(proc.pid)
+            forker = the_forker(proc.pid)
             os.kill(forker, signal.SIGKILL)
             wait_logged(err, "the forker (pid %d) died" % forker)
             assert banner(box) == b"new"
@@ -194,15 +194,14 @@ def test_a_dead_forker_is_replaced_and_its_children_live_on(box):
     live = box.connect(PORT)
     assert echoed(live)
     [child] = wait_for(lambda: connection_children(proc.pid), what="the child")
-    [forker] = forkers_of(proc.pid)
+    forker = the_forker(proc.pid)
     os.kill(forker, signal.SIGKILL)
     wait_logged(err, "the forker (pid %d) died; 0 connection(s) handed to it were lost; "
                 "starting a new one" % forker)
     assert echoed(live, b"the connection lives on")
     fresh = box.connect(PORT)
     assert echoed(fresh, b"served through a new forker")
-    forkers = forkers_of(proc.pid)
-    assert len(forkers) == 1 and forker not in forkers
+    assert the_forker(proc.pid) != forker
     proc.send_signal(signal.SIGUSR1)
     assert status_active(err, 1) == 2           # the old forker's child is still counted
     live.close()

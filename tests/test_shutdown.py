@@ -223,7 +223,7 @@ def test_a_forker_killed_right_after_a_clone_loses_no_child(box):
     assert echoed(first)
     first.close()
     wait_for(lambda: not connection_children(proc.pid), what="the first child reaped")
-    [forker] = children_of(proc.pid)
+    forker = the_forker(proc.pid)
     tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(forker),
                                "-e", "trace=sendto,sendmsg", "-e", "inject=sendto,sendmsg:delay_enter=60000000"])
     box.lab.processes.append(tracer)
@@ -373,7 +373,7 @@ def test_a_forker_that_cannot_fork_holds_the_client_until_it_can(box):
     uid, hard = 54322, resource.getrlimit(resource.RLIMIT_NPROC)[1]
     hard = "unlimited" if hard == resource.RLIM_INFINITY else hard
     proc, err = box.start(user="#%d" % uid, wrapper=("prlimit", "--nproc=2:%s" % hard))
-    [forker] = wait_for(lambda: children_of(proc.pid), what="the forker")
+    forker = the_forker(proc.pid)
     client = box.connect(PORT)
     client.sendall(b"waiting")
     wait_logged(err, "tproxy[%d]: fork: " % forker)

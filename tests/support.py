@@ -122,6 +122,27 @@ def forkers_of(pid):
     return [child for child in children_of(pid) if comm_of(child) == FORKER]
 
 
+def the_forker(pid, timeout=10.0):
+    """Return the pid of tproxy PID's forker (fork mode), once no other child bears its name.
+
+    A name is no identity: each process the forker clones is born with its
+    name. Its probe child (which exits at once) keeps it until the parent
+    reaps it, which may be after the first connections are served on a
+    loaded machine; each connection's child keeps it until it takes its
+    own, at once. The forker is the one that stays: wait (TIMEOUT) until
+    it is alone, and fail with every child described.
+    """
+    def alone():
+        forkers = forkers_of(pid)
+        return forkers[0] if len(forkers) == 1 else None
+    forker = poll(alone, timeout)
+    if forker:
+        return forker
+    raise AssertionError("timed out after %.1f s waiting for tproxy %d's forker to be the only child "
+                         "named %r: %s" % (timeout, pid, FORKER,
+                                           "; ".join(describe(child) for child in children_of(pid))))
+
+
 def tproxy_cmd(*args):
     """Return the argv that runs the working tree's tproxy with ARGS."""
     return [PYTHON, TPROXY] + [str(a) for a in args]

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from support import (PORT, PYTHON, TARGET, children_of, connection_children, proc_status,
-                     tproxy_cmd, wait_for, wait_logged)
+                     the_forker, tproxy_cmd, wait_for, wait_logged)
 
 SECRET = "user:s3cret-token-4711"
 # An HTTP proxy that answers CONNECT one byte at a time, never finishing its reply.
@@ -51,7 +51,7 @@ def test_proxy_credentials_leave_every_environment(box):
     box.wait_listening(PORT)
     client = box.connect(80, "192.0.2.50")       # held in CONNECT by the dribbling proxy
     wait_for(lambda: connection_children(server), what="a child serving the client")
-    for pid in [server] + children_of(server):         # fork mode: its forker too
+    for pid in [server, the_forker(server)] + connection_children(server):
         with open("/proc/%d/environ" % pid, "rb") as f:
             assert SECRET.split(":")[1].encode() not in f.read()
     client.close()

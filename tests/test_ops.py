@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from support import (FORKER, PRIVATE_DEV, PYTHON, REPO, TPROXY, children_of, comm_of,
-                     connection_children, stop_daemon, tproxy_cmd, wait_for)
+                     connection_children, stop_daemon, the_forker, tproxy_cmd, wait_for)
 from lab import free_port, have, stop
 import tproxy
 from translate import pipeline
@@ -350,10 +350,7 @@ def test_fork_mode_titles_tell_parent_forker_and_child(tproxies, tmp_path):
         with server.client() as client:
             served, _ = target.accept()
             [child] = wait_for(lambda: connection_children(server.proc.pid), what="the child")
-            def forker_alone():     # the forker's probe child (its name too) may not be reaped yet
-                others = [pid for pid in children_of(server.proc.pid) if pid != child]
-                return others if len(others) == 1 else None
-            [forker] = wait_for(forker_alone, what="the forker beside the child")
+            forker = the_forker(server.proc.pid)
             pids = (server.proc.pid, forker, child)
             comm = {pid: read_proc(pid, "comm") for pid in pids}
             cmdline = {pid: read_proc(pid, "cmdline") for pid in pids}

@@ -3179,6 +3179,30 @@ def report_source_ports(ports, max_conns, log):
                     "with IP_LOCAL_PORT_RANGE) will fail" % (low, high, size, max_conns, size), error=True)
 
 
+def raise_descriptor_limit(max_conns, log):
+    """Raise the soft RLIMIT_NOFILE to what MAX_CONNS connections being connected need here.
+
+    Fork mode's parent holds two descriptors per such connection (client,
+    upstream), where each child once held its own: at the usual soft limit
+    of 1024 a few hundred connections to targets slow to answer would fail
+    with EMFILE. Up to the hard limit; beyond it, say so once.
+    """
+    import resource     # here: only this process needs it, not every child's pages
+    need = 2 * max_conns + 64       # and the listeners, the log, the forker's socket...
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        want = soft
+    if want < need:
+        log.message("--max-conns %d: up to %d descriptors needed (two per connection being "
+                    "connected), RLIMIT_NOFILE allows %d: beyond, connections fail (EMFILE)"
+                    % (max_conns, need, want), error=True)
+
+
 # ---------------------------------------------------------------------------
 # Status (SIGUSR1) and process titles
 # ---------------------------------------------------------------------------
@@ -3504,6 +3528,8 @@ class ForkingServer(Supervisor):
         # Raw relay with a forker: each connection is checked and connected here, and a
         # child is cloned only to relay it (relay_elsewhere): its pages are then few.
         self.splits = server.cfg.mode == "raw"
+        if self.splits:
+            raise_descriptor_limit(cap, server.log)
         self.pending = {}           # Session being checked and connected here -> client key
         self.dialing = {}           # descriptor -> the pending Session waiting on it
         self.held_relays = []       # (session, state, key) connected, waiting for the forker to take them

@@ -319,6 +319,35 @@ def test_fork_mode_a_connection_being_connected_is_counted_and_gets_the_grace(bo
     stalled.close()
 
 
+def test_fork_mode_connections_being_connected_fit_the_usual_descriptor_limit(box):
+    """Raw relay in fork mode: the parent holds two descriptors per connection being connected
+    (the client and its upstream), where before each child held its own. At a low soft
+    RLIMIT_NOFILE (64, hard 4096), --max-conns=40 clients to a target that never answers
+    must all wait for it, as before: none refused for want of a descriptor (EMFILE)."""
+    stalled = box.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
+    filler = box.socket()
+    filler.connect(stalled.getsockname())
+    proc, err = box.start("--max-conns=40", "--connect-timeout=120",
+                          wrapper=("prlimit", "--nofile=64:4096"),
+                          target=("-t", "127.0.0.1", stalled.getsockname()[1]))
+    clients = [box.connect(PORT) for _ in range(36)]
+    asked = []
+
+    def counted_or_ended():     # every one counted, or a record: one has ended already
+        asked.append(proc.send_signal(signal.SIGUSR1))
+        active = status_active(err, len(asked))
+        records = [line for line in err.read_text().splitlines() if "client=" in line]
+        return (active == len(clients) or records) and (active, records)
+    active, records = wait_for(counted_or_ended, timeout=20, what="the connections counted")
+    assert records == [] and active == len(clients)
+    for client in clients:
+        client.close()
+    filler.close()
+    stalled.close()
+
+
 def test_fork_failure_holds_the_client_until_a_child_can_start(box):
     """At the run-as user's process limit nobody is refused: the client waits, then is served.
 

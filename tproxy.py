@@ -4042,12 +4042,18 @@ class Forker:
         self.fork = shape.sibling_fork
         self.fd = sock.fileno()
         self.fd_space = socket.CMSG_SPACE(FORKER_FDS.size)    # a client and its upstream
+        self.begin_grace = None     # raw relay: the children's SIGTERM handler (not ours)
 
     def run(self):
         """Fork children until the parent hangs up (or is gone); return the exit status."""
         for sock in self.shape.listeners:
             sock.close()
         self.shape.close_connections()
+        if self.shape.splits:
+            # The parent hands what it connects during the grace too: only its hang-up (or
+            # its end) stops us, not the SIGTERM an init system sends every process.
+            self.begin_grace = _signal.getsignal(signal.SIGTERM)
+            set_handler(signal.SIGTERM, lambda *_: None)
         self.sock.setblocking(True)
         self.rehearse()
         if not self.probe():
@@ -4197,6 +4203,8 @@ class Forker:
         if pid == 0:
             status = EX_SOFTWARE
             try:
+                if self.begin_grace is not None:    # before our word: the parent may SIGTERM us
+                    set_handler(signal.SIGTERM, self.begin_grace)
                 try:    # first: our word cannot be lost with the forker (the parent counts us)
                     self.sock.send(FORKER_STARTED.pack(os.getpid(), slot))
                 except OSError:

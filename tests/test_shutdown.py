@@ -348,6 +348,44 @@ def test_fork_mode_connections_being_connected_fit_the_usual_descriptor_limit(bo
     stalled.close()
 
 
+def test_fork_mode_sigterm_to_every_process_relays_a_connection_connected_in_the_grace(box):
+    """systemd's stop sends SIGTERM to every process of the unit, the forker too. A raw
+    connection being connected then, whose target answers within the grace, is relayed
+    until the grace ends, then reset, with its record: as when its own child connected
+    it, not closed by a forker that forks no more."""
+    stalled = box.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
+    filler = box.socket()
+    filler.connect(stalled.getsockname())
+    proc, err = box.start("--connect-timeout=60", grace=60,
+                          target=("-t", "127.0.0.1", stalled.getsockname()[1]))
+    waiting = box.connect(PORT)
+    asked = []
+
+    def counted():
+        asked.append(proc.send_signal(signal.SIGUSR1))
+        return status_active(err, len(asked)) == 1
+    wait_for(counted, what="the connection counted as active")
+    os.killpg(os.getpgid(proc.pid), signal.SIGTERM)
+    wait_for(lambda: refused(box), what="new clients refused after SIGTERM")
+    stalled.settimeout(30)
+    stalled.accept()[0].close()         # the filler: room in the queue for tproxy's next SYN
+    upstream = stalled.accept()[0]
+    upstream.sendall(b"served in the grace")
+    waiting.settimeout(30)
+    assert waiting.recv(100) == b"served in the grace"
+    waiting.sendall(b"and back")
+    upstream.settimeout(30)
+    assert upstream.recv(100) == b"and back"
+    proc.send_signal(signal.SIGTERM)    # again: the grace ends now
+    assert ends_with_reset(waiting), "a connection cut at shutdown must be reset"
+    assert proc.wait(30) == 0
+    wait_logged(err, "outcome=cut at shutdown after the 60s grace period")
+    for sock in (upstream, filler, stalled):
+        sock.close()
+
+
 def test_fork_failure_holds_the_client_until_a_child_can_start(box):
     """At the run-as user's process limit nobody is refused: the client waits, then is served.
 

@@ -3545,7 +3545,7 @@ class ForkingServer(Supervisor):
         poller.register(self.reports.read_fd, select.POLLIN)
         listening = False
         by_fd = {s.fileno(): s for s in self.listeners}
-        while not self.stopping or self.pending:
+        while not self.stopping or self.pending or self.held_relays:
             if self.sibling_fork and self.forker is None and self.forker_sock is None \
                     and time.monotonic() >= self.paused_until:
                 self.start_forker()
@@ -3807,10 +3807,11 @@ class ForkingServer(Supervisor):
         return True
 
     def drop_held_relays(self):
-        """At shutdown: reset the connections the forker never took (as a held client is)."""
-        for session, _, key in self.held_relays:
-            cut_short(session.conn, session.upstream)
-            own_upstreams.release(session.slot)
+        """At shutdown, once the grace is over: cut the connections the forker never took, each with its record."""
+        for session, state, key in self.held_relays:
+            session.record.target = marshal.loads(state)[2]
+            session.done = False        # no child took it after all: it ends here
+            session.cut()               # resets both sides, frees its loop guard slot, logs
             self.free_slots.append(session.slot)
             self.count_out(key)
         self.held_relays = []
@@ -3846,6 +3847,7 @@ class ForkingServer(Supervisor):
                 waits = session.waits
                 session.cut()
                 self.track(session, waits)
+            self.drop_held_relays()     # connected, but the forker has not taken them in time
 
     def relay_child(self, session, state):
         """In a child forked here (no forker): relay SESSION, checked and connected already."""

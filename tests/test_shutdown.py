@@ -386,6 +386,42 @@ def test_fork_mode_sigterm_to_every_process_relays_a_connection_connected_in_the
         sock.close()
 
 
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace(1)")
+@pytest.mark.parametrize("taken", [True, False], ids=["taken-in-the-grace", "never-taken"])
+def test_fork_mode_a_connected_client_the_forker_has_not_taken_gets_the_grace(box, taken):
+    """Raw relay in fork mode: a connection connected by the parent waits for the forker to
+    take it (strace fails every sendmsg with EAGAIN, as a full queue does). SIGTERM then:
+    it gets the grace like any other, is relayed if the forker takes it meanwhile, and is
+    cut at its end with its record; not reset at once with no record."""
+    proc, err = box.start(grace=60)
+    first = box.connect(PORT)       # served: the forker has rehearsed and is waiting
+    assert echoed(first)
+    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(proc.pid),
+                               "-e", "trace=sendmsg", "-e", "inject=sendmsg:error=EAGAIN"])
+    box.lab.processes.append(tracer)
+    wait_for(lambda: proc_status(proc.pid)["TracerPid"] != "0" or tracer.poll() is not None,
+             what="strace attached")
+    if tracer.poll() is not None:
+        pytest.skip("strace cannot attach here (no ptrace)")
+    waiting = box.connect(PORT)
+    asked = []
+
+    def counted():      # the first child and the connection held in the parent
+        asked.append(proc.send_signal(signal.SIGUSR1))
+        return status_active(err, len(asked)) == 2
+    wait_for(counted, what="the held connection counted as active")
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: refused(box), what="new clients refused after SIGTERM")
+    if taken:
+        tracer.terminate()      # detaches: the forker can take it now
+        tracer.wait(10)
+        assert echoed(waiting, b"served in the grace")
+    proc.send_signal(signal.SIGTERM)    # again: the grace ends now
+    assert ends_with_reset(waiting), "a connection cut at shutdown must be reset"
+    assert proc.wait(30) == 0
+    wait_logged(err, "outcome=cut at shutdown after the 60s grace period", count=2)
+
+
 def test_fork_failure_holds_the_client_until_a_child_can_start(box):
     """At the run-as user's process limit nobody is refused: the client waits, then is served.
 

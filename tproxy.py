@@ -3533,6 +3533,7 @@ class ForkingServer(Supervisor):
         self.pending = {}           # Session being checked and connected here -> client key
         self.dialing = {}           # descriptor -> the pending Session waiting on it
         self.held_relays = []       # (session, state, key) connected, waiting for the forker to take them
+        self.handed_relays = {}     # slot -> (session, state) handed, kept until its child tells its pid
         self.cut_pending_at = None  # SIGTERM: when the pending sessions' grace ends
 
     def run(self):
@@ -3590,8 +3591,8 @@ class ForkingServer(Supervisor):
                 self.reports.collect(self.stats)
             if self.status:
                 self.status = False
-                self.log.message(self.stats.line("parent", len(self.children) + len(self.pending)
-                                                 + len(self.held_relays)))
+                self.log.message(self.stats.line("parent", len(self.children) + len(self.handed)
+                                                 + len(self.pending) + len(self.held_relays)))
             if self.reload:
                 self.reopen()
                 self.log.message("SIGHUP: log reopened, target re-resolved")
@@ -3797,6 +3798,9 @@ class ForkingServer(Supervisor):
             if not self.hand_over(session.conn, slot, session.upstream, state):
                 return False
             self.handed[slot] = key
+            # Kept open until its child tells its pid: a forker dying first resets it (forker_gone).
+            self.handed_relays[slot] = session, state
+            return True
         else:       # clone refused since this connection began: fork mode's fallback
             pid = self.fork(lambda: self.relay_child(session, state))
             if pid is None:
@@ -3809,12 +3813,19 @@ class ForkingServer(Supervisor):
     def drop_held_relays(self):
         """At shutdown, once the grace is over: cut the connections the forker never took, each with its record."""
         for session, state, key in self.held_relays:
-            session.record.target = marshal.loads(state)[2]
-            session.done = False        # no child took it after all: it ends here
-            session.cut()               # resets both sides, frees its loop guard slot, logs
+            self.end_unrelayed(session, state, "cut at shutdown after the %gs grace period"
+                               % self.server.cfg.grace)
             self.free_slots.append(session.slot)
             self.count_out(key)
         self.held_relays = []
+
+    def end_unrelayed(self, session, state, outcome):
+        """End SESSION (connected, STATE its relay_state), which no child took: reset both sides, log OUTCOME."""
+        session.record.target = marshal.loads(state)[2]
+        session.record.outcome, session.status = outcome, EX_UNAVAILABLE
+        cut_short(session.conn, session.upstream)
+        session.done = False        # handed to no child after all: it ends here
+        session.finish()            # frees its loop guard slot, logs its record
 
     def close_connections(self, keep=None):
         """In a process forked from this one: close the sockets of the connections this one holds, but KEEP's.
@@ -3826,7 +3837,7 @@ class ForkingServer(Supervisor):
             for sock in (session.conn, session.dialer and session.dialer.sock):
                 if sock is not None:
                     sock.close()
-        for session, _, _ in self.held_relays:
+        for session in [held[0] for held in self.held_relays + list(self.handed_relays.values())]:
             if session is not keep:
                 session.conn.close()
                 session.upstream.close()
@@ -3931,6 +3942,10 @@ class ForkingServer(Supervisor):
                 self.probed(pid)
                 continue
             self.count_in(pid, slot, self.handed.pop(slot))
+            if slot in self.handed_relays:      # its child has both descriptors: ours go
+                session = self.handed_relays.pop(slot)[0]
+                session.conn.close()
+                session.upstream.close()
             if pid in self.ended_untold:
                 self.ended_untold.discard(pid)
                 self.child_ended(pid)
@@ -3977,6 +3992,9 @@ class ForkingServer(Supervisor):
             return
         pid, self.forker_was = self.forker_was, None
         for slot, key in self.handed.items():
+            if slot in self.handed_relays:
+                self.end_unrelayed(*self.handed_relays.pop(slot),
+                                   "lost: the forker died before it took it")
             own_upstreams.release(slot)
             self.free_slots.append(slot)
             self.count_out(key)

@@ -214,6 +214,32 @@ def test_a_dead_forker_is_replaced_and_its_children_live_on(box):
     fresh.close()
 
 
+def test_fork_mode_connections_a_dead_forker_held_are_counted_then_reset_with_a_record(box):
+    """Raw relay in fork mode: the parent connects, then hands both descriptors to the forker.
+    Connections handed to a forker that cannot clone (stopped here) are counted (SIGUSR1);
+    when it dies with them, each is reset (not a clean end of file) and logged, once."""
+    proc, err = box.start("--max-conns=4")
+    first = box.connect(PORT)       # served: the forker has rehearsed and is waiting
+    assert echoed(first)
+    [forker] = forkers_of(proc.pid)
+    os.kill(forker, signal.SIGSTOP)
+    handed = box.connect(PORT)
+    asked = []
+
+    def counted():      # the first child and the connection handed to the stopped forker
+        asked.append(proc.send_signal(signal.SIGUSR1))
+        return status_active(err, len(asked)) == 2
+    wait_for(counted, what="the handed connection counted as active")
+    os.kill(forker, signal.SIGKILL)
+    wait_logged(err, "the forker (pid %d) died; 1 connection(s) handed to it were lost; "
+                "starting a new one" % forker)
+    assert ends_with_reset(handed), "a connection lost with the forker must be reset"
+    wait_logged(err, "target=127.0.0.1:%d mode=raw up=0 down=0 " % TARGET,
+                "outcome=lost: the forker died before it took it")
+    assert echoed(first, b"the first lives on") and echoed(box.connect(PORT))
+    first.close()
+
+
 @pytest.mark.skipif(not shutil.which("strace"), reason="needs strace(1)")
 def test_a_forker_killed_right_after_a_clone_loses_no_child(box):
     """Fork mode: the forker dies between a child's clone and any word of it (strace holds

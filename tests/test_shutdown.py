@@ -448,6 +448,33 @@ def test_fork_mode_a_connected_client_the_forker_has_not_taken_gets_the_grace(bo
     wait_logged(err, "outcome=cut at shutdown after the 60s grace period", count=2)
 
 
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace(1)")
+def test_fork_mode_connected_clients_wait_in_turn_when_the_forker_cannot_take_them(box):
+    """Raw relay in fork mode: the parent connects, then hands both descriptors to the forker.
+    When that hand-over fails (strace makes the parent's first three sendmsg calls fail with
+    EAGAIN, as a full queue does), the connected clients wait in the parent, in turn, and
+    are each served in a child of their own once the forker takes them."""
+    proc, err = box.start("--max-conns=8")
+    first = box.connect(PORT)       # served: the forker has rehearsed and is waiting
+    assert echoed(first)
+    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(proc.pid),
+                               "-e", "trace=sendmsg", "-e", "inject=sendmsg:error=EAGAIN:when=1..3"])
+    box.lab.processes.append(tracer)
+    wait_for(lambda: proc_status(proc.pid)["TracerPid"] != "0" or tracer.poll() is not None,
+             what="strace attached")
+    if tracer.poll() is not None:
+        pytest.skip("strace cannot attach here (no ptrace)")
+    clients = [box.connect(PORT) for _ in range(4)]
+    for i, client in enumerate(clients):
+        assert echoed(client, b"client %d" % i)
+    assert len(connection_children(proc.pid)) == 5
+    tracer.terminate()      # detaches
+    tracer.wait(10)
+    for client in clients + [first]:
+        client.close()
+    wait_logged(err, "outcome=ok", count=5)
+
+
 def test_fork_failure_holds_the_client_until_a_child_can_start(box):
     """At the run-as user's process limit nobody is refused: the client waits, then is served.
 

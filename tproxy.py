@@ -3338,6 +3338,9 @@ def connection_title(conn):
 class Supervisor:
     """What both server shapes share: signals through a wakeup pipe, SIGHUP reload, forking."""
 
+    cut_pending_at = None   # fork mode, raw relay: when SIGTERM's grace ends, for every connection
+    joined_late = frozenset()   # ... and the children that got SIGTERM after it came (connected since)
+
     def __init__(self, listeners, server):
         self.listeners = listeners
         self.server = server
@@ -3390,13 +3393,17 @@ class Supervisor:
         grace = self.server.cfg.grace
         for pid in pids:
             signal_quietly(pid, signal.SIGTERM)
-        told_cut = False
+        told_cut = told_late = False
         deadline = time.monotonic() + grace + 5.0
         while pids and time.monotonic() < deadline:
             if self.cut_now and not told_cut:
                 for pid in pids:
                     signal_quietly(pid, signal.SIGALRM)     # their grace ends now
-                told_cut = True
+                told_cut = told_late = True
+            if self.joined_late and not told_late and time.monotonic() >= self.cut_pending_at:
+                for pid in pids & self.joined_late:     # their own timers run past the grace
+                    signal_quietly(pid, signal.SIGALRM)
+                told_late = True
             try:
                 select.select([self.wake_r], [], [], 0.2)
             except InterruptedError:
@@ -3535,6 +3542,7 @@ class ForkingServer(Supervisor):
         self.held_relays = []       # (session, state, key) connected, waiting for the forker to take them
         self.handed_relays = {}     # slot -> (session, state) handed, kept until its child tells its pid
         self.cut_pending_at = None  # SIGTERM: when the pending sessions' grace ends
+        self.joined_late = set()    # children counted after SIGTERM: cut when cut_pending_at comes
 
     def run(self):
         """Accept until SIGTERM; return the exit status."""
@@ -3683,8 +3691,9 @@ class ForkingServer(Supervisor):
         self.slot_of[pid] = slot
         if key is not None:
             self.client_of[pid] = key
-        if self.cut_pending_at is not None:     # connected during shutdown: its grace starts now
+        if self.cut_pending_at is not None:     # connected during shutdown: its grace, what is left of it
             signal_quietly(pid, signal.SIGTERM)
+            self.joined_late.add(pid)
 
     def child_ended(self, pid):
         """Reaped PID: the forker, a child (its slot and counts are free again), or one not yet told."""

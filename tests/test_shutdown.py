@@ -5,6 +5,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -473,6 +474,59 @@ def test_fork_mode_connected_clients_wait_in_turn_when_the_forker_cannot_take_th
     for client in clients + [first]:
         client.close()
     wait_logged(err, "outcome=ok", count=5)
+
+
+def syn_retransmits(pid, port):
+    """Return how many times the SYN of PID's namespace's connection to PORT was sent again, or None."""
+    with open("/proc/%d/net/tcp" % pid) as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port and fields[3] == "02":     # SYN_SENT
+                return int(fields[6], 16)
+    return None
+
+
+def test_fork_mode_a_connection_connected_late_in_the_grace_ends_with_it(box):
+    """--grace bounds shutdown (a service manager's stop timeout is set above it): a raw
+    connection the parent connects late in the grace (its target's queue freed 3.5 s in, so
+    the SYN sent again next gets through) is cut when the grace ends, with every other
+    connection; not given a whole grace of its own from then."""
+    grace = 10
+    stalled = box.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
+    filler = box.socket()
+    filler.connect(stalled.getsockname())
+    port = stalled.getsockname()[1]
+    proc, err = box.start("--connect-timeout=60", grace=grace, target=("-t", "127.0.0.1", port))
+    late = box.connect(PORT)
+    wait_for(lambda: syn_retransmits(proc.pid, port) is not None, what="the parent connecting")
+    proc.send_signal(signal.SIGTERM)
+    ends = time.monotonic() + grace
+    wait_for(lambda: refused(box), what="new clients refused after SIGTERM")
+    # SYNs are sent again at 1 s, 2 s, 3 s... (net.ipv4.tcp_syn_linear_timeouts), or at 1 s,
+    # 3 s, 7 s (RFC 6298's backoff): the one after 3.5 s comes between 4 and 7 s in.
+    wait_for(lambda: (syn_retransmits(proc.pid, port) or 0) >= 2, what="the SYN sent again twice")
+    time.sleep(max(0, ends - grace + 3.5 - time.monotonic()))
+    stalled.settimeout(30)
+    stalled.accept()[0].close()         # the filler: room in the queue for the next SYN
+    upstream = stalled.accept()[0]
+    upstream.sendall(b"served in the grace")
+    late.settimeout(30)
+    assert late.recv(100) == b"served in the grace"
+    # Without the bound it would live a whole grace from now (past ENDS + 3 s).
+    late.settimeout(max(0.1, ends + 3 - time.monotonic()))
+    try:
+        assert late.recv(100) == b"", "nothing else comes"
+        pytest.fail("a connection cut at shutdown must be reset")
+    except ConnectionResetError:
+        pass
+    except socket.timeout:
+        pytest.fail("connected in the grace, it outlived the grace by 3 s or more")
+    assert proc.wait(30) == 0
+    wait_logged(err, "outcome=cut at shutdown after the %gs grace period" % grace)
+    for sock in (upstream, filler, stalled):
+        sock.close()
 
 
 def test_fork_failure_holds_the_client_until_a_child_can_start(box):

@@ -3604,14 +3604,14 @@ class ForkingServer(Supervisor):
             if self.reload:
                 self.reopen()
                 self.log.message("SIGHUP: log reopened, target re-resolved")
-        if self.cut_pending_at is None:
+        if self.cut_pending_at is None:     # else said when SIGTERM came (wind_down_pending)
             self.stop_accepting()
+            self.log.message("SIGTERM: stopped accepting; %d connection(s) get %gs to finish"
+                             % (len(self.children) + len(self.handed), self.server.cfg.grace))
         self.stop_forker()
         if self.held is not None:
             abort(self.held[0])
         self.drop_held_relays()
-        self.log.message("SIGTERM: stopped accepting; %d connection(s) get %gs to finish"
-                         % (len(self.children), self.server.cfg.grace))
         return self.wind_down(self.children)
 
     def set_parent_title(self):
@@ -3862,6 +3862,9 @@ class ForkingServer(Supervisor):
             self.cut_pending_at = now + self.server.cfg.grace
             for pid in self.children:
                 signal_quietly(pid, signal.SIGTERM)
+            live = len(self.children) + len(self.handed) + len(self.pending) + len(self.held_relays)
+            self.log.message("SIGTERM: stopped accepting; %d connection(s) get %gs to finish"
+                             % (live, self.server.cfg.grace))
         if self.cut_now or now >= self.cut_pending_at:
             for session in list(self.pending):
                 waits = session.waits

@@ -476,6 +476,34 @@ def test_fork_mode_connected_clients_wait_in_turn_when_the_forker_cannot_take_th
     wait_logged(err, "outcome=ok", count=5)
 
 
+def test_fork_mode_sigterm_is_logged_at_once_with_connections_being_connected(box):
+    """The line saying SIGTERM came, accepting stopped, and how many connections get the grace
+    is logged when it comes, as in every mode: not once the grace is over because a
+    raw connection was still being connected (its target never answers)."""
+    stalled = box.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
+    filler = box.socket()
+    filler.connect(stalled.getsockname())
+    proc, err = box.start("--connect-timeout=120", grace=60,
+                          target=("-t", "127.0.0.1", stalled.getsockname()[1]))
+    waiting = box.connect(PORT)
+    asked = []
+
+    def counted():
+        asked.append(proc.send_signal(signal.SIGUSR1))
+        return status_active(err, len(asked)) == 1
+    wait_for(counted, what="the connection counted as active")
+    proc.send_signal(signal.SIGTERM)
+    wait_logged(err, "SIGTERM: stopped accepting; 1 connection(s) get 60s to finish")
+    proc.send_signal(signal.SIGTERM)    # again: the grace ends now
+    assert ends_with_reset(waiting)
+    assert proc.wait(30) == 0
+    assert err.read_text().count("SIGTERM: stopped accepting") == 1
+    filler.close()
+    stalled.close()
+
+
 def syn_retransmits(pid, port):
     """Return how many times the SYN of PID's namespace's connection to PORT was sent again, or None."""
     with open("/proc/%d/net/tcp" % pid) as table:

@@ -3820,7 +3820,7 @@ class ForkingServer(Supervisor):
         return True
 
     def drop_held_relays(self):
-        """At shutdown, once the grace is over: cut the connections the forker never took, each with its record."""
+        """Once SIGTERM's grace is over: cut the connections the forker never took, with their records."""
         for session, state, key in self.held_relays:
             self.end_unrelayed(session, state, "cut at shutdown after the %gs grace period"
                                % self.server.cfg.grace)
@@ -3829,7 +3829,7 @@ class ForkingServer(Supervisor):
         self.held_relays = []
 
     def end_unrelayed(self, session, state, outcome):
-        """End SESSION (connected, STATE its relay_state), which no child took: reset both sides, log OUTCOME."""
+        """End SESSION (connected; STATE its relay_state), taken by no child: reset both sides, log OUTCOME."""
         session.record.target = marshal.loads(state)[2]
         session.record.outcome, session.status = outcome, EX_UNAVAILABLE
         cut_short(session.conn, session.upstream)

@@ -3245,6 +3245,30 @@ def report_source_ports(ports, max_conns, log):
                     "with IP_LOCAL_PORT_RANGE) will fail" % (low, high, size, max_conns, size), error=True)
 
 
+def raise_descriptor_limit(max_conns, log):
+    """Raise the soft RLIMIT_NOFILE to what MAX_CONNS connections being connected need here.
+
+    Fork mode's parent holds two descriptors per such connection (client,
+    upstream), where each child once held its own: at the usual soft limit
+    of 1024 a few hundred connections to targets slow to answer would fail
+    with EMFILE. Up to the hard limit; beyond it, say so once.
+    """
+    import resource     # here: only this process needs it, not every child's pages
+    need = 2 * max_conns + 64       # and the listeners, the log, the forker's socket...
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        want = soft
+    if want < need:
+        log.message("--max-conns %d: up to %d descriptors needed (two per connection being "
+                    "connected), RLIMIT_NOFILE allows %d: beyond, connections fail (EMFILE)"
+                    % (max_conns, need, want), error=True)
+
+
 # ---------------------------------------------------------------------------
 # Status (SIGUSR1) and process titles
 # ---------------------------------------------------------------------------
@@ -3380,6 +3404,9 @@ def connection_title(conn):
 class Supervisor:
     """What both server shapes share: signals through a wakeup pipe, SIGHUP reload, forking."""
 
+    cut_pending_at = None   # fork mode, raw relay: when SIGTERM's grace ends, for every connection
+    joined_late = frozenset()   # ... and the children that got SIGTERM after it came (connected since)
+
     def __init__(self, listeners, server):
         self.listeners = listeners
         self.server = server
@@ -3432,13 +3459,17 @@ class Supervisor:
         grace = self.server.cfg.grace
         for pid in pids:
             signal_quietly(pid, signal.SIGTERM)
-        told_cut = False
+        told_cut = told_late = False
         deadline = time.monotonic() + grace + 5.0
         while pids and time.monotonic() < deadline:
             if self.cut_now and not told_cut:
                 for pid in pids:
                     signal_quietly(pid, signal.SIGALRM)     # their grace ends now
-                told_cut = True
+                told_cut = told_late = True
+            if self.joined_late and not told_late and time.monotonic() >= self.cut_pending_at:
+                for pid in pids & self.joined_late:     # their own timers run past the grace
+                    signal_quietly(pid, signal.SIGALRM)
+                told_late = True
             try:
                 select.select([self.wake_r], [], [], 0.2)
             except InterruptedError:
@@ -3570,10 +3601,14 @@ class ForkingServer(Supervisor):
         # Raw relay with a forker: each connection is checked and connected here, and a
         # child is cloned only to relay it (relay_elsewhere): its pages are then few.
         self.splits = server.cfg.mode == "raw"
+        if self.splits:
+            raise_descriptor_limit(cap, server.log)
         self.pending = {}           # Session being checked and connected here -> client key
         self.dialing = {}           # descriptor -> the pending Session waiting on it
         self.held_relays = []       # (session, state, key) connected, waiting for the forker to take them
+        self.handed_relays = {}     # slot -> (session, state) handed, kept until its child tells its pid
         self.cut_pending_at = None  # SIGTERM: when the pending sessions' grace ends
+        self.joined_late = set()    # children counted after SIGTERM: cut when cut_pending_at comes
 
     def run(self):
         """Accept until SIGTERM; return the exit status."""
@@ -3585,7 +3620,7 @@ class ForkingServer(Supervisor):
         poller.register(self.reports.read_fd, select.POLLIN)
         listening = False
         by_fd = {s.fileno(): s for s in self.listeners}
-        while not self.stopping or self.pending:
+        while not self.stopping or self.pending or self.held_relays:
             if self.sibling_fork and self.forker is None and self.forker_sock is None \
                     and time.monotonic() >= self.paused_until:
                 self.start_forker()
@@ -3630,19 +3665,19 @@ class ForkingServer(Supervisor):
                 self.reports.collect(self.stats)
             if self.status:
                 self.status = False
-                self.log.message(self.stats.line("parent", len(self.children) + len(self.pending)
-                                                 + len(self.held_relays)))
+                self.log.message(self.stats.line("parent", len(self.children) + len(self.handed)
+                                                 + len(self.pending) + len(self.held_relays)))
             if self.reload:
                 self.reopen()
                 self.log.message("SIGHUP: log reopened, target re-resolved")
-        if self.cut_pending_at is None:
+        if self.cut_pending_at is None:     # else said when SIGTERM came (wind_down_pending)
             self.stop_accepting()
+            self.log.message("SIGTERM: stopped accepting; %d connection(s) get %gs to finish"
+                             % (len(self.children) + len(self.handed), self.server.cfg.grace))
         self.stop_forker()
         if self.held is not None:
             abort(self.held[0])
         self.drop_held_relays()
-        self.log.message("SIGTERM: stopped accepting; %d connection(s) get %gs to finish"
-                         % (len(self.children), self.server.cfg.grace))
         return self.wind_down(self.children)
 
     def set_parent_title(self):
@@ -3722,8 +3757,9 @@ class ForkingServer(Supervisor):
         self.slot_of[pid] = slot
         if key is not None:
             self.client_of[pid] = key
-        if self.cut_pending_at is not None:     # connected during shutdown: its grace starts now
+        if self.cut_pending_at is not None:     # connected during shutdown: its grace, what is left of it
             signal_quietly(pid, signal.SIGTERM)
+            self.joined_late.add(pid)
 
     def child_ended(self, pid):
         """Reaped PID: the forker, a child (its slot and counts are free again), or one not yet told."""
@@ -3837,6 +3873,9 @@ class ForkingServer(Supervisor):
             if not self.hand_over(session.conn, slot, session.upstream, state):
                 return False
             self.handed[slot] = key
+            # Kept open until its child tells its pid: a forker dying first resets it (forker_gone).
+            self.handed_relays[slot] = session, state
+            return True
         else:       # clone refused since this connection began: fork mode's fallback
             pid = self.fork(lambda: self.relay_child(session, state))
             if pid is None:
@@ -3847,13 +3886,21 @@ class ForkingServer(Supervisor):
         return True
 
     def drop_held_relays(self):
-        """At shutdown: reset the connections the forker never took (as a held client is)."""
-        for session, _, key in self.held_relays:
-            cut_short(session.conn, session.upstream)
-            own_upstreams.release(session.slot)
+        """Once SIGTERM's grace is over: cut the connections the forker never took, with their records."""
+        for session, state, key in self.held_relays:
+            self.end_unrelayed(session, state, "cut at shutdown after the %gs grace period"
+                               % self.server.cfg.grace)
             self.free_slots.append(session.slot)
             self.count_out(key)
         self.held_relays = []
+
+    def end_unrelayed(self, session, state, outcome):
+        """End SESSION (connected; STATE its relay_state), taken by no child: reset both sides, log OUTCOME."""
+        session.record.target = marshal.loads(state)[2]
+        session.record.outcome, session.status = outcome, EX_UNAVAILABLE
+        cut_short(session.conn, session.upstream)
+        session.done = False        # handed to no child after all: it ends here
+        session.finish()            # frees its loop guard slot, logs its record
 
     def close_connections(self, keep=None):
         """In a process forked from this one: close the sockets of the connections this one holds, but KEEP's.
@@ -3865,7 +3912,7 @@ class ForkingServer(Supervisor):
             for sock in (session.conn, session.dialer and session.dialer.sock):
                 if sock is not None:
                     sock.close()
-        for session, _, _ in self.held_relays:
+        for session in [held[0] for held in self.held_relays + list(self.handed_relays.values())]:
             if session is not keep:
                 session.conn.close()
                 session.upstream.close()
@@ -3881,11 +3928,15 @@ class ForkingServer(Supervisor):
             self.cut_pending_at = now + self.server.cfg.grace
             for pid in self.children:
                 signal_quietly(pid, signal.SIGTERM)
+            live = len(self.children) + len(self.handed) + len(self.pending) + len(self.held_relays)
+            self.log.message("SIGTERM: stopped accepting; %d connection(s) get %gs to finish"
+                             % (live, self.server.cfg.grace))
         if self.cut_now or now >= self.cut_pending_at:
             for session in list(self.pending):
                 waits = session.waits
                 session.cut()
                 self.track(session, waits)
+            self.drop_held_relays()     # connected, but the forker has not taken them in time
 
     def relay_child(self, session, state):
         """In a child forked here (no forker): relay SESSION, checked and connected already."""
@@ -3969,6 +4020,10 @@ class ForkingServer(Supervisor):
                 self.probed(pid)
                 continue
             self.count_in(pid, slot, self.handed.pop(slot))
+            if slot in self.handed_relays:      # its child has both descriptors: ours go
+                session = self.handed_relays.pop(slot)[0]
+                session.conn.close()
+                session.upstream.close()
             if pid in self.ended_untold:
                 self.ended_untold.discard(pid)
                 self.child_ended(pid)
@@ -4015,6 +4070,9 @@ class ForkingServer(Supervisor):
             return
         pid, self.forker_was = self.forker_was, None
         for slot, key in self.handed.items():
+            if slot in self.handed_relays:
+                self.end_unrelayed(*self.handed_relays.pop(slot),
+                                   "lost: the forker died before it took it")
             own_upstreams.release(slot)
             self.free_slots.append(slot)
             self.count_out(key)
@@ -4082,12 +4140,18 @@ class Forker:
         self.fork = shape.sibling_fork
         self.fd = sock.fileno()
         self.fd_space = socket.CMSG_SPACE(FORKER_FDS.size)    # a client and its upstream
+        self.begin_grace = None     # raw relay: the children's SIGTERM handler (not ours)
 
     def run(self):
         """Fork children until the parent hangs up (or is gone); return the exit status."""
         for sock in self.shape.listeners:
             sock.close()
         self.shape.close_connections()
+        if self.shape.splits:
+            # The parent hands what it connects during the grace too: only its hang-up (or
+            # its end) stops us, not the SIGTERM an init system sends every process.
+            self.begin_grace = _signal.getsignal(signal.SIGTERM)
+            set_handler(signal.SIGTERM, lambda *_: None)
         self.sock.setblocking(True)
         self.rehearse()
         if not self.probe():
@@ -4237,6 +4301,8 @@ class Forker:
         if pid == 0:
             status = EX_SOFTWARE
             try:
+                if self.begin_grace is not None:    # before our word: the parent may SIGTERM us
+                    set_handler(signal.SIGTERM, self.begin_grace)
                 try:    # first: our word cannot be lost with the forker (the parent counts us)
                     self.sock.send(FORKER_STARTED.pack(os.getpid(), slot))
                 except OSError:

@@ -5,6 +5,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -216,6 +217,32 @@ def test_a_dead_forker_is_replaced_and_its_children_live_on(box):
     fresh.close()
 
 
+def test_fork_mode_connections_a_dead_forker_held_are_counted_then_reset_with_a_record(box):
+    """Raw relay in fork mode: the parent connects, then hands both descriptors to the forker.
+    Connections handed to a forker that cannot clone (stopped here) are counted (SIGUSR1);
+    when it dies with them, each is reset (not a clean end of file) and logged, once."""
+    proc, err = box.start("--max-conns=4")
+    first = box.connect(PORT)       # served: the forker has rehearsed and is waiting
+    assert echoed(first)
+    [forker] = forkers_of(proc.pid)
+    os.kill(forker, signal.SIGSTOP)
+    handed = box.connect(PORT)
+    asked = []
+
+    def counted():      # the first child and the connection handed to the stopped forker
+        asked.append(proc.send_signal(signal.SIGUSR1))
+        return status_active(err, len(asked)) == 2
+    wait_for(counted, what="the handed connection counted as active")
+    os.kill(forker, signal.SIGKILL)
+    wait_logged(err, "the forker (pid %d) died; 1 connection(s) handed to it were lost; "
+                "starting a new one" % forker)
+    assert ends_with_reset(handed), "a connection lost with the forker must be reset"
+    wait_logged(err, "target=127.0.0.1:%d mode=raw up=0 down=0 " % TARGET,
+                "outcome=lost: the forker died before it took it")
+    assert echoed(first, b"the first lives on") and echoed(box.connect(PORT))
+    first.close()
+
+
 @pytest.mark.skipif(not shutil.which("strace"), reason="needs strace(1)")
 def test_a_forker_killed_right_after_a_clone_loses_no_child(box):
     """Fork mode: the forker dies between a child's clone and any word of it (strace holds
@@ -321,6 +348,109 @@ def test_fork_mode_a_connection_being_connected_is_counted_and_gets_the_grace(bo
     stalled.close()
 
 
+def test_fork_mode_connections_being_connected_fit_the_usual_descriptor_limit(box):
+    """Raw relay in fork mode: the parent holds two descriptors per connection being connected
+    (the client and its upstream), where before each child held its own. At a low soft
+    RLIMIT_NOFILE (64, hard 4096), --max-conns=40 clients to a target that never answers
+    must all wait for it, as before: none refused for want of a descriptor (EMFILE)."""
+    stalled = box.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
+    filler = box.socket()
+    filler.connect(stalled.getsockname())
+    proc, err = box.start("--max-conns=40", "--connect-timeout=120",
+                          wrapper=("prlimit", "--nofile=64:4096"),
+                          target=("-t", "127.0.0.1", stalled.getsockname()[1]))
+    clients = [box.connect(PORT) for _ in range(36)]
+    asked = []
+
+    def counted_or_ended():     # every one counted, or a record: one has ended already
+        asked.append(proc.send_signal(signal.SIGUSR1))
+        active = status_active(err, len(asked))
+        records = [line for line in err.read_text().splitlines() if "client=" in line]
+        return (active == len(clients) or records) and (active, records)
+    active, records = wait_for(counted_or_ended, timeout=20, what="the connections counted")
+    assert records == [] and active == len(clients)
+    for client in clients:
+        client.close()
+    filler.close()
+    stalled.close()
+
+
+def test_fork_mode_sigterm_to_every_process_relays_a_connection_connected_in_the_grace(box):
+    """systemd's stop sends SIGTERM to every process of the unit, the forker too. A raw
+    connection being connected then, whose target answers within the grace, is relayed
+    until the grace ends, then reset, with its record: as when its own child connected
+    it, not closed by a forker that forks no more."""
+    stalled = box.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
+    filler = box.socket()
+    filler.connect(stalled.getsockname())
+    proc, err = box.start("--connect-timeout=60", grace=60,
+                          target=("-t", "127.0.0.1", stalled.getsockname()[1]))
+    waiting = box.connect(PORT)
+    asked = []
+
+    def counted():
+        asked.append(proc.send_signal(signal.SIGUSR1))
+        return status_active(err, len(asked)) == 1
+    wait_for(counted, what="the connection counted as active")
+    os.killpg(os.getpgid(proc.pid), signal.SIGTERM)
+    wait_for(lambda: refused(box), what="new clients refused after SIGTERM")
+    stalled.settimeout(30)
+    stalled.accept()[0].close()         # the filler: room in the queue for tproxy's next SYN
+    upstream = stalled.accept()[0]
+    upstream.sendall(b"served in the grace")
+    waiting.settimeout(30)
+    assert waiting.recv(100) == b"served in the grace"
+    waiting.sendall(b"and back")
+    upstream.settimeout(30)
+    assert upstream.recv(100) == b"and back"
+    proc.send_signal(signal.SIGTERM)    # again: the grace ends now
+    assert ends_with_reset(waiting), "a connection cut at shutdown must be reset"
+    assert proc.wait(30) == 0
+    wait_logged(err, "outcome=cut at shutdown after the 60s grace period")
+    for sock in (upstream, filler, stalled):
+        sock.close()
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace(1)")
+@pytest.mark.parametrize("taken", [True, False], ids=["taken-in-the-grace", "never-taken"])
+def test_fork_mode_a_connected_client_the_forker_has_not_taken_gets_the_grace(box, taken):
+    """Raw relay in fork mode: a connection connected by the parent waits for the forker to
+    take it (strace fails every sendmsg with EAGAIN, as a full queue does). SIGTERM then:
+    it gets the grace like any other, is relayed if the forker takes it meanwhile, and is
+    cut at its end with its record; not reset at once with no record."""
+    proc, err = box.start(grace=60)
+    first = box.connect(PORT)       # served: the forker has rehearsed and is waiting
+    assert echoed(first)
+    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(proc.pid),
+                               "-e", "trace=sendmsg", "-e", "inject=sendmsg:error=EAGAIN"])
+    box.lab.processes.append(tracer)
+    wait_for(lambda: proc_status(proc.pid)["TracerPid"] != "0" or tracer.poll() is not None,
+             what="strace attached")
+    if tracer.poll() is not None:
+        pytest.skip("strace cannot attach here (no ptrace)")
+    waiting = box.connect(PORT)
+    asked = []
+
+    def counted():      # the first child and the connection held in the parent
+        asked.append(proc.send_signal(signal.SIGUSR1))
+        return status_active(err, len(asked)) == 2
+    wait_for(counted, what="the held connection counted as active")
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: refused(box), what="new clients refused after SIGTERM")
+    if taken:
+        tracer.terminate()      # detaches: the forker can take it now
+        tracer.wait(10)
+        assert echoed(waiting, b"served in the grace")
+    proc.send_signal(signal.SIGTERM)    # again: the grace ends now
+    assert ends_with_reset(waiting), "a connection cut at shutdown must be reset"
+    assert proc.wait(30) == 0
+    wait_logged(err, "outcome=cut at shutdown after the 60s grace period", count=2)
+
+
 @pytest.mark.skipif(not shutil.which("strace"), reason="needs strace(1)")
 def test_fork_mode_connected_clients_wait_in_turn_when_the_forker_cannot_take_them(box):
     """Raw relay in fork mode: the parent connects, then hands both descriptors to the forker.
@@ -346,6 +476,87 @@ def test_fork_mode_connected_clients_wait_in_turn_when_the_forker_cannot_take_th
     for client in clients + [first]:
         client.close()
     wait_logged(err, "outcome=ok", count=5)
+
+
+def test_fork_mode_sigterm_is_logged_at_once_with_connections_being_connected(box):
+    """The line saying SIGTERM came, accepting stopped, and how many connections get the grace
+    is logged when it comes, as in every mode: not once the grace is over because a
+    raw connection was still being connected (its target never answers)."""
+    stalled = box.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
+    filler = box.socket()
+    filler.connect(stalled.getsockname())
+    proc, err = box.start("--connect-timeout=120", grace=60,
+                          target=("-t", "127.0.0.1", stalled.getsockname()[1]))
+    waiting = box.connect(PORT)
+    asked = []
+
+    def counted():
+        asked.append(proc.send_signal(signal.SIGUSR1))
+        return status_active(err, len(asked)) == 1
+    wait_for(counted, what="the connection counted as active")
+    proc.send_signal(signal.SIGTERM)
+    wait_logged(err, "SIGTERM: stopped accepting; 1 connection(s) get 60s to finish")
+    proc.send_signal(signal.SIGTERM)    # again: the grace ends now
+    assert ends_with_reset(waiting)
+    assert proc.wait(30) == 0
+    assert err.read_text().count("SIGTERM: stopped accepting") == 1
+    filler.close()
+    stalled.close()
+
+
+def syn_retransmits(pid, port):
+    """Return how many times the SYN of PID's namespace's connection to PORT was sent again, or None."""
+    with open("/proc/%d/net/tcp" % pid) as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port and fields[3] == "02":     # SYN_SENT
+                return int(fields[6], 16)
+    return None
+
+
+def test_fork_mode_a_connection_connected_late_in_the_grace_ends_with_it(box):
+    """--grace bounds shutdown (a service manager's stop timeout is set above it): a raw
+    connection the parent connects late in the grace (its target's queue freed 3.5 s in, so
+    the SYN sent again next gets through) is cut when the grace ends, with every other
+    connection; not given a whole grace of its own from then."""
+    grace = 10
+    stalled = box.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
+    filler = box.socket()
+    filler.connect(stalled.getsockname())
+    port = stalled.getsockname()[1]
+    proc, err = box.start("--connect-timeout=60", grace=grace, target=("-t", "127.0.0.1", port))
+    late = box.connect(PORT)
+    wait_for(lambda: syn_retransmits(proc.pid, port) is not None, what="the parent connecting")
+    proc.send_signal(signal.SIGTERM)
+    ends = time.monotonic() + grace
+    wait_for(lambda: refused(box), what="new clients refused after SIGTERM")
+    # SYNs are sent again at 1 s, 2 s, 3 s... (net.ipv4.tcp_syn_linear_timeouts), or at 1 s,
+    # 3 s, 7 s (RFC 6298's backoff): the one after 3.5 s comes between 4 and 7 s in.
+    wait_for(lambda: (syn_retransmits(proc.pid, port) or 0) >= 2, what="the SYN sent again twice")
+    time.sleep(max(0, ends - grace + 3.5 - time.monotonic()))
+    stalled.settimeout(30)
+    stalled.accept()[0].close()         # the filler: room in the queue for the next SYN
+    upstream = stalled.accept()[0]
+    upstream.sendall(b"served in the grace")
+    late.settimeout(30)
+    assert late.recv(100) == b"served in the grace"
+    # Without the bound it would live a whole grace from now (past ENDS + 3 s).
+    late.settimeout(max(0.1, ends + 3 - time.monotonic()))
+    try:
+        assert late.recv(100) == b"", "nothing else comes"
+        pytest.fail("a connection cut at shutdown must be reset")
+    except ConnectionResetError:
+        pass
+    except socket.timeout:
+        pytest.fail("connected in the grace, it outlived the grace by 3 s or more")
+    assert proc.wait(30) == 0
+    wait_logged(err, "outcome=cut at shutdown after the %gs grace period" % grace)
+    for sock in (upstream, filler, stalled):
+        sock.close()
 
 
 def test_fork_failure_holds_the_client_until_a_child_can_start(box):

@@ -58,6 +58,30 @@ def test_tproxy_interception_keeps_client_and_destination(book, backend):
     assert "no fwmark policy rule" not in log
 
 
+ASK_FROM_PORT = """
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.bind(("", int(sys.argv[3])))
+s.settimeout(20)
+s.connect((sys.argv[1], int(sys.argv[2])))
+print(s.makefile().readline().strip())
+"""
+
+
+@pytest.mark.every_mode
+def test_tproxy_interception_keeps_the_client_port_as_nobody(book):
+    """--source=client-port after -r nobody: whoever connects upstream (in fork mode the parent
+    now, CAP_NET_RAW kept) binds the client's address and port, IPv4 and IPv6."""
+    recipe(book.router, "proxy-return-path", "add")
+    recipe(book.router, "tproxy-intercept", "add", "--port", 80, "--to", 12970, "--in", book.router_if)
+    book.moose.popen(PYTHON, PEERS, "who", 80, "--lifetime", 120)
+    book.moose.wait_listening(80)
+    _, err = book.tproxy("-t", "--source=client-port", "-r", "nobody")
+    for client, server, port in ((book.CLIENT, book.MOOSE, 41234), (book.CLIENT6, book.MOOSE6, 41236)):
+        words = book.client.run(PYTHON, "-c", ASK_FROM_PORT, server, 80, port).stdout.split()
+        assert words == [client, str(port), server, "80"], (words, open(err).read())
+
+
 def test_child_keeps_only_cap_net_raw_as_nobody(book):
     recipe(book.router, "proxy-return-path", "add")
     recipe(book.router, "tproxy-intercept", "add", "--port", 80, "--to", 12970)

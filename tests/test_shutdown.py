@@ -224,7 +224,7 @@ def test_fork_mode_connections_a_dead_forker_held_are_counted_then_reset_with_a_
     proc, err = box.start("--max-conns=4")
     first = box.connect(PORT)       # served: the forker has rehearsed and is waiting
     assert echoed(first)
-    [forker] = forkers_of(proc.pid)
+    forker = the_forker(proc.pid)
     os.kill(forker, signal.SIGSTOP)
     handed = box.connect(PORT)
     asked = []

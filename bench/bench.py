@@ -235,6 +235,56 @@ def held_lines(runs, nofile):
     return lines + [""]
 
 
+def best(result, test, key):
+    """Return the best of a relaybench result's runs of TEST (conn/s or Gbit/s KEY); None if none."""
+    runs = [run.get(key) for run in (result.get(test) or {}).get("runs", []) if run.get("ok", True)]
+    runs = [value for value in runs if value]
+    return max(runs) if runs else None
+
+
+def ratio(value, ref, fmt="%.2f"):
+    return fmt % (value / ref) if value and ref else "–"
+
+
+def target_lines(results, rates, held):
+    """Return issue 12's targets as one table: each ratio from this run's figures.
+
+    RESULTS: relaybench's JSON results; RATES: http_rate's; HELD: run_held's
+    runs. Bulk and connection rate are relaybench's best rounds (as its table).
+    """
+    workers, fork = results.get("tproxy-workers", {}), results.get("tproxy-fork", {})
+    splice, socat = results.get("haproxy-splice", {}), results.get("socat", {})
+
+    def pair(relay, peer, tests, key):
+        return " / ".join(ratio(best(relay, t, key), best(peer, t, key)) for t in tests)
+
+    def per_held(result):
+        return (result.get("idle") or {}).get("pss_kib_per_conn")
+
+    lines = ["## Targets (issue 12), from the figures above", "",
+             "| ratio | value | target |", "|---|---:|---:|",
+             "| bulk, --workers 2 ÷ haproxy forced splice (up / down) | %s | ≥ 1.0 |"
+             % pair(workers, splice, ("bulk_up", "bulk_down"), "gbps"),
+             "| connection rate, --workers 2 ÷ haproxy forced splice (c=1 / c=32) | %s | ≥ 1.0 |"
+             % pair(workers, splice, ("conn_c1", "conn_c32"), "rate"),
+             "| memory per held connection, --workers 2 ÷ haproxy forced splice (1,000 held) | %s | ≤ 1.0 |"
+             % ratio(per_held(workers), per_held(splice))]
+    if held:
+        conns, last = held[-1]
+        idle = (last.get("tproxy-workers") or {}).get("idle")
+        if idle:
+            lines.append("| %s held, --workers 2, total Pss (%d held, verified by echo) | %.1f MiB | ≤ %d MiB |"
+                         % (format(conns, ","), idle["held"], idle["pss_kib"] / 1024, HELD_PSS_BOUND_MIB))
+    if rates:
+        lines.append("| HTTP translate ÷ raw, --workers 2 | %s | ≥ 0.8 |"
+                     % ratio(rates["http-translate-workers"], rates["raw-workers"]))
+    lines += ["| connection rate, fork mode ÷ socat (c=1 / c=32) | %s | ≥ 0.6 |"
+              % pair(fork, socat, ("conn_c1", "conn_c32"), "rate"),
+              "| memory per held connection, fork mode ÷ socat | %s | ≤ 8 |"
+              % ratio(per_held(fork), per_held(socat), "%.1f"), ""]
+    return lines
+
+
 def inetd_start(lib, rounds):
     """Return (median tproxy exec-to-first-byte, median bare start) in seconds."""
     target = socket.socket()
@@ -347,14 +397,20 @@ def main():
                 http, raw = rates["http-translate" + suffix], rates["raw" + suffix]
                 lines.append("| %s | %.0f | %.0f | %.2f× |" % (name, http, raw, http / raw))
             lines.append("")
+        results, held = {}, []
         if not args.skip_relaybench:
             if os.path.exists(args.relaybench):
                 md = run_relaybench(args.relaybench, args.quick, out, tp)
                 lines += ["## relaybench (same run)", "", open(md).read()]
+                with open(os.path.join(out, "relaybench.json")) as f:
+                    results = json.load(f)["results"]
             else:
                 lines += ["relaybench not found at %s: pass --relaybench PATH" % args.relaybench]
         if not args.skip_held and os.path.exists(args.relaybench):
-            lines += held_lines(*run_held(args.relaybench, args.quick, out, tp))
+            held, nofile = run_held(args.relaybench, args.quick, out, tp)
+            lines += held_lines(held, nofile)
+        if results:
+            lines += target_lines(results, rates, held)
     translate = os.path.join(HERE, "translate_bench.py")
     if os.path.exists(translate):
         proc = subprocess.run([sys.executable, translate] + (["10000"] if args.quick else []),

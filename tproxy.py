@@ -2313,6 +2313,7 @@ class Session:
             self.stepping(fd, events, now)      # run()'s refresh has nothing to do while relaying
         except Exception as exc:
             self.run(Session.outcome, exc, now)     # every outcome is handled in run()
+            exc.__traceback__ = None    # it holds run()'s frame, which holds it: no cycle
         return self.waits is not waits
 
     def outcome(self, exc, now):
@@ -2484,22 +2485,28 @@ class Session:
         try:
             self.dialer.start(now)
         except ConnectionFailed as exc:
-            self.fall_back(exc, now)
+            if not self.fall_back(exc, now):
+                raise
         self.connected_maybe(now)
 
     def connecting(self, fired, now):
         try:
             self.dialer.advance(fired, now)
         except ConnectionFailed as exc:
-            self.fall_back(exc, now)
+            if not self.fall_back(exc, now):
+                raise
         self.connected_maybe(now)
 
     def fall_back(self, exc, now):
-        """HTTP mode: the cache cannot be reached; go direct (unless -p); else raise EXC."""
+        """HTTP mode: the cache cannot be reached; go direct (unless -p); else return False.
+
+        The caller raises EXC again: raised here, its traceback would hold this frame,
+        which holds EXC, a cycle keeping the Session until the next collection.
+        """
         cfg, orig = self.cfg, self.record.orig
         self.dropped += self.dialer.dropped
         if cfg.mode != "http" or cfg.no_fallback or self.fallen_back:
-            raise exc
+            return False
         if is_self(orig, self.server.listen_port):
             raise ConnectionFailed("%s; no fallback: original destination is this proxy"
                                    % exc) from None
@@ -2510,6 +2517,7 @@ class Session:
                              self.record.client, self.server.log, False, cfg.source_ports,
                              self.slot)
         self.dialer.start(now)
+        return True
 
     def connected_maybe(self, now):
         """connecting -> handshake (CONNECT) or relay, once the dialer has a connection."""

@@ -1906,7 +1906,8 @@ class RequestFramer:
         return self.run()
 
     def fail(self, error):
-        self.error, self.state = error, "failed"
+        # Kept without its traceback: its frames hold this framer, a cycle otherwise.
+        self.error, self.state = error.with_traceback(None), "failed"
         del self.buf[:]
 
     def run(self):
@@ -2342,6 +2343,7 @@ class Session:
             self.status = EX_UNAVAILABLE
             self.settle()
         except BadRequest as exc:
+            exc.with_traceback(None)    # the framer keeps it: its frames would hold this session
             self.settle()
             self.record.outcome = "%d %s: %s" % (exc.status, exc.reason, exc)
             return self.flush(http_error_bytes(exc.status, exc.reason), now)

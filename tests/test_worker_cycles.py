@@ -31,6 +31,7 @@ def serve(session_for, connect, rounds=20):
                 loop.poll(0.5)
             assert session.done
             client.close()
+        loop = session = None   # its timer heap may still name ended sessions
         return gc.collect()
     finally:
         listener.close()
@@ -89,3 +90,26 @@ def test_client_reset_while_relaying_leaves_no_cycle():
         for sock in held + [target]:
             sock.close()
     assert found == 0, "%d objects in cycles after 20 client resets" % found
+
+
+def test_refused_request_leaves_no_cycle():
+    """HTTP mode, a request refused at its head (400): the BadRequest kept by the framer holds no frame."""
+    cache = socket.create_server(("127.0.0.1", 0))
+    cfg = tproxy.parse_args(["-s", "12970", "127.0.0.1", str(cache.getsockname()[1])])
+    server = tproxy.Server(cfg, tproxy.QuietLog(), 12970)
+
+    def session_for(conn, peer):
+        session = tproxy.Session(conn, server, None, peer)
+        session.close_sends_fin = True
+        return session
+
+    def bad_head(client, loop, session):
+        client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n")
+        client.shutdown(socket.SHUT_WR)     # the lingering close ends at this EOF
+
+    try:
+        serve(session_for, bad_head, rounds=1)     # the first also builds the Grammar's classes
+        found = serve(session_for, bad_head)
+    finally:
+        cache.close()
+    assert found == 0, "%d objects in cycles after 20 refused requests" % found

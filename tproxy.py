@@ -4829,7 +4829,8 @@ class Worker(EventLoop):
         # count (allocations less deallocations) crossed the default 700 back and forth as
         # connections came and went: a collection of every live session's objects each few
         # dozen connections (185 per 20,000 at c=32, ~110 us each). Sessions make no cycles
-        # of their own to collect, so a higher bound only makes those collections rare.
+        # of their own to collect, not even those ending in an error (test_worker_cycles),
+        # so a higher bound only makes those collections rare.
         gc.set_threshold(self.GC_YOUNG, *gc.get_threshold()[1:])
         self.pool, self.index = pool, index
         self.server, self.log = pool.server, pool.log

@@ -1,6 +1,6 @@
 """--workers leaves the last FIN to close() (Session.close_sends_fin): each peer still sees a FIN, never a reset."""
-import hashlib
 import json
+import os
 
 import pytest
 
@@ -64,11 +64,7 @@ def test_server_half_closes_first_and_client_sends_long_after(book):
     client = json.loads(book.client.run(PYTHON, "-c", CLIENT, n, timeout=120).stdout)
     assert client["greeting"] == len(b"greeting " * 1000)
     assert client["end"] == "eof", client
-    wait_for(lambda: _exists(report_path), what="the server's report")
+    wait_for(lambda: os.path.exists(report_path) and os.path.getsize(report_path),
+             what="the server's report")
     server = json.loads(open(report_path).read())
     assert server == {"received": n, "sha256": client["sha256"], "end": "eof"}
-
-
-def _exists(path):
-    import os
-    return os.path.exists(path) and os.path.getsize(path) > 0

@@ -1906,7 +1906,8 @@ class RequestFramer:
         return self.run()
 
     def fail(self, error):
-        self.error, self.state = error, "failed"
+        # Kept without its traceback: its frames hold this framer, a cycle otherwise.
+        self.error, self.state = error.with_traceback(None), "failed"
         del self.buf[:]
 
     def run(self):
@@ -2313,6 +2314,7 @@ class Session:
             self.stepping(fd, events, now)      # run()'s refresh has nothing to do while relaying
         except Exception as exc:
             self.run(Session.outcome, exc, now)     # every outcome is handled in run()
+            exc.__traceback__ = None    # it holds run()'s frame, which holds it: no cycle
         return self.waits is not waits
 
     def outcome(self, exc, now):
@@ -2341,6 +2343,7 @@ class Session:
             self.status = EX_UNAVAILABLE
             self.settle()
         except BadRequest as exc:
+            exc.with_traceback(None)    # the framer keeps it: its frames would hold this session
             self.settle()
             self.record.outcome = "%d %s: %s" % (exc.status, exc.reason, exc)
             return self.flush(http_error_bytes(exc.status, exc.reason), now)
@@ -2484,22 +2487,28 @@ class Session:
         try:
             self.dialer.start(now)
         except ConnectionFailed as exc:
-            self.fall_back(exc, now)
+            if not self.fall_back(exc, now):
+                raise
         self.connected_maybe(now)
 
     def connecting(self, fired, now):
         try:
             self.dialer.advance(fired, now)
         except ConnectionFailed as exc:
-            self.fall_back(exc, now)
+            if not self.fall_back(exc, now):
+                raise
         self.connected_maybe(now)
 
     def fall_back(self, exc, now):
-        """HTTP mode: the cache cannot be reached; go direct (unless -p); else raise EXC."""
+        """HTTP mode: the cache cannot be reached; go direct (unless -p); else return False.
+
+        The caller raises EXC again: raised here, its traceback would hold this frame,
+        which holds EXC, a cycle keeping the Session until the next collection.
+        """
         cfg, orig = self.cfg, self.record.orig
         self.dropped += self.dialer.dropped
         if cfg.mode != "http" or cfg.no_fallback or self.fallen_back:
-            raise exc
+            return False
         if is_self(orig, self.server.listen_port):
             raise ConnectionFailed("%s; no fallback: original destination is this proxy"
                                    % exc) from None
@@ -2510,6 +2519,7 @@ class Session:
                              self.record.client, self.server.log, False, cfg.source_ports,
                              self.slot)
         self.dialer.start(now)
+        return True
 
     def connected_maybe(self, now):
         """connecting -> handshake (CONNECT) or relay, once the dialer has a connection."""
@@ -4819,7 +4829,8 @@ class Worker(EventLoop):
         # count (allocations less deallocations) crossed the default 700 back and forth as
         # connections came and went: a collection of every live session's objects each few
         # dozen connections (185 per 20,000 at c=32, ~110 us each). Sessions make no cycles
-        # of their own to collect, so a higher bound only makes those collections rare.
+        # of their own to collect, not even those ending in an error (test_worker_cycles),
+        # so a higher bound only makes those collections rare.
         gc.set_threshold(self.GC_YOUNG, *gc.get_threshold()[1:])
         self.pool, self.index = pool, index
         self.server, self.log = pool.server, pool.log

@@ -33,7 +33,8 @@ def refused(host, port=PORT):
         host.connect(port, timeout=2).close()
     except ConnectionRefusedError:
         return True
-    except socket.timeout:
+    except (socket.timeout, ConnectionResetError):
+        # Reset: the listener closed while our connection sat in its queue. Ask again.
         return False
     return False
 
@@ -320,24 +321,39 @@ def test_the_forkers_rehearsal_sends_nothing_to_where_a_redirect_takes_it(box, w
     assert len(records) == 1 and ours in records[0]
 
 
+def stalled_target(box):
+    """Return (listener, filler): a loopback target that never answers.
+
+    Its accept queue holds one connection, which FILLER takes: the kernel
+    drops every later SYN until the test accepts.
+    """
+    stalled = box.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(0)
+    filler = box.socket()
+    filler.connect(stalled.getsockname())
+    return stalled, filler
+
+
+def wait_counted(proc, err, active=1):
+    """Ask tproxy PROC for status lines (SIGUSR1) until one in ERR counts ACTIVE connections."""
+    asked = []
+
+    def counted():
+        asked.append(proc.send_signal(signal.SIGUSR1))
+        return status_active(err, len(asked)) == active
+    wait_for(counted, what="%d connection(s) counted as active" % active)
+
+
 def test_fork_mode_a_connection_being_connected_is_counted_and_gets_the_grace(box):
     """Raw relay in fork mode: the parent connects (a child is cloned only to relay). A target
     that never answers (its accept queue full): the connection has no child yet, is counted
     (SIGUSR1), and at SIGTERM gets the grace, then a reset and its record."""
-    stalled = box.socket()
-    stalled.bind(("127.0.0.1", 0))
-    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
-    filler = box.socket()
-    filler.connect(stalled.getsockname())
+    stalled, filler = stalled_target(box)
     proc, err = box.start("--max-conns=1", "--connect-timeout=120", grace=3,
                           target=("-t", "127.0.0.1", stalled.getsockname()[1]))
     waiting = box.connect(PORT)
-    asked = []
-
-    def counted():      # accepted (and being connected) once a status line counts it
-        asked.append(proc.send_signal(signal.SIGUSR1))
-        return status_active(err, len(asked)) == 1
-    wait_for(counted, what="the connection counted as active")
+    wait_counted(proc, err)     # accepted, and being connected
     assert connection_children(proc.pid) == []
     proc.send_signal(signal.SIGTERM)
     wait_for(lambda: refused(box), what="new clients refused after SIGTERM")
@@ -353,11 +369,7 @@ def test_fork_mode_connections_being_connected_fit_the_usual_descriptor_limit(bo
     (the client and its upstream), where before each child held its own. At a low soft
     RLIMIT_NOFILE (64, hard 4096), --max-conns=40 clients to a target that never answers
     must all wait for it, as before: none refused for want of a descriptor (EMFILE)."""
-    stalled = box.socket()
-    stalled.bind(("127.0.0.1", 0))
-    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
-    filler = box.socket()
-    filler.connect(stalled.getsockname())
+    stalled, filler = stalled_target(box)
     proc, err = box.start("--max-conns=40", "--connect-timeout=120",
                           wrapper=("prlimit", "--nofile=64:4096"),
                           target=("-t", "127.0.0.1", stalled.getsockname()[1]))
@@ -382,20 +394,11 @@ def test_fork_mode_sigterm_to_every_process_relays_a_connection_connected_in_the
     connection being connected then, whose target answers within the grace, is relayed
     until the grace ends, then reset, with its record: as when its own child connected
     it, not closed by a forker that forks no more."""
-    stalled = box.socket()
-    stalled.bind(("127.0.0.1", 0))
-    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
-    filler = box.socket()
-    filler.connect(stalled.getsockname())
+    stalled, filler = stalled_target(box)
     proc, err = box.start("--connect-timeout=60", grace=60,
                           target=("-t", "127.0.0.1", stalled.getsockname()[1]))
     waiting = box.connect(PORT)
-    asked = []
-
-    def counted():
-        asked.append(proc.send_signal(signal.SIGUSR1))
-        return status_active(err, len(asked)) == 1
-    wait_for(counted, what="the connection counted as active")
+    wait_counted(proc, err)
     os.killpg(os.getpgid(proc.pid), signal.SIGTERM)
     wait_for(lambda: refused(box), what="new clients refused after SIGTERM")
     stalled.settimeout(30)
@@ -482,20 +485,11 @@ def test_fork_mode_sigterm_is_logged_at_once_with_connections_being_connected(bo
     """The line saying SIGTERM came, accepting stopped, and how many connections get the grace
     is logged when it comes, as in every mode: not once the grace is over because a
     raw connection was still being connected (its target never answers)."""
-    stalled = box.socket()
-    stalled.bind(("127.0.0.1", 0))
-    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
-    filler = box.socket()
-    filler.connect(stalled.getsockname())
+    stalled, filler = stalled_target(box)
     proc, err = box.start("--connect-timeout=120", grace=60,
                           target=("-t", "127.0.0.1", stalled.getsockname()[1]))
     waiting = box.connect(PORT)
-    asked = []
-
-    def counted():
-        asked.append(proc.send_signal(signal.SIGUSR1))
-        return status_active(err, len(asked)) == 1
-    wait_for(counted, what="the connection counted as active")
+    wait_counted(proc, err)
     proc.send_signal(signal.SIGTERM)
     wait_logged(err, "SIGTERM: stopped accepting; 1 connection(s) get 60s to finish")
     proc.send_signal(signal.SIGTERM)    # again: the grace ends now
@@ -522,11 +516,7 @@ def test_fork_mode_a_connection_connected_late_in_the_grace_ends_with_it(box):
     the SYN sent again next gets through) is cut when the grace ends, with every other
     connection; not given a whole grace of its own from then."""
     grace = 10
-    stalled = box.socket()
-    stalled.bind(("127.0.0.1", 0))
-    stalled.listen(0)           # one connection fills its queue; the kernel drops later SYNs
-    filler = box.socket()
-    filler.connect(stalled.getsockname())
+    stalled, filler = stalled_target(box)
     port = stalled.getsockname()[1]
     proc, err = box.start("--connect-timeout=60", grace=grace, target=("-t", "127.0.0.1", port))
     late = box.connect(PORT)

@@ -228,12 +228,7 @@ def test_fork_mode_connections_a_dead_forker_held_are_counted_then_reset_with_a_
     forker = the_forker(proc.pid)
     os.kill(forker, signal.SIGSTOP)
     handed = box.connect(PORT)
-    asked = []
-
-    def counted():      # the first child and the connection handed to the stopped forker
-        asked.append(proc.send_signal(signal.SIGUSR1))
-        return status_active(err, len(asked)) == 2
-    wait_for(counted, what="the handed connection counted as active")
+    wait_counted(proc, err, 2)      # the first child and the connection handed to the stopped forker
     os.kill(forker, signal.SIGKILL)
     wait_logged(err, "the forker (pid %d) died; 1 connection(s) handed to it were lost; "
                 "starting a new one" % forker)
@@ -242,6 +237,19 @@ def test_fork_mode_connections_a_dead_forker_held_are_counted_then_reset_with_a_
                 "outcome=lost: the forker died before it took it")
     assert echoed(first, b"the first lives on") and echoed(box.connect(PORT))
     first.close()
+
+
+def traced(box, pid, *rules):
+    """Attach strace to PID with RULES (its -e options: which calls, what to inject); return it once attached.
+
+    None where ptrace is refused (some containers): strace exits. The lab stops it.
+    """
+    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(pid)]
+                              + [word for rule in rules for word in ("-e", rule)])
+    box.lab.processes.append(tracer)
+    wait_for(lambda: proc_status(pid)["TracerPid"] != "0" or tracer.poll() is not None,
+             what="strace attached")
+    return tracer if tracer.poll() is None else None
 
 
 @pytest.mark.skipif(not shutil.which("strace"), reason="needs strace(1)")
@@ -255,12 +263,8 @@ def test_a_forker_killed_right_after_a_clone_loses_no_child(box):
     first.close()
     wait_for(lambda: not connection_children(proc.pid), what="the first child reaped")
     forker = the_forker(proc.pid)
-    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(forker),
-                               "-e", "trace=sendto,sendmsg", "-e", "inject=sendto,sendmsg:delay_enter=60000000"])
-    box.lab.processes.append(tracer)
-    # Where ptrace is not allowed (some containers) strace exits: the test runs without the wait.
-    wait_for(lambda: proc_status(forker)["TracerPid"] != "0" or tracer.poll() is not None,
-             what="strace attached")
+    # Where ptrace is not allowed (some containers) the test runs without the wait.
+    traced(box, forker, "trace=sendto,sendmsg", "inject=sendto,sendmsg:delay_enter=60000000")
     live = box.connect(PORT)
     assert echoed(live)
     os.kill(forker, signal.SIGKILL)
@@ -428,20 +432,11 @@ def test_fork_mode_a_connected_client_the_forker_has_not_taken_gets_the_grace(bo
     proc, err = box.start(grace=60)
     first = box.connect(PORT)       # served: the forker has rehearsed and is waiting
     assert echoed(first)
-    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(proc.pid),
-                               "-e", "trace=sendmsg", "-e", "inject=sendmsg:error=EAGAIN"])
-    box.lab.processes.append(tracer)
-    wait_for(lambda: proc_status(proc.pid)["TracerPid"] != "0" or tracer.poll() is not None,
-             what="strace attached")
-    if tracer.poll() is not None:
+    tracer = traced(box, proc.pid, "trace=sendmsg", "inject=sendmsg:error=EAGAIN")
+    if tracer is None:
         pytest.skip("strace cannot attach here (no ptrace)")
     waiting = box.connect(PORT)
-    asked = []
-
-    def counted():      # the first child and the connection held in the parent
-        asked.append(proc.send_signal(signal.SIGUSR1))
-        return status_active(err, len(asked)) == 2
-    wait_for(counted, what="the held connection counted as active")
+    wait_counted(proc, err, 2)      # the first child and the connection held in the parent
     proc.send_signal(signal.SIGTERM)
     wait_for(lambda: refused(box), what="new clients refused after SIGTERM")
     if taken:
@@ -463,12 +458,8 @@ def test_fork_mode_connected_clients_wait_in_turn_when_the_forker_cannot_take_th
     proc, err = box.start("--max-conns=8")
     first = box.connect(PORT)       # served: the forker has rehearsed and is waiting
     assert echoed(first)
-    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(proc.pid),
-                               "-e", "trace=sendmsg", "-e", "inject=sendmsg:error=EAGAIN:when=1..3"])
-    box.lab.processes.append(tracer)
-    wait_for(lambda: proc_status(proc.pid)["TracerPid"] != "0" or tracer.poll() is not None,
-             what="strace attached")
-    if tracer.poll() is not None:
+    tracer = traced(box, proc.pid, "trace=sendmsg", "inject=sendmsg:error=EAGAIN:when=1..3")
+    if tracer is None:
         pytest.skip("strace cannot attach here (no ptrace)")
     clients = [box.connect(PORT) for _ in range(4)]
     for i, client in enumerate(clients):

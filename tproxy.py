@@ -2284,7 +2284,7 @@ class Session:
     settled = done = False
     status = EX_OK
     before_record = None    # called just before the record is logged
-    hand_off = None     # hand_off(session, initial): another process relays (relay_elsewhere)
+    hand_off = None     # hand_off(session, initial, header): another process relays (relay_elsewhere)
 
     def __init__(self, conn, server, slot=None, peer=None):
         self.conn, self.server, self.cfg = conn, server, server.cfg
@@ -2562,12 +2562,12 @@ class Session:
 
     def relay(self, initial, now):
         """-> relay: INITIAL (bytes past the CONNECT reply) go to the client first."""
-        if self.hand_off is not None:
-            return self.hand_off(self, initial)
         cfg, record = self.cfg, self.record
         record.target = self.dialer.peer or self.upstream.getpeername()
         header = proxy_header(cfg.send_proxy, record.client, record.orig) \
             if cfg.send_proxy else b""
+        if self.hand_off is not None:
+            return self.hand_off(self, initial, header)
         self.pumps = make_pumps(self.conn, self.upstream, self.server, record, self.rewrite,
                                 initial, self.framer, self.items, header)
         self.stage = Session.relaying
@@ -2728,18 +2728,16 @@ def run_session(session, started=False):
     return session.status
 
 
-def relay_state(session, initial):
-    """Return what a relay-only child needs of SESSION (connected, at its relay stage), as bytes.
+def relay_state(session, initial, header):
+    """Return what a relay-only child needs of SESSION (at its relay stage: Session.relay), as bytes.
 
-    (client, orig, target, started, INITIAL, PROXY header, title): at most a
+    (client, orig, target, started, INITIAL, PROXY HEADER, title): at most a
     few hundred bytes (three addresses, a header of at most 108 bytes).
     """
-    cfg, record = session.cfg, session.record
-    target = session.dialer.peer or session.upstream.getpeername()
-    header = proxy_header(cfg.send_proxy, record.client, record.orig) if cfg.send_proxy else b""
+    record = session.record
     title = "tproxy: %s -> %s" % (show_addr(record.client), show_addr(record.orig))
-    return marshal.dumps((record.client, record.orig, target, record.started, initial, header,
-                          title))
+    return marshal.dumps((record.client, record.orig, record.target, record.started, initial,
+                          header, title))
 
 
 def relay_only(server, conn, upstream, fields, slot=None):
@@ -3616,7 +3614,7 @@ class ForkingServer(Supervisor):
         self.pending = {}           # Session being checked and connected here -> client key
         self.dialing = {}           # descriptor -> the pending Session waiting on it
         self.held_relays = []       # (session, state, key) connected, waiting for the forker to take them
-        self.handed_relays = {}     # slot -> (session, state) handed, kept until its child tells its pid
+        self.handed_relays = {}     # slot -> session handed, kept until its child tells its pid
         self.cut_pending_at = None  # SIGTERM: when the pending sessions' grace ends
         self.joined_late = set()    # children counted after SIGTERM: cut when cut_pending_at comes
 
@@ -3862,10 +3860,11 @@ class ForkingServer(Supervisor):
         self.count_out(self.pending.pop(session))
         self.free_slots.append(session.slot)
 
-    def relay_elsewhere(self, session, initial):
-        """SESSION's hand_off: it is connected; a child relays it (INITIAL bytes go to the client first)."""
+    def relay_elsewhere(self, session, initial, header):
+        """SESSION's hand_off: it is connected; a child relays it (INITIAL to the client, HEADER to the target first)."""
         session.done, session.waits, session.due = True, {}, None
-        self.held_relays.append((session, relay_state(session, initial), self.pending.pop(session)))
+        self.held_relays.append((session, relay_state(session, initial, header),
+                                 self.pending.pop(session)))
         self.hand_held_relays()
 
     def hand_held_relays(self):
@@ -3884,7 +3883,7 @@ class ForkingServer(Supervisor):
                 return False
             self.handed[slot] = key
             # Kept open until its child tells its pid: a forker dying first resets it (forker_gone).
-            self.handed_relays[slot] = session, state
+            self.handed_relays[slot] = session
             return True
         else:       # clone refused since this connection began: fork mode's fallback
             pid = self.fork(lambda: self.relay_child(session, state))
@@ -3897,16 +3896,15 @@ class ForkingServer(Supervisor):
 
     def drop_held_relays(self):
         """Once SIGTERM's grace is over: cut the connections the forker never took, with their records."""
-        for session, state, key in self.held_relays:
-            self.end_unrelayed(session, state, "cut at shutdown after the %gs grace period"
+        for session, _, key in self.held_relays:
+            self.end_unrelayed(session, "cut at shutdown after the %gs grace period"
                                % self.server.cfg.grace)
             self.free_slots.append(session.slot)
             self.count_out(key)
         self.held_relays = []
 
-    def end_unrelayed(self, session, state, outcome):
-        """End SESSION (connected; STATE its relay_state), taken by no child: reset both sides, log OUTCOME."""
-        session.record.target = marshal.loads(state)[2]
+    def end_unrelayed(self, session, outcome):
+        """End SESSION (connected), taken by no child: reset both sides, log OUTCOME."""
         session.record.outcome, session.status = outcome, EX_UNAVAILABLE
         cut_short(session.conn, session.upstream)
         session.done = False        # handed to no child after all: it ends here
@@ -3922,7 +3920,7 @@ class ForkingServer(Supervisor):
             for sock in (session.conn, session.dialer and session.dialer.sock):
                 if sock is not None:
                     sock.close()
-        for session in [held[0] for held in self.held_relays + list(self.handed_relays.values())]:
+        for session in [held[0] for held in self.held_relays] + list(self.handed_relays.values()):
             if session is not keep:
                 session.conn.close()
                 session.upstream.close()
@@ -4031,7 +4029,7 @@ class ForkingServer(Supervisor):
                 continue
             self.count_in(pid, slot, self.handed.pop(slot))
             if slot in self.handed_relays:      # its child has both descriptors: ours go
-                session = self.handed_relays.pop(slot)[0]
+                session = self.handed_relays.pop(slot)
                 session.conn.close()
                 session.upstream.close()
             if pid in self.ended_untold:
@@ -4081,7 +4079,7 @@ class ForkingServer(Supervisor):
         pid, self.forker_was = self.forker_was, None
         for slot, key in self.handed.items():
             if slot in self.handed_relays:
-                self.end_unrelayed(*self.handed_relays.pop(slot),
+                self.end_unrelayed(self.handed_relays.pop(slot),
                                    "lost: the forker died before it took it")
             own_upstreams.release(slot)
             self.free_slots.append(slot)
@@ -4227,9 +4225,9 @@ class Forker:
             session = Session(conn, server)
             relayed = []        # the relay-only child's path, when children take that (splits)
 
-            def hand_off(session, initial):
+            def hand_off(session, initial, header):
                 session.done, session.waits, session.due = True, {}, None
-                relayed.append(relay_state(session, initial))
+                relayed.append(relay_state(session, initial, header))
             if self.shape.splits:
                 session.hand_off = hand_off
             session.start(time.monotonic())

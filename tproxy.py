@@ -923,9 +923,7 @@ def original_destination(conn):
         # conntrack's answer first: where it tracks the connection (any NAT) the local
         # address is not needed, one system call less.
         try:
-            raw = conn.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
-            port, = struct.unpack_from("!H", raw, 2)
-            return socket.inet_ntoa(raw[4:8]), port
+            return conntrack_destination(conn)
         except OSError:
             return conn.getsockname()
     local = conn.getsockname()
@@ -937,11 +935,16 @@ def original_destination(conn):
         except OSError:
             return local[0], local[1]
     try:
-        raw = conn.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
-        port, = struct.unpack_from("!H", raw, 2)
-        return socket.inet_ntoa(raw[4:8]), port
+        return conntrack_destination(conn)
     except OSError:
         return plain_ip(local[0]), local[1]
+
+
+def conntrack_destination(conn):
+    """Return conntrack's original (host, port) of an IPv4 (or v4-mapped) CONN; raise OSError if it has none."""
+    raw = conn.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
+    port, = struct.unpack_from("!H", raw, 2)
+    return socket.inet_ntoa(raw[4:8]), port
 
 
 # The C member of a socket's family: an int, where socket.socket's property builds an enum
